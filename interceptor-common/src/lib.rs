@@ -1,0 +1,298 @@
+//! Types shared by the kernel programs (`interceptor-ebpf`) and the loader (`interceptor`).
+//!
+//! Every type is `#[repr(C)]`, `Copy` and free of implicit padding: where a field exists only
+//! to fill a hole it is named `_pad` and the comment says so. Addresses are kept as four
+//! `u32` words holding the bytes in network order (the layout of `struct in6_addr`); IPv4
+//! addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) so one key type serves both families.
+//! Ports are in host byte order unless a field says otherwise.
+#![no_std]
+
+/// Version of the map layout below. Bump it whenever a key, a value or a map's meaning
+/// changes: a loader refuses to reuse pinned maps that carry another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Names of the maps, as pinned under `<pin dir>/maps/`.
+pub mod maps {
+    pub const LAYOUT: &str = "ICP_LAYOUT";
+    pub const CONFIG: &str = "ICP_CONFIG";
+    pub const META: &str = "ICP_META";
+    pub const PORTS: &str = "ICP_PORTS";
+    pub const UIDS: &str = "ICP_UIDS";
+    pub const EXCL4: &str = "ICP_EXCL4";
+    pub const EXCL6: &str = "ICP_EXCL6";
+    pub const INCL4: &str = "ICP_INCL4";
+    pub const INCL6: &str = "ICP_INCL6";
+    pub const PENDING: &str = "ICP_PENDING";
+    pub const HANDOFF: &str = "ICP_HANDOFF";
+    pub const COUNTERS: &str = "ICP_COUNTERS";
+    /// All pinned maps, for listing and removal.
+    pub const ALL: &[&str] = &[
+        LAYOUT, CONFIG, META, PORTS, UIDS, EXCL4, EXCL6, INCL4, INCL6, PENDING, HANDOFF, COUNTERS,
+    ];
+}
+
+/// Names of the programs in the object.
+pub mod programs {
+    pub const CONNECT4: &str = "redirect_connect4";
+    pub const CONNECT6: &str = "redirect_connect6";
+    pub const SOCK_OPS: &str = "track_sockops";
+    pub const GETSOCKOPT: &str = "answer_getsockopt";
+}
+
+/// Name of the read-only global that tells a loaded instance of the connect programs which
+/// scope (the attached cgroup's id) it serves.
+pub const SCOPE_ID_GLOBAL: &str = "SCOPE_ID";
+
+/// Capacities of the maps.
+pub mod capacity {
+    pub const SCOPES: u32 = 1024;
+    pub const PORTS: u32 = 16384;
+    pub const UIDS: u32 = 4096;
+    pub const CIDRS: u32 = 16384;
+    /// Sockets between `connect()` and the established hand-off (LRU: a burst cannot fill it).
+    pub const PENDING: u32 = 65536;
+    /// Live intercepted connections (LRU, as a safety net: records are removed on close).
+    pub const HANDOFF: u32 = 262144;
+    pub const COUNTERS: u32 = 16384;
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `ScopeConfig::flags`: an include list of IPv4 CIDRs is set (destinations outside it pass).
+pub const FLAG_INCLUDE4: u32 = 1 << 0;
+/// `ScopeConfig::flags`: an include list of IPv6 CIDRs is set.
+pub const FLAG_INCLUDE6: u32 = 1 << 1;
+
+/// Settings of one attached scope (a cgroup), keyed by the cgroup id in `ICP_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScopeConfig {
+    /// Port of the proxy's outbound listener (127.0.0.1 and ::1), host order.
+    pub proxy_port: u16,
+    /// Fills the hole before `bypass_mark`.
+    pub _pad: u16,
+    /// Sockets with this SO_MARK are never redirected. 0 disables the check.
+    pub bypass_mark: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Fills the struct to a multiple of 8 bytes.
+    pub _pad2: u32,
+}
+
+/// Longest cgroup path kept for `status`.
+pub const META_PATH_LEN: usize = 504;
+
+/// What the loader remembers of a scope for `status`; the kernel never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ScopeMeta {
+    /// Length of `path` in bytes.
+    pub path_len: u32,
+    /// Fills the hole before `path`.
+    pub _pad: u32,
+    /// The cgroup path as given at attach time, made absolute (UTF-8, not NUL-terminated).
+    pub path: [u8; META_PATH_LEN],
+}
+
+/// Key of the per-scope port and uid sets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScopedValue {
+    pub scope: u64,
+    pub value: u32,
+    /// Fills the struct to a multiple of 8 bytes.
+    pub _pad: u32,
+}
+
+/// Data part of an IPv4 LPM key: the scope's 64 bits come first, so the prefix length of a
+/// CIDR `a.b.c.d/n` is `64 + n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScopedV4 {
+    /// Scope id, big-endian bytes so it sorts as a prefix.
+    pub scope: [u8; 8],
+    /// Address bytes in network order.
+    pub addr: [u8; 4],
+}
+
+/// Data part of an IPv6 LPM key (prefix length `64 + n`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScopedV6 {
+    pub scope: [u8; 8],
+    pub addr: [u8; 16],
+}
+
+/// Prefix bits taken by the scope in an LPM key.
+pub const LPM_SCOPE_BITS: u32 = 64;
+
+/// The original destination of an intercepted connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Address in network order; IPv4 as IPv4-mapped when `family` is `AF_INET`.
+    pub addr: [u32; 4],
+    /// Port, host order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`: the family of the original destination.
+    pub family: u16,
+    /// Fills the hole before `scope`.
+    pub _pad: u32,
+    /// The scope (cgroup id) whose program redirected the connection.
+    pub scope: u64,
+}
+
+/// The connection between workload and proxy, as both ends see it. The client's socket
+/// fills it at the established hand-off; the proxy's accepted socket looks it up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleKey {
+    /// Client (workload) address, IPv4-mapped for IPv4.
+    pub client_addr: [u32; 4],
+    /// Proxy listener address, IPv4-mapped for IPv4.
+    pub proxy_addr: [u32; 4],
+    /// Client port, host order.
+    pub client_port: u16,
+    /// Proxy port, host order.
+    pub proxy_port: u16,
+}
+
+/// Key of the per-CPU decision counters. Scope 0 holds what belongs to no scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub scope: u64,
+    pub counter: u32,
+    /// Fills the struct to a multiple of 8 bytes.
+    pub _pad: u32,
+}
+
+/// The decisions the programs count. The discriminant is the `counter` field of `CounterKey`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() rewritten to the proxy.
+    Redirected = 0,
+    /// Socket mark equal to the bypass mark.
+    BypassMark = 1,
+    /// Socket owner's uid in the bypass set.
+    BypassUid = 2,
+    /// Destination port excluded.
+    ExcludedPort = 3,
+    /// Destination inside an excluded CIDR.
+    ExcludedCidr = 4,
+    /// Destination outside the include list.
+    NotIncluded = 5,
+    /// Destination is the proxy's own listener.
+    ToProxy = 6,
+    /// getsockopt(SO_ORIGINAL_DST) answered from a record.
+    OrigDstAnswered = 7,
+    /// getsockopt(SO_ORIGINAL_DST) asked for a socket without a record (left as the kernel said).
+    OrigDstMissing = 8,
+    /// A record could not be stored; the connection was left alone.
+    RecordFailed = 9,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 10] = [
+        Counter::Redirected,
+        Counter::BypassMark,
+        Counter::BypassUid,
+        Counter::ExcludedPort,
+        Counter::ExcludedCidr,
+        Counter::NotIncluded,
+        Counter::ToProxy,
+        Counter::OrigDstAnswered,
+        Counter::OrigDstMissing,
+        Counter::RecordFailed,
+    ];
+
+    /// Stable name used in `stats` output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::BypassMark => "bypass_mark",
+            Counter::BypassUid => "bypass_uid",
+            Counter::ExcludedPort => "excluded_port",
+            Counter::ExcludedCidr => "excluded_cidr",
+            Counter::NotIncluded => "not_included",
+            Counter::ToProxy => "to_proxy",
+            Counter::OrigDstAnswered => "orig_dst_answered",
+            Counter::OrigDstMissing => "orig_dst_missing",
+            Counter::RecordFailed => "record_failed",
+        }
+    }
+
+    pub fn from_u32(v: u32) -> Option<Counter> {
+        Counter::ALL.get(v as usize).copied()
+    }
+}
+
+/// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`) share 80.
+pub const SO_ORIGINAL_DST: i32 = 80;
+pub const SOL_IP: i32 = 0;
+pub const SOL_IPV6: i32 = 41;
+
+/// Builds the IPv4-mapped form of an IPv4 address given in network order.
+#[inline(always)]
+pub const fn mapped_v4(ip4_be: u32) -> [u32; 4] {
+    [0, 0, u32::to_be(0x0000_ffff), ip4_be]
+}
+
+/// Whether a network-order address is IPv4-mapped.
+#[inline(always)]
+pub const fn is_mapped_v4(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == u32::to_be(0x0000_ffff)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these are #[repr(C)], Copy, and have no implicit padding.
+    unsafe impl aya::Pod for ScopeConfig {}
+    unsafe impl aya::Pod for ScopeMeta {}
+    unsafe impl aya::Pod for ScopedValue {}
+    unsafe impl aya::Pod for ScopedV4 {}
+    unsafe impl aya::Pod for ScopedV6 {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for CounterKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<ScopeConfig>(), 16);
+        assert_eq!(size_of::<ScopeMeta>(), 8 + META_PATH_LEN);
+        assert_eq!(size_of::<ScopedValue>(), 16);
+        assert_eq!(size_of::<ScopedV4>(), 12);
+        assert_eq!(size_of::<ScopedV6>(), 24);
+        assert_eq!(size_of::<OrigDst>(), 32);
+        assert_eq!(size_of::<TupleKey>(), 36);
+        assert_eq!(size_of::<CounterKey>(), 16);
+    }
+
+    #[test]
+    fn mapped_v4_round_trip() {
+        let ip = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+        let m = mapped_v4(ip);
+        assert!(is_mapped_v4(&m));
+        assert!(!is_mapped_v4(&[0, 0, 0, u32::to_be(1)]));
+        let bytes: [u8; 4] = m[2].to_ne_bytes();
+        assert_eq!(bytes, [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn counters_are_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+            assert_eq!(Counter::from_u32(i as u32), Some(*c));
+        }
+    }
+}

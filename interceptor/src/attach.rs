@@ -1,0 +1,239 @@
+//! `attach`: load the programs, write a scope's settings, attach and pin the links.
+//!
+//! A failed attach undoes what it did, in reverse order: links it created are unpinned (which
+//! detaches them), map entries it wrote are restored or removed, directories and maps it
+//! created are removed. Attaching a scope that is already attached rewrites its settings in
+//! place and keeps its links: a cgroup never gets two redirect programs from one pin dir.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use std::os::fd::{AsFd as _, OwnedFd};
+
+use aya::{programs::Program, Ebpf, EbpfLoader};
+use interceptor_common::{programs as progs, SCOPE_ID_GLOBAL};
+
+use crate::{
+    cgroup::{self, Cgroup},
+    error::{Error, Result},
+    maps,
+    object::EBPF_OBJECT,
+    paths::{PinLayout, ROOT_LINKS, SCOPE_LINKS},
+    settings::ScopeSettings,
+    sys::{self, AttachType},
+    system,
+};
+
+/// What `attach` did.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    pub cgroup: Cgroup,
+    /// False when the scope was attached already and only its settings were rewritten.
+    pub created: bool,
+    /// Links pinned by this call.
+    pub new_links: Vec<PathBuf>,
+}
+
+/// One step to take back if the attach fails later on.
+enum Undo {
+    Unpin(PathBuf),
+    RemoveScope(u64),
+    RestoreScope(maps::StoredScope),
+    RemoveDir(PathBuf),
+    RemoveMaps,
+}
+
+#[derive(Default)]
+struct UndoLog(Vec<Undo>);
+
+impl UndoLog {
+    fn run(self, layout: &PinLayout) {
+        for step in self.0.into_iter().rev() {
+            let outcome = match &step {
+                Undo::Unpin(p) => crate::detach::unpin_link(p).map(|_| ()),
+                Undo::RemoveScope(id) => maps::remove_scope(layout, *id),
+                Undo::RestoreScope(s) => {
+                    maps::write_scope(layout, s.id, Path::new(&s.path), &s.settings)
+                }
+                Undo::RemoveDir(p) => fs::remove_dir(p).or_else(ignore_missing).map_err(|e| {
+                    Error::io(format!("removing {}", p.display()), e)
+                }),
+                Undo::RemoveMaps => {
+                    crate::detach::remove_maps(layout);
+                    Ok(())
+                }
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(error = %e, "rolling back a failed attach");
+            }
+        }
+    }
+}
+
+fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Attaches the interception to the cgroup at `path` (or updates it in place).
+pub fn attach(layout: &PinLayout, path: &Path, settings: &ScopeSettings) -> Result<Attached> {
+    settings.validate()?;
+    let cg = cgroup::resolve(path)?;
+    system::check_privileges()?;
+    if EBPF_OBJECT.is_empty() {
+        return Err(Error::NoObject);
+    }
+    system::ensure_bpffs(layout.root())?;
+    let mut undo = UndoLog::default();
+    match attach_steps(layout, &cg, settings, &mut undo) {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            undo.run(layout);
+            Err(e)
+        }
+    }
+}
+
+fn make_dir(p: &Path, undo: &mut UndoLog) -> Result<()> {
+    match fs::create_dir(p) {
+        Ok(()) => {
+            undo.0.push(Undo::RemoveDir(p.into()));
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
+        Err(e) => Err(Error::PinDir {
+            path: p.into(),
+            reason: format!("cannot create it: {e}"),
+        }),
+    }
+}
+
+/// Loads the object, reusing the pinned maps (creating and pinning them the first time).
+fn load(layout: &PinLayout, scope: u64) -> Result<Ebpf> {
+    EbpfLoader::new()
+        .default_map_pin_directory(layout.maps_dir())
+        .override_global(SCOPE_ID_GLOBAL, &scope, true)
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::bpf("loading the kernel programs", e))
+}
+
+fn attach_steps(
+    layout: &PinLayout,
+    cg: &Cgroup,
+    settings: &ScopeSettings,
+    undo: &mut UndoLog,
+) -> Result<Attached> {
+    make_dir(layout.root(), undo)?;
+    make_dir(&layout.maps_dir(), undo)?;
+    maps::check_layout(layout)?;
+    let maps_existed = layout.map(interceptor_common::maps::LAYOUT).exists();
+
+    let mut ebpf = load(layout, cg.id)?;
+    if !maps_existed {
+        undo.0.push(Undo::RemoveMaps);
+    }
+    maps::stamp_layout(layout)?;
+
+    let previous = maps::read_scopes(layout)?
+        .into_iter()
+        .find(|s| s.id == cg.id);
+    let created = previous.is_none();
+    undo.0.push(match previous {
+        Some(p) => Undo::RestoreScope(p),
+        None => Undo::RemoveScope(cg.id),
+    });
+    maps::write_scope(layout, cg.id, &cg.path, settings)?;
+
+    let mut new_links = Vec::new();
+    make_dir(&layout.scopes_dir(), undo)?;
+    make_dir(&layout.scope_dir(cg.id), undo)?;
+    let cgroup_dir = cgroup::open_dir(&cg.path)?;
+    let scope_progs = [
+        (progs::CONNECT4, AttachType::Inet4Connect),
+        (progs::CONNECT6, AttachType::Inet6Connect),
+    ];
+    for (name, (prog, kind)) in SCOPE_LINKS.iter().zip(scope_progs) {
+        let pin = layout.scope_link(cg.id, name);
+        if link_is_pinned(&pin) {
+            continue;
+        }
+        let link = link_program(&mut ebpf, prog, kind, &cgroup_dir, &cg.path)?;
+        pin_link(link, &pin, undo)?;
+        new_links.push(pin);
+    }
+
+    // The programs that serve the proxy's side sit at the cgroup2 root, once per pin dir:
+    // the proxy may run in any cgroup.
+    make_dir(&layout.root_links_dir(), undo)?;
+    let root = cgroup::cgroup2_mount()?;
+    let root_dir = cgroup::open_dir(&root)?;
+    let root_progs = [
+        (progs::SOCK_OPS, AttachType::SockOps),
+        (progs::GETSOCKOPT, AttachType::CgroupGetsockopt),
+    ];
+    for (name, (prog, kind)) in ROOT_LINKS.iter().zip(root_progs) {
+        let pin = layout.root_link(name);
+        if link_is_pinned(&pin) {
+            continue;
+        }
+        let link = link_program(&mut ebpf, prog, kind, &root_dir, &root)?;
+        pin_link(link, &pin, undo)?;
+        new_links.push(pin);
+    }
+    Ok(Attached {
+        cgroup: cg.clone(),
+        created,
+        new_links,
+    })
+}
+
+/// Whether a live link is pinned at `pin`.
+pub(crate) fn link_is_pinned(pin: &Path) -> bool {
+    aya::programs::links::PinnedLink::from_pin(pin).is_ok()
+}
+
+fn pin_link(link: OwnedFd, pin: &Path, undo: &mut UndoLog) -> Result<()> {
+    // On failure the link's fd is dropped, which detaches the program again.
+    sys::obj_pin(link.as_fd(), pin)
+        .map_err(|e| Error::io(format!("pinning link {}", pin.display()), e))?;
+    undo.0.push(Undo::Unpin(pin.into()));
+    Ok(())
+}
+
+/// Loads program `name` (once) and links it to the cgroup open as `cgroup_dir`.
+fn link_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    kind: AttachType,
+    cgroup_dir: &fs::File,
+    cgroup: &Path,
+) -> Result<OwnedFd> {
+    let err = |e: aya::programs::ProgramError| {
+        Error::bpf(format!("loading {name} for cgroup {}", cgroup.display()), e)
+    };
+    let prog = ebpf.program_mut(name).ok_or_else(|| {
+        Error::bpf(
+            "finding program",
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("program {name} is not in the embedded object"),
+            ),
+        )
+    })?;
+    if prog.fd().is_err() {
+        match prog {
+            Program::CgroupSockAddr(p) => p.load().map_err(err)?,
+            Program::SockOps(p) => p.load().map_err(err)?,
+            Program::CgroupSockopt(p) => p.load().map_err(err)?,
+            _ => unreachable!("the object holds only these program types"),
+        }
+    }
+    let fd = prog.fd().map_err(err)?;
+    sys::link_create(fd.as_fd(), cgroup_dir.as_fd(), kind).map_err(|e| {
+        Error::io(format!("attaching {name} to cgroup {}", cgroup.display()), e)
+    })
+}

@@ -1,0 +1,5 @@
+//! One module per verb; each parses its arguments and calls the library.
+pub mod attach;
+pub mod detach;
+pub mod stats;
+pub mod status;

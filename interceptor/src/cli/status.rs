@@ -1,0 +1,72 @@
+use anyhow::Result;
+use clap::Args;
+use interceptor::{settings::Mark, PinLayout};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let v: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
+    let st = interceptor::status(layout)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!("pin dir: {}", st.pin_dir.display());
+    if st.scopes.is_empty() {
+        println!("no cgroup attached");
+        return Ok(());
+    }
+    for l in &st.root_links {
+        println!(
+            "root link {:<10} {} (link {:?}, prog {:?})",
+            l.name,
+            l.pin.display(),
+            l.link_id,
+            l.program_id
+        );
+    }
+    for s in &st.scopes {
+        let c = &s.settings;
+        println!(
+            "cgroup {} (id {}{})",
+            s.cgroup,
+            s.cgroup_id,
+            if s.cgroup_exists { "" } else { ", REMOVED" }
+        );
+        println!(
+            "  proxy port {}  bypass mark {}  bypass uids {}",
+            c.proxy_port,
+            Mark(c.bypass_mark),
+            list(&c.bypass_uids)
+        );
+        println!(
+            "  exclude ports {}  exclude cidrs {}  include cidrs {}",
+            list(&c.exclude_ports),
+            list(&c.exclude_cidrs),
+            list(&c.include_cidrs)
+        );
+        for l in &s.links {
+            println!(
+                "  link {:<9} {} (link {:?}, prog {:?})",
+                l.name,
+                l.pin.display(),
+                l.link_id,
+                l.program_id
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! `detach`: unpin a scope's links (which detaches them) and remove its map entries. When the
+//! last scope of a pin dir goes, the root links and the maps go too. Only links under the
+//! pin dir, which this project created, are ever touched.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::links::PinnedLink;
+use interceptor_common::maps as names;
+
+use crate::{
+    cgroup,
+    error::{Error, Result},
+    maps,
+    paths::{PinLayout, ROOT_LINKS, SCOPE_LINKS},
+    system,
+};
+
+/// What `detach` removed.
+#[derive(Clone, Debug, Default)]
+pub struct Detached {
+    pub scopes: Vec<u64>,
+    /// True when the root links and maps were removed as well (no scope left).
+    pub cleaned_up: bool,
+}
+
+/// Unpins the link at `pin` and closes it: the kernel detaches it once nothing holds it.
+/// Returns false when nothing was pinned there.
+pub(crate) fn unpin_link(pin: &Path) -> Result<bool> {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => {
+            let fd = link
+                .unpin()
+                .map_err(|e| Error::io(format!("unpinning {}", pin.display()), e))?;
+            drop(fd);
+            Ok(true)
+        }
+        Err(_) if !pin.exists() => Ok(false),
+        Err(e) => Err(Error::bpf(format!("opening pinned link {}", pin.display()), e)),
+    }
+}
+
+/// Removes the pinned maps (the kernel frees them once no program uses them).
+pub(crate) fn remove_maps(layout: &PinLayout) {
+    for name in names::ALL {
+        let _ = fs::remove_file(layout.map(name));
+    }
+    let _ = fs::remove_dir(layout.maps_dir());
+}
+
+/// Finds the scope id for a cgroup path: from the live cgroup if it still exists, else from
+/// the path recorded at attach time (the cgroup may have been removed since).
+fn scope_for(layout: &PinLayout, path: &Path) -> Result<u64> {
+    let recorded = || -> Result<Option<u64>> {
+        if !layout.map(names::CONFIG).exists() {
+            return Ok(None);
+        }
+        let wanted: PathBuf = std::path::absolute(path).unwrap_or_else(|_| path.into());
+        Ok(maps::read_scopes(layout)?
+            .into_iter()
+            .find(|s| Path::new(&s.path) == wanted)
+            .map(|s| s.id))
+    };
+    match cgroup::resolve(path) {
+        Ok(cg) => Ok(cg.id),
+        Err(Error::CgroupMissing { .. }) => {
+            recorded()?.ok_or_else(|| Error::NotAttached { path: path.into() })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Detaches the scope of the cgroup at `path`.
+pub fn detach(layout: &PinLayout, path: &Path) -> Result<Detached> {
+    system::check_privileges()?;
+    let id = scope_for(layout, path)?;
+    let attached = layout.scope_dir(id).exists()
+        || maps::read_scopes(layout)
+            .map(|s| s.iter().any(|s| s.id == id))
+            .unwrap_or(false);
+    if !attached {
+        return Err(Error::NotAttached { path: path.into() });
+    }
+    detach_scope(layout, id)?;
+    let cleaned_up = cleanup_if_unused(layout)?;
+    Ok(Detached {
+        scopes: vec![id],
+        cleaned_up,
+    })
+}
+
+/// Detaches every scope of the pin dir and removes the pin dir.
+pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
+    system::check_privileges()?;
+    let mut ids: Vec<u64> = Vec::new();
+    if let Ok(entries) = fs::read_dir(layout.scopes_dir()) {
+        ids.extend(
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok()),
+        );
+    }
+    if layout.map(names::CONFIG).exists() {
+        ids.extend(maps::read_scopes(layout)?.into_iter().map(|s| s.id));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    for id in &ids {
+        detach_scope(layout, *id)?;
+    }
+    let cleaned_up = cleanup_if_unused(layout)?;
+    Ok(Detached {
+        scopes: ids,
+        cleaned_up,
+    })
+}
+
+fn detach_scope(layout: &PinLayout, id: u64) -> Result<()> {
+    // Links first: from here on no connect() of the scope is redirected.
+    for name in SCOPE_LINKS {
+        unpin_link(&layout.scope_link(id, name))?;
+    }
+    if layout.map(names::CONFIG).exists() {
+        maps::remove_scope(layout, id)?;
+    }
+    match fs::remove_dir(layout.scope_dir(id)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(
+            format!("removing {}", layout.scope_dir(id).display()),
+            e,
+        )),
+    }
+}
+
+/// With no scope left, removes the root links, the maps and the directories.
+fn cleanup_if_unused(layout: &PinLayout) -> Result<bool> {
+    let scopes_left = fs::read_dir(layout.scopes_dir())
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+        || (layout.map(names::CONFIG).exists() && !maps::read_scopes(layout)?.is_empty());
+    if scopes_left {
+        return Ok(false);
+    }
+    for name in ROOT_LINKS {
+        unpin_link(&layout.root_link(name))?;
+    }
+    remove_maps(layout);
+    for dir in [
+        layout.root_links_dir(),
+        layout.scopes_dir(),
+        layout.root().to_path_buf(),
+    ] {
+        let _ = fs::remove_dir(dir);
+    }
+    Ok(true)
+}

@@ -1,0 +1,69 @@
+//! `interceptor`: attach, detach and inspect the eBPF interception per cgroup.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use interceptor::paths::{PinLayout, DEFAULT_PIN_DIR};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(name = "interceptor", version, about = "Transparent eBPF interception for service-mesh sidecars")]
+struct Args {
+    /// bpffs directory that holds the pinned maps and links.
+    #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "INTERCEPTOR_PIN_DIR")]
+    pin_dir: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Redirect the TCP connections of a cgroup to the proxy (updates an attached cgroup in place).
+    Attach(cli::attach::AttachArgs),
+    /// Stop redirecting a cgroup's connections.
+    Detach(cli::detach::DetachArgs),
+    /// Show attached cgroups, their settings and pinned links.
+    Status(cli::status::StatusArgs),
+    /// Show the kernel programs' decision counters.
+    Stats(cli::stats::StatsArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let layout = PinLayout::new(args.pin_dir);
+    let result = match args.command {
+        Command::Attach(a) => cli::attach::run(&layout, a),
+        Command::Detach(a) => cli::detach::run(&layout, a),
+        Command::Status(a) => cli::status::run(&layout, a),
+        Command::Stats(a) => cli::stats::run(&layout, a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Access to the pinned maps, and the per-scope entries the loader keeps in them.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, Map, MapData, PerCpuHashMap,
+};
+use interceptor_common::{
+    maps as names, Counter, CounterKey, ScopeConfig, ScopeMeta, ScopedV4, ScopedV6, ScopedValue,
+    FLAG_INCLUDE4, FLAG_INCLUDE6, LAYOUT_VERSION, LPM_SCOPE_BITS, META_PATH_LEN,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::{
+    error::{Error, Result},
+    paths::PinLayout,
+    settings::ScopeSettings,
+};
+
+fn open(layout: &PinLayout, name: &str) -> Result<MapData> {
+    let path = layout.map(name);
+    MapData::from_pin(&path).map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))
+}
+
+fn typed<T>(layout: &PinLayout, name: &str, wrap: fn(MapData) -> Map) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = wrap(open(layout, name)?);
+    T::try_from(map).map_err(|e| Error::bpf(format!("map {name}"), e))
+}
+
+fn map_err(what: &str) -> impl Fn(aya::maps::MapError) -> Error + '_ {
+    move |e| Error::bpf(what.to_string(), e)
+}
+
+/// Reads the layout version stored in the pinned maps: `None` when nothing is pinned yet.
+pub fn stored_layout(layout: &PinLayout) -> Result<Option<u32>> {
+    if !layout.map(names::LAYOUT).exists() {
+        return Ok(None);
+    }
+    let arr: Array<MapData, u32> = typed(layout, names::LAYOUT, Map::Array)?;
+    let v = arr.get(&0, 0).map_err(map_err("reading ICP_LAYOUT"))?;
+    Ok(Some(v))
+}
+
+/// Refuses pinned maps of another layout (0 means "freshly created, not yet stamped").
+pub fn check_layout(layout: &PinLayout) -> Result<()> {
+    match stored_layout(layout)? {
+        None | Some(0) => Ok(()),
+        Some(v) if v == LAYOUT_VERSION => Ok(()),
+        Some(found) => Err(Error::LayoutMismatch {
+            path: layout.maps_dir(),
+            found,
+            expected: LAYOUT_VERSION,
+        }),
+    }
+}
+
+pub fn stamp_layout(layout: &PinLayout) -> Result<()> {
+    let mut arr: Array<MapData, u32> = typed(layout, names::LAYOUT, Map::Array)?;
+    arr.set(0, LAYOUT_VERSION, 0).map_err(map_err("writing ICP_LAYOUT"))
+}
+
+fn v4_key(scope: u64, net: &Ipv4Net) -> Key<ScopedV4> {
+    Key::new(
+        LPM_SCOPE_BITS + net.prefix_len() as u32,
+        ScopedV4 {
+            scope: scope.to_be_bytes(),
+            addr: net.addr().octets(),
+        },
+    )
+}
+
+fn v6_key(scope: u64, net: &Ipv6Net) -> Key<ScopedV6> {
+    Key::new(
+        LPM_SCOPE_BITS + net.prefix_len() as u32,
+        ScopedV6 {
+            scope: scope.to_be_bytes(),
+            addr: net.addr().octets(),
+        },
+    )
+}
+
+fn scoped(scope: u64, value: u32) -> ScopedValue {
+    ScopedValue {
+        scope,
+        value,
+        _pad: 0,
+    }
+}
+
+/// Replaces the entries of a scoped set: new ones first, stale ones last, so that no
+/// connect() sees an exclusion missing while the scope is updated.
+fn sync_set(
+    map: &mut HashMap<MapData, ScopedValue, u8>,
+    scope: u64,
+    wanted: &BTreeSet<u32>,
+    what: &str,
+) -> Result<()> {
+    for v in wanted {
+        map.insert(scoped(scope, *v), 1, 0).map_err(map_err(what))?;
+    }
+    let stale: Vec<ScopedValue> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| k.scope == scope && !wanted.contains(&k.value))
+        .collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    Ok(())
+}
+
+fn sync_lpm<K: aya::Pod + PartialEq>(
+    map: &mut LpmTrie<MapData, K, u8>,
+    wanted: Vec<Key<K>>,
+    belongs: impl Fn(&K) -> bool,
+    what: &str,
+) -> Result<()> {
+    for k in &wanted {
+        map.insert(k, 1, 0).map_err(map_err(what))?;
+    }
+    let stale: Vec<Key<K>> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| {
+            let data = k.data();
+            belongs(&data)
+                && !wanted
+                    .iter()
+                    .any(|w| w.prefix_len() == k.prefix_len() && w.data() == data)
+        })
+        .collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    Ok(())
+}
+
+/// The four CIDR tries.
+struct Tries {
+    excl4: LpmTrie<MapData, ScopedV4, u8>,
+    excl6: LpmTrie<MapData, ScopedV6, u8>,
+    incl4: LpmTrie<MapData, ScopedV4, u8>,
+    incl6: LpmTrie<MapData, ScopedV6, u8>,
+}
+
+impl Tries {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        Ok(Tries {
+            excl4: typed(layout, names::EXCL4, Map::LpmTrie)?,
+            excl6: typed(layout, names::EXCL6, Map::LpmTrie)?,
+            incl4: typed(layout, names::INCL4, Map::LpmTrie)?,
+            incl6: typed(layout, names::INCL6, Map::LpmTrie)?,
+        })
+    }
+}
+
+fn split(scope: u64, nets: &BTreeSet<IpNet>) -> (Vec<Key<ScopedV4>>, Vec<Key<ScopedV6>>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for n in nets {
+        match n {
+            IpNet::V4(n) => v4.push(v4_key(scope, n)),
+            IpNet::V6(n) => v6.push(v6_key(scope, n)),
+        }
+    }
+    (v4, v6)
+}
+
+/// Writes (or rewrites in place) everything the programs need to know about a scope.
+pub fn write_scope(layout: &PinLayout, scope: u64, path: &Path, s: &ScopeSettings) -> Result<()> {
+    let be = scope.to_be_bytes();
+    let mut ports: HashMap<MapData, ScopedValue, u8> = typed(layout, names::PORTS, Map::HashMap)?;
+    let mut uids: HashMap<MapData, ScopedValue, u8> = typed(layout, names::UIDS, Map::HashMap)?;
+    let mut tries = Tries::open(layout)?;
+    let mut config: HashMap<MapData, u64, ScopeConfig> = typed(layout, names::CONFIG, Map::HashMap)?;
+    let mut meta: HashMap<MapData, u64, ScopeMeta> = typed(layout, names::META, Map::HashMap)?;
+
+    let want_ports: BTreeSet<u32> = s.exclude_ports.iter().map(|p| *p as u32).collect();
+    sync_set(&mut ports, scope, &want_ports, "writing ICP_PORTS")?;
+    sync_set(&mut uids, scope, &s.bypass_uids, "writing ICP_UIDS")?;
+    let (ex4, ex6) = split(scope, &s.exclude_cidrs);
+    let (in4, in6) = split(scope, &s.include_cidrs);
+    sync_lpm(&mut tries.excl4, ex4, |d| d.scope == be, "writing ICP_EXCL4")?;
+    sync_lpm(&mut tries.excl6, ex6, |d| d.scope == be, "writing ICP_EXCL6")?;
+    sync_lpm(&mut tries.incl4, in4, |d| d.scope == be, "writing ICP_INCL4")?;
+    sync_lpm(&mut tries.incl6, in6, |d| d.scope == be, "writing ICP_INCL6")?;
+
+    let mut flags = 0;
+    if s.includes_v4() {
+        flags |= FLAG_INCLUDE4;
+    }
+    if s.includes_v6() {
+        flags |= FLAG_INCLUDE6;
+    }
+    let cfg = ScopeConfig {
+        proxy_port: s.proxy_port,
+        _pad: 0,
+        bypass_mark: s.bypass_mark,
+        flags,
+        _pad2: 0,
+    };
+    let mut m = ScopeMeta {
+        path_len: 0,
+        _pad: 0,
+        path: [0; META_PATH_LEN],
+    };
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let n = bytes.len().min(META_PATH_LEN);
+    m.path[..n].copy_from_slice(&bytes[..n]);
+    m.path_len = n as u32;
+    meta.insert(scope, m, 0).map_err(map_err("writing ICP_META"))?;
+    config.insert(scope, cfg, 0).map_err(map_err("writing ICP_CONFIG"))?;
+    Ok(())
+}
+
+/// Removes every entry that belongs to a scope, its counters included.
+pub fn remove_scope(layout: &PinLayout, scope: u64) -> Result<()> {
+    let be = scope.to_be_bytes();
+    let mut config: HashMap<MapData, u64, ScopeConfig> = typed(layout, names::CONFIG, Map::HashMap)?;
+    // The config goes first: without it the programs leave every connect alone.
+    let _ = config.remove(&scope);
+    let mut meta: HashMap<MapData, u64, ScopeMeta> = typed(layout, names::META, Map::HashMap)?;
+    let _ = meta.remove(&scope);
+    let mut ports: HashMap<MapData, ScopedValue, u8> = typed(layout, names::PORTS, Map::HashMap)?;
+    sync_set(&mut ports, scope, &BTreeSet::new(), "ICP_PORTS")?;
+    let mut uids: HashMap<MapData, ScopedValue, u8> = typed(layout, names::UIDS, Map::HashMap)?;
+    sync_set(&mut uids, scope, &BTreeSet::new(), "ICP_UIDS")?;
+    let mut tries = Tries::open(layout)?;
+    sync_lpm(&mut tries.excl4, vec![], |d| d.scope == be, "ICP_EXCL4")?;
+    sync_lpm(&mut tries.excl6, vec![], |d| d.scope == be, "ICP_EXCL6")?;
+    sync_lpm(&mut tries.incl4, vec![], |d| d.scope == be, "ICP_INCL4")?;
+    sync_lpm(&mut tries.incl6, vec![], |d| d.scope == be, "ICP_INCL6")?;
+    let mut counters: PerCpuHashMap<MapData, CounterKey, u64> =
+        typed(layout, names::COUNTERS, Map::PerCpuHashMap)?;
+    let stale: Vec<CounterKey> = counters
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| k.scope == scope)
+        .collect();
+    for k in stale {
+        let _ = counters.remove(&k);
+    }
+    Ok(())
+}
+
+/// A scope as the maps describe it.
+#[derive(Clone, Debug)]
+pub struct StoredScope {
+    pub id: u64,
+    pub path: String,
+    pub settings: ScopeSettings,
+}
+
+/// Every scope that has a config entry, with its settings read back from the maps.
+pub fn read_scopes(layout: &PinLayout) -> Result<Vec<StoredScope>> {
+    let config: HashMap<MapData, u64, ScopeConfig> = typed(layout, names::CONFIG, Map::HashMap)?;
+    let meta: HashMap<MapData, u64, ScopeMeta> = typed(layout, names::META, Map::HashMap)?;
+    let ports: HashMap<MapData, ScopedValue, u8> = typed(layout, names::PORTS, Map::HashMap)?;
+    let uids: HashMap<MapData, ScopedValue, u8> = typed(layout, names::UIDS, Map::HashMap)?;
+    let tries = Tries::open(layout)?;
+
+    let mut scopes: BTreeMap<u64, StoredScope> = BTreeMap::new();
+    for entry in config.iter() {
+        let (id, cfg) = entry.map_err(map_err("reading ICP_CONFIG"))?;
+        let path = meta
+            .get(&id, 0)
+            .ok()
+            .map(|m| String::from_utf8_lossy(&m.path[..(m.path_len as usize).min(META_PATH_LEN)]).into_owned())
+            .unwrap_or_default();
+        scopes.insert(
+            id,
+            StoredScope {
+                id,
+                path,
+                settings: ScopeSettings {
+                    proxy_port: cfg.proxy_port,
+                    bypass_mark: cfg.bypass_mark,
+                    bypass_uids: BTreeSet::new(),
+                    exclude_ports: BTreeSet::new(),
+                    exclude_cidrs: BTreeSet::new(),
+                    include_cidrs: BTreeSet::new(),
+                },
+            },
+        );
+    }
+    for k in ports.keys().filter_map(|k| k.ok()) {
+        if let Some(s) = scopes.get_mut(&k.scope) {
+            s.settings.exclude_ports.insert(k.value as u16);
+        }
+    }
+    for k in uids.keys().filter_map(|k| k.ok()) {
+        if let Some(s) = scopes.get_mut(&k.scope) {
+            s.settings.bypass_uids.insert(k.value);
+        }
+    }
+    let v4 = |k: Key<ScopedV4>| {
+        let d = k.data();
+        let net = Ipv4Net::new(Ipv4Addr::from(d.addr), (k.prefix_len() - LPM_SCOPE_BITS) as u8).ok()?;
+        Some((u64::from_be_bytes(d.scope), IpNet::V4(net)))
+    };
+    let v6 = |k: Key<ScopedV6>| {
+        let d = k.data();
+        let net = Ipv6Net::new(Ipv6Addr::from(d.addr), (k.prefix_len() - LPM_SCOPE_BITS) as u8).ok()?;
+        Some((u64::from_be_bytes(d.scope), IpNet::V6(net)))
+    };
+    let excl = tries
+        .excl4
+        .keys()
+        .filter_map(|k| k.ok().and_then(v4))
+        .chain(tries.excl6.keys().filter_map(|k| k.ok().and_then(v6)));
+    for (id, net) in excl {
+        if let Some(s) = scopes.get_mut(&id) {
+            s.settings.exclude_cidrs.insert(net);
+        }
+    }
+    let incl = tries
+        .incl4
+        .keys()
+        .filter_map(|k| k.ok().and_then(v4))
+        .chain(tries.incl6.keys().filter_map(|k| k.ok().and_then(v6)));
+    for (id, net) in incl {
+        if let Some(s) = scopes.get_mut(&id) {
+            s.settings.include_cidrs.insert(net);
+        }
+    }
+    Ok(scopes.into_values().collect())
+}
+
+/// Counter totals (summed over CPUs) per scope; scope 0 holds what belongs to no scope.
+pub fn read_counters(layout: &PinLayout) -> Result<BTreeMap<u64, BTreeMap<&'static str, u64>>> {
+    let counters: PerCpuHashMap<MapData, CounterKey, u64> =
+        typed(layout, names::COUNTERS, Map::PerCpuHashMap)?;
+    let mut out: BTreeMap<u64, BTreeMap<&'static str, u64>> = BTreeMap::new();
+    for entry in counters.iter() {
+        let (k, values) = entry.map_err(map_err("reading ICP_COUNTERS"))?;
+        let Some(c) = Counter::from_u32(k.counter) else { continue };
+        let total: u64 = values.iter().sum();
+        *out.entry(k.scope).or_default().entry(c.name()).or_default() += total;
+    }
+    Ok(out)
+}
+
+/// Number of records held for connections: (awaiting hand-off, handed off).
+pub fn record_counts(layout: &PinLayout) -> Result<(usize, usize)> {
+    let pending: HashMap<MapData, u64, interceptor_common::OrigDst> =
+        typed(layout, names::PENDING, Map::LruHashMap)?;
+    let handoff: HashMap<MapData, interceptor_common::TupleKey, interceptor_common::OrigDst> =
+        typed(layout, names::HANDOFF, Map::LruHashMap)?;
+    Ok((pending.keys().count(), handoff.keys().count()))
+}
+
+/// Formats an address stored as four network-order words.
+pub fn words_to_ip(words: [u32; 4]) -> IpAddr {
+    let mut b = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(b);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}

@@ -1,0 +1,69 @@
+//! Every bpffs path the project owns, in one place.
+//!
+//! ```text
+//! <pin dir>/                     default /sys/fs/bpf/interceptor
+//!   maps/ICP_*                   shared maps, pinned by name
+//!   root/sock_ops                link: track_sockops at the cgroup2 root
+//!   root/getsockopt              link: answer_getsockopt at the cgroup2 root
+//!   scopes/<cgroup id>/connect4  link: redirect_connect4 on the scope's cgroup
+//!   scopes/<cgroup id>/connect6  link: redirect_connect6 on the scope's cgroup
+//! ```
+use std::path::{Path, PathBuf};
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/interceptor";
+
+/// The layout of one pin directory.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+/// The links pinned for one scope.
+pub const SCOPE_LINKS: [&str; 2] = ["connect4", "connect6"];
+/// The links pinned once, at the cgroup2 root.
+pub const ROOT_LINKS: [&str; 2] = ["sock_ops", "getsockopt"];
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PinLayout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn root_links_dir(&self) -> PathBuf {
+        self.root.join("root")
+    }
+
+    pub fn root_link(&self, name: &str) -> PathBuf {
+        self.root_links_dir().join(name)
+    }
+
+    pub fn scopes_dir(&self) -> PathBuf {
+        self.root.join("scopes")
+    }
+
+    pub fn scope_dir(&self, cgroup_id: u64) -> PathBuf {
+        self.scopes_dir().join(cgroup_id.to_string())
+    }
+
+    pub fn scope_link(&self, cgroup_id: u64, name: &str) -> PathBuf {
+        self.scope_dir(cgroup_id).join(name)
+    }
+}
+
+impl Default for PinLayout {
+    fn default() -> Self {
+        PinLayout::new(DEFAULT_PIN_DIR)
+    }
+}

@@ -1,0 +1,83 @@
+//! `status`: every scope attached from a pin dir, its settings and its pinned links.
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use serde::Serialize;
+
+use crate::{
+    error::Result,
+    maps,
+    paths::{PinLayout, ROOT_LINKS, SCOPE_LINKS},
+    settings::ScopeSettings,
+    system,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkStatus {
+    pub name: &'static str,
+    pub pin: PathBuf,
+    /// Kernel link id, when the pin holds a live link.
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ScopeStatus {
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    /// False when the cgroup was removed after attach (its links no longer act).
+    pub cgroup_exists: bool,
+    pub settings: ScopeSettings,
+    pub links: Vec<LinkStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub layout_version: Option<u32>,
+    pub root_links: Vec<LinkStatus>,
+    pub scopes: Vec<ScopeStatus>,
+}
+
+fn link_status(name: &'static str, pin: PathBuf) -> LinkStatus {
+    let info = PinnedLink::from_pin(&pin)
+        .ok()
+        .and_then(|l| FdLink::from(l).info().ok());
+    LinkStatus {
+        name,
+        link_id: info.as_ref().map(|i| i.id()),
+        program_id: info.as_ref().map(|i| i.program_id()),
+        pin,
+    }
+}
+
+pub fn status(layout: &PinLayout) -> Result<Status> {
+    system::check_privileges()?;
+    let mut out = Status {
+        pin_dir: layout.root().into(),
+        layout_version: None,
+        root_links: Vec::new(),
+        scopes: Vec::new(),
+    };
+    if !system::pin_dir_present(layout.root()) || !layout.map(interceptor_common::maps::CONFIG).exists() {
+        return Ok(out);
+    }
+    out.layout_version = maps::stored_layout(layout)?;
+    out.root_links = ROOT_LINKS
+        .iter()
+        .map(|n| link_status(n, layout.root_link(n)))
+        .collect();
+    for scope in maps::read_scopes(layout)? {
+        out.scopes.push(ScopeStatus {
+            cgroup_exists: Path::new(&scope.path).is_dir(),
+            cgroup: scope.path,
+            cgroup_id: scope.id,
+            settings: scope.settings,
+            links: SCOPE_LINKS
+                .iter()
+                .map(|n| link_status(n, layout.scope_link(scope.id, n)))
+                .collect(),
+        });
+    }
+    Ok(out)
+}

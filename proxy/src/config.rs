@@ -1,0 +1,417 @@
+//! Command line and [`Config`]: parsed and validated in one place.
+//!
+//! Every validation error names the setting, the value that was given and what to do
+//! about it, so an operator can fix a unit file or a pod spec without reading code.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Default outbound listeners (the workload's `connect()` is redirected here).
+pub const DEFAULT_OUTBOUND: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
+/// Default admin listener (`/ready`, `/stats`, `/metrics`).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// Default bypass mark: the kernel programs let sockets carrying it through.
+pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
+
+/// Command line of `interceptor-proxy`. Values are kept as text here and validated by
+/// [`Config::from_cli`], so every error has the same shape.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "interceptor-proxy",
+    version,
+    about = "Outbound proxy behind the eBPF interception programs: learns each connection's \
+             original destination with getsockopt(SO_ORIGINAL_DST) and forwards to it."
+)]
+pub struct Cli {
+    /// Outbound listener address (repeatable). Default: 127.0.0.1:15001 and [::1]:15001.
+    #[arg(long = "outbound", value_name = "ADDR")]
+    pub outbound: Vec<String>,
+
+    /// SO_MARK set on upstream sockets so interception lets them through
+    /// (hex 0x539 or decimal 1337; 0 = set no mark).
+    #[arg(long = "bypass-mark", value_name = "MARK", default_value = "0x539")]
+    pub bypass_mark: String,
+
+    /// Upstream connect timeout (e.g. 5s, 500ms, 1m; a bare number is seconds).
+    #[arg(long = "connect-timeout", value_name = "DURATION", default_value = "5s")]
+    pub connect_timeout: String,
+
+    /// Admin HTTP listener (GET /ready, /stats, /metrics); "" or "off" disables it.
+    #[arg(long = "admin", value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+    pub admin: String,
+
+    /// Tokio worker threads (default: number of CPUs; 1 = single-threaded runtime).
+    #[arg(long = "workers", value_name = "N")]
+    pub workers: Option<String>,
+
+    /// Log output format: text or json. The filter comes from RUST_LOG (default info).
+    #[arg(long = "log-format", value_name = "FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// On SIGTERM/SIGINT, how long open connections may finish before they are closed.
+    #[arg(long = "drain-timeout", value_name = "DURATION", default_value = "5s")]
+    pub drain_timeout: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Validated proxy configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Outbound listener addresses.
+    pub outbound: Vec<SocketAddr>,
+    /// When true (the outbound list is the default), an IPv6 listener that cannot bind
+    /// because IPv6 is unavailable on this host is skipped with a warning instead of
+    /// failing start-up. Addresses given explicitly are always required.
+    pub outbound_ipv6_optional: bool,
+    /// SO_MARK for upstream sockets; 0 = set no mark.
+    pub bypass_mark: u32,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Admin listener; `None` disables the admin server.
+    pub admin: Option<SocketAddr>,
+    /// Tokio worker threads (used by the binary to build the runtime).
+    pub workers: usize,
+    /// Log format (used by the binary to set up tracing).
+    pub log_format: LogFormat,
+    /// How long open connections may finish after shutdown was requested.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            outbound: DEFAULT_OUTBOUND
+                .iter()
+                .map(|a| a.parse().expect("default outbound address parses"))
+                .collect(),
+            outbound_ipv6_optional: true,
+            bypass_mark: DEFAULT_BYPASS_MARK,
+            connect_timeout: Duration::from_secs(5),
+            admin: Some(DEFAULT_ADMIN.parse().expect("default admin address parses")),
+            workers: default_workers(),
+            log_format: LogFormat::Text,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A setting that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {setting} {value:?}: {problem}; {hint}")]
+pub struct ConfigError {
+    /// The command line flag, e.g. `--bypass-mark`.
+    pub setting: &'static str,
+    /// The value as given.
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: String,
+    /// What to do about it.
+    pub hint: &'static str,
+}
+
+impl ConfigError {
+    fn new(setting: &'static str, value: &str, problem: impl Into<String>, hint: &'static str) -> Self {
+        ConfigError { setting, value: value.to_owned(), problem: problem.into(), hint }
+    }
+}
+
+impl Config {
+    /// Parses a command line (first item is the program name) and validates it.
+    ///
+    /// Clap's own errors (unknown flag, `--help`, `--version`) are returned as
+    /// [`clap::Error`] so the caller can `exit()` with clap's formatting.
+    pub fn try_from_args<I, T>(args: I) -> Result<Config, CliError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(CliError::Clap)?;
+        Config::from_cli(cli).map_err(CliError::Invalid)
+    }
+
+    /// Validates a parsed command line.
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        let (outbound, outbound_ipv6_optional) = if cli.outbound.is_empty() {
+            (Config::default().outbound, true)
+        } else {
+            let addrs = cli
+                .outbound
+                .iter()
+                .map(|s| parse_addr("--outbound", s))
+                .collect::<Result<Vec<_>, _>>()?;
+            (addrs, false)
+        };
+        for (i, a) in outbound.iter().enumerate() {
+            if a.port() != 0 && outbound[..i].contains(a) {
+                return Err(ConfigError::new(
+                    "--outbound",
+                    &a.to_string(),
+                    "given more than once",
+                    "list each listener address once",
+                ));
+            }
+        }
+
+        let admin = match cli.admin.trim() {
+            "" | "off" | "none" => None,
+            s => Some(parse_addr("--admin", s)?),
+        };
+        if let Some(admin) = admin {
+            if admin.port() != 0 && outbound.contains(&admin) {
+                return Err(ConfigError::new(
+                    "--admin",
+                    &cli.admin,
+                    "same address as an --outbound listener",
+                    "give the admin server its own port (default 127.0.0.1:15000)",
+                ));
+            }
+        }
+
+        let connect_timeout = parse_duration("--connect-timeout", &cli.connect_timeout)?;
+        if connect_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "--connect-timeout",
+                &cli.connect_timeout,
+                "must be greater than zero",
+                "use e.g. 5s or 500ms",
+            ));
+        }
+
+        let workers = match &cli.workers {
+            None => default_workers(),
+            Some(s) => match s.trim().parse::<usize>() {
+                Ok(0) | Err(_) => {
+                    return Err(ConfigError::new(
+                        "--workers",
+                        s,
+                        "not a whole number of at least 1",
+                        "pass the number of runtime threads, e.g. --workers 2, or leave it out to use one per CPU",
+                    ))
+                }
+                Ok(n) if n > 1024 => {
+                    return Err(ConfigError::new(
+                        "--workers",
+                        s,
+                        "more than 1024 threads",
+                        "use at most one thread per CPU",
+                    ))
+                }
+                Ok(n) => n,
+            },
+        };
+
+        let log_format = match cli.log_format.trim().to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                return Err(ConfigError::new(
+                    "--log-format",
+                    &cli.log_format,
+                    "unknown format",
+                    "use text or json",
+                ))
+            }
+        };
+
+        Ok(Config {
+            outbound,
+            outbound_ipv6_optional,
+            bypass_mark: parse_mark(&cli.bypass_mark)?,
+            connect_timeout,
+            admin,
+            workers,
+            log_format,
+            drain_timeout: parse_duration("--drain-timeout", &cli.drain_timeout)?,
+        })
+    }
+}
+
+/// Error from [`Config::try_from_args`].
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Clap rejected the command line (or printed help/version).
+    #[error(transparent)]
+    Clap(clap::Error),
+    /// A value failed validation.
+    #[error(transparent)]
+    Invalid(ConfigError),
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn parse_addr(setting: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.trim().parse::<SocketAddr>().map_err(|_| {
+        ConfigError::new(
+            setting,
+            s,
+            "not an IP:port socket address",
+            "write it as 127.0.0.1:15001 or [::1]:15001 (host names are not resolved)",
+        )
+    })
+}
+
+/// Parses a socket mark: `0x539` (hex) or `1337` (decimal). 0 means "set no mark".
+pub fn parse_mark(s: &str) -> Result<u32, ConfigError> {
+    let t = s.trim();
+    let parsed = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u32::from_str_radix(hex, 16)
+    } else {
+        t.parse::<u32>()
+    };
+    parsed.map_err(|e| {
+        ConfigError::new(
+            "--bypass-mark",
+            s,
+            format!("not a 32-bit mark ({e})"),
+            "write it as hex (0x539) or decimal (1337), matching the mark the interception programs exempt; 0 sets no mark",
+        )
+    })
+}
+
+/// Parses a duration: `5s`, `500ms`, `1.5s`, `2m`, `100us`; a bare number is seconds.
+pub fn parse_duration(setting: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let bad = |problem: &str| {
+        ConfigError::new(setting, s, problem, "write it as a number with a unit: 500ms, 5s, 1m")
+    };
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(bad("no number"));
+    }
+    let value: f64 = num.parse().map_err(|_| bad("not a number"))?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad("unknown unit")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 86_400.0 * 365.0 {
+        return Err(bad("too large"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, CliError> {
+        Config::try_from_args(std::iter::once("interceptor-proxy").chain(args.iter().copied()))
+    }
+
+    fn invalid(args: &[&str]) -> ConfigError {
+        match parse(args) {
+            Err(CliError::Invalid(e)) => e,
+            other => panic!("expected a validation error for {args:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            c.outbound,
+            vec!["127.0.0.1:15001".parse().unwrap(), "[::1]:15001".parse().unwrap()]
+        );
+        assert!(c.outbound_ipv6_optional);
+        assert_eq!(c.bypass_mark, 0x539);
+        assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.admin, Some("127.0.0.1:15000".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.workers >= 1);
+    }
+
+    #[test]
+    fn marks_hex_and_decimal() {
+        assert_eq!(parse(&["--bypass-mark", "0x539"]).unwrap().bypass_mark, 1337);
+        assert_eq!(parse(&["--bypass-mark", "0X1f"]).unwrap().bypass_mark, 31);
+        assert_eq!(parse(&["--bypass-mark", "1337"]).unwrap().bypass_mark, 1337);
+        assert_eq!(parse(&["--bypass-mark", "0"]).unwrap().bypass_mark, 0);
+        assert_eq!(parse(&["--bypass-mark", "0xffffffff"]).unwrap().bypass_mark, u32::MAX);
+    }
+
+    #[test]
+    fn bad_marks_name_setting_value_and_fix() {
+        for bad in ["0xzz", "-1", "4294967296", "0x1_0000_0000", "", "mark"] {
+            let e = invalid(&[&format!("--bypass-mark={bad}")]);
+            assert_eq!(e.setting, "--bypass-mark");
+            assert_eq!(e.value, bad);
+            let msg = e.to_string();
+            assert!(msg.contains("--bypass-mark") && msg.contains("0x539"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn outbound_repeatable_and_validated() {
+        let c = parse(&["--outbound", "127.0.0.1:1", "--outbound", "[::1]:2"]).unwrap();
+        assert_eq!(c.outbound, vec!["127.0.0.1:1".parse().unwrap(), "[::1]:2".parse().unwrap()]);
+        assert!(!c.outbound_ipv6_optional);
+        let e = invalid(&["--outbound", "localhost:15001"]);
+        assert_eq!(e.setting, "--outbound");
+        assert!(e.to_string().contains("localhost:15001"));
+        let e = invalid(&["--outbound", "127.0.0.1:9", "--outbound", "127.0.0.1:9"]);
+        assert!(e.to_string().contains("more than once"));
+    }
+
+    #[test]
+    fn admin_off_and_errors() {
+        assert_eq!(parse(&["--admin", ""]).unwrap().admin, None);
+        assert_eq!(parse(&["--admin", "off"]).unwrap().admin, None);
+        assert_eq!(parse(&["--admin", "[::1]:9901"]).unwrap().admin, Some("[::1]:9901".parse().unwrap()));
+        assert_eq!(invalid(&["--admin", "15000"]).setting, "--admin");
+        let e = invalid(&["--outbound", "127.0.0.1:7000", "--admin", "127.0.0.1:7000"]);
+        assert!(e.to_string().contains("own port"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("x", "5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("x", "250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("x", "1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("x", "3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("x", "0").unwrap(), Duration::ZERO);
+        for bad in ["", "s", "5 parsecs", "1e999", "-1s", "1.2.3s"] {
+            assert!(parse_duration("x", bad).is_err(), "{bad:?} should fail");
+        }
+        let e = invalid(&["--connect-timeout", "0s"]);
+        assert_eq!(e.setting, "--connect-timeout");
+        assert!(e.to_string().contains("greater than zero"));
+        let e = invalid(&["--drain-timeout", "soon"]);
+        assert_eq!(e.setting, "--drain-timeout");
+        assert!(e.to_string().contains("\"soon\""));
+    }
+
+    #[test]
+    fn workers_and_log_format() {
+        assert_eq!(parse(&["--workers", "3"]).unwrap().workers, 3);
+        assert_eq!(invalid(&["--workers", "0"]).setting, "--workers");
+        assert_eq!(invalid(&["--workers", "many"]).setting, "--workers");
+        assert_eq!(parse(&["--log-format", "json"]).unwrap().log_format, LogFormat::Json);
+        let e = invalid(&["--log-format", "xml"]);
+        assert!(e.to_string().contains("text or json"));
+    }
+
+    #[test]
+    fn unknown_flag_is_a_clap_error() {
+        assert!(matches!(parse(&["--nope"]), Err(CliError::Clap(_))));
+    }
+}

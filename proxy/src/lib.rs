@@ -1,0 +1,290 @@
+//! `interceptor-proxy`: the companion proxy of the eBPF interception programs.
+//!
+//! The kernel programs redirect a workload's `connect()` to the outbound listener
+//! (default 127.0.0.1:15001 and [::1]:15001) and answer `getsockopt(SO_ORIGINAL_DST)` on
+//! the accepted socket. For each accepted connection this proxy:
+//!
+//! 1. asks for the original destination with that ordinary getsockopt ([`original_dst`]);
+//! 2. refuses connections that were not intercepted or point back at itself;
+//! 3. connects upstream from a socket carrying the bypass mark (SO_MARK, default 0x539),
+//!    which the kernel programs let through;
+//! 4. copies both ways with half-close and reset propagation ([`forward`]).
+//!
+//! Use [`Proxy::bind`] then [`Proxy::serve`], or [`run`] which does both and stops on
+//! SIGTERM/SIGINT. Counters are in [`stats`]; the admin server in [`admin`].
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod forward;
+pub mod original_dst;
+pub mod outbound;
+pub mod stats;
+pub mod telemetry;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::{Config, ConfigError, LogFormat};
+pub use outbound::OriginalDstLookup;
+pub use stats::{Stats, StatsSnapshot};
+
+use admin::{AdminState, Readiness, ReadyState};
+use outbound::Outbound;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener could not be bound.
+    #[error("{what} {addr}: {}", describe_bind_error(what, error))]
+    Bind {
+        /// "outbound listener" or "admin listener".
+        what: &'static str,
+        addr: SocketAddr,
+        error: io::Error,
+    },
+    /// Every outbound listener was skipped (IPv6 unavailable and nothing else configured).
+    #[error("no outbound listener could be bound; pass --outbound with an address this host has, e.g. 127.0.0.1:15001")]
+    NoOutboundListeners,
+    /// The bypass mark cannot be set on upstream sockets.
+    #[error(
+        "--bypass-mark {mark:#x}: cannot set SO_MARK on upstream sockets ({error}); upstream \
+         connections would be intercepted again. Run the proxy with CAP_NET_ADMIN, or pass \
+         --bypass-mark 0 if the proxy is exempt from interception another way (e.g. its uid)"
+    )]
+    BypassMark { mark: u32, error: io::Error },
+    /// Signal handlers could not be installed.
+    #[error("installing SIGTERM/SIGINT handlers: {0}")]
+    Signal(io::Error),
+}
+
+fn describe_bind_error(what: &str, e: &io::Error) -> String {
+    let flag = if what.starts_with("admin") { "--admin ADDR or --admin off" } else { "--outbound ADDR" };
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "address already in use (is another proxy running?)".to_owned(),
+        io::ErrorKind::AddrNotAvailable => {
+            format!("address not available on this host ({e}); choose a local address with {flag}")
+        }
+        io::ErrorKind::PermissionDenied => format!(
+            "permission denied ({e}); ports below 1024 need CAP_NET_BIND_SERVICE, or choose another port with {flag}"
+        ),
+        _ => format!("{e}; check the address given with {flag}"),
+    }
+}
+
+fn is_ipv6_unavailable(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL))
+}
+
+/// A proxy whose listeners are bound but which does not accept yet.
+pub struct Proxy {
+    config: Config,
+    listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
+    stats: Arc<Stats>,
+    ready: Arc<ReadyState>,
+    lookup: OriginalDstLookup,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("outbound", &self.outbound_addrs())
+            .field("admin", &self.admin_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Checks the bypass mark and binds the outbound and admin listeners. Must be called
+    /// inside a tokio runtime. Port 0 in an address picks a free port (see
+    /// [`Proxy::outbound_addrs`]).
+    pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
+        let mut listeners = Vec::with_capacity(config.outbound.len());
+        for &addr in &config.outbound {
+            match outbound::bind_listener(addr).and_then(TcpListener::from_std) {
+                Ok(l) => listeners.push(l),
+                Err(e) if addr.is_ipv6() && config.outbound_ipv6_optional && is_ipv6_unavailable(&e) => {
+                    warn!(listener = %addr, error = %e, "IPv6 unavailable on this host; skipping this outbound listener");
+                }
+                Err(error) => return Err(ProxyError::Bind { what: "outbound listener", addr, error }),
+            }
+        }
+        if listeners.is_empty() {
+            return Err(ProxyError::NoOutboundListeners);
+        }
+        if config.bypass_mark != 0 {
+            let domain = if config.outbound[0].is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+            Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
+                .and_then(|s| s.set_mark(config.bypass_mark))
+                .map_err(|error| ProxyError::BypassMark { mark: config.bypass_mark, error })?;
+        }
+        let admin = match config.admin {
+            None => None,
+            Some(addr) => Some(
+                outbound::bind_listener(addr)
+                    .and_then(TcpListener::from_std)
+                    .map_err(|error| ProxyError::Bind { what: "admin listener", addr, error })?,
+            ),
+        };
+        Ok(Proxy {
+            config,
+            listeners,
+            admin,
+            stats: Arc::default(),
+            ready: Arc::default(),
+            lookup: outbound::getsockopt_lookup(),
+        })
+    }
+
+    /// The bound outbound listener addresses (IPv6 ones may have been skipped).
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// The bound admin address, if the admin server is enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// The configuration the proxy was bound with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Replaces how original destinations are found (default: getsockopt). For tests, and
+    /// for embedding behind something that records destinations differently.
+    pub fn set_original_dst_lookup(&mut self, lookup: OriginalDstLookup) {
+        self.lookup = lookup;
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting (listeners are closed),
+    /// lets open connections finish for up to `drain_timeout`, closes what is left and
+    /// returns the final counters.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> StatsSnapshot {
+        let Proxy { config, listeners, admin, stats, ready, lookup } = self;
+        let outbound_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let ctx = Arc::new(Outbound {
+            listeners: outbound_addrs.clone(),
+            bypass_mark: config.bypass_mark,
+            connect_timeout: config.connect_timeout,
+            stats: stats.clone(),
+            lookup,
+        });
+
+        let stop_accepting = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let accept_loops: Vec<_> = listeners
+            .into_iter()
+            .map(|l| {
+                tokio::spawn(outbound::accept_loop(
+                    l,
+                    ctx.clone(),
+                    tracker.clone(),
+                    stop_accepting.clone(),
+                    kill.clone(),
+                ))
+            })
+            .collect();
+        let admin_task = admin.map(|l| {
+            let state = AdminState { stats: stats.clone(), ready: ready.clone() };
+            tokio::spawn(admin::serve(l, state, stop_admin.clone()))
+        });
+        ready.set(Readiness::Ready);
+        info!(
+            outbound = ?outbound_addrs,
+            admin = ?admin_addr,
+            bypass_mark = %format_args!("{:#x}", config.bypass_mark),
+            connect_timeout_ms = config.connect_timeout.as_millis() as u64,
+            "proxy ready"
+        );
+
+        shutdown.await;
+
+        ready.set(Readiness::Draining);
+        stop_accepting.cancel();
+        for task in accept_loops {
+            let _ = task.await; // the listener is dropped, so new connects are refused
+        }
+        tracker.close();
+        let open = tracker.len();
+        info!(open_connections = open, drain_timeout_ms = config.drain_timeout.as_millis() as u64,
+            "shutdown requested; stopped accepting, draining");
+        if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
+            warn!(open_connections = tracker.len(), "drain timeout reached; closing remaining connections");
+            kill.cancel();
+            tracker.wait().await;
+        }
+        stop_admin.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+
+        let s = stats.snapshot();
+        info!(
+            connections_total = s.connections_total,
+            connections_active = s.connections_active,
+            forwarded_total = s.forwarded_total,
+            orig_dst_missing = s.orig_dst_missing,
+            loop_rejected = s.loop_rejected,
+            upstream_connect_errors_refused = s.upstream_connect_errors_refused,
+            upstream_connect_errors_timeout = s.upstream_connect_errors_timeout,
+            upstream_connect_errors_other = s.upstream_connect_errors_other,
+            bytes_client_to_upstream = s.bytes_client_to_upstream,
+            bytes_upstream_to_client = s.bytes_upstream_to_client,
+            "proxy stopped"
+        );
+        s
+    }
+}
+
+/// Binds, serves until SIGTERM or SIGINT, drains, and returns the final counters.
+pub async fn run(config: Config) -> Result<StatsSnapshot, ProxyError> {
+    let signals = shutdown_signals().map_err(ProxyError::Signal)?;
+    let proxy = Proxy::bind(config).await?;
+    Ok(proxy.serve(signals).await)
+}
+
+/// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.
+pub fn shutdown_signals() -> io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, "shutdown signal received");
+    })
+}
+
+/// Builds the runtime for `workers` threads (1 = current-thread runtime).
+pub fn runtime(workers: usize) -> io::Result<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("interceptor-proxy")
+            .enable_all()
+            .build()
+    }
+}

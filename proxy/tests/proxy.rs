@@ -1,0 +1,332 @@
+//! The whole proxy in process, on 127.0.0.1 (and ::1 where available), without the eBPF
+//! programs: a plain connection has no original destination; for the forwarding paths the
+//! original-destination lookup is replaced by one that names a local test server.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use interceptor_proxy::original_dst::OriginalDstError;
+use interceptor_proxy::{Config, OriginalDstLookup, Proxy, ProxyError, Stats, StatsSnapshot};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Running {
+    outbound: Vec<SocketAddr>,
+    admin: Option<SocketAddr>,
+    stats: Arc<Stats>,
+    stop: Option<oneshot::Sender<()>>,
+    serve: JoinHandle<StatsSnapshot>,
+}
+
+impl Running {
+    fn listener(&self) -> SocketAddr {
+        self.outbound[0]
+    }
+
+    async fn stop(mut self, within: Duration) -> StatsSnapshot {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(within, self.serve).await.expect("proxy stopped in time").unwrap()
+    }
+
+    async fn stats_json(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin.expect("admin enabled"), "/stats").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("/stats is JSON")
+    }
+}
+
+fn config() -> Config {
+    Config {
+        outbound: vec!["127.0.0.1:0".parse().unwrap()],
+        outbound_ipv6_optional: false,
+        // SO_MARK needs CAP_NET_ADMIN; exercise it when we have it.
+        bypass_mark: if nix::unistd::geteuid().is_root() { 0x539 } else { 0 },
+        connect_timeout: Duration::from_secs(2),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        workers: 2,
+        log_format: Default::default(),
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+fn to(addr: SocketAddr) -> OriginalDstLookup {
+    Arc::new(move |_: &TcpStream| Ok::<_, OriginalDstError>(addr))
+}
+
+async fn start(config: Config, lookup: Option<OriginalDstLookup>) -> Running {
+    let mut proxy = Proxy::bind(config).await.expect("proxy binds");
+    if let Some(l) = lookup {
+        proxy.set_original_dst_lookup(l);
+    }
+    let (tx, rx) = oneshot::channel();
+    let running = Running {
+        outbound: proxy.outbound_addrs(),
+        admin: proxy.admin_addr(),
+        stats: proxy.stats(),
+        stop: Some(tx),
+        serve: tokio::spawn(proxy.serve(async move {
+            let _ = rx.await;
+        })),
+    };
+    if let Some(admin) = running.admin {
+        let ready = async {
+            loop {
+                if http_get(admin, "/ready").await == (200, "ready\n".to_owned()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ready).await.expect("/ready turns 200");
+    }
+    running
+}
+
+/// A server that echoes each connection until EOF, then closes.
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_connection_is_orig_dst_missing_and_closed() {
+    let mut cfg = config();
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if v6 {
+        cfg.outbound.push("[::1]:0".parse().unwrap());
+    }
+    let p = start(cfg, None).await;
+    let mut expected = 0;
+    for &addr in &p.outbound {
+        // Not intercepted: getsockopt(SO_ORIGINAL_DST) has nothing to say. The reset may
+        // even beat the end of our connect().
+        let started = Instant::now();
+        match TcpStream::connect(addr).await {
+            Ok(mut c) => {
+                let outcome = read_outcome(&mut c, Duration::from_secs(2)).await;
+                assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "{addr}: closed, got {outcome:?}");
+            }
+            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{addr}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        expected += 1;
+    }
+    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().connections_active == 0).await);
+    let json = p.stats_json().await;
+    assert_eq!(json["orig_dst_missing"], expected, "{json}");
+    assert_eq!(json["connections_total"], expected, "{json}");
+    assert_eq!(json["connections_active"], 0, "{json}");
+    assert_eq!(json["forwarded_total"], 0, "{json}");
+    for field in [
+        "loop_rejected",
+        "upstream_connect_errors_refused",
+        "upstream_connect_errors_timeout",
+        "upstream_connect_errors_other",
+        "bytes_client_to_upstream",
+        "bytes_upstream_to_client",
+    ] {
+        assert_eq!(json[field], 0, "{field} in {json}");
+    }
+    let (status, metrics) = http_get(p.admin.unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains(&format!("interceptor_proxy_orig_dst_missing {expected}\n")), "{metrics}");
+    assert_eq!(http_get(p.admin.unwrap(), "/nope").await.0, 404);
+    let last = p.stop(Duration::from_secs(5)).await;
+    assert_eq!(last.orig_dst_missing, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_to_the_original_destination() {
+    let echo = echo_server().await;
+    let p = start(config(), Some(to(echo))).await;
+    let payload = data(1024 * 1024, 7);
+    let c = TcpStream::connect(p.listener()).await.unwrap();
+    let got = {
+        let payload = Arc::new(payload.clone());
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (mut r, mut w) = c.into_split();
+            let writer = tokio::spawn(async move {
+                w.write_all(&payload).await.unwrap();
+                w.shutdown().await.unwrap();
+                w
+            });
+            let got = drain(&mut r).await;
+            drop(writer.await.unwrap());
+            got
+        })
+        .await
+        .expect("echo completes")
+    };
+    assert_eq!(got, (payload.len() as u64, hash(&payload)));
+    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().connections_active == 0).await);
+    let s = p.stats.snapshot();
+    assert_eq!((s.connections_total, s.forwarded_total), (1, 1));
+    assert_eq!(s.bytes_client_to_upstream, payload.len() as u64);
+    assert_eq!(s.bytes_upstream_to_client, payload.len() as u64);
+    p.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn upstream_refused_resets_the_client_promptly() {
+    let p = start(config(), Some(to(free_port()))).await;
+    let mut c = TcpStream::connect(p.listener()).await.unwrap();
+    let started = Instant::now();
+    let err = read_outcome(&mut c, Duration::from_secs(2)).await.expect_err("client gets an RST");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().upstream_connect_errors_refused == 1).await);
+    let s = p.stats.snapshot();
+    assert_eq!((s.forwarded_total, s.upstream_connect_errors_timeout, s.upstream_connect_errors_other), (0, 0, 0));
+    p.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn upstream_timeout_resets_the_client() {
+    // A listener whose accept queue is full drops further SYNs: the connect hangs.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    full.listen(0).unwrap();
+    let addr = full.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..2 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            fillers.push(s);
+        }
+    }
+    let mut cfg = config();
+    cfg.connect_timeout = Duration::from_millis(300);
+    let p = start(cfg, Some(to(addr))).await;
+    let mut c = TcpStream::connect(p.listener()).await.unwrap();
+    let started = Instant::now();
+    let err = read_outcome(&mut c, Duration::from_secs(3)).await.expect_err("client gets an RST");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    assert!(started.elapsed() >= Duration::from_millis(250), "took {:?}", started.elapsed());
+    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().upstream_connect_errors_timeout == 1).await);
+    p.stop(Duration::from_secs(5)).await;
+    drop(fillers);
+}
+
+#[tokio::test]
+async fn destination_that_is_the_listener_itself_is_rejected() {
+    let listener_addr = Arc::new(std::sync::OnceLock::<SocketAddr>::new());
+    let which = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let lookup: OriginalDstLookup = {
+        let (listener_addr, which) = (listener_addr.clone(), which.clone());
+        Arc::new(move |_: &TcpStream| {
+            let l = *listener_addr.get().unwrap();
+            // The listener exactly, then another loopback address on its port.
+            Ok(match which.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => l,
+                _ => SocketAddr::new("127.0.0.9".parse().unwrap(), l.port()),
+            })
+        })
+    };
+    let p = start(config(), Some(lookup)).await;
+    listener_addr.set(p.listener()).unwrap();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(p.listener()).await.unwrap();
+        let outcome = read_outcome(&mut c, Duration::from_secs(2)).await;
+        assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "closed, got {outcome:?}");
+    }
+    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().loop_rejected == 2).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = p.stats.snapshot();
+    // Had it forwarded, the proxy would have accepted its own connection (total 3+).
+    assert_eq!((s.connections_total, s.forwarded_total), (2, 0), "{s:?}");
+    assert_eq!(p.stats_json().await["loop_rejected"], 2);
+    p.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_and_drains_open_connections() {
+    let echo = echo_server().await;
+    let p = start(config(), Some(to(echo))).await;
+    let listener = p.listener();
+    let admin = p.admin.unwrap();
+    let mut c = TcpStream::connect(listener).await.unwrap();
+    let mut buf = [0u8; 4];
+    c.write_all(b"ping").await.unwrap();
+    c.read_exact(&mut buf).await.unwrap();
+
+    let Running { stop, serve, .. } = p;
+    stop.unwrap().send(()).unwrap();
+    // New connections are refused once the listener is closed...
+    let refused = async {
+        loop {
+            match TcpStream::connect(listener).await {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), refused).await.expect("listener closed on shutdown");
+    assert_eq!(http_get(admin, "/ready").await, (503, "draining\n".to_owned()));
+    // ...while the open one keeps working until it ends.
+    c.write_all(b"pong").await.unwrap();
+    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    assert!(!serve.is_finished());
+    c.shutdown().await.unwrap();
+    assert_eq!(read_outcome(&mut c, Duration::from_secs(2)).await.unwrap(), 0);
+    let last = tokio::time::timeout(Duration::from_secs(2), serve).await.expect("exits once drained").unwrap();
+    assert_eq!((last.forwarded_total, last.connections_active), (1, 0));
+    assert_eq!(last.bytes_client_to_upstream, 8);
+}
+
+#[tokio::test]
+async fn drain_timeout_closes_what_is_left() {
+    let echo = echo_server().await;
+    let mut cfg = config();
+    cfg.drain_timeout = Duration::from_millis(300);
+    let p = start(cfg, Some(to(echo))).await;
+    let mut c = TcpStream::connect(p.listener()).await.unwrap();
+    c.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    c.read_exact(&mut buf).await.unwrap();
+    let started = Instant::now();
+    let last = p.stop(Duration::from_secs(3)).await;
+    assert!(started.elapsed() >= Duration::from_millis(250), "waited for the drain timeout");
+    assert_eq!(last.connections_active, 0);
+    let outcome = read_outcome(&mut c, Duration::from_secs(2)).await;
+    assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "closed, got {outcome:?}");
+}
+
+#[tokio::test]
+async fn bind_errors_name_the_listener_and_the_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut cfg = config();
+    cfg.outbound = vec![addr];
+    let err = Proxy::bind(cfg).await.expect_err("port is taken");
+    assert!(matches!(err, ProxyError::Bind { .. }));
+    assert_eq!(
+        err.to_string(),
+        format!("outbound listener {addr}: address already in use (is another proxy running?)")
+    );
+    let mut cfg = config();
+    cfg.admin = Some(addr);
+    let err = Proxy::bind(cfg).await.expect_err("port is taken").to_string();
+    assert!(err.starts_with(&format!("admin listener {addr}: address already in use")), "{err}");
+    let mut cfg = config();
+    cfg.outbound = vec!["192.0.2.1:15001".parse().unwrap()]; // TEST-NET, not on this host
+    let err = Proxy::bind(cfg).await.expect_err("address not local").to_string();
+    assert!(err.contains("not available on this host") && err.contains("--outbound"), "{err}");
+}

@@ -1,0 +1,148 @@
+//! `icpt-probe`: TCP test server and clients (see `interceptor_tests::probe`).
+//!
+//! Every subcommand prints one JSON line on stdout (`http-get` prints the body);
+//! on failure it prints `{"error": "...", "kind": "refused|timeout|reset|other"}`
+//! on stdout and exits 1.
+
+use std::net::SocketAddr;
+use std::process::exit;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use interceptor_tests::probe::{self, ClientOpts, ErrorKind, ProbeError, ProbeServer};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(about = "TCP probe server and clients for the interceptor tests")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Conn {
+    /// SO_MARK to set on the client socket (decimal or 0x hex).
+    #[arg(long, value_parser = parse_u32)]
+    mark: Option<u32>,
+    /// Local address to bind the client socket to.
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Connect timeout and per-read/write idle timeout, in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+}
+
+impl Conn {
+    fn opts(&self, default_ms: u64) -> ClientOpts {
+        ClientOpts {
+            mark: self.mark,
+            bind: self.bind,
+            timeout: Duration::from_millis(self.timeout_ms.unwrap_or(default_ms)),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Threaded server: HELLO and BULK; prints {"listening": [...]} once bound, runs until killed.
+    Serve {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// One HELLO exchange.
+    Hello {
+        addr: SocketAddr,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Send and receive pseudo-random bytes over one connection and check both directions.
+    Bulk {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        send: u64,
+        #[arg(long, default_value_t = 0)]
+        recv: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// COUNT short HELLO connections over PARALLEL threads.
+    Churn {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        parallel: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// HTTP/1.0 GET ADDR/PATH (e.g. 127.0.0.1:15000/stats); prints the body; exits 1 unless 2xx.
+    HttpGet {
+        target: String,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn fail(e: ProbeError) -> ! {
+    println!("{}", e.to_json());
+    exit(1)
+}
+
+fn print<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).expect("serialize"));
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { listen } => {
+            let srv = ProbeServer::start(&listen)
+                .unwrap_or_else(|e| fail(ProbeError::new(ErrorKind::Other, format!("listen: {e}"))));
+            println!("{}", json!({ "listening": srv.addrs() }));
+            srv.wait();
+        }
+        Cmd::Hello { addr, conn } => match probe::hello(addr, &conn.opts(5000)) {
+            Ok(r) => print(&r),
+            Err(e) => fail(e),
+        },
+        Cmd::Bulk { addr, send, recv, seed, conn } => match probe::bulk(addr, send, recv, seed, &conn.opts(30_000)) {
+            Ok(r) => {
+                print(&r);
+                if !r.ok {
+                    exit(2);
+                }
+            }
+            Err(e) => fail(e),
+        },
+        Cmd::Churn { addr, count, parallel, conn } => {
+            let r = probe::churn(addr, count, parallel, &conn.opts(5000));
+            print(&r);
+        }
+        Cmd::HttpGet { target, timeout_ms } => {
+            let (addr, path) = probe::parse_http_target(&target).unwrap_or_else(|e| fail(e));
+            match probe::http_get(addr, &path, Duration::from_millis(timeout_ms)) {
+                Ok((code, body)) if (200..300).contains(&code) => {
+                    print!("{body}");
+                    if !body.ends_with('\n') {
+                        println!();
+                    }
+                }
+                Ok((code, body)) => {
+                    println!("{}", json!({ "error": format!("HTTP {code}: {}", body.trim()), "kind": "other", "status": code }));
+                    exit(1);
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Test harness for the interceptor's privileged end-to-end tests.
+//!
+//! Everything here assumes it runs as root on Linux, one test at a time
+//! (`--test-threads=1`). Each resource a test creates is owned by a guard whose
+//! `Drop` removes it, also when the test panics:
+//!
+//! | guard | resource | removed by `Drop` |
+//! |---|---|---|
+//! | [`NetNs`] | `/run/netns/icpt-t-<test>` | kill its processes, `ip netns delete` |
+//! | [`TestCgroup`] | `<cgroup2 root>/icpt-t-<test>` | `cgroup.kill`, wait empty, `rmdir` |
+//! | [`PinDir`] | `/sys/fs/bpf/icpt-t-<test>` | `interceptor --pin-dir DIR detach --all`, `rm -r` |
+//! | [`Proc`] | a spawned child (its own process group) | `SIGKILL` to the group, `wait` |
+//! | [`ProbeServer`] | an in-process `icpt-probe` server thread set | stop flag, join |
+//!
+//! Declare guards in the order "netns, cgroup, pin dir, then processes and
+//! servers": locals drop in reverse order, so processes die before the
+//! programs are detached and before the cgroup and namespace go away.
+//!
+//! All names start with [`PREFIX`] (`icpt-t-`), which is what
+//! `cargo xtask clean-stale` removes after a crashed run.
+//!
+//! Safety rule of this harness: every connection goes to 127.0.0.0/8, `::1`, or
+//! an address assigned to a veth inside a namespace the test created.
+
+#![forbid(unsafe_code)]
+
+mod bins;
+mod bpffs;
+mod cgroup;
+mod names;
+mod netns;
+pub mod probe;
+mod process;
+mod proxy;
+mod util;
+
+pub use bins::{exec_bin, interceptor_bin, probe_bin, proxy_bin, set_helper_bins, workspace_dir};
+pub use bpffs::{bpffs_mounted, bpftool_cgroup_progs, bpftool_cgroup_progs_effective, ensure_bpffs, AttachedProg, PinDir, BPFFS_ROOT};
+pub use cgroup::{cgroup2_root, TestCgroup};
+pub use names::{resource_name, PREFIX};
+pub use netns::NetNs;
+pub use probe::{
+    BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError, ProbeServer,
+};
+pub use process::{exec_command, run_in, run_in_timeout, spawn_in, Proc};
+pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
+pub use util::{run_cmd, run_cmd_ok, wait_until};
+
+/// Registers the paths of this package's helper binaries (`icpt-probe`,
+/// `icpt-exec`) from an integration test, where cargo provides them at compile
+/// time. Optional: without it the paths are found next to the test binary.
+///
+/// ```ignore
+/// interceptor_tests::register_helper_bins!();
+/// ```
+#[macro_export]
+macro_rules! register_helper_bins {
+    () => {
+        $crate::set_helper_bins(env!("CARGO_BIN_EXE_icpt-probe"), env!("CARGO_BIN_EXE_icpt-exec"))
+    };
+}

@@ -1,0 +1,57 @@
+//! Names of test resources: `icpt-t-<test name>`, sanitised and bounded.
+
+/// Prefix of every resource the harness creates (netns, cgroup, bpffs pin dir).
+/// `cargo xtask clean-stale` removes leftovers with this prefix only.
+pub const PREFIX: &str = "icpt-t-";
+
+/// Longest name used for cgroups and pin directories.
+pub(crate) const NAME_MAX: usize = 64;
+/// Longest netns name (a file under /run/netns; kept short so `ip` output and
+/// error messages stay readable).
+pub(crate) const NETNS_NAME_MAX: usize = 40;
+
+/// `icpt-t-<test>`: characters other than `[A-Za-z0-9_.-]` become `-`; a name
+/// longer than 64 characters is cut and given a hash suffix so that two long
+/// test names stay distinct.
+pub fn resource_name(test: &str) -> String {
+    bounded_name(test, NAME_MAX)
+}
+
+pub(crate) fn bounded_name(test: &str, max: usize) -> String {
+    let clean: String = test
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '-' })
+        .collect();
+    let clean = clean.trim_start_matches('.');
+    let clean = clean.strip_prefix(PREFIX).unwrap_or(clean);
+    let full = format!("{PREFIX}{clean}");
+    if full.len() <= max {
+        return full;
+    }
+    // FNV-1a of the full name keeps truncated names unique.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in full.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let suffix = format!("-{h:08x}");
+    format!("{}{}", &full[..max - suffix.len()], suffix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_and_bounded() {
+        assert_eq!(resource_name("outbound_v4"), "icpt-t-outbound_v4");
+        assert_eq!(resource_name("icpt-t-x"), "icpt-t-x");
+        assert_eq!(resource_name("a b/c"), "icpt-t-a-b-c");
+        let long = "x".repeat(200);
+        let a = bounded_name(&long, NETNS_NAME_MAX);
+        let b = bounded_name(&format!("{long}y"), NETNS_NAME_MAX);
+        assert_eq!(a.len(), NETNS_NAME_MAX);
+        assert!(a.starts_with(PREFIX));
+        assert_ne!(a, b);
+    }
+}

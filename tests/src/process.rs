@@ -1,0 +1,229 @@
+//! Spawned child processes with captured output.
+
+use std::fs::{self, File};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::bins::exec_bin;
+use crate::cgroup::TestCgroup;
+use crate::netns::NetNs;
+use crate::util::run_cmd;
+
+/// Default bound for [`run_in`].
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A child process that is SIGKILLed (with its whole process group) and reaped
+/// when dropped. Its stdout and stderr go to files read by [`stdout`](Self::stdout)
+/// and [`stderr`](Self::stderr); if the test is panicking, Drop prints their tails.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    name: String,
+    dir: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Spawns `cmd` in a new process group, stdin from /dev/null, output to files.
+    /// `name` labels the process in messages.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let dir = std::env::temp_dir()
+            .join("icpt-t-logs")
+            .join(format!("{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), safe));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let out = File::create(dir.join("stdout")).expect("create stdout log");
+        let err = File::create(dir.join("stderr")).expect("create stderr log");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            let _ = fs::remove_dir_all(&dir);
+            panic!("cannot spawn {name} ({:?}): {e}", cmd)
+        });
+        Proc { child, name: name.to_string(), dir, status: None }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Everything written to stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(self.stdout_path()).unwrap_or_default()
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.stderr_path()).unwrap_or_default()
+    }
+
+    pub fn stdout_path(&self) -> PathBuf {
+        self.dir.join("stdout")
+    }
+
+    pub fn stderr_path(&self) -> PathBuf {
+        self.dir.join("stderr")
+    }
+
+    /// Exit status if it has exited (reaps it).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_status().is_none()
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_status() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits up to `timeout` until stdout contains `needle`; false if it exits first
+    /// or time runs out.
+    pub fn wait_for_stdout(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stdout().contains(needle) {
+                return true;
+            }
+            if self.try_status().is_some() {
+                return self.stdout().contains(needle);
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `sig` to the process group (no-op once it has been reaped).
+    pub fn signal(&mut self, sig: Signal) {
+        if self.try_status().is_none() {
+            let _ = killpg(Pid::from_raw(self.pid() as i32), sig);
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status.
+    pub fn stop(&mut self, grace: Duration) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        match self.wait_timeout(grace) {
+            Some(s) => s,
+            None => self.kill(),
+        }
+    }
+
+    /// SIGKILL the process group and reap the process.
+    pub fn kill(&mut self) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let _ = killpg(Pid::from_raw(self.pid() as i32), Signal::SIGKILL);
+        let _ = self.child.kill();
+        let s = self.child.wait().unwrap_or_else(|_| ExitStatus::from_raw(9));
+        self.status = Some(s);
+        s
+    }
+
+    /// Panics (showing stderr) unless the process is still running.
+    pub fn assert_running(&mut self) {
+        if let Some(s) = self.try_status() {
+            panic!("{} exited unexpectedly ({s}); stderr:\n{}", self.name, self.stderr());
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Kill the group even if the leader exited: it may have left children.
+        let _ = killpg(Pid::from_raw(self.pid() as i32), Signal::SIGKILL);
+        self.kill();
+        if std::thread::panicking() {
+            for (what, text) in [("stdout", self.stdout()), ("stderr", self.stderr())] {
+                if !text.is_empty() {
+                    eprintln!("---- {} {what} (tail) ----\n{}", self.name, tail(&text, 4000));
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    if s.len() <= n {
+        return s;
+    }
+    let mut i = s.len() - n;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Builds the command that runs `cmd` through `icpt-exec`: first into `cgroup`
+/// (if any), then into `ns` (if any), then as `uid` (if any; gid = uid), then
+/// exec. With neither, it is just `cmd`.
+pub fn exec_command(ns: Option<&NetNs>, cgroup: Option<&TestCgroup>, uid: Option<u32>, cmd: &[&str]) -> Command {
+    assert!(!cmd.is_empty(), "empty command");
+    if ns.is_none() && cgroup.is_none() && uid.is_none() {
+        let mut c = Command::new(cmd[0]);
+        c.args(&cmd[1..]);
+        return c;
+    }
+    let mut c = Command::new(exec_bin());
+    if let Some(cg) = cgroup {
+        c.arg("--cgroup").arg(cg.path());
+    }
+    if let Some(ns) = ns {
+        c.arg("--netns").arg(ns.path());
+    }
+    if let Some(uid) = uid {
+        c.arg("--uid").arg(uid.to_string());
+    }
+    c.arg("--").args(cmd);
+    c
+}
+
+fn label(cmd: &[&str]) -> String {
+    cmd.first().map(|c| Path::new(c).file_name().map_or(c.to_string(), |f| f.to_string_lossy().into_owned())).unwrap_or_default()
+}
+
+/// Spawns `cmd` inside `ns`, and inside `cgroup` if given (via `icpt-exec`, which
+/// joins the cgroup before entering the namespace).
+pub fn spawn_in(ns: &NetNs, cgroup: Option<&TestCgroup>, cmd: &[&str]) -> Proc {
+    Proc::spawn(&label(cmd), exec_command(Some(ns), cgroup, None, cmd))
+}
+
+/// Runs `cmd` to completion inside `ns` (and `cgroup`), bounded by 120 s
+/// (killed after that). Panics only if it cannot be started.
+pub fn run_in(ns: &NetNs, cgroup: Option<&TestCgroup>, cmd: &[&str]) -> Output {
+    run_in_timeout(ns, cgroup, cmd, RUN_TIMEOUT)
+}
+
+/// [`run_in`] with an explicit bound.
+pub fn run_in_timeout(ns: &NetNs, cgroup: Option<&TestCgroup>, cmd: &[&str], timeout: Duration) -> Output {
+    let mut c = exec_command(Some(ns), cgroup, None, cmd);
+    run_cmd(&mut c, timeout).unwrap_or_else(|e| panic!("cannot run {:?}: {e}", c))
+}
