@@ -210,7 +210,7 @@ impl Proxy {
         ready.set(Readiness::Ready);
         info!(
             outbound = ?outbound_addrs,
-            admin = ?admin_addr,
+            admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             bypass_mark = %format_args!("{:#x}", config.bypass_mark),
             connect_timeout_ms = config.connect_timeout.as_millis() as u64,
             "proxy ready"

@@ -119,13 +119,8 @@ async fn plain_connection_is_orig_dst_missing_and_closed() {
         // Not intercepted: getsockopt(SO_ORIGINAL_DST) has nothing to say. The reset may
         // even beat the end of our connect().
         let started = Instant::now();
-        match TcpStream::connect(addr).await {
-            Ok(mut c) => {
-                let outcome = read_outcome(&mut c, Duration::from_secs(2)).await;
-                assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "{addr}: closed, got {outcome:?}");
-            }
-            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{addr}"),
-        }
+        let outcome = connect_until_closed(addr, Duration::from_secs(2)).await;
+        assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "{addr}: closed, got {outcome:?}");
         assert!(started.elapsed() < Duration::from_secs(1));
         expected += 1;
     }
@@ -187,9 +182,8 @@ async fn forwards_to_the_original_destination() {
 #[tokio::test]
 async fn upstream_refused_resets_the_client_promptly() {
     let p = start(config(), Some(to(free_port()))).await;
-    let mut c = TcpStream::connect(p.listener()).await.unwrap();
     let started = Instant::now();
-    let err = read_outcome(&mut c, Duration::from_secs(2)).await.expect_err("client gets an RST");
+    let err = connect_until_closed(p.listener(), Duration::from_secs(2)).await.expect_err("client gets an RST");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
     assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
     assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().upstream_connect_errors_refused == 1).await);
@@ -214,9 +208,8 @@ async fn upstream_timeout_resets_the_client() {
     let mut cfg = config();
     cfg.connect_timeout = Duration::from_millis(300);
     let p = start(cfg, Some(to(addr))).await;
-    let mut c = TcpStream::connect(p.listener()).await.unwrap();
     let started = Instant::now();
-    let err = read_outcome(&mut c, Duration::from_secs(3)).await.expect_err("client gets an RST");
+    let err = connect_until_closed(p.listener(), Duration::from_secs(3)).await.expect_err("client gets an RST");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
     assert!(started.elapsed() >= Duration::from_millis(250), "took {:?}", started.elapsed());
     assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().upstream_connect_errors_timeout == 1).await);
@@ -242,8 +235,7 @@ async fn destination_that_is_the_listener_itself_is_rejected() {
     let p = start(config(), Some(lookup)).await;
     listener_addr.set(p.listener()).unwrap();
     for _ in 0..2 {
-        let mut c = TcpStream::connect(p.listener()).await.unwrap();
-        let outcome = read_outcome(&mut c, Duration::from_secs(2)).await;
+        let outcome = connect_until_closed(p.listener(), Duration::from_secs(2)).await;
         assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "closed, got {outcome:?}");
     }
     assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().loop_rejected == 2).await);

@@ -112,3 +112,10 @@ pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Connects and waits for the proxy to close the connection: Ok(0) = FIN, Err = reset
+/// (which may arrive before our connect() has even returned).
+pub async fn connect_until_closed(addr: SocketAddr, within: Duration) -> std::io::Result<usize> {
+    let mut s = TcpStream::connect(addr).await?;
+    read_outcome(&mut s, within).await
+}

@@ -1,0 +1,88 @@
+//! The `interceptor-proxy` binary: argument errors, bind errors, start-up and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_interceptor-proxy");
+
+#[test]
+fn bad_values_exit_2_naming_setting_and_value() {
+    for (args, want) in [
+        (&["--bypass-mark", "0xzz"][..], "invalid --bypass-mark \"0xzz\""),
+        (&["--connect-timeout", "fast"][..], "invalid --connect-timeout \"fast\""),
+        (&["--outbound", "localhost:15001"][..], "invalid --outbound \"localhost:15001\""),
+        (&["--log-format", "xml"][..], "invalid --log-format \"xml\""),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn outbound_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = Command::new(BIN)
+        .args(["--outbound", &addr.to_string(), "--admin", "off", "--bypass-mark", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("outbound listener {addr}: address already in use (is another proxy running?)")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
+    let admin = free_port();
+    let mut child = Command::new(BIN)
+        .args(["--outbound", "127.0.0.1:0", "--admin", &admin.to_string(), "--bypass-mark", "0"])
+        .args(["--workers", "1", "--log-format", "json", "--drain-timeout", "1s"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(s) = std::net::TcpStream::connect(admin) {
+            drop(s);
+            if http_get(admin, "/ready").await == (200, "ready\n".to_owned()) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "admin never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = http_get(admin, "/stats").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["connections_total"], 0);
+
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let stderr = child.stderr.take().unwrap();
+    let lines: Vec<String> = BufReader::new(stderr).lines().map(Result::unwrap).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    let last = events.last().expect("log lines");
+    assert_eq!(last["message"], "proxy stopped", "{last}");
+    assert_eq!(last["level"], "INFO");
+    for field in ["connections_total", "orig_dst_missing", "upstream_connect_errors_timeout", "bytes_upstream_to_client"] {
+        assert!(last.get(field).is_some(), "{field} missing in {last}");
+    }
+    assert!(events.iter().any(|e| e["message"] == "proxy ready"));
+    assert!(events.iter().any(|e| e["signal"] == "SIGTERM"));
+}
