@@ -35,6 +35,8 @@ pub mod maps {
 pub mod programs {
     pub const CONNECT4: &str = "redirect_connect4";
     pub const CONNECT6: &str = "redirect_connect6";
+    pub const GETPEERNAME4: &str = "restore_getpeername4";
+    pub const GETPEERNAME6: &str = "restore_getpeername6";
     pub const SOCK_OPS: &str = "track_sockops";
     pub const GETSOCKOPT: &str = "answer_getsockopt";
 }

@@ -155,6 +155,8 @@ fn attach_steps(
     let scope_progs = [
         (progs::CONNECT4, AttachType::Inet4Connect),
         (progs::CONNECT6, AttachType::Inet6Connect),
+        (progs::GETPEERNAME4, AttachType::Inet4Getpeername),
+        (progs::GETPEERNAME6, AttachType::Inet6Getpeername),
     ];
     for (name, (prog, kind)) in SCOPE_LINKS.iter().zip(scope_progs) {
         let pin = layout.scope_link(cg.id, name);

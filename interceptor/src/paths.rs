@@ -7,6 +7,8 @@
 //!   root/getsockopt              link: answer_getsockopt at the cgroup2 root
 //!   scopes/<cgroup id>/connect4  link: redirect_connect4 on the scope's cgroup
 //!   scopes/<cgroup id>/connect6  link: redirect_connect6 on the scope's cgroup
+//!   scopes/<cgroup id>/getpeername4, getpeername6
+//!                                links: restore_getpeername4/6 on the scope's cgroup
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -20,7 +22,7 @@ pub struct PinLayout {
 }
 
 /// The links pinned for one scope.
-pub const SCOPE_LINKS: [&str; 2] = ["connect4", "connect6"];
+pub const SCOPE_LINKS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
 /// The links pinned once, at the cgroup2 root.
 pub const ROOT_LINKS: [&str; 2] = ["sock_ops", "getsockopt"];
 

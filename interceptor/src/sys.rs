@@ -25,6 +25,8 @@ pub enum AttachType {
     Inet4Connect = 10,
     Inet6Connect = 11,
     CgroupGetsockopt = 21,
+    Inet4Getpeername = 29,
+    Inet6Getpeername = 30,
 }
 
 /// Large enough for every `union bpf_attr` member we use; the kernel checks that the bytes
