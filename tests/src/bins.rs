@@ -7,7 +7,10 @@ static HELPERS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
 
 /// The workspace root (parent of this crate's manifest dir, fixed at compile time).
 pub fn workspace_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
@@ -44,7 +47,10 @@ fn try_find_bin(env: &str, name: &str, prefer_current_profile: bool) -> Result<P
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            return Err(format!("{env}={} does not exist (unset it or build the binary)", p.display()));
+            return Err(format!(
+                "{env}={} does not exist (unset it or build the binary)",
+                p.display()
+            ));
         }
         return Ok(p);
     }

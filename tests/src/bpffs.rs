@@ -42,6 +42,7 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(test: &str) -> PinDir {
+        crate::names::hold_run_lock();
         ensure_bpffs();
         let path = Path::new(BPFFS_ROOT).join(bounded_name(test, NAME_MAX));
         if path.exists() {
@@ -52,7 +53,8 @@ impl PinDir {
 
     /// Creates the (empty) directory now.
     pub fn create(&self) {
-        fs::create_dir_all(&self.path).unwrap_or_else(|e| panic!("mkdir {}: {e}", self.path.display()));
+        fs::create_dir_all(&self.path)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", self.path.display()));
     }
 
     pub fn path(&self) -> &Path {
@@ -102,7 +104,10 @@ pub(crate) fn destroy_pin_dir(dir: &Path) {
     let bin = crate::bins::try_interceptor_bin();
     if let Some(bin) = bin {
         let res = run_cmd(
-            Command::new(&bin).arg("--pin-dir").arg(dir).args(["detach", "--all"]),
+            Command::new(&bin)
+                .arg("--pin-dir")
+                .arg(dir)
+                .args(["detach", "--all"]),
             Duration::from_secs(30),
         );
         if let Ok(out) = res {
@@ -157,5 +162,10 @@ fn bpftool_cgroup(cgroup: &Path, effective: bool) -> Vec<AttachedProg> {
     if out.trim().is_empty() {
         return Vec::new();
     }
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cannot parse `bpftool {}` output ({e}): {out}", args.join(" ")))
+    serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!(
+            "cannot parse `bpftool {}` output ({e}): {out}",
+            args.join(" ")
+        )
+    })
 }

@@ -16,7 +16,9 @@ pub fn cgroup2_root() -> PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
         let info = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
-        find_mount(&info, "cgroup2").unwrap_or_else(|| panic!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo)"))
+        find_mount(&info, "cgroup2").unwrap_or_else(|| {
+            panic!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
+        })
     })
     .clone()
 }
@@ -41,7 +43,7 @@ pub(crate) fn mount_type_at(mountinfo: &str, path: &Path) -> Option<String> {
             let mp = pre.split_whitespace().nth(4)?;
             (Path::new(&unescape_mountinfo(mp)) == path).then(|| ty.to_string())
         })
-        .last()
+        .next_back()
 }
 
 fn unescape_mountinfo(s: &str) -> String {
@@ -50,7 +52,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -75,6 +80,7 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// Creates the cgroup, first removing a stale one of the same name.
     pub fn new(test: &str) -> TestCgroup {
+        crate::names::hold_run_lock();
         let path = cgroup2_root().join(bounded_name(test, NAME_MAX));
         if path.exists() {
             destroy_cgroup(&path);
@@ -98,7 +104,9 @@ impl TestCgroup {
     /// The cgroup id: the inode number of its directory (what BPF's
     /// `bpf_get_current_cgroup_id()` and `bpftool` report).
     pub fn id(&self) -> u64 {
-        fs::metadata(&self.path).unwrap_or_else(|e| panic!("stat {}: {e}", self.path.display())).ino()
+        fs::metadata(&self.path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.path.display()))
+            .ino()
     }
 
     /// Pids currently in the cgroup itself (not its children).
@@ -109,7 +117,8 @@ impl TestCgroup {
     /// Moves a process into the cgroup.
     pub fn add_pid(&self, pid: u32) {
         let f = self.path.join("cgroup.procs");
-        fs::write(&f, pid.to_string()).unwrap_or_else(|e| panic!("write {pid} to {}: {e}", f.display()));
+        fs::write(&f, pid.to_string())
+            .unwrap_or_else(|e| panic!("write {pid} to {}: {e}", f.display()));
     }
 
     /// Kills every process in the cgroup tree and waits (up to 5 s) until none
@@ -146,10 +155,15 @@ pub(crate) fn kill_cgroup(path: &Path) -> bool {
     if fs::write(path.join("cgroup.kill"), "1").is_err() {
         // Kernels before 5.14 lack cgroup.kill: signal each process instead.
         for pid in read_procs(path) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
-    wait_until(Duration::from_secs(5), Duration::from_millis(10), || subtree_empty(path))
+    wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+        subtree_empty(path)
+    })
 }
 
 /// Kills the processes of a cgroup tree and removes it, children first.
@@ -159,7 +173,11 @@ pub(crate) fn destroy_cgroup(path: &Path) {
         return;
     }
     if !kill_cgroup(path) {
-        eprintln!("warning: processes still in {} after cgroup.kill: {:?}", path.display(), read_procs(path));
+        eprintln!(
+            "warning: processes still in {} after cgroup.kill: {:?}",
+            path.display(),
+            read_procs(path)
+        );
     }
     remove_cgroup_tree(path, 0);
 }
@@ -176,16 +194,24 @@ fn remove_cgroup_tree(path: &Path, depth: usize) {
     }
     // rmdir can briefly fail with EBUSY while killed tasks are reaped.
     let mut last = None;
-    let ok = wait_until(Duration::from_secs(5), Duration::from_millis(20), || match fs::remove_dir(path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => {
-            last = Some(e);
-            false
-        }
-    });
+    let ok = wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || match fs::remove_dir(path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                last = Some(e);
+                false
+            }
+        },
+    );
     if !ok {
-        eprintln!("warning: cannot remove cgroup {}: {:?}", path.display(), last);
+        eprintln!(
+            "warning: cannot remove cgroup {}: {:?}",
+            path.display(),
+            last
+        );
     }
 }
 
@@ -198,9 +224,18 @@ mod tests {
         let mi = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                   41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
                   50 23 0:40 / /sys/fs/b\\040pf rw - bpf bpf rw\n";
-        assert_eq!(find_mount(mi, "cgroup2").unwrap(), PathBuf::from("/sys/fs/cgroup/unified"));
-        assert_eq!(find_mount(mi, "bpf").unwrap(), PathBuf::from("/sys/fs/b pf"));
-        assert_eq!(mount_type_at(mi, Path::new("/sys/fs/cgroup")).as_deref(), Some("tmpfs"));
+        assert_eq!(
+            find_mount(mi, "cgroup2").unwrap(),
+            PathBuf::from("/sys/fs/cgroup/unified")
+        );
+        assert_eq!(
+            find_mount(mi, "bpf").unwrap(),
+            PathBuf::from("/sys/fs/b pf")
+        );
+        assert_eq!(
+            mount_type_at(mi, Path::new("/sys/fs/cgroup")).as_deref(),
+            Some("tmpfs")
+        );
         assert_eq!(mount_type_at(mi, Path::new("/nope")), None);
     }
 }

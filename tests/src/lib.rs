@@ -12,9 +12,11 @@
 //! | [`Proc`] | a spawned child (its own process group) | `SIGKILL` to the group, `wait` |
 //! | [`ProbeServer`] | an in-process `icpt-probe` server thread set | stop flag, join |
 //!
-//! Declare guards in the order "netns, cgroup, pin dir, then processes and
-//! servers": locals drop in reverse order, so processes die before the
-//! programs are detached and before the cgroup and namespace go away.
+//! Drop order matters: processes and servers should go first, then the pin dir
+//! (detach), then the cgroup, then the namespace. Locals drop in *reverse*
+//! declaration order, so declare `NetNs`, `TestCgroup`, `PinDir`, then `Proc`s.
+//! Struct fields drop in declaration order, so in a struct list them the other
+//! way round: `proxy`, `servers`, `pin`, `cg`, `ns`.
 //!
 //! All names start with [`PREFIX`] (`icpt-t-`), which is what
 //! `cargo xtask clean-stale` removes after a crashed run.
@@ -35,12 +37,16 @@ mod proxy;
 mod util;
 
 pub use bins::{exec_bin, interceptor_bin, probe_bin, proxy_bin, set_helper_bins, workspace_dir};
-pub use bpffs::{bpffs_mounted, bpftool_cgroup_progs, bpftool_cgroup_progs_effective, ensure_bpffs, AttachedProg, PinDir, BPFFS_ROOT};
+pub use bpffs::{
+    bpffs_mounted, bpftool_cgroup_progs, bpftool_cgroup_progs_effective, ensure_bpffs,
+    AttachedProg, PinDir, BPFFS_ROOT,
+};
 pub use cgroup::{cgroup2_root, TestCgroup};
-pub use names::{resource_name, PREFIX};
+pub use names::{resource_name, PREFIX, RUN_LOCK};
 pub use netns::NetNs;
 pub use probe::{
-    BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError, ProbeServer,
+    BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError,
+    ProbeServer,
 };
 pub use process::{exec_command, run_in, run_in_timeout, spawn_in, Proc};
 pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
@@ -56,6 +62,9 @@ pub use util::{run_cmd, run_cmd_ok, wait_until};
 #[macro_export]
 macro_rules! register_helper_bins {
     () => {
-        $crate::set_helper_bins(env!("CARGO_BIN_EXE_icpt-probe"), env!("CARGO_BIN_EXE_icpt-exec"))
+        $crate::set_helper_bins(
+            env!("CARGO_BIN_EXE_icpt-probe"),
+            env!("CARGO_BIN_EXE_icpt-exec"),
+        )
     };
 }

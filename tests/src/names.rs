@@ -4,6 +4,26 @@
 /// `cargo xtask clean-stale` removes leftovers with this prefix only.
 pub const PREFIX: &str = "icpt-t-";
 
+/// Lock file shared by test processes (shared lock, held for the life of the
+/// process once it creates a resource) and `cargo xtask clean-stale` (exclusive,
+/// non-blocking: it cleans nothing while a test run is alive).
+pub const RUN_LOCK: &str = "/run/icpt-t.lock";
+
+/// Takes the shared run lock once per process (blocks while clean-stale runs).
+pub(crate) fn hold_run_lock() {
+    use nix::fcntl::{Flock, FlockArg};
+    static LOCK: std::sync::OnceLock<Option<Flock<std::fs::File>>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(RUN_LOCK)
+            .ok()?;
+        Flock::lock(f, FlockArg::LockShared).ok()
+    });
+}
+
 /// Longest name used for cgroups and pin directories.
 pub(crate) const NAME_MAX: usize = 64;
 /// Longest netns name (a file under /run/netns; kept short so `ip` output and
@@ -20,7 +40,13 @@ pub fn resource_name(test: &str) -> String {
 pub(crate) fn bounded_name(test: &str, max: usize) -> String {
     let clean: String = test
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let clean = clean.trim_start_matches('.');
     let clean = clean.strip_prefix(PREFIX).unwrap_or(clean);

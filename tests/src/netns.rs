@@ -34,6 +34,7 @@ impl NetNs {
     /// Creates the namespace (removing a stale one of the same name first) and
     /// brings `lo` up, so 127.0.0.1 and ::1 work at once.
     pub fn new(test: &str) -> NetNs {
+        crate::names::hold_run_lock();
         let name = bounded_name(test, NETNS_NAME_MAX);
         let path = Path::new("/run/netns").join(&name);
         if path.exists() {
@@ -63,8 +64,19 @@ impl NetNs {
     /// needs the cgroup2 mount (`ip netns exec` remounts /sys): use
     /// [`crate::spawn_in`] / [`crate::run_in`] for those.
     pub fn run(&self, cmd: &[&str]) -> Output {
-        run_cmd(Command::new("ip").args(["netns", "exec", &self.name]).args(cmd), CMD_TIMEOUT)
-            .unwrap_or_else(|e| panic!("cannot run ip netns exec {} {}: {e}", self.name, cmd.join(" ")))
+        run_cmd(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(cmd),
+            CMD_TIMEOUT,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run ip netns exec {} {}: {e}",
+                self.name,
+                cmd.join(" ")
+            )
+        })
     }
 
     /// Like [`run`](Self::run) but panics unless it succeeds; returns stdout.
@@ -85,9 +97,14 @@ impl NetNs {
     /// this namespace when `peer` is `None`), and brings both ends up.
     /// Interface names must be at most 15 characters.
     pub fn add_veth_pair(&self, local: &str, remote: &str, peer: Option<&NetNs>) {
-        assert!(local.len() <= 15 && remote.len() <= 15, "interface names are limited to 15 characters");
+        assert!(
+            local.len() <= 15 && remote.len() <= 15,
+            "interface names are limited to 15 characters"
+        );
         let peer_name = peer.map_or(self.name.as_str(), |p| p.name.as_str());
-        self.ip(&["link", "add", local, "type", "veth", "peer", "name", remote, "netns", peer_name]);
+        self.ip(&[
+            "link", "add", local, "type", "veth", "peer", "name", remote, "netns", peer_name,
+        ]);
         self.ip(&["link", "set", local, "up"]);
         match peer {
             Some(p) => p.ip(&["link", "set", remote, "up"]),
@@ -107,7 +124,14 @@ impl NetNs {
 
     /// One call for the common topology: a veth pair between `self` and `peer`
     /// with addresses on both ends (each slice may mix IPv4 and IPv6 CIDRs).
-    pub fn link_to(&self, local: &str, local_addrs: &[&str], peer: &NetNs, remote: &str, remote_addrs: &[&str]) {
+    pub fn link_to(
+        &self,
+        local: &str,
+        local_addrs: &[&str],
+        peer: &NetNs,
+        remote: &str,
+        remote_addrs: &[&str],
+    ) {
         self.add_veth_pair(local, remote, Some(peer));
         for a in local_addrs {
             self.add_addr(local, a);
@@ -123,7 +147,9 @@ impl NetNs {
     pub fn conntrack_count(&self) -> u64 {
         let read = || {
             let out = self.run(&["cat", CONNTRACK_COUNT]);
-            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
         };
         let text = match read() {
             Some(t) => t,
@@ -135,7 +161,8 @@ impl NetNs {
                 })
             }
         };
-        text.parse().unwrap_or_else(|e| panic!("bad {CONNTRACK_COUNT} value {text:?}: {e}"))
+        text.parse()
+            .unwrap_or_else(|e| panic!("bad {CONNTRACK_COUNT} value {text:?}: {e}"))
     }
 
     /// Pids of processes in this namespace (`ip netns pids`).
@@ -146,7 +173,8 @@ impl NetNs {
     /// Moves the calling thread into this namespace. Prefer [`in_ns`](Self::in_ns),
     /// which does it on a scoped helper thread.
     pub fn enter_current_thread(&self) {
-        enter_netns_current_thread(&self.path).unwrap_or_else(|e| panic!("setns into {}: {e}", self.path.display()));
+        enter_netns_current_thread(&self.path)
+            .unwrap_or_else(|e| panic!("setns into {}: {e}", self.path.display()));
     }
 
     /// Runs `f` on a helper thread inside the namespace and returns its result
@@ -155,7 +183,8 @@ impl NetNs {
         let path = self.path.clone();
         std::thread::scope(|s| {
             let h = s.spawn(move || {
-                enter_netns_current_thread(&path).unwrap_or_else(|e| panic!("setns into {}: {e}", path.display()));
+                enter_netns_current_thread(&path)
+                    .unwrap_or_else(|e| panic!("setns into {}: {e}", path.display()));
                 f()
             });
             match h.join() {
@@ -178,9 +207,17 @@ impl Drop for NetNs {
 }
 
 fn netns_pids(name: &str) -> Vec<i32> {
-    run_cmd(Command::new("ip").args(["netns", "pids", name]), CMD_TIMEOUT)
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
-        .unwrap_or_default()
+    run_cmd(
+        Command::new("ip").args(["netns", "pids", name]),
+        CMD_TIMEOUT,
+    )
+    .map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Kills the namespace's processes and deletes it. Never panics (used in Drop).
@@ -188,19 +225,29 @@ pub(crate) fn destroy_netns(name: &str) {
     let me = std::process::id() as i32;
     let pids: Vec<i32> = netns_pids(name).into_iter().filter(|&p| p != me).collect();
     for &p in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     if !pids.is_empty() {
         let gone = wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-            pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
+            pids.iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
         });
         if !gone {
             eprintln!("warning: processes of netns {name} survive SIGKILL: {pids:?}");
         }
     }
-    match run_cmd(Command::new("ip").args(["netns", "delete", name]), CMD_TIMEOUT) {
+    match run_cmd(
+        Command::new("ip").args(["netns", "delete", name]),
+        CMD_TIMEOUT,
+    ) {
         Ok(o) if !o.status.success() && Path::new("/run/netns").join(name).exists() => {
-            eprintln!("warning: ip netns delete {name}: {}", String::from_utf8_lossy(&o.stderr).trim())
+            eprintln!(
+                "warning: ip netns delete {name}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )
         }
         Err(e) => eprintln!("warning: ip netns delete {name}: {e}"),
         _ => {}
@@ -209,6 +256,9 @@ pub(crate) fn destroy_netns(name: &str) {
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }

@@ -137,7 +137,9 @@ impl ErrorKind {
         match e.kind() {
             K::ConnectionRefused => ErrorKind::Refused,
             K::TimedOut | K::WouldBlock => ErrorKind::Timeout,
-            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => ErrorKind::Reset,
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                ErrorKind::Reset
+            }
             _ => ErrorKind::Other,
         }
     }
@@ -153,11 +155,17 @@ pub struct ProbeError {
 
 impl ProbeError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> ProbeError {
-        ProbeError { kind, message: message.into() }
+        ProbeError {
+            kind,
+            message: message.into(),
+        }
     }
 
     fn io(what: &str, e: io::Error) -> ProbeError {
-        ProbeError { kind: ErrorKind::of(&e), message: format!("{what}: {e}") }
+        ProbeError {
+            kind: ErrorKind::of(&e),
+            message: format!("{what}: {e}"),
+        }
     }
 
     /// `{"error": "...", "kind": "refused|timeout|reset|other"}`
@@ -181,7 +189,11 @@ pub struct ClientOpts {
 
 impl Default for ClientOpts {
     fn default() -> Self {
-        ClientOpts { mark: None, bind: None, timeout: Duration::from_secs(5) }
+        ClientOpts {
+            mark: None,
+            bind: None,
+            timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -190,17 +202,21 @@ pub fn connect(addr: SocketAddr, opts: &ClientOpts) -> Result<TcpStream, ProbeEr
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| ProbeError::io("socket", e))?;
     if let Some(m) = opts.mark {
-        sock.set_mark(m).map_err(|e| ProbeError::io(&format!("setsockopt SO_MARK {m:#x}"), e))?;
+        sock.set_mark(m)
+            .map_err(|e| ProbeError::io(&format!("setsockopt SO_MARK {m:#x}"), e))?;
     }
     if let Some(b) = opts.bind {
-        sock.bind(&SockAddr::from(b)).map_err(|e| ProbeError::io(&format!("bind {b}"), e))?;
+        sock.bind(&SockAddr::from(b))
+            .map_err(|e| ProbeError::io(&format!("bind {b}"), e))?;
     }
     sock.connect_timeout(&SockAddr::from(addr), opts.timeout)
         .map_err(|e| ProbeError::io(&format!("connect {addr}"), e))?;
     let s: TcpStream = sock.into();
     let _ = s.set_nodelay(true);
-    s.set_read_timeout(Some(opts.timeout)).map_err(|e| ProbeError::io("set read timeout", e))?;
-    s.set_write_timeout(Some(opts.timeout)).map_err(|e| ProbeError::io("set write timeout", e))?;
+    s.set_read_timeout(Some(opts.timeout))
+        .map_err(|e| ProbeError::io("set read timeout", e))?;
+    s.set_write_timeout(Some(opts.timeout))
+        .map_err(|e| ProbeError::io("set write timeout", e))?;
     Ok(s)
 }
 
@@ -224,18 +240,35 @@ pub struct HelloReply {
 /// Connects, sends `HELLO`, and parses the reply.
 pub fn hello(addr: SocketAddr, opts: &ClientOpts) -> Result<HelloReply, ProbeError> {
     let mut s = connect(addr, opts)?;
-    let local = normalize(s.local_addr().map_err(|e| ProbeError::io("getsockname", e))?);
-    let socket_peer = normalize(s.peer_addr().map_err(|e| ProbeError::io("getpeername", e))?);
-    s.write_all(b"HELLO\n").map_err(|e| ProbeError::io("send HELLO", e))?;
+    let local = normalize(
+        s.local_addr()
+            .map_err(|e| ProbeError::io("getsockname", e))?,
+    );
+    let socket_peer = normalize(
+        s.peer_addr()
+            .map_err(|e| ProbeError::io("getpeername", e))?,
+    );
+    s.write_all(b"HELLO\n")
+        .map_err(|e| ProbeError::io("send HELLO", e))?;
     let mut reply = Vec::new();
-    (&mut s).take(1024).read_to_end(&mut reply).map_err(|e| ProbeError::io("read HELLO reply", e))?;
+    (&mut s)
+        .take(1024)
+        .read_to_end(&mut reply)
+        .map_err(|e| ProbeError::io("read HELLO reply", e))?;
     let text = String::from_utf8_lossy(&reply);
     let line = text.trim();
     if line.is_empty() {
-        return Err(ProbeError::new(ErrorKind::Reset, format!("connection to {addr} closed without a reply")));
+        return Err(ProbeError::new(
+            ErrorKind::Reset,
+            format!("connection to {addr} closed without a reply"),
+        ));
     }
-    let (peer, server_local) = parse_hello_reply(line)
-        .ok_or_else(|| ProbeError::new(ErrorKind::Other, format!("unexpected HELLO reply from {addr}: {line:?}")))?;
+    let (peer, server_local) = parse_hello_reply(line).ok_or_else(|| {
+        ProbeError::new(
+            ErrorKind::Other,
+            format!("unexpected HELLO reply from {addr}: {line:?}"),
+        )
+    })?;
     Ok(HelloReply {
         local,
         remote: addr,
@@ -287,11 +320,21 @@ pub struct BulkReport {
 /// Sends `send` bytes and receives `recv` bytes over one connection, concurrently,
 /// and checks both directions byte-exactly (see the module docs).
 /// `opts.timeout` bounds connect and each read/write.
-pub fn bulk(addr: SocketAddr, send: u64, recv: u64, seed: u64, opts: &ClientOpts) -> Result<BulkReport, ProbeError> {
+pub fn bulk(
+    addr: SocketAddr,
+    send: u64,
+    recv: u64,
+    seed: u64,
+    opts: &ClientOpts,
+) -> Result<BulkReport, ProbeError> {
     let start = Instant::now();
     let mut s = connect(addr, opts)?;
-    let local = normalize(s.local_addr().map_err(|e| ProbeError::io("getsockname", e))?);
-    s.write_all(format!("BULK {recv} {seed}\n").as_bytes()).map_err(|e| ProbeError::io("send BULK", e))?;
+    let local = normalize(
+        s.local_addr()
+            .map_err(|e| ProbeError::io("getsockname", e))?,
+    );
+    s.write_all(format!("BULK {recv} {seed}\n").as_bytes())
+        .map_err(|e| ProbeError::io("send BULK", e))?;
     let mut w = s.try_clone().map_err(|e| ProbeError::io("dup socket", e))?;
     let cseed = client_seed(seed);
     let writer = std::thread::spawn(move || -> io::Result<String> {
@@ -312,7 +355,12 @@ pub fn bulk(addr: SocketAddr, send: u64, recv: u64, seed: u64, opts: &ClientOpts
             Ok(0) => break Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => break Err(ProbeError::io(&format!("read after {received} payload bytes"), e)),
+            Err(e) => {
+                break Err(ProbeError::io(
+                    &format!("read after {received} payload bytes"),
+                    e,
+                ))
+            }
         };
         let data = &buf[..n];
         let payload_len = (recv - received).min(n as u64) as usize;
@@ -320,7 +368,11 @@ pub fn bulk(addr: SocketAddr, send: u64, recv: u64, seed: u64, opts: &ClientOpts
             let p = &data[..payload_len];
             stream::fill(seed, received, &mut expect[..payload_len]);
             if first_mismatch.is_none() && p != &expect[..payload_len] {
-                let i = p.iter().zip(&expect[..payload_len]).position(|(a, b)| a != b).unwrap_or(0);
+                let i = p
+                    .iter()
+                    .zip(&expect[..payload_len])
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
                 first_mismatch = Some(received + i as u64);
             }
             got.update(p);
@@ -329,10 +381,15 @@ pub fn bulk(addr: SocketAddr, send: u64, recv: u64, seed: u64, opts: &ClientOpts
         }
         trailer.extend_from_slice(&data[payload_len..]);
         if trailer.len() > 1024 {
-            break Err(ProbeError::new(ErrorKind::Other, "server sent more than the payload and a trailer"));
+            break Err(ProbeError::new(
+                ErrorKind::Other,
+                "server sent more than the payload and a trailer",
+            ));
         }
     };
-    let write_result = writer.join().map_err(|_| ProbeError::new(ErrorKind::Other, "writer thread panicked"))?;
+    let write_result = writer
+        .join()
+        .map_err(|_| ProbeError::new(ErrorKind::Other, "writer thread panicked"))?;
     read_result?;
     let sent_sum = write_result.map_err(|e| ProbeError::io("send payload", e))?;
     // Finish the expected hash if the payload came up short.
@@ -458,24 +515,43 @@ pub fn parse_http_target(target: &str) -> Result<(SocketAddr, String), ProbeErro
         Some(i) => (&t[..i], &t[i..]),
         None => (t, "/"),
     };
-    let addr = addr
-        .parse()
-        .map_err(|e| ProbeError::new(ErrorKind::Other, format!("bad address {addr:?} in {target:?}: {e}")))?;
+    let addr = addr.parse().map_err(|e| {
+        ProbeError::new(
+            ErrorKind::Other,
+            format!("bad address {addr:?} in {target:?}: {e}"),
+        )
+    })?;
     Ok((addr, path.to_string()))
 }
 
 /// Minimal HTTP/1.0 GET; returns the status code and the body (chunked bodies are decoded).
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), ProbeError> {
-    let opts = ClientOpts { timeout, ..ClientOpts::default() };
+pub fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), ProbeError> {
+    let opts = ClientOpts {
+        timeout,
+        ..ClientOpts::default()
+    };
     let mut s = connect(addr, &opts)?;
     let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: icpt-probe\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| ProbeError::io("send request", e))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| ProbeError::io("send request", e))?;
     let mut raw = Vec::new();
-    (&mut s).take(16 << 20).read_to_end(&mut raw).map_err(|e| ProbeError::io("read response", e))?;
+    (&mut s)
+        .take(16 << 20)
+        .read_to_end(&mut raw)
+        .map_err(|e| ProbeError::io("read response", e))?;
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| ProbeError::new(ErrorKind::Reset, format!("incomplete HTTP response from {addr}")))?;
+        .ok_or_else(|| {
+            ProbeError::new(
+                ErrorKind::Reset,
+                format!("incomplete HTTP response from {addr}"),
+            )
+        })?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let body = &raw[split + 4..];
     let status: u16 = head
@@ -483,21 +559,32 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| ProbeError::new(ErrorKind::Other, format!("bad HTTP status line from {addr}: {head:?}")))?;
+        .ok_or_else(|| {
+            ProbeError::new(
+                ErrorKind::Other,
+                format!("bad HTTP status line from {addr}: {head:?}"),
+            )
+        })?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(body) } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size_txt = String::from_utf8_lossy(&b[..eol]);
-        let Ok(size) = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16) else { break };
+        let Ok(size) = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
+        else {
+            break;
+        };
         b = &b[eol + 2..];
         if size == 0 || b.len() < size {
             out.extend_from_slice(&b[..size.min(b.len())]);
@@ -527,7 +614,10 @@ pub struct ProbeServer {
 impl ProbeServer {
     /// Listens on `listen` (port 0 picks a free port) in the caller's network namespace.
     pub fn start(listen: &[SocketAddr]) -> io::Result<ProbeServer> {
-        let listeners = listen.iter().map(|a| bind_listener(*a)).collect::<io::Result<Vec<_>>>()?;
+        let listeners = listen
+            .iter()
+            .map(|a| bind_listener(*a))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Self::run(listeners))
     }
 
@@ -550,7 +640,10 @@ impl ProbeServer {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let live = Arc::new(Mutex::new(BTreeMap::new()));
-        let addrs = listeners.iter().map(|l| normalize(l.local_addr().expect("listener address"))).collect();
+        let addrs = listeners
+            .iter()
+            .map(|l| normalize(l.local_addr().expect("listener address")))
+            .collect();
         let threads = listeners
             .into_iter()
             .map(|l| {
@@ -558,7 +651,13 @@ impl ProbeServer {
                 std::thread::spawn(move || accept_loop(l, stop, accepted, live))
             })
             .collect();
-        ProbeServer { addrs, stop, accepted, live, threads }
+        ProbeServer {
+            addrs,
+            stop,
+            accepted,
+            live,
+            threads,
+        }
     }
 
     /// Bound addresses, in the order given (ports resolved).
@@ -605,13 +704,19 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
         // [::]:p and 0.0.0.0:p can then both be listened on.
         sock.set_only_v6(true)?;
     }
-    sock.bind(&SockAddr::from(addr)).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    sock.bind(&SockAddr::from(addr))
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
     sock.listen(1024)?;
     sock.set_nonblocking(true)?;
     Ok(sock.into())
 }
 
-fn accept_loop(l: TcpListener, stop: Arc<AtomicBool>, accepted: Arc<AtomicU64>, live: Arc<Mutex<BTreeMap<u64, TcpStream>>>) {
+fn accept_loop(
+    l: TcpListener,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    live: Arc<Mutex<BTreeMap<u64, TcpStream>>>,
+) {
     use nix::poll::{poll, PollFd, PollFlags};
     while !stop.load(Ordering::SeqCst) {
         let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
@@ -630,15 +735,20 @@ fn accept_loop(l: TcpListener, stop: Arc<AtomicBool>, accepted: Arc<AtomicU64>, 
                     live.lock().unwrap().insert(id, c);
                 }
                 let live = live.clone();
-                let spawned = std::thread::Builder::new().name("probe-conn".into()).spawn(move || {
-                    let _ = handle_conn(s);
-                    live.lock().unwrap().remove(&id);
-                });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("probe-conn".into())
+                        .spawn(move || {
+                            let _ = handle_conn(s);
+                            live.lock().unwrap().remove(&id);
+                        });
                 if spawned.is_err() {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => std::thread::sleep(Duration::from_millis(10)), // EMFILE and friends
         }
     }
@@ -682,7 +792,9 @@ fn handle_conn(s: TcpStream) -> io::Result<()> {
                 let len = buf.len();
                 reader.consume(len);
             };
-            let write_res = writer.join().unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
+            let write_res = writer
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
             if read_res.is_err() || write_res.is_err() {
                 let _ = s.shutdown(Shutdown::Both);
                 return read_res.and(write_res.map(|_| ()));
@@ -720,7 +832,10 @@ mod tests {
         let (p, l) = parse_hello_reply("peer=127.0.0.1:5 local=[::1]:8080").unwrap();
         assert_eq!(p, "127.0.0.1:5".parse().unwrap());
         assert_eq!(l, "[::1]:8080".parse().unwrap());
-        assert_eq!(parse_trailer("rx=10 sum=00ff"), (Some(10), Some("00ff".into())));
+        assert_eq!(
+            parse_trailer("rx=10 sum=00ff"),
+            (Some(10), Some("00ff".into()))
+        );
         let (a, p) = parse_http_target("[::1]:15000/stats").unwrap();
         assert_eq!((a, p.as_str()), ("[::1]:15000".parse().unwrap(), "/stats"));
         assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");

@@ -34,19 +34,39 @@ impl Proc {
     /// `name` labels the process in messages.
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         static N: AtomicU64 = AtomicU64::new(0);
-        let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-        let dir = std::env::temp_dir()
-            .join("icpt-t-logs")
-            .join(format!("{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), safe));
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dir = std::env::temp_dir().join("icpt-t-logs").join(format!(
+            "{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            safe
+        ));
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let out = File::create(dir.join("stdout")).expect("create stdout log");
         let err = File::create(dir.join("stderr")).expect("create stderr log");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
         let child = cmd.spawn().unwrap_or_else(|e| {
             let _ = fs::remove_dir_all(&dir);
             panic!("cannot spawn {name} ({:?}): {e}", cmd)
         });
-        Proc { child, name: name.to_string(), dir, status: None }
+        Proc {
+            child,
+            name: name.to_string(),
+            dir,
+            status: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -142,7 +162,10 @@ impl Proc {
         }
         let _ = killpg(Pid::from_raw(self.pid() as i32), Signal::SIGKILL);
         let _ = self.child.kill();
-        let s = self.child.wait().unwrap_or_else(|_| ExitStatus::from_raw(9));
+        let s = self
+            .child
+            .wait()
+            .unwrap_or_else(|_| ExitStatus::from_raw(9));
         self.status = Some(s);
         s
     }
@@ -150,7 +173,11 @@ impl Proc {
     /// Panics (showing stderr) unless the process is still running.
     pub fn assert_running(&mut self) {
         if let Some(s) = self.try_status() {
-            panic!("{} exited unexpectedly ({s}); stderr:\n{}", self.name, self.stderr());
+            panic!(
+                "{} exited unexpectedly ({s}); stderr:\n{}",
+                self.name,
+                self.stderr()
+            );
         }
     }
 }
@@ -163,7 +190,11 @@ impl Drop for Proc {
         if std::thread::panicking() {
             for (what, text) in [("stdout", self.stdout()), ("stderr", self.stderr())] {
                 if !text.is_empty() {
-                    eprintln!("---- {} {what} (tail) ----\n{}", self.name, tail(&text, 4000));
+                    eprintln!(
+                        "---- {} {what} (tail) ----\n{}",
+                        self.name,
+                        tail(&text, 4000)
+                    );
                 }
             }
         }
@@ -185,7 +216,12 @@ fn tail(s: &str, n: usize) -> &str {
 /// Builds the command that runs `cmd` through `icpt-exec`: first into `cgroup`
 /// (if any), then into `ns` (if any), then as `uid` (if any; gid = uid), then
 /// exec. With neither, it is just `cmd`.
-pub fn exec_command(ns: Option<&NetNs>, cgroup: Option<&TestCgroup>, uid: Option<u32>, cmd: &[&str]) -> Command {
+pub fn exec_command(
+    ns: Option<&NetNs>,
+    cgroup: Option<&TestCgroup>,
+    uid: Option<u32>,
+    cmd: &[&str],
+) -> Command {
     assert!(!cmd.is_empty(), "empty command");
     if ns.is_none() && cgroup.is_none() && uid.is_none() {
         let mut c = Command::new(cmd[0]);
@@ -207,7 +243,13 @@ pub fn exec_command(ns: Option<&NetNs>, cgroup: Option<&TestCgroup>, uid: Option
 }
 
 fn label(cmd: &[&str]) -> String {
-    cmd.first().map(|c| Path::new(c).file_name().map_or(c.to_string(), |f| f.to_string_lossy().into_owned())).unwrap_or_default()
+    cmd.first()
+        .map(|c| {
+            Path::new(c)
+                .file_name()
+                .map_or(c.to_string(), |f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default()
 }
 
 /// Spawns `cmd` inside `ns`, and inside `cgroup` if given (via `icpt-exec`, which
@@ -223,7 +265,12 @@ pub fn run_in(ns: &NetNs, cgroup: Option<&TestCgroup>, cmd: &[&str]) -> Output {
 }
 
 /// [`run_in`] with an explicit bound.
-pub fn run_in_timeout(ns: &NetNs, cgroup: Option<&TestCgroup>, cmd: &[&str], timeout: Duration) -> Output {
+pub fn run_in_timeout(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    cmd: &[&str],
+    timeout: Duration,
+) -> Output {
     let mut c = exec_command(Some(ns), cgroup, None, cmd);
     run_cmd(&mut c, timeout).unwrap_or_else(|e| panic!("cannot run {:?}: {e}", c))
 }

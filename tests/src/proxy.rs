@@ -15,7 +15,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET http://<addr><path>` from inside `ns` (on a helper thread that entered it).
 /// Returns status and body.
-pub fn http_get_in(ns: &NetNs, addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), ProbeError> {
+pub fn http_get_in(
+    ns: &NetNs,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), ProbeError> {
     ns.in_ns(|| http_get(addr, path, timeout))
 }
 
@@ -49,15 +54,26 @@ pub fn start_proxy(ns: &NetNs, extra_args: &[&str]) -> Proc {
     let admin = admin.unwrap_or_else(|| DEFAULT_ADMIN.to_string());
     let mut p = spawn_in(ns, None, &cmd);
     if let Err(why) = wait_proxy_ready(ns, &mut p, &admin, READY_TIMEOUT) {
-        panic!("interceptor-proxy in {} not ready: {why}\n---- stderr ----\n{}", ns.name(), p.stderr());
+        panic!(
+            "interceptor-proxy in {} not ready: {why}\n---- stderr ----\n{}",
+            ns.name(),
+            p.stderr()
+        );
     }
     p
 }
 
 /// Polls `GET /ready` on `admin` inside `ns` until it answers 2xx, `proxy` exits,
 /// or `timeout` passes.
-pub fn wait_proxy_ready(ns: &NetNs, proxy: &mut Proc, admin: &str, timeout: Duration) -> Result<(), String> {
-    let addr: SocketAddr = admin.parse().map_err(|e| format!("bad admin address {admin:?}: {e}"))?;
+pub fn wait_proxy_ready(
+    ns: &NetNs,
+    proxy: &mut Proc,
+    admin: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let addr: SocketAddr = admin
+        .parse()
+        .map_err(|e| format!("bad admin address {admin:?}: {e}"))?;
     let deadline = Instant::now() + timeout;
     let mut last: String;
     loop {
@@ -79,9 +95,15 @@ pub fn wait_proxy_ready(ns: &NetNs, proxy: &mut Proc, admin: &str, timeout: Dura
 /// `GET /stats` on the proxy's admin address inside `ns`, parsed as JSON.
 /// Panics on failure or non-2xx.
 pub fn proxy_stats(ns: &NetNs, admin: &str) -> serde_json::Value {
-    let addr: SocketAddr = admin.parse().unwrap_or_else(|e| panic!("bad admin address {admin:?}: {e}"));
+    let addr: SocketAddr = admin
+        .parse()
+        .unwrap_or_else(|e| panic!("bad admin address {admin:?}: {e}"));
     let (code, body) = http_get_in(ns, addr, "/stats", Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("GET {admin}/stats in {}: {e}", ns.name()));
-    assert!((200..300).contains(&code), "GET {admin}/stats -> {code}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {admin}/stats is not JSON ({e}): {body}"))
+    assert!(
+        (200..300).contains(&code),
+        "GET {admin}/stats -> {code}: {body}"
+    );
+    serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("GET {admin}/stats is not JSON ({e}): {body}"))
 }

@@ -12,13 +12,28 @@ pub(crate) const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs `cmd` with stdout/stderr captured, killing its process group if it
 /// runs longer than `timeout`. Returns an error only if it cannot be started.
 pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> std::io::Result<Output> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = cmd.spawn()?;
     let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
     for (is_out, pipe) in [
-        (true, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-        (false, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+        (
+            true,
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+        (
+            false,
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
     ] {
         let tx = tx.clone();
         if let Some(mut p) = pipe {
@@ -36,7 +51,10 @@ pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> std::io::Result<Output> 
             break st;
         }
         if Instant::now() >= deadline {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             break child.wait()?;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -52,7 +70,11 @@ pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> std::io::Result<Output> 
             Err(_) => break,
         }
     }
-    Ok(Output { status, stdout, stderr })
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// Runs a program with arguments (bounded by 60 s) and panics with its stderr

@@ -10,7 +10,10 @@ use interceptor_tests::*;
 
 fn setup() {
     register_helper_bins!();
-    assert!(nix::unistd::Uid::effective().is_root(), "these tests need root");
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "these tests need root"
+    );
 }
 
 fn probe() -> String {
@@ -19,8 +22,12 @@ fn probe() -> String {
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Starts `icpt-probe serve` in `ns` and waits until it reports its listeners.
@@ -31,7 +38,11 @@ fn serve(ns: &NetNs, listen: &[&str]) -> Proc {
         cmd.extend_from_slice(&["--listen", l]);
     }
     let mut srv = spawn_in(ns, None, &cmd);
-    assert!(srv.wait_for_stdout("listening", Duration::from_secs(10)), "probe server did not start: {}", srv.stderr());
+    assert!(
+        srv.wait_for_stdout("listening", Duration::from_secs(10)),
+        "probe server did not start: {}",
+        srv.stderr()
+    );
     srv
 }
 
@@ -50,11 +61,20 @@ fn netns_is_created_and_deleted() {
         let v6 = ns.ip(&["-6", "-o", "addr", "show", "dev", "lo"]);
         assert!(v6.contains("::1/128"), "no ::1 on lo: {v6}");
         // A process left in the namespace (no Proc guard) is killed by NetNs::drop.
-        left = exec_command(Some(&ns), None, None, &["sleep", "30"]).spawn().unwrap();
-        assert!(wait_until(Duration::from_secs(5), Duration::from_millis(10), || ns.pids().contains(&(left.id() as i32))));
+        left = exec_command(Some(&ns), None, None, &["sleep", "30"])
+            .spawn()
+            .unwrap();
+        assert!(wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            || ns.pids().contains(&(left.id() as i32))
+        ));
     }
     assert!(!path.exists(), "{} still exists", path.display());
-    let st = left.try_wait().unwrap().expect("process in the deleted netns was not killed");
+    let st = left
+        .try_wait()
+        .unwrap()
+        .expect("process in the deleted netns was not killed");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
 }
 
@@ -68,21 +88,40 @@ fn cgroup_is_created_killed_and_removed() {
         path = cg.path().to_path_buf();
         assert!(path.starts_with(cgroup2_root()));
         assert_eq!(path.file_name().unwrap(), "icpt-t-harness_cgroup");
-        assert_eq!(cg.id(), std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()));
-        let mut p = Proc::spawn("sleep", exec_command(None, Some(&cg), None, &["sleep", "30"]));
-        assert!(wait_until(Duration::from_secs(5), Duration::from_millis(10), || cg.procs().contains(&(p.pid() as i32))));
+        assert_eq!(
+            cg.id(),
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap())
+        );
+        let mut p = Proc::spawn(
+            "sleep",
+            exec_command(None, Some(&cg), None, &["sleep", "30"]),
+        );
+        assert!(wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            || cg.procs().contains(&(p.pid() as i32))
+        ));
         let own = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid())).unwrap();
         assert!(own.contains("0::/icpt-t-harness_cgroup"), "{own}");
         assert!(cg.kill_all());
         assert!(cg.procs().is_empty());
         assert!(p.wait_timeout(Duration::from_secs(5)).is_some());
         // Another process, left running: Drop must kill it and still remove the cgroup.
-        left = exec_command(None, Some(&cg), None, &["sleep", "30"]).spawn().unwrap();
-        assert!(wait_until(Duration::from_secs(5), Duration::from_millis(10), || cg.procs().len() == 1));
+        left = exec_command(None, Some(&cg), None, &["sleep", "30"])
+            .spawn()
+            .unwrap();
+        assert!(wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            || cg.procs().len() == 1
+        ));
         cg.child("nested");
     }
     assert!(!path.exists(), "{} still exists", path.display());
-    let st = left.try_wait().unwrap().expect("process in the removed cgroup was not killed");
+    let st = left
+        .try_wait()
+        .unwrap()
+        .expect("process in the removed cgroup was not killed");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
 }
 
@@ -145,13 +184,45 @@ fn probe_hello_in_netns_is_direct() {
         assert!(!r.proxied);
     }
     // With a mark and a bound source address.
-    let out = run_in(&ns, Some(&cg), &[&p, "hello", "127.0.0.1:8080", "--mark", "0x539", "--bind", "127.0.0.9:0"]);
+    let out = run_in(
+        &ns,
+        Some(&cg),
+        &[
+            &p,
+            "hello",
+            "127.0.0.1:8080",
+            "--mark",
+            "0x539",
+            "--bind",
+            "127.0.0.9:0",
+        ],
+    );
     let r: HelloReply = serde_json::from_value(json(&out)).unwrap();
     assert_eq!(r.peer_seen_by_server.ip().to_string(), "127.0.0.9");
     // Churn.
-    let out = run_in(&ns, Some(&cg), &[&p, "churn", "127.0.0.1:8080", "--count", "200", "--parallel", "4"]);
+    let out = run_in(
+        &ns,
+        Some(&cg),
+        &[
+            &p,
+            "churn",
+            "127.0.0.1:8080",
+            "--count",
+            "200",
+            "--parallel",
+            "4",
+        ],
+    );
     let v = json(&out);
-    assert_eq!((v["ok"].as_u64(), v["failed"].as_u64(), v["proxied"].as_u64()), (Some(200), Some(0), Some(0)), "{v}");
+    assert_eq!(
+        (
+            v["ok"].as_u64(),
+            v["failed"].as_u64(),
+            v["proxied"].as_u64()
+        ),
+        (Some(200), Some(0), Some(0)),
+        "{v}"
+    );
 }
 
 #[test]
@@ -168,7 +239,9 @@ fn probe_errors_are_classified() {
     let out = run_in(&ns, None, &[&p, "hello", &addr, "--timeout-ms", "300"]);
     assert_eq!(json(&out)["kind"], "timeout", "{out:?}");
     // The library reports the same.
-    let e = ns.in_ns(|| probe::hello("127.0.0.1:1".parse().unwrap(), &ClientOpts::default())).unwrap_err();
+    let e = ns
+        .in_ns(|| probe::hello("127.0.0.1:1".parse().unwrap(), &ClientOpts::default()))
+        .unwrap_err();
     assert_eq!(e.kind, ProbeErrorKind::Refused);
 }
 
@@ -180,7 +253,21 @@ fn probe_bulk_10mb_is_byte_exact() {
     let _srv = serve(&ns, &["127.0.0.1:8080"]);
     let p = probe();
     let n = (10 * 1024 * 1024).to_string();
-    let out = run_in(&ns, Some(&cg), &[&p, "bulk", "127.0.0.1:8080", "--send", &n, "--recv", &n, "--seed", "7"]);
+    let out = run_in(
+        &ns,
+        Some(&cg),
+        &[
+            &p,
+            "bulk",
+            "127.0.0.1:8080",
+            "--send",
+            &n,
+            "--recv",
+            &n,
+            "--seed",
+            "7",
+        ],
+    );
     let v = json(&out);
     assert!(out.status.success(), "{v}");
     assert_eq!(v["ok"], true, "{v}");
@@ -188,10 +275,17 @@ fn probe_bulk_10mb_is_byte_exact() {
     assert_eq!(v["server_rx"].as_u64(), Some(10 * 1024 * 1024));
     assert_eq!(v["received_sum"], v["expected_received_sum"]);
     assert_eq!(v["server_sum"], v["sent_sum"]);
-    assert_eq!(v["expected_received_sum"].as_str().unwrap(), probe::stream_sum(7, 10 * 1024 * 1024));
+    assert_eq!(
+        v["expected_received_sum"].as_str().unwrap(),
+        probe::stream_sum(7, 10 * 1024 * 1024)
+    );
     // Asymmetric, including empty directions.
     for (s, r) in [("0", "1000"), ("12345", "0"), ("0", "0")] {
-        let out = run_in(&ns, Some(&cg), &[&p, "bulk", "127.0.0.1:8080", "--send", s, "--recv", r]);
+        let out = run_in(
+            &ns,
+            Some(&cg),
+            &[&p, "bulk", "127.0.0.1:8080", "--send", s, "--recv", r],
+        );
         assert_eq!(json(&out)["ok"], true, "{out:?}");
     }
 }
@@ -200,17 +294,31 @@ fn probe_bulk_10mb_is_byte_exact() {
 fn in_process_server_in_netns() {
     setup();
     let ns = NetNs::new("harness_inproc");
-    let srv = ProbeServer::start_in(ns.path(), &["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()]).unwrap();
+    let srv = ProbeServer::start_in(
+        ns.path(),
+        &["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
+    )
+    .unwrap();
     for addr in srv.addrs().to_vec() {
-        let r = ns.in_ns(|| probe::hello(addr, &ClientOpts::default())).unwrap();
+        let r = ns
+            .in_ns(|| probe::hello(addr, &ClientOpts::default()))
+            .unwrap();
         assert!(!r.proxied, "{r:?}");
-        let b = ns.in_ns(|| probe::bulk(addr, 1 << 20, 1 << 20, 3, &ClientOpts::default())).unwrap();
+        let b = ns
+            .in_ns(|| probe::bulk(addr, 1 << 20, 1 << 20, 3, &ClientOpts::default()))
+            .unwrap();
         assert!(b.ok, "{b:?}");
     }
     assert_eq!(srv.accepted(), 4);
     // The server is not reachable from the test's own namespace.
     let port = srv.addr().port();
-    let here = probe::hello(SocketAddr::from(([127, 0, 0, 1], port)), &ClientOpts { timeout: Duration::from_millis(500), ..Default::default() });
+    let here = probe::hello(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        &ClientOpts {
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
+    );
     let _ = here; // whatever answered (if anything), it was not our server:
     assert_eq!(srv.accepted(), 4);
 }
@@ -220,15 +328,40 @@ fn veth_between_namespaces_v4_and_v6() {
     setup();
     let a = NetNs::new("harness_veth_a");
     let b = NetNs::new("harness_veth_b");
-    a.link_to("va", &["10.199.0.1/24", "fd00:199::1/64"], &b, "vb", &["10.199.0.2/24", "fd00:199::2/64"]);
+    a.link_to(
+        "va",
+        &["10.199.0.1/24", "fd00:199::1/64"],
+        &b,
+        "vb",
+        &["10.199.0.2/24", "fd00:199::2/64"],
+    );
     let addrs = b.ip(&["-o", "addr", "show", "dev", "vb"]);
-    let line = addrs.lines().find(|l| l.contains("fd00:199::2/64")).unwrap_or_else(|| panic!("{addrs}"));
-    assert!(!line.contains("tentative"), "nodad address is tentative: {line}");
-    let srv = ProbeServer::start_in(b.path(), &["[fd00:199::2]:9000".parse().unwrap(), "10.199.0.2:9000".parse().unwrap()]).unwrap();
+    let line = addrs
+        .lines()
+        .find(|l| l.contains("fd00:199::2/64"))
+        .unwrap_or_else(|| panic!("{addrs}"));
+    assert!(
+        !line.contains("tentative"),
+        "nodad address is tentative: {line}"
+    );
+    let srv = ProbeServer::start_in(
+        b.path(),
+        &[
+            "[fd00:199::2]:9000".parse().unwrap(),
+            "10.199.0.2:9000".parse().unwrap(),
+        ],
+    )
+    .unwrap();
     for addr in srv.addrs().to_vec() {
-        let r = a.in_ns(|| probe::hello(addr, &ClientOpts::default())).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        let r = a
+            .in_ns(|| probe::hello(addr, &ClientOpts::default()))
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
         assert_eq!(r.peer_seen_by_server, r.local);
-        let want_src = if addr.is_ipv6() { "fd00:199::1" } else { "10.199.0.1" };
+        let want_src = if addr.is_ipv6() {
+            "fd00:199::1"
+        } else {
+            "10.199.0.1"
+        };
         assert_eq!(r.local.ip().to_string(), want_src);
     }
     // Also through the helper binaries (icpt-exec into netns a).
@@ -249,7 +382,11 @@ fn exec_as_other_uid() {
     let ns = NetNs::new("harness_uid");
     let mut c = exec_command(Some(&ns), None, Some(1337), &["id", "-u"]);
     let out = run_cmd(&mut c, Duration::from_secs(10)).unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1337", "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1337",
+        "{out:?}"
+    );
     let out = run_in(&ns, None, &["/nonexistent/cmd"]);
     assert_eq!(out.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&out.stderr).contains("icpt-exec: cannot execute"));

@@ -1,1 +1,134 @@
-fn main(){}
+//! `cargo xtask <command>`: machine setup, build, tests, demo and cleanup.
+//!
+//! | command | what it does |
+//! |---|---|
+//! | `setup` | checks/installs rust-src (nightly), the Debian packages, bpf-linker 0.13.0 (LLVM 22), mounts bpffs |
+//! | `build` | `setup`, then `cargo build --release` (default members; embeds the eBPF object) |
+//! | `test [-- ARGS]` | `setup`, `build`, `clean-stale`, then the whole test suite, one thread |
+//! | `demo` | self-contained demo of interception in a throwaway netns + cgroup |
+//! | `clean-stale` | removes `icpt-t-*` netns, cgroups and pin dirs left by a crashed test run |
+
+mod demo;
+mod setup;
+mod stale;
+mod util;
+
+use std::process::{exit, Command};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Project automation for the interceptor workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check and install everything the build and the tests need (idempotent).
+    Setup,
+    /// Setup check, then `cargo build --release` of the workspace default members.
+    Build,
+    /// Setup, build, clean stale test state, run the whole test suite (`--test-threads=1`).
+    Test {
+        /// Skip setup and build; use the binaries already in target/release.
+        #[arg(long)]
+        no_build: bool,
+        /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        extra: Vec<String>,
+    },
+    /// Setup, build, then show interception end to end in a throwaway netns and cgroup.
+    Demo {
+        /// Skip setup and build; use the binaries already built (target/release, or
+        /// $INTERCEPTOR_BIN / $INTERCEPTOR_PROXY_BIN).
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Remove netns, cgroups and bpffs pin dirs named `icpt-t-*` left by a crashed test run.
+    CleanStale,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build => setup::setup().and_then(|_| build()),
+        Cmd::Test { no_build, extra } => test(no_build, &extra).map(|code| exit(code)),
+        Cmd::Demo { no_build } => {
+            if no_build {
+                demo::demo()
+            } else {
+                setup::setup()
+                    .and_then(|_| build())
+                    .and_then(|_| demo::demo())
+            }
+        }
+        Cmd::CleanStale => {
+            let bins = util::Bins::locate(true);
+            stale::clean_stale(bins.interceptor_if_built().as_deref());
+            Ok(())
+        }
+    };
+    if let Err(e) = res {
+        eprintln!("xtask: error: {e:#}");
+        exit(1);
+    }
+}
+
+/// `cargo build --release` at the workspace root (default members).
+fn build() -> Result<()> {
+    let ws = util::workspace_root();
+    println!("build: cargo build --release (in {})", ws.display());
+    let st = Command::new(util::cargo())
+        .arg("build")
+        .arg("--release")
+        .current_dir(&ws)
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs the suite; returns the test exit code.
+fn test(no_build: bool, extra: &[String]) -> Result<i32> {
+    if !no_build {
+        setup::setup()?;
+        build()?;
+    }
+    let bins = util::Bins::locate(false);
+    let interceptor = bins.require(&bins.interceptor)?;
+    let proxy = bins.require(&bins.proxy)?;
+    stale::clean_stale(Some(&interceptor));
+    let mut cmd = Command::new(util::cargo());
+    cmd.current_dir(util::workspace_root())
+        .args(["test", "--release"])
+        .args([
+            "-p",
+            "interceptor-common",
+            "-p",
+            "interceptor",
+            "-p",
+            "interceptor-proxy",
+            "-p",
+            "interceptor-tests",
+        ])
+        .args(["--", "--test-threads=1"])
+        .args(extra)
+        .env("INTERCEPTOR_BIN", &interceptor)
+        .env("INTERCEPTOR_PROXY_BIN", &proxy);
+    println!(
+        "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release -p interceptor-common -p interceptor -p interceptor-proxy -p interceptor-tests -- --test-threads=1 {}",
+        interceptor.display(),
+        proxy.display(),
+        extra.join(" ")
+    );
+    let st = cmd.status()?;
+    Ok(st.code().unwrap_or(1))
+}

@@ -53,11 +53,16 @@ fn main() {
             .open(&procs)
             .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes()));
         if let Err(e) = res {
-            fail(format!("cannot join cgroup {}: write {}: {e}", cg.display(), procs.display()));
+            fail(format!(
+                "cannot join cgroup {}: write {}: {e}",
+                cg.display(),
+                procs.display()
+            ));
         }
     }
     if let Some(ns) = &a.netns {
-        let f = File::open(ns).unwrap_or_else(|e| fail(format!("cannot open netns {}: {e}", ns.display())));
+        let f = File::open(ns)
+            .unwrap_or_else(|e| fail(format!("cannot open netns {}: {e}", ns.display())));
         if let Err(e) = setns(&f, CloneFlags::CLONE_NEWNET) {
             fail(format!("setns({}, CLONE_NEWNET): {e}", ns.display()));
         }
@@ -79,7 +84,10 @@ fn main() {
     let args: Vec<CString> = a
         .cmd
         .iter()
-        .map(|s| CString::new(s.as_str()).unwrap_or_else(|_| fail(format!("argument {s:?} contains a NUL byte"))))
+        .map(|s| {
+            CString::new(s.as_str())
+                .unwrap_or_else(|_| fail(format!("argument {s:?} contains a NUL byte")))
+        })
         .collect();
     let err = execvp(&args[0], &args).unwrap_err();
     eprintln!("icpt-exec: cannot execute {}: {err}", a.cmd[0]);

@@ -106,8 +106,9 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve { listen } => {
-            let srv = ProbeServer::start(&listen)
-                .unwrap_or_else(|e| fail(ProbeError::new(ErrorKind::Other, format!("listen: {e}"))));
+            let srv = ProbeServer::start(&listen).unwrap_or_else(|e| {
+                fail(ProbeError::new(ErrorKind::Other, format!("listen: {e}")))
+            });
             println!("{}", json!({ "listening": srv.addrs() }));
             srv.wait();
         }
@@ -115,7 +116,13 @@ fn main() {
             Ok(r) => print(&r),
             Err(e) => fail(e),
         },
-        Cmd::Bulk { addr, send, recv, seed, conn } => match probe::bulk(addr, send, recv, seed, &conn.opts(30_000)) {
+        Cmd::Bulk {
+            addr,
+            send,
+            recv,
+            seed,
+            conn,
+        } => match probe::bulk(addr, send, recv, seed, &conn.opts(30_000)) {
             Ok(r) => {
                 print(&r);
                 if !r.ok {
@@ -124,7 +131,12 @@ fn main() {
             }
             Err(e) => fail(e),
         },
-        Cmd::Churn { addr, count, parallel, conn } => {
+        Cmd::Churn {
+            addr,
+            count,
+            parallel,
+            conn,
+        } => {
             let r = probe::churn(addr, count, parallel, &conn.opts(5000));
             print(&r);
         }
@@ -138,7 +150,10 @@ fn main() {
                     }
                 }
                 Ok((code, body)) => {
-                    println!("{}", json!({ "error": format!("HTTP {code}: {}", body.trim()), "kind": "other", "status": code }));
+                    println!(
+                        "{}",
+                        json!({ "error": format!("HTTP {code}: {}", body.trim()), "kind": "other", "status": code })
+                    );
                     exit(1);
                 }
                 Err(e) => fail(e),

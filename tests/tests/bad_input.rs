@@ -1,0 +1,138 @@
+//! Bad input to `interceptor attach`: each case gets an error that names the input and what to
+//! do, and leaves nothing attached and nothing pinned.
+use std::{path::Path, process::Command, time::Duration};
+
+use interceptor_tests::{
+    bpftool_cgroup_progs, exec_command, interceptor_bin, run_cmd, PinDir, TestCgroup,
+};
+
+/// The programs `attach` puts on a workload cgroup, sorted by name.
+const SCOPE_PROGRAMS: [&str; 4] = [
+    "redirect_connect4",
+    "redirect_connect6",
+    "restore_getpeername4",
+    "restore_getpeername6",
+];
+
+struct Outcome {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(mut cmd: Command) -> Outcome {
+    let out = run_cmd(&mut cmd, Duration::from_secs(60)).expect("run interceptor");
+    Outcome {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn attach(pin: &Path, args: &[&str]) -> Outcome {
+    let mut c = Command::new(interceptor_bin());
+    c.arg("--pin-dir").arg(pin).arg("attach").args(args);
+    cli(c)
+}
+
+/// Asserts the attach failed with a message holding every `needles`, and left nothing behind.
+fn assert_refused(o: &Outcome, needles: &[&str], cg: &TestCgroup, pin: &PinDir) {
+    assert!(!o.ok, "attach should fail: {} {}", o.stdout, o.stderr);
+    for n in needles {
+        assert!(
+            o.stderr.contains(n),
+            "error should mention {n:?}: {}",
+            o.stderr
+        );
+    }
+    assert!(
+        bpftool_cgroup_progs(cg.path()).is_empty(),
+        "a failed attach attached something: {:?}",
+        bpftool_cgroup_progs(cg.path())
+    );
+    let links: Vec<_> = pin
+        .pinned()
+        .into_iter()
+        .filter(|p| !p.starts_with("maps"))
+        .collect();
+    assert!(links.is_empty(), "a failed attach pinned links: {links:?}");
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_attaches_nothing() {
+    let cg = TestCgroup::new("badinput");
+    let pin = PinDir::new("badinput");
+    let cgs = cg.path().to_str().unwrap();
+    let p = pin.path();
+
+    let missing = format!("{cgs}-does-not-exist");
+    let o = attach(p, &["--cgroup", &missing]);
+    assert_refused(&o, &[&missing, "no such directory"], &cg, &pin);
+
+    let o = attach(p, &["--cgroup", "/tmp"]);
+    assert_refused(&o, &["/tmp", "not a cgroup2 directory"], &cg, &pin);
+
+    for (flag, value, words) in [
+        ("--exclude-cidr", "10.0.0.0/33", "CIDR"),
+        ("--include-cidr", "300.1.2.3/8", "CIDR"),
+        ("--exclude-cidr", "10.1.2.3/8", "10.0.0.0/8"),
+        ("--exclude-port", "0", "1-65535"),
+        ("--exclude-port", "65536", "1-65535"),
+        ("--proxy-port", "0", "1-65535"),
+        ("--bypass-mark", "0xnope", "hex"),
+    ] {
+        let o = attach(p, &["--cgroup", cgs, flag, value]);
+        assert_refused(&o, &[value, words], &cg, &pin);
+    }
+
+    // Not root: the same command as an unprivileged user.
+    let bin = interceptor_bin();
+    let c = exec_command(
+        None,
+        Some(&cg),
+        Some(65534),
+        &[bin.to_str().unwrap(), "--pin-dir", pin.as_str(), "attach", "--cgroup", cgs],
+    );
+    let o = cli(c);
+    assert_refused(&o, &["not privileged", "root"], &cg, &pin);
+
+    // A pin dir that is not on a bpf filesystem.
+    let o = attach(Path::new("/tmp/icpt-t-not-bpffs"), &["--cgroup", cgs]);
+    assert_refused(&o, &["/tmp/icpt-t-not-bpffs", "bpf filesystem"], &cg, &pin);
+    assert!(!Path::new("/tmp/icpt-t-not-bpffs").exists());
+}
+
+#[test]
+fn attach_failing_half_way_rolls_back() {
+    let cg = TestCgroup::new("halfway");
+    let pin = PinDir::new("halfway");
+    let cgs = cg.path().to_str().unwrap();
+    // Something else occupies the path where the second link would be pinned, so the attach
+    // fails after connect4 is attached and pinned.
+    let blocker = pin
+        .path()
+        .join("scopes")
+        .join(cg.id().to_string())
+        .join("connect6");
+    std::fs::create_dir_all(&blocker).unwrap();
+
+    let o = attach(pin.path(), &["--cgroup", cgs]);
+    assert_refused(&o, &["connect6", "pinning"], &cg, &pin);
+    let st = Command::new(interceptor_bin())
+        .args(["--pin-dir", pin.as_str(), "status", "--json"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["scopes"].as_array().map(Vec::len), Some(0), "{st}");
+
+    // With the obstacle gone the same attach succeeds: the rollback left no stale state.
+    std::fs::remove_dir(&blocker).unwrap();
+    let o = attach(pin.path(), &["--cgroup", cgs]);
+    assert!(o.ok, "{}", o.stderr);
+    let mut names: Vec<String> = bpftool_cgroup_progs(cg.path())
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, SCOPE_PROGRAMS);
+}
