@@ -129,6 +129,30 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
         proxy.display(),
         extra.join(" ")
     );
-    let st = cmd.status()?;
+    // Stream cargo's output and add up its per-binary results: the suite ends with one plain
+    // "N passed, N failed" line, not with the last binary's (often doc-test) summary.
+    cmd.stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    println!("\nsuite: {passed} passed, {failed} failed, {ignored} skipped");
     Ok(st.code().unwrap_or(1))
 }
