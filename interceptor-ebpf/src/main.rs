@@ -62,8 +62,7 @@ static ICP_PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(capacity::PEND
 #[map(name = "ICP_HANDOFF")]
 static ICP_HANDOFF: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(capacity::HANDOFF, 0);
 #[map(name = "ICP_COUNTERS")]
-static ICP_COUNTERS: PerCpuHashMap<CounterKey, u64> =
-    PerCpuHashMap::pinned(capacity::COUNTERS, 0);
+static ICP_COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(capacity::COUNTERS, 0);
 
 #[inline(always)]
 fn scope_id() -> u64 {
@@ -78,11 +77,11 @@ fn count(scope: u64, counter: Counter) {
         counter: counter as u32,
         _pad: 0,
     };
-    match ICP_COUNTERS.get_ptr_mut(&key) {
+    match ICP_COUNTERS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, only this CPU writes it while this program runs.
         Some(v) => unsafe { *v += 1 },
         None => {
-            let _ = ICP_COUNTERS.insert(&key, &1, BPF_NOEXIST as u64);
+            let _ = ICP_COUNTERS.insert(key, 1, BPF_NOEXIST as u64);
         }
     }
 }
@@ -118,7 +117,7 @@ fn exemption(
         value: uid,
         _pad: 0,
     };
-    if ICP_UIDS.get_ptr(&uid_key).is_some() {
+    if ICP_UIDS.get_ptr(uid_key).is_some() {
         return Some(Counter::BypassUid);
     }
     let loopback = if family == AF_INET {
@@ -134,7 +133,7 @@ fn exemption(
         value: port as u32,
         _pad: 0,
     };
-    if ICP_PORTS.get_ptr(&port_key).is_some() {
+    if ICP_PORTS.get_ptr(port_key).is_some() {
         return Some(Counter::ExcludedPort);
     }
     let scope_be = scope.to_be_bytes();
@@ -192,7 +191,7 @@ fn record(ctx: &SockAddrContext, scope: u64, family: u16, addr: [u32; 4], port: 
         _pad: 0,
         scope,
     };
-    ICP_PENDING.insert(&cookie, &dst, 0).is_ok()
+    ICP_PENDING.insert(cookie, dst, 0).is_ok()
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -204,7 +203,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
             return ALLOW;
         }
         let scope = scope_id();
-        let Some(cfg) = ICP_CONFIG.get(&scope) else {
+        let Some(cfg) = ICP_CONFIG.get(scope) else {
             return ALLOW;
         };
         let ip = (*sa).user_ip4;
@@ -234,7 +233,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             return ALLOW;
         }
         let scope = scope_id();
-        let Some(cfg) = ICP_CONFIG.get(&scope) else {
+        let Some(cfg) = ICP_CONFIG.get(scope) else {
             return ALLOW;
         };
         let addr = [
@@ -244,7 +243,11 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             rd(&(*sa).user_ip6[3]),
         ];
         let port = u16::from_be((*sa).user_port as u16);
-        let family = if is_mapped_v4(&addr) { AF_INET } else { AF_INET6 };
+        let family = if is_mapped_v4(&addr) {
+            AF_INET
+        } else {
+            AF_INET6
+        };
         if let Some(why) = exemption(scope, cfg, (*sa).__bindgen_anon_1.sk, family, &addr, port) {
             count(scope, why);
             return ALLOW;
@@ -320,7 +323,7 @@ pub fn track_sockops(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // SAFETY: helper on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        if ICP_PENDING.get_ptr(&cookie).is_some() {
+        if ICP_PENDING.get_ptr(cookie).is_some() {
             // Be told when this socket closes, to drop its records.
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
@@ -328,19 +331,19 @@ pub fn track_sockops(ctx: SockOpsContext) -> u32 {
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: helper on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        if let Some(dst) = ICP_PENDING.get_ptr(&cookie) {
+        if let Some(dst) = ICP_PENDING.get_ptr(cookie) {
             // SAFETY: the value pointer is valid for this program run.
             let dst = unsafe { *dst };
             let key = client_tuple(ctx.ops);
-            let _ = ICP_HANDOFF.insert(&key, &dst, 0);
-            let _ = ICP_PENDING.remove(&cookie);
+            let _ = ICP_HANDOFF.insert(key, dst, 0);
+            let _ = ICP_PENDING.remove(cookie);
         }
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         // SAFETY: helper on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let _ = ICP_PENDING.remove(&cookie);
+        let _ = ICP_PENDING.remove(cookie);
         let key = client_tuple(ctx.ops);
-        let _ = ICP_HANDOFF.remove(&key);
+        let _ = ICP_HANDOFF.remove(key);
     }
     1
 }
@@ -375,7 +378,7 @@ fn record_for_peer(sa: *mut bpf_sock_addr, peer: [u32; 4]) -> Option<OrigDst> {
             client_port: src_port as u16,
             proxy_port: peer_port,
         };
-        ICP_HANDOFF.get_ptr(&key).map(|d| *d)
+        ICP_HANDOFF.get_ptr(key).map(|d| *d)
     }
 }
 
@@ -537,7 +540,7 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
             client_port: u16::from_be(dst_port),
             proxy_port: src_port as u16,
         };
-        let Some(dst) = ICP_HANDOFF.get_ptr(&key) else {
+        let Some(dst) = ICP_HANDOFF.get_ptr(key) else {
             count(0, Counter::OrigDstMissing);
             return 1;
         };

@@ -56,9 +56,9 @@ impl UndoLog {
                 Undo::RestoreScope(s) => {
                     maps::write_scope(layout, s.id, Path::new(&s.path), &s.settings)
                 }
-                Undo::RemoveDir(p) => fs::remove_dir(p).or_else(ignore_missing).map_err(|e| {
-                    Error::io(format!("removing {}", p.display()), e)
-                }),
+                Undo::RemoveDir(p) => fs::remove_dir(p)
+                    .or_else(ignore_missing)
+                    .map_err(|e| Error::io(format!("removing {}", p.display()), e)),
                 Undo::RemoveMaps => {
                     crate::detach::remove_maps(layout);
                     Ok(())
@@ -236,6 +236,9 @@ fn link_program(
     }
     let fd = prog.fd().map_err(err)?;
     sys::link_create(fd.as_fd(), cgroup_dir.as_fd(), kind).map_err(|e| {
-        Error::io(format!("attaching {name} to cgroup {}", cgroup.display()), e)
+        Error::io(
+            format!("attaching {name} to cgroup {}", cgroup.display()),
+            e,
+        )
     })
 }

@@ -69,10 +69,10 @@ pub fn resolve(path: &Path) -> Result<Cgroup> {
         }
         Err(e) => return Err(Error::io(format!("cgroup {}", path.display()), e)),
     };
-    let meta = fs::metadata(&canonical)
-        .map_err(|e| Error::io(format!("cgroup {}", path.display()), e))?;
+    let meta =
+        fs::metadata(&canonical).map_err(|e| Error::io(format!("cgroup {}", path.display()), e))?;
     let on_cgroup2 = nix::sys::statfs::statfs(&canonical)
-        .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
         .unwrap_or(false);
     if !meta.is_dir() || !on_cgroup2 || !canonical.starts_with(&mount) {
         return Err(Error::NotCgroup2 {
@@ -103,7 +103,10 @@ mod tests {
             parse_cgroup2_mount(info),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(parse_cgroup2_mount("22 1 0:21 / /proc rw - proc proc rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount("22 1 0:21 / /proc rw - proc proc rw\n"),
+            None
+        );
     }
 
     #[test]

@@ -37,7 +37,10 @@ pub(crate) fn unpin_link(pin: &Path) -> Result<bool> {
             Ok(true)
         }
         Err(_) if !pin.exists() => Ok(false),
-        Err(e) => Err(Error::bpf(format!("opening pinned link {}", pin.display()), e)),
+        Err(e) => Err(Error::bpf(
+            format!("opening pinned link {}", pin.display()),
+            e,
+        )),
     }
 }
 

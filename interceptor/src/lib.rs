@@ -10,8 +10,8 @@ pub mod object;
 pub mod paths;
 pub mod settings;
 pub mod stats;
-mod sys;
 pub mod status;
+mod sys;
 pub mod system;
 
 pub use attach::{attach, Attached};

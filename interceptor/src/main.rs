@@ -7,7 +7,11 @@ use interceptor::paths::{PinLayout, DEFAULT_PIN_DIR};
 mod cli;
 
 #[derive(Parser)]
-#[command(name = "interceptor", version, about = "Transparent eBPF interception for service-mesh sidecars")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "Transparent eBPF interception for service-mesh sidecars"
+)]
 struct Args {
     /// bpffs directory that holds the pinned maps and links.
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "INTERCEPTOR_PIN_DIR")]

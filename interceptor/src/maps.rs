@@ -23,7 +23,8 @@ use crate::{
 
 fn open(layout: &PinLayout, name: &str) -> Result<MapData> {
     let path = layout.map(name);
-    MapData::from_pin(&path).map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))
+    MapData::from_pin(&path)
+        .map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))
 }
 
 fn typed<T>(layout: &PinLayout, name: &str, wrap: fn(MapData) -> Map) -> Result<T>
@@ -63,7 +64,8 @@ pub fn check_layout(layout: &PinLayout) -> Result<()> {
 
 pub fn stamp_layout(layout: &PinLayout) -> Result<()> {
     let mut arr: Array<MapData, u32> = typed(layout, names::LAYOUT, Map::Array)?;
-    arr.set(0, LAYOUT_VERSION, 0).map_err(map_err("writing ICP_LAYOUT"))
+    arr.set(0, LAYOUT_VERSION, 0)
+        .map_err(map_err("writing ICP_LAYOUT"))
 }
 
 fn v4_key(scope: u64, net: &Ipv4Net) -> Key<ScopedV4> {
@@ -179,7 +181,8 @@ pub fn write_scope(layout: &PinLayout, scope: u64, path: &Path, s: &ScopeSetting
     let mut ports: HashMap<MapData, ScopedValue, u8> = typed(layout, names::PORTS, Map::HashMap)?;
     let mut uids: HashMap<MapData, ScopedValue, u8> = typed(layout, names::UIDS, Map::HashMap)?;
     let mut tries = Tries::open(layout)?;
-    let mut config: HashMap<MapData, u64, ScopeConfig> = typed(layout, names::CONFIG, Map::HashMap)?;
+    let mut config: HashMap<MapData, u64, ScopeConfig> =
+        typed(layout, names::CONFIG, Map::HashMap)?;
     let mut meta: HashMap<MapData, u64, ScopeMeta> = typed(layout, names::META, Map::HashMap)?;
 
     let want_ports: BTreeSet<u32> = s.exclude_ports.iter().map(|p| *p as u32).collect();
@@ -187,10 +190,30 @@ pub fn write_scope(layout: &PinLayout, scope: u64, path: &Path, s: &ScopeSetting
     sync_set(&mut uids, scope, &s.bypass_uids, "writing ICP_UIDS")?;
     let (ex4, ex6) = split(scope, &s.exclude_cidrs);
     let (in4, in6) = split(scope, &s.include_cidrs);
-    sync_lpm(&mut tries.excl4, ex4, |d| d.scope == be, "writing ICP_EXCL4")?;
-    sync_lpm(&mut tries.excl6, ex6, |d| d.scope == be, "writing ICP_EXCL6")?;
-    sync_lpm(&mut tries.incl4, in4, |d| d.scope == be, "writing ICP_INCL4")?;
-    sync_lpm(&mut tries.incl6, in6, |d| d.scope == be, "writing ICP_INCL6")?;
+    sync_lpm(
+        &mut tries.excl4,
+        ex4,
+        |d| d.scope == be,
+        "writing ICP_EXCL4",
+    )?;
+    sync_lpm(
+        &mut tries.excl6,
+        ex6,
+        |d| d.scope == be,
+        "writing ICP_EXCL6",
+    )?;
+    sync_lpm(
+        &mut tries.incl4,
+        in4,
+        |d| d.scope == be,
+        "writing ICP_INCL4",
+    )?;
+    sync_lpm(
+        &mut tries.incl6,
+        in6,
+        |d| d.scope == be,
+        "writing ICP_INCL6",
+    )?;
 
     let mut flags = 0;
     if s.includes_v4() {
@@ -215,15 +238,19 @@ pub fn write_scope(layout: &PinLayout, scope: u64, path: &Path, s: &ScopeSetting
     let n = bytes.len().min(META_PATH_LEN);
     m.path[..n].copy_from_slice(&bytes[..n]);
     m.path_len = n as u32;
-    meta.insert(scope, m, 0).map_err(map_err("writing ICP_META"))?;
-    config.insert(scope, cfg, 0).map_err(map_err("writing ICP_CONFIG"))?;
+    meta.insert(scope, m, 0)
+        .map_err(map_err("writing ICP_META"))?;
+    config
+        .insert(scope, cfg, 0)
+        .map_err(map_err("writing ICP_CONFIG"))?;
     Ok(())
 }
 
 /// Removes every entry that belongs to a scope, its counters included.
 pub fn remove_scope(layout: &PinLayout, scope: u64) -> Result<()> {
     let be = scope.to_be_bytes();
-    let mut config: HashMap<MapData, u64, ScopeConfig> = typed(layout, names::CONFIG, Map::HashMap)?;
+    let mut config: HashMap<MapData, u64, ScopeConfig> =
+        typed(layout, names::CONFIG, Map::HashMap)?;
     // The config goes first: without it the programs leave every connect alone.
     let _ = config.remove(&scope);
     let mut meta: HashMap<MapData, u64, ScopeMeta> = typed(layout, names::META, Map::HashMap)?;
@@ -272,7 +299,10 @@ pub fn read_scopes(layout: &PinLayout) -> Result<Vec<StoredScope>> {
         let path = meta
             .get(&id, 0)
             .ok()
-            .map(|m| String::from_utf8_lossy(&m.path[..(m.path_len as usize).min(META_PATH_LEN)]).into_owned())
+            .map(|m| {
+                String::from_utf8_lossy(&m.path[..(m.path_len as usize).min(META_PATH_LEN)])
+                    .into_owned()
+            })
             .unwrap_or_default();
         scopes.insert(
             id,
@@ -302,12 +332,20 @@ pub fn read_scopes(layout: &PinLayout) -> Result<Vec<StoredScope>> {
     }
     let v4 = |k: Key<ScopedV4>| {
         let d = k.data();
-        let net = Ipv4Net::new(Ipv4Addr::from(d.addr), (k.prefix_len() - LPM_SCOPE_BITS) as u8).ok()?;
+        let net = Ipv4Net::new(
+            Ipv4Addr::from(d.addr),
+            (k.prefix_len() - LPM_SCOPE_BITS) as u8,
+        )
+        .ok()?;
         Some((u64::from_be_bytes(d.scope), IpNet::V4(net)))
     };
     let v6 = |k: Key<ScopedV6>| {
         let d = k.data();
-        let net = Ipv6Net::new(Ipv6Addr::from(d.addr), (k.prefix_len() - LPM_SCOPE_BITS) as u8).ok()?;
+        let net = Ipv6Net::new(
+            Ipv6Addr::from(d.addr),
+            (k.prefix_len() - LPM_SCOPE_BITS) as u8,
+        )
+        .ok()?;
         Some((u64::from_be_bytes(d.scope), IpNet::V6(net)))
     };
     let excl = tries
@@ -340,7 +378,9 @@ pub fn read_counters(layout: &PinLayout) -> Result<BTreeMap<u64, BTreeMap<&'stat
     let mut out: BTreeMap<u64, BTreeMap<&'static str, u64>> = BTreeMap::new();
     for entry in counters.iter() {
         let (k, values) = entry.map_err(map_err("reading ICP_COUNTERS"))?;
-        let Some(c) = Counter::from_u32(k.counter) else { continue };
+        let Some(c) = Counter::from_u32(k.counter) else {
+            continue;
+        };
         let total: u64 = values.iter().sum();
         *out.entry(k.scope).or_default().entry(c.name()).or_default() += total;
     }

@@ -100,7 +100,13 @@ pub fn parse_mark(s: &str) -> Result<u32> {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => t.parse(),
     };
-    parsed.map_err(|_| invalid("mark", s, "expected a 32-bit number, hex (0x539) or decimal (1337)"))
+    parsed.map_err(|_| {
+        invalid(
+            "mark",
+            s,
+            "expected a 32-bit number, hex (0x539) or decimal (1337)",
+        )
+    })
 }
 
 /// Parses a uid.
@@ -123,7 +129,11 @@ pub fn parse_cidr(s: &str) -> Result<IpNet> {
         })?
     } else {
         let ip = IpAddr::from_str(t).map_err(|_| {
-            invalid("CIDR", s, "expected ADDRESS/PREFIX such as 10.0.0.0/8 or fd00::/8")
+            invalid(
+                "CIDR",
+                s,
+                "expected ADDRESS/PREFIX such as 10.0.0.0/8 or fd00::/8",
+            )
         })?;
         IpNet::from(ip)
     };
@@ -165,7 +175,10 @@ mod tests {
         assert_eq!(parse_mark("0x539").unwrap(), 1337);
         assert_eq!(parse_mark("1337").unwrap(), 1337);
         assert!(parse_mark("0xfffffffff").is_err());
-        assert!(parse_mark("mark").unwrap_err().to_string().contains("mark \"mark\""));
+        assert!(parse_mark("mark")
+            .unwrap_err()
+            .to_string()
+            .contains("mark \"mark\""));
     }
 
     #[test]

@@ -40,7 +40,9 @@ impl Stats {
 
 pub fn stats(layout: &PinLayout) -> Result<Stats> {
     system::check_privileges()?;
-    if !system::pin_dir_present(layout.root()) || !layout.map(interceptor_common::maps::CONFIG).exists() {
+    if !system::pin_dir_present(layout.root())
+        || !layout.map(interceptor_common::maps::CONFIG).exists()
+    {
         return Ok(Stats::default());
     }
     let mut counters = maps::read_counters(layout)?;

@@ -59,7 +59,9 @@ pub fn status(layout: &PinLayout) -> Result<Status> {
         root_links: Vec::new(),
         scopes: Vec::new(),
     };
-    if !system::pin_dir_present(layout.root()) || !layout.map(interceptor_common::maps::CONFIG).exists() {
+    if !system::pin_dir_present(layout.root())
+        || !layout.map(interceptor_common::maps::CONFIG).exists()
+    {
         return Ok(out);
     }
     out.layout_version = maps::stored_layout(layout)?;

@@ -53,7 +53,11 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
 
 /// Attaches a loaded program to a cgroup as a bpf_link (which, for cgroups, runs alongside
 /// the programs others attached) and returns the link's fd.
-pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, kind: AttachType) -> io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    kind: AttachType,
+) -> io::Result<OwnedFd> {
     let mut attr = Attr([0; 128]);
     attr.0[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
     attr.0[4..8].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());

@@ -32,7 +32,7 @@ pub fn check_privileges() -> Result<()> {
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 
@@ -44,7 +44,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         reason,
     };
     if !pin_dir.is_absolute() {
-        return Err(pin_err("must be an absolute path under a bpf filesystem such as /sys/fs/bpf".into()));
+        return Err(pin_err(
+            "must be an absolute path under a bpf filesystem such as /sys/fs/bpf".into(),
+        ));
     }
     // The nearest existing ancestor tells which filesystem the directory would be on.
     let existing: PathBuf = pin_dir

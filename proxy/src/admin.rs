@@ -57,7 +57,9 @@ pub struct AdminState {
 /// Serves admin requests on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {
@@ -97,7 +99,8 @@ pub fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Byte
 fn route(method: &Method, path: &str, state: &AdminState) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
-        r.headers_mut().insert("allow", HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut()
+            .insert("allow", HeaderValue::from_static("GET, HEAD"));
         return r;
     }
     match path {
@@ -116,18 +119,26 @@ fn route(method: &Method, path: &str, state: &AdminState) -> Response<Full<Bytes
             state.stats.snapshot().to_prometheus().into(),
             "text/plain; version=0.0.4",
         ),
-        _ => text(StatusCode::NOT_FOUND, "not found; try /ready, /stats or /metrics\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /ready, /stats or /metrics\n",
+        ),
     }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    with_type(status, Bytes::from_static(body.as_bytes()), "text/plain; charset=utf-8")
+    with_type(
+        status,
+        Bytes::from_static(body.as_bytes()),
+        "text/plain; charset=utf-8",
+    )
 }
 
 fn with_type(status: StatusCode, body: Bytes, ctype: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
     r
 }
 
@@ -137,7 +148,10 @@ mod tests {
 
     #[test]
     fn routes() {
-        let state = AdminState { stats: Arc::default(), ready: Arc::default() };
+        let state = AdminState {
+            stats: Arc::default(),
+            ready: Arc::default(),
+        };
         assert_eq!(route(&Method::GET, "/ready", &state).status(), 503);
         state.ready.set(Readiness::Ready);
         assert_eq!(route(&Method::GET, "/ready", &state).status(), 200);

@@ -35,7 +35,11 @@ pub struct Cli {
     pub bypass_mark: String,
 
     /// Upstream connect timeout (e.g. 5s, 500ms, 1m; a bare number is seconds).
-    #[arg(long = "connect-timeout", value_name = "DURATION", default_value = "5s")]
+    #[arg(
+        long = "connect-timeout",
+        value_name = "DURATION",
+        default_value = "5s"
+    )]
     pub connect_timeout: String,
 
     /// Admin HTTP listener (GET /ready, /stats, /metrics); "" or "off" disables it.
@@ -121,8 +125,18 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(setting: &'static str, value: &str, problem: impl Into<String>, hint: &'static str) -> Self {
-        ConfigError { setting, value: value.to_owned(), problem: problem.into(), hint }
+    fn new(
+        setting: &'static str,
+        value: &str,
+        problem: impl Into<String>,
+        hint: &'static str,
+    ) -> Self {
+        ConfigError {
+            setting,
+            value: value.to_owned(),
+            problem: problem.into(),
+            hint,
+        }
     }
 }
 
@@ -249,7 +263,9 @@ pub enum CliError {
 }
 
 fn default_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn parse_addr(setting: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -284,10 +300,17 @@ pub fn parse_mark(s: &str) -> Result<u32, ConfigError> {
 /// Parses a duration: `5s`, `500ms`, `1.5s`, `2m`, `100us`; a bare number is seconds.
 pub fn parse_duration(setting: &'static str, s: &str) -> Result<Duration, ConfigError> {
     let bad = |problem: &str| {
-        ConfigError::new(setting, s, problem, "write it as a number with a unit: 500ms, 5s, 1m")
+        ConfigError::new(
+            setting,
+            s,
+            problem,
+            "write it as a number with a unit: 500ms, 5s, 1m",
+        )
     };
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(bad("no number"));
@@ -328,7 +351,10 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(
             c.outbound,
-            vec!["127.0.0.1:15001".parse().unwrap(), "[::1]:15001".parse().unwrap()]
+            vec![
+                "127.0.0.1:15001".parse().unwrap(),
+                "[::1]:15001".parse().unwrap()
+            ]
         );
         assert!(c.outbound_ipv6_optional);
         assert_eq!(c.bypass_mark, 0x539);
@@ -341,11 +367,17 @@ mod tests {
 
     #[test]
     fn marks_hex_and_decimal() {
-        assert_eq!(parse(&["--bypass-mark", "0x539"]).unwrap().bypass_mark, 1337);
+        assert_eq!(
+            parse(&["--bypass-mark", "0x539"]).unwrap().bypass_mark,
+            1337
+        );
         assert_eq!(parse(&["--bypass-mark", "0X1f"]).unwrap().bypass_mark, 31);
         assert_eq!(parse(&["--bypass-mark", "1337"]).unwrap().bypass_mark, 1337);
         assert_eq!(parse(&["--bypass-mark", "0"]).unwrap().bypass_mark, 0);
-        assert_eq!(parse(&["--bypass-mark", "0xffffffff"]).unwrap().bypass_mark, u32::MAX);
+        assert_eq!(
+            parse(&["--bypass-mark", "0xffffffff"]).unwrap().bypass_mark,
+            u32::MAX
+        );
     }
 
     #[test]
@@ -355,14 +387,20 @@ mod tests {
             assert_eq!(e.setting, "--bypass-mark");
             assert_eq!(e.value, bad);
             let msg = e.to_string();
-            assert!(msg.contains("--bypass-mark") && msg.contains("0x539"), "{msg}");
+            assert!(
+                msg.contains("--bypass-mark") && msg.contains("0x539"),
+                "{msg}"
+            );
         }
     }
 
     #[test]
     fn outbound_repeatable_and_validated() {
         let c = parse(&["--outbound", "127.0.0.1:1", "--outbound", "[::1]:2"]).unwrap();
-        assert_eq!(c.outbound, vec!["127.0.0.1:1".parse().unwrap(), "[::1]:2".parse().unwrap()]);
+        assert_eq!(
+            c.outbound,
+            vec!["127.0.0.1:1".parse().unwrap(), "[::1]:2".parse().unwrap()]
+        );
         assert!(!c.outbound_ipv6_optional);
         let e = invalid(&["--outbound", "localhost:15001"]);
         assert_eq!(e.setting, "--outbound");
@@ -375,7 +413,10 @@ mod tests {
     fn admin_off_and_errors() {
         assert_eq!(parse(&["--admin", ""]).unwrap().admin, None);
         assert_eq!(parse(&["--admin", "off"]).unwrap().admin, None);
-        assert_eq!(parse(&["--admin", "[::1]:9901"]).unwrap().admin, Some("[::1]:9901".parse().unwrap()));
+        assert_eq!(
+            parse(&["--admin", "[::1]:9901"]).unwrap().admin,
+            Some("[::1]:9901".parse().unwrap())
+        );
         assert_eq!(invalid(&["--admin", "15000"]).setting, "--admin");
         let e = invalid(&["--outbound", "127.0.0.1:7000", "--admin", "127.0.0.1:7000"]);
         assert!(e.to_string().contains("own port"));
@@ -384,8 +425,14 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("x", "5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("x", "250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("x", "1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("x", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("x", "1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("x", "3").unwrap(), Duration::from_secs(3));
         assert_eq!(parse_duration("x", "0").unwrap(), Duration::ZERO);
@@ -405,7 +452,10 @@ mod tests {
         assert_eq!(parse(&["--workers", "3"]).unwrap().workers, 3);
         assert_eq!(invalid(&["--workers", "0"]).setting, "--workers");
         assert_eq!(invalid(&["--workers", "many"]).setting, "--workers");
-        assert_eq!(parse(&["--log-format", "json"]).unwrap().log_format, LogFormat::Json);
+        assert_eq!(
+            parse(&["--log-format", "json"]).unwrap().log_format,
+            LogFormat::Json
+        );
         let e = invalid(&["--log-format", "xml"]);
         assert!(e.to_string().contains("text or json"));
     }

@@ -117,7 +117,11 @@ pub async fn forward(client: TcpStream, upstream: TcpStream, stats: &Stats) -> F
     drop(copy);
     drop(client);
     drop(upstream);
-    ForwardReport { client_to_upstream, upstream_to_client, result }
+    ForwardReport {
+        client_to_upstream,
+        upstream_to_client,
+        result,
+    }
 }
 
 /// Makes the coming close send an RST instead of a FIN (SO_LINGER 0). Best effort.
@@ -179,8 +183,14 @@ impl Direction {
         (dst, dst_side): (&TcpStream, Side),
         total: &AtomicU64,
     ) -> Poll<Result<(), ForwardError>> {
-        let src_err = |error| ForwardError { side: src_side, error };
-        let dst_err = |error| ForwardError { side: dst_side, error };
+        let src_err = |error| ForwardError {
+            side: src_side,
+            error,
+        };
+        let dst_err = |error| ForwardError {
+            side: dst_side,
+            error,
+        };
         if self.done {
             return Poll::Ready(Ok(()));
         }
@@ -233,7 +243,10 @@ impl Direction {
 }
 
 fn is_retry(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 #[cfg(test)]
@@ -242,7 +255,9 @@ mod tests {
 
     #[test]
     fn pool_reuses_and_bounds() {
-        let bufs: Vec<_> = (0..POOL_PER_THREAD + 4).map(|_| PooledBuf::take()).collect();
+        let bufs: Vec<_> = (0..POOL_PER_THREAD + 4)
+            .map(|_| PooledBuf::take())
+            .collect();
         drop(bufs);
         assert_eq!(POOL.with(|p| p.borrow().len()), POOL_PER_THREAD);
         let b = PooledBuf::take();

@@ -67,7 +67,11 @@ pub enum ProxyError {
 }
 
 fn describe_bind_error(what: &str, e: &io::Error) -> String {
-    let flag = if what.starts_with("admin") { "--admin ADDR or --admin off" } else { "--outbound ADDR" };
+    let flag = if what.starts_with("admin") {
+        "--admin ADDR or --admin off"
+    } else {
+        "--outbound ADDR"
+    };
     match e.kind() {
         io::ErrorKind::AddrInUse => "address already in use (is another proxy running?)".to_owned(),
         io::ErrorKind::AddrNotAvailable => {
@@ -81,7 +85,10 @@ fn describe_bind_error(what: &str, e: &io::Error) -> String {
 }
 
 fn is_ipv6_unavailable(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+    )
 }
 
 /// A proxy whose listeners are bound but which does not accept yet.
@@ -112,27 +119,48 @@ impl Proxy {
         for &addr in &config.outbound {
             match outbound::bind_listener(addr).and_then(TcpListener::from_std) {
                 Ok(l) => listeners.push(l),
-                Err(e) if addr.is_ipv6() && config.outbound_ipv6_optional && is_ipv6_unavailable(&e) => {
+                Err(e)
+                    if addr.is_ipv6()
+                        && config.outbound_ipv6_optional
+                        && is_ipv6_unavailable(&e) =>
+                {
                     warn!(listener = %addr, error = %e, "IPv6 unavailable on this host; skipping this outbound listener");
                 }
-                Err(error) => return Err(ProxyError::Bind { what: "outbound listener", addr, error }),
+                Err(error) => {
+                    return Err(ProxyError::Bind {
+                        what: "outbound listener",
+                        addr,
+                        error,
+                    })
+                }
             }
         }
         if listeners.is_empty() {
             return Err(ProxyError::NoOutboundListeners);
         }
         if config.bypass_mark != 0 {
-            let domain = if config.outbound[0].is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+            let domain = if config.outbound[0].is_ipv6() {
+                Domain::IPV6
+            } else {
+                Domain::IPV4
+            };
             Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
                 .and_then(|s| s.set_mark(config.bypass_mark))
-                .map_err(|error| ProxyError::BypassMark { mark: config.bypass_mark, error })?;
+                .map_err(|error| ProxyError::BypassMark {
+                    mark: config.bypass_mark,
+                    error,
+                })?;
         }
         let admin = match config.admin {
             None => None,
             Some(addr) => Some(
                 outbound::bind_listener(addr)
                     .and_then(TcpListener::from_std)
-                    .map_err(|error| ProxyError::Bind { what: "admin listener", addr, error })?,
+                    .map_err(|error| ProxyError::Bind {
+                        what: "admin listener",
+                        addr,
+                        error,
+                    })?,
             ),
         };
         Ok(Proxy {
@@ -147,7 +175,10 @@ impl Proxy {
 
     /// The bound outbound listener addresses (IPv6 ones may have been skipped).
     pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The bound admin address, if the admin server is enabled.
@@ -175,8 +206,18 @@ impl Proxy {
     /// lets open connections finish for up to `drain_timeout`, closes what is left and
     /// returns the final counters.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> StatsSnapshot {
-        let Proxy { config, listeners, admin, stats, ready, lookup } = self;
-        let outbound_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let Proxy {
+            config,
+            listeners,
+            admin,
+            stats,
+            ready,
+            lookup,
+        } = self;
+        let outbound_addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
         let ctx = Arc::new(Outbound {
             listeners: outbound_addrs.clone(),
@@ -204,7 +245,10 @@ impl Proxy {
             })
             .collect();
         let admin_task = admin.map(|l| {
-            let state = AdminState { stats: stats.clone(), ready: ready.clone() };
+            let state = AdminState {
+                stats: stats.clone(),
+                ready: ready.clone(),
+            };
             tokio::spawn(admin::serve(l, state, stop_admin.clone()))
         });
         ready.set(Readiness::Ready);
@@ -225,10 +269,19 @@ impl Proxy {
         }
         tracker.close();
         let open = tracker.len();
-        info!(open_connections = open, drain_timeout_ms = config.drain_timeout.as_millis() as u64,
-            "shutdown requested; stopped accepting, draining");
-        if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
-            warn!(open_connections = tracker.len(), "drain timeout reached; closing remaining connections");
+        info!(
+            open_connections = open,
+            drain_timeout_ms = config.drain_timeout.as_millis() as u64,
+            "shutdown requested; stopped accepting, draining"
+        );
+        if tokio::time::timeout(config.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open_connections = tracker.len(),
+                "drain timeout reached; closing remaining connections"
+            );
             kill.cancel();
             tracker.wait().await;
         }
@@ -279,7 +332,9 @@ pub fn shutdown_signals() -> io::Result<impl Future<Output = ()>> {
 /// Builds the runtime for `workers` threads (1 = current-thread runtime).
 pub fn runtime(workers: usize) -> io::Result<tokio::runtime::Runtime> {
     if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)

@@ -41,7 +41,11 @@ pub fn original_dst<S: std::os::fd::AsFd>(socket: &S) -> Result<SocketAddr, Orig
             Ok(addr) => Ok(addr),
             Err(v6_err) => sock.original_dst_v4().map_err(|v4_err| {
                 // Report the IPv6 error unless the fallback says something more specific.
-                if v4_err.raw_os_error() == Some(libc::ENOPROTOOPT) { v6_err } else { v4_err }
+                if v4_err.raw_os_error() == Some(libc::ENOPROTOOPT) {
+                    v6_err
+                } else {
+                    v4_err
+                }
             }),
         }
     } else {
@@ -80,10 +84,15 @@ mod tests {
     #[test]
     fn plain_sockets_have_no_original_dst() {
         for bind in ["127.0.0.1:0", "[::1]:0"] {
-            let Ok(l) = std::net::TcpListener::bind(bind) else { continue };
+            let Ok(l) = std::net::TcpListener::bind(bind) else {
+                continue;
+            };
             let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (a, _) = l.accept().unwrap();
-            assert!(matches!(original_dst(&a), Err(OriginalDstError::Getsockopt(_))), "{bind}");
+            assert!(
+                matches!(original_dst(&a), Err(OriginalDstError::Getsockopt(_))),
+                "{bind}"
+            );
             drop(c);
         }
     }

@@ -100,13 +100,20 @@ pub async fn accept_loop(
 fn is_transient_accept_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
     )
 }
 
 /// The task of one accepted connection: runs it to the end, or until `kill` (the drain
 /// deadline) is cancelled, which closes both sockets.
-pub async fn connection_task(ctx: Arc<Outbound>, client: TcpStream, peer: SocketAddr, kill: CancellationToken) {
+pub async fn connection_task(
+    ctx: Arc<Outbound>,
+    client: TcpStream,
+    peer: SocketAddr,
+    kill: CancellationToken,
+) {
     tokio::select! {
         biased;
         _ = kill.cancelled() => {}
@@ -136,7 +143,12 @@ pub async fn handle_connection(ctx: &Outbound, client: TcpStream, peer: SocketAd
     let _ = client.set_nodelay(true);
 
     // Boxed so the connect state does not grow every idle connection's future.
-    let connected = Box::pin(connect_upstream(orig_dst, ctx.bypass_mark, ctx.connect_timeout)).await;
+    let connected = Box::pin(connect_upstream(
+        orig_dst,
+        ctx.bypass_mark,
+        ctx.connect_timeout,
+    ))
+    .await;
     let upstream = match connected {
         Ok(s) => s,
         Err((kind, e)) => {
@@ -169,10 +181,15 @@ pub async fn connect_upstream(
     timeout: Duration,
 ) -> Result<TcpStream, (ConnectErrorKind, io::Error)> {
     let other = |e| (ConnectErrorKind::Other, e);
-    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)).map_err(other)?;
+    let sock =
+        Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)).map_err(other)?;
     if mark != 0 {
-        sock.set_mark(mark)
-            .map_err(|e| other(io::Error::new(e.kind(), format!("setting SO_MARK {mark:#x}: {e}"))))?;
+        sock.set_mark(mark).map_err(|e| {
+            other(io::Error::new(
+                e.kind(),
+                format!("setting SO_MARK {mark:#x}: {e}"),
+            ))
+        })?;
     }
     sock.set_tcp_nodelay(true).map_err(other)?;
     sock.set_nonblocking(true).map_err(other)?;
@@ -182,7 +199,10 @@ pub async fn connect_upstream(
         Ok(Err(e)) => Err((classify_connect_error(&e), e)),
         Err(_) => Err((
             ConnectErrorKind::Timeout,
-            io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")),
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            ),
         )),
     }
 }
@@ -249,7 +269,10 @@ mod tests {
         assert!(is_own_listener(a("[::ffff:127.0.0.1]:15001"), &ls));
         assert!(is_own_listener(a("0.0.0.0:15001"), &ls));
         assert!(!is_own_listener(a("127.0.0.1:15002"), &ls));
-        assert!(!is_own_listener(a("192.0.2.1:15001"), &ls), "TEST-NET address is not local");
+        assert!(
+            !is_own_listener(a("192.0.2.1:15001"), &ls),
+            "TEST-NET address is not local"
+        );
         assert!(!is_own_listener(a("192.0.2.1:80"), &ls));
         // Non-loopback listener: exact match, or another local address on its port.
         let wild = [a("0.0.0.0:15001")];

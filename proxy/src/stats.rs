@@ -101,11 +101,31 @@ impl StatsSnapshot {
             ("forwarded_total", self.forwarded_total, false),
             ("orig_dst_missing", self.orig_dst_missing, false),
             ("loop_rejected", self.loop_rejected, false),
-            ("upstream_connect_errors_refused", self.upstream_connect_errors_refused, false),
-            ("upstream_connect_errors_timeout", self.upstream_connect_errors_timeout, false),
-            ("upstream_connect_errors_other", self.upstream_connect_errors_other, false),
-            ("bytes_client_to_upstream", self.bytes_client_to_upstream, false),
-            ("bytes_upstream_to_client", self.bytes_upstream_to_client, false),
+            (
+                "upstream_connect_errors_refused",
+                self.upstream_connect_errors_refused,
+                false,
+            ),
+            (
+                "upstream_connect_errors_timeout",
+                self.upstream_connect_errors_timeout,
+                false,
+            ),
+            (
+                "upstream_connect_errors_other",
+                self.upstream_connect_errors_other,
+                false,
+            ),
+            (
+                "bytes_client_to_upstream",
+                self.bytes_client_to_upstream,
+                false,
+            ),
+            (
+                "bytes_upstream_to_client",
+                self.bytes_upstream_to_client,
+                false,
+            ),
         ]
     }
 
@@ -162,6 +182,9 @@ mod tests {
         assert_eq!(obj["upstream_connect_errors_timeout"], 1);
         assert_eq!(obj["connections_total"], 1);
         assert_eq!(obj["connections_active"], 0);
-        assert!(s.snapshot().to_prometheus().contains("interceptor_proxy_connections_active 0\n"));
+        assert!(s
+            .snapshot()
+            .to_prometheus()
+            .contains("interceptor_proxy_connections_active 0\n"));
     }
 }

@@ -13,9 +13,18 @@ const BIN: &str = env!("CARGO_BIN_EXE_interceptor-proxy");
 #[test]
 fn bad_values_exit_2_naming_setting_and_value() {
     for (args, want) in [
-        (&["--bypass-mark", "0xzz"][..], "invalid --bypass-mark \"0xzz\""),
-        (&["--connect-timeout", "fast"][..], "invalid --connect-timeout \"fast\""),
-        (&["--outbound", "localhost:15001"][..], "invalid --outbound \"localhost:15001\""),
+        (
+            &["--bypass-mark", "0xzz"][..],
+            "invalid --bypass-mark \"0xzz\"",
+        ),
+        (
+            &["--connect-timeout", "fast"][..],
+            "invalid --connect-timeout \"fast\"",
+        ),
+        (
+            &["--outbound", "localhost:15001"][..],
+            "invalid --outbound \"localhost:15001\"",
+        ),
         (&["--log-format", "xml"][..], "invalid --log-format \"xml\""),
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
@@ -30,13 +39,22 @@ fn outbound_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let out = Command::new(BIN)
-        .args(["--outbound", &addr.to_string(), "--admin", "off", "--bypass-mark", "0"])
+        .args([
+            "--outbound",
+            &addr.to_string(),
+            "--admin",
+            "off",
+            "--bypass-mark",
+            "0",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("outbound listener {addr}: address already in use (is another proxy running?)")),
+        stderr.contains(&format!(
+            "outbound listener {addr}: address already in use (is another proxy running?)"
+        )),
         "{stderr}"
     );
 }
@@ -45,8 +63,22 @@ fn outbound_port_in_use_is_a_clear_error() {
 async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
     let admin = free_port();
     let mut child = Command::new(BIN)
-        .args(["--outbound", "127.0.0.1:0", "--admin", &admin.to_string(), "--bypass-mark", "0"])
-        .args(["--workers", "1", "--log-format", "json", "--drain-timeout", "1s"])
+        .args([
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            &admin.to_string(),
+            "--bypass-mark",
+            "0",
+        ])
+        .args([
+            "--workers",
+            "1",
+            "--log-format",
+            "json",
+            "--drain-timeout",
+            "1s",
+        ])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -67,7 +99,10 @@ async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["connections_total"], 0);
 
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let stderr = child.stderr.take().unwrap();
     let lines: Vec<String> = BufReader::new(stderr).lines().map(Result::unwrap).collect();
@@ -75,12 +110,19 @@ async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{lines:#?}");
     let events: Vec<serde_json::Value> = lines
         .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
         .collect();
     let last = events.last().expect("log lines");
     assert_eq!(last["message"], "proxy stopped", "{last}");
     assert_eq!(last["level"], "INFO");
-    for field in ["connections_total", "orig_dst_missing", "upstream_connect_errors_timeout", "bytes_upstream_to_client"] {
+    for field in [
+        "connections_total",
+        "orig_dst_missing",
+        "upstream_connect_errors_timeout",
+        "bytes_upstream_to_client",
+    ] {
         assert!(last.get(field).is_some(), "{field} missing in {last}");
     }
     assert!(events.iter().any(|e| e["message"] == "proxy ready"));

@@ -38,7 +38,10 @@ async fn send_and_drain(s: TcpStream, data: Arc<Vec<u8>>) -> (u64, Fnv) {
 }
 
 async fn finished(fwd: JoinHandle<ForwardReport>) -> ForwardReport {
-    tokio::time::timeout(Duration::from_secs(5), fwd).await.expect("forward ended").unwrap()
+    tokio::time::timeout(Duration::from_secs(5), fwd)
+        .await
+        .expect("forward ended")
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,13 +53,27 @@ async fn twenty_mb_each_way_concurrently_byte_exact() {
     let c = tokio::spawn(send_and_drain(client_app, up));
     let s = tokio::spawn(send_and_drain(server_app, down));
     let (client_got, server_got) = (c.await.unwrap(), s.await.unwrap());
-    assert_eq!(server_got, (MB20 as u64, want_up), "client -> upstream bytes differ");
-    assert_eq!(client_got, (MB20 as u64, want_down), "upstream -> client bytes differ");
+    assert_eq!(
+        server_got,
+        (MB20 as u64, want_up),
+        "client -> upstream bytes differ"
+    );
+    assert_eq!(
+        client_got,
+        (MB20 as u64, want_down),
+        "upstream -> client bytes differ"
+    );
     let report = finished(fwd).await;
     assert!(report.result.is_ok(), "{:?}", report.result);
-    assert_eq!((report.client_to_upstream, report.upstream_to_client), (MB20 as u64, MB20 as u64));
+    assert_eq!(
+        (report.client_to_upstream, report.upstream_to_client),
+        (MB20 as u64, MB20 as u64)
+    );
     let snap = stats.snapshot();
-    assert_eq!((snap.bytes_client_to_upstream, snap.bytes_upstream_to_client), (MB20 as u64, MB20 as u64));
+    assert_eq!(
+        (snap.bytes_client_to_upstream, snap.bytes_upstream_to_client),
+        (MB20 as u64, MB20 as u64)
+    );
 }
 
 /// `first` sends everything and half-closes; `second` reads to EOF and only then answers
@@ -84,7 +101,10 @@ async fn client_half_close_then_upstream_answers() {
     half_close_then_answer(client_app, server_app).await;
     let report = finished(fwd).await;
     assert!(report.result.is_ok(), "{:?}", report.result);
-    assert_eq!((report.client_to_upstream, report.upstream_to_client), (MB20 as u64, MB20 as u64));
+    assert_eq!(
+        (report.client_to_upstream, report.upstream_to_client),
+        (MB20 as u64, MB20 as u64)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +125,13 @@ async fn idle_connection_stays_open_and_closes_when_both_sides_do() {
     server_app.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hello");
     client_app.shutdown().await.unwrap();
-    assert_eq!(read_outcome(&mut server_app, Duration::from_secs(2)).await.unwrap(), 0, "EOF forwarded");
+    assert_eq!(
+        read_outcome(&mut server_app, Duration::from_secs(2))
+            .await
+            .unwrap(),
+        0,
+        "EOF forwarded"
+    );
     assert!(!fwd.is_finished(), "one direction still open");
     server_app.write_all(b"bye").await.unwrap();
     server_app.shutdown().await.unwrap();
@@ -114,7 +140,10 @@ async fn idle_connection_stays_open_and_closes_when_both_sides_do() {
     assert_eq!(got, b"bye");
     let report = finished(fwd).await;
     assert!(report.result.is_ok());
-    assert_eq!((report.client_to_upstream, report.upstream_to_client), (5, 3));
+    assert_eq!(
+        (report.client_to_upstream, report.upstream_to_client),
+        (5, 3)
+    );
 }
 
 #[tokio::test]
@@ -124,10 +153,15 @@ async fn client_reset_resets_upstream() {
     let mut one = [0u8; 1];
     server_app.read_exact(&mut one).await.unwrap();
     reset(client_app);
-    let err = read_outcome(&mut server_app, Duration::from_secs(2)).await.expect_err("upstream must see a reset");
+    let err = read_outcome(&mut server_app, Duration::from_secs(2))
+        .await
+        .expect_err("upstream must see a reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     let report = finished(fwd).await;
-    assert_eq!(report.result.expect_err("forward reports the reset").side, Side::Client);
+    assert_eq!(
+        report.result.expect_err("forward reports the reset").side,
+        Side::Client
+    );
 }
 
 #[tokio::test]
@@ -136,8 +170,13 @@ async fn upstream_reset_resets_client_even_after_half_close() {
     client_app.shutdown().await.unwrap(); // client -> upstream done; upstream -> client open
     tokio::time::sleep(Duration::from_millis(50)).await;
     reset(server_app);
-    let err = read_outcome(&mut client_app, Duration::from_secs(2)).await.expect_err("client must see a reset");
+    let err = read_outcome(&mut client_app, Duration::from_secs(2))
+        .await
+        .expect_err("client must see a reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     let report = finished(fwd).await;
-    assert_eq!(report.result.expect_err("forward reports the reset").side, Side::Upstream);
+    assert_eq!(
+        report.result.expect_err("forward reports the reset").side,
+        Side::Upstream
+    );
 }

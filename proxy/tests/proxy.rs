@@ -32,7 +32,10 @@ impl Running {
 
     async fn stop(mut self, within: Duration) -> StatsSnapshot {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(within, self.serve).await.expect("proxy stopped in time").unwrap()
+        tokio::time::timeout(within, self.serve)
+            .await
+            .expect("proxy stopped in time")
+            .unwrap()
     }
 
     async fn stats_json(&self) -> serde_json::Value {
@@ -47,7 +50,11 @@ fn config() -> Config {
         outbound: vec!["127.0.0.1:0".parse().unwrap()],
         outbound_ipv6_optional: false,
         // SO_MARK needs CAP_NET_ADMIN; exercise it when we have it.
-        bypass_mark: if nix::unistd::geteuid().is_root() { 0x539 } else { 0 },
+        bypass_mark: if nix::unistd::geteuid().is_root() {
+            0x539
+        } else {
+            0
+        },
         connect_timeout: Duration::from_secs(2),
         admin: Some("127.0.0.1:0".parse().unwrap()),
         workers: 2,
@@ -84,7 +91,9 @@ async fn start(config: Config, lookup: Option<OriginalDstLookup>) -> Running {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), ready).await.expect("/ready turns 200");
+        tokio::time::timeout(Duration::from_secs(5), ready)
+            .await
+            .expect("/ready turns 200");
     }
     running
 }
@@ -120,11 +129,21 @@ async fn plain_connection_is_orig_dst_missing_and_closed() {
         // even beat the end of our connect().
         let started = Instant::now();
         let outcome = connect_until_closed(addr, Duration::from_secs(2)).await;
-        assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "{addr}: closed, got {outcome:?}");
+        assert!(
+            matches!(outcome, Ok(0)) || outcome.is_err(),
+            "{addr}: closed, got {outcome:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
         expected += 1;
     }
-    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().connections_active == 0).await);
+    assert!(
+        eventually(Duration::from_secs(2), || p
+            .stats
+            .snapshot()
+            .connections_active
+            == 0)
+        .await
+    );
     let json = p.stats_json().await;
     assert_eq!(json["orig_dst_missing"], expected, "{json}");
     assert_eq!(json["connections_total"], expected, "{json}");
@@ -142,7 +161,10 @@ async fn plain_connection_is_orig_dst_missing_and_closed() {
     }
     let (status, metrics) = http_get(p.admin.unwrap(), "/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains(&format!("interceptor_proxy_orig_dst_missing {expected}\n")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("interceptor_proxy_orig_dst_missing {expected}\n")),
+        "{metrics}"
+    );
     assert_eq!(http_get(p.admin.unwrap(), "/nope").await.0, 404);
     let last = p.stop(Duration::from_secs(5)).await;
     assert_eq!(last.orig_dst_missing, expected);
@@ -171,7 +193,14 @@ async fn forwards_to_the_original_destination() {
         .expect("echo completes")
     };
     assert_eq!(got, (payload.len() as u64, hash(&payload)));
-    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().connections_active == 0).await);
+    assert!(
+        eventually(Duration::from_secs(2), || p
+            .stats
+            .snapshot()
+            .connections_active
+            == 0)
+        .await
+    );
     let s = p.stats.snapshot();
     assert_eq!((s.connections_total, s.forwarded_total), (1, 1));
     assert_eq!(s.bytes_client_to_upstream, payload.len() as u64);
@@ -183,12 +212,32 @@ async fn forwards_to_the_original_destination() {
 async fn upstream_refused_resets_the_client_promptly() {
     let p = start(config(), Some(to(free_port()))).await;
     let started = Instant::now();
-    let err = connect_until_closed(p.listener(), Duration::from_secs(2)).await.expect_err("client gets an RST");
+    let err = connect_until_closed(p.listener(), Duration::from_secs(2))
+        .await
+        .expect_err("client gets an RST");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
-    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
-    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().upstream_connect_errors_refused == 1).await);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || p
+            .stats
+            .snapshot()
+            .upstream_connect_errors_refused
+            == 1)
+        .await
+    );
     let s = p.stats.snapshot();
-    assert_eq!((s.forwarded_total, s.upstream_connect_errors_timeout, s.upstream_connect_errors_other), (0, 0, 0));
+    assert_eq!(
+        (
+            s.forwarded_total,
+            s.upstream_connect_errors_timeout,
+            s.upstream_connect_errors_other
+        ),
+        (0, 0, 0)
+    );
     p.stop(Duration::from_secs(5)).await;
 }
 
@@ -196,7 +245,8 @@ async fn upstream_refused_resets_the_client_promptly() {
 async fn upstream_timeout_resets_the_client() {
     // A listener whose accept queue is full drops further SYNs: the connect hangs.
     let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
     full.listen(0).unwrap();
     let addr = full.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
@@ -209,10 +259,23 @@ async fn upstream_timeout_resets_the_client() {
     cfg.connect_timeout = Duration::from_millis(300);
     let p = start(cfg, Some(to(addr))).await;
     let started = Instant::now();
-    let err = connect_until_closed(p.listener(), Duration::from_secs(3)).await.expect_err("client gets an RST");
+    let err = connect_until_closed(p.listener(), Duration::from_secs(3))
+        .await
+        .expect_err("client gets an RST");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
-    assert!(started.elapsed() >= Duration::from_millis(250), "took {:?}", started.elapsed());
-    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().upstream_connect_errors_timeout == 1).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || p
+            .stats
+            .snapshot()
+            .upstream_connect_errors_timeout
+            == 1)
+        .await
+    );
     p.stop(Duration::from_secs(5)).await;
     drop(fillers);
 }
@@ -226,19 +289,28 @@ async fn destination_that_is_the_listener_itself_is_rejected() {
         Arc::new(move |_: &TcpStream| {
             let l = *listener_addr.get().unwrap();
             // The listener exactly, then another loopback address on its port.
-            Ok(match which.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
-                0 => l,
-                _ => SocketAddr::new("127.0.0.9".parse().unwrap(), l.port()),
-            })
+            Ok(
+                match which.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                    0 => l,
+                    _ => SocketAddr::new("127.0.0.9".parse().unwrap(), l.port()),
+                },
+            )
         })
     };
     let p = start(config(), Some(lookup)).await;
     listener_addr.set(p.listener()).unwrap();
     for _ in 0..2 {
         let outcome = connect_until_closed(p.listener(), Duration::from_secs(2)).await;
-        assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "closed, got {outcome:?}");
+        assert!(
+            matches!(outcome, Ok(0)) || outcome.is_err(),
+            "closed, got {outcome:?}"
+        );
     }
-    assert!(eventually(Duration::from_secs(2), || p.stats.snapshot().loop_rejected == 2).await);
+    assert!(
+        eventually(Duration::from_secs(2), || p.stats.snapshot().loop_rejected
+            == 2)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     let s = p.stats.snapshot();
     // Had it forwarded, the proxy would have accepted its own connection (total 3+).
@@ -269,16 +341,27 @@ async fn shutdown_stops_accepting_and_drains_open_connections() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(2), refused).await.expect("listener closed on shutdown");
-    assert_eq!(http_get(admin, "/ready").await, (503, "draining\n".to_owned()));
+    tokio::time::timeout(Duration::from_secs(2), refused)
+        .await
+        .expect("listener closed on shutdown");
+    assert_eq!(
+        http_get(admin, "/ready").await,
+        (503, "draining\n".to_owned())
+    );
     // ...while the open one keeps working until it ends.
     c.write_all(b"pong").await.unwrap();
     c.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"pong");
     assert!(!serve.is_finished());
     c.shutdown().await.unwrap();
-    assert_eq!(read_outcome(&mut c, Duration::from_secs(2)).await.unwrap(), 0);
-    let last = tokio::time::timeout(Duration::from_secs(2), serve).await.expect("exits once drained").unwrap();
+    assert_eq!(
+        read_outcome(&mut c, Duration::from_secs(2)).await.unwrap(),
+        0
+    );
+    let last = tokio::time::timeout(Duration::from_secs(2), serve)
+        .await
+        .expect("exits once drained")
+        .unwrap();
     assert_eq!((last.forwarded_total, last.connections_active), (1, 0));
     assert_eq!(last.bytes_client_to_upstream, 8);
 }
@@ -295,10 +378,16 @@ async fn drain_timeout_closes_what_is_left() {
     c.read_exact(&mut buf).await.unwrap();
     let started = Instant::now();
     let last = p.stop(Duration::from_secs(3)).await;
-    assert!(started.elapsed() >= Duration::from_millis(250), "waited for the drain timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "waited for the drain timeout"
+    );
     assert_eq!(last.connections_active, 0);
     let outcome = read_outcome(&mut c, Duration::from_secs(2)).await;
-    assert!(matches!(outcome, Ok(0)) || outcome.is_err(), "closed, got {outcome:?}");
+    assert!(
+        matches!(outcome, Ok(0)) || outcome.is_err(),
+        "closed, got {outcome:?}"
+    );
 }
 
 #[tokio::test]
@@ -315,10 +404,22 @@ async fn bind_errors_name_the_listener_and_the_cause() {
     );
     let mut cfg = config();
     cfg.admin = Some(addr);
-    let err = Proxy::bind(cfg).await.expect_err("port is taken").to_string();
-    assert!(err.starts_with(&format!("admin listener {addr}: address already in use")), "{err}");
+    let err = Proxy::bind(cfg)
+        .await
+        .expect_err("port is taken")
+        .to_string();
+    assert!(
+        err.starts_with(&format!("admin listener {addr}: address already in use")),
+        "{err}"
+    );
     let mut cfg = config();
     cfg.outbound = vec!["192.0.2.1:15001".parse().unwrap()]; // TEST-NET, not on this host
-    let err = Proxy::bind(cfg).await.expect_err("address not local").to_string();
-    assert!(err.contains("not available on this host") && err.contains("--outbound"), "{err}");
+    let err = Proxy::bind(cfg)
+        .await
+        .expect_err("address not local")
+        .to_string();
+    assert!(
+        err.contains("not available on this host") && err.contains("--outbound"),
+        "{err}"
+    );
 }

@@ -91,7 +91,14 @@ fn bad_input_is_refused_clearly_and_attaches_nothing() {
         None,
         Some(&cg),
         Some(65534),
-        &[bin.to_str().unwrap(), "--pin-dir", pin.as_str(), "attach", "--cgroup", cgs],
+        &[
+            bin.to_str().unwrap(),
+            "--pin-dir",
+            pin.as_str(),
+            "attach",
+            "--cgroup",
+            cgs,
+        ],
     );
     let o = cli(c);
     assert_refused(&o, &["not privileged", "root"], &cg, &pin);
@@ -100,6 +107,24 @@ fn bad_input_is_refused_clearly_and_attaches_nothing() {
     let o = attach(Path::new("/tmp/icpt-t-not-bpffs"), &["--cgroup", cgs]);
     assert_refused(&o, &["/tmp/icpt-t-not-bpffs", "bpf filesystem"], &cg, &pin);
     assert!(!Path::new("/tmp/icpt-t-not-bpffs").exists());
+
+    // No bpffs mounted and none can be: a private mount namespace without /sys/fs/bpf, and a
+    // process that has CAP_BPF and CAP_NET_ADMIN but not CAP_SYS_ADMIN (as a hardened unit).
+    let script = format!(
+        "while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf || exit 99; done; \
+         exec capsh --drop=cap_sys_admin -- -c '{} --pin-dir {} attach --cgroup {cgs}'",
+        bin.display(),
+        pin.as_str()
+    );
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "sh", "-c", &script]);
+    let o = cli(c);
+    assert_refused(
+        &o,
+        &["mounting one failed", "mount -t bpf bpf /sys/fs/bpf"],
+        &cg,
+        &pin,
+    );
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use interceptor::{Counter, PinLayout, ScopeSettings, Stats};
 use interceptor_tests::{
-    bpftool_cgroup_progs, exec_command, interceptor_bin, probe_bin, proxy_stats, run_cmd,
-    start_proxy, spawn_in, NetNs, PinDir, Proc, ProbeServer, TestCgroup, DEFAULT_ADMIN,
+    bpftool_cgroup_progs, exec_command, interceptor_bin, probe_bin, proxy_stats, run_cmd, spawn_in,
+    start_proxy, NetNs, PinDir, ProbeServer, Proc, TestCgroup, DEFAULT_ADMIN,
 };
 use serde_json::Value;
 
@@ -105,7 +105,10 @@ impl World {
         let mut args = vec!["hello", addr];
         args.extend_from_slice(extra);
         let v = self.probe(&args);
-        assert!(v.get("error").is_none(), "hello {addr} {extra:?} failed: {v}");
+        assert!(
+            v.get("error").is_none(),
+            "hello {addr} {extra:?} failed: {v}"
+        );
         v["proxied"].as_bool().expect("proxied field")
     }
 }
@@ -133,12 +136,21 @@ fn prog_names(cgroup: &Path) -> Vec<String> {
 #[test]
 fn client_reaches_server_at_original_address_through_proxy() {
     let w = World::new("redirect", &[SERVER]).with_proxy();
-    assert!(!w.hello_proxied(SERVER, &[]), "before attach the connection is direct");
+    assert!(
+        !w.hello_proxied(SERVER, &[]),
+        "before attach the connection is direct"
+    );
     w.attach(&ScopeSettings::default());
 
     let v = w.probe(&["hello", SERVER]);
-    assert_eq!(v["remote"], SERVER, "client asked for the original address: {v}");
-    assert_eq!(v["proxied"], true, "server saw the proxy, not the client: {v}");
+    assert_eq!(
+        v["remote"], SERVER,
+        "client asked for the original address: {v}"
+    );
+    assert_eq!(
+        v["proxied"], true,
+        "server saw the proxy, not the client: {v}"
+    );
     assert_eq!(
         v["server_local"], SERVER,
         "server was reached at its own address: {v}"
@@ -203,15 +215,24 @@ fn ipv6_loopback_veth_and_ipv4_mapped() {
 
 #[test]
 fn each_exemption_bypasses_the_proxy() {
-    let w = World::new("exempt", &[SERVER, "127.0.0.1:9000", "127.0.0.2:8080", "127.0.0.3:8080"])
-        .with_proxy();
+    let w = World::new(
+        "exempt",
+        &[SERVER, "127.0.0.1:9000", "127.0.0.2:8080", "127.0.0.3:8080"],
+    )
+    .with_proxy();
     let mut s = ScopeSettings::default();
     s.exclude_ports.insert(9000);
     s.exclude_cidrs.insert("127.0.0.2/32".parse().unwrap());
     w.attach(&s);
 
-    assert!(w.hello_proxied(SERVER, &[]), "the control connection is proxied");
-    assert!(!w.hello_proxied(SERVER, &["--mark", "0x539"]), "bypass mark");
+    assert!(
+        w.hello_proxied(SERVER, &[]),
+        "the control connection is proxied"
+    );
+    assert!(
+        !w.hello_proxied(SERVER, &["--mark", "0x539"]),
+        "bypass mark"
+    );
     let v = w.probe_as(&w.cg, Some(1337), &["hello", SERVER]);
     assert_eq!(v["proxied"], false, "bypass uid: {v}");
     assert!(!w.hello_proxied("127.0.0.1:9000", &[]), "excluded port");
@@ -219,7 +240,10 @@ fn each_exemption_bypasses_the_proxy() {
     // A workload that dials the proxy's listener itself is left alone; the proxy finds no
     // original destination and closes the connection instead of forwarding to itself.
     let v = w.probe(&["hello", "127.0.0.1:15001"]);
-    assert!(v.get("error").is_some(), "proxy must not serve a self-connection: {v}");
+    assert!(
+        v.get("error").is_some(),
+        "proxy must not serve a self-connection: {v}"
+    );
 
     let st = w.stats();
     let c = |c: Counter| st.get(w.cg.id(), c);
@@ -235,7 +259,10 @@ fn each_exemption_bypasses_the_proxy() {
     s.include_cidrs.insert("127.0.0.3/32".parse().unwrap());
     w.attach(&s);
     assert!(!w.hello_proxied(SERVER, &[]), "outside the include list");
-    assert!(w.hello_proxied("127.0.0.3:8080", &[]), "inside the include list");
+    assert!(
+        w.hello_proxied("127.0.0.3:8080", &[]),
+        "inside the include list"
+    );
     assert_eq!(w.counter(Counter::NotIncluded), 1);
     assert_eq!(w.counter(Counter::Redirected), 2);
 }
@@ -245,7 +272,10 @@ fn cli_attach_outlives_the_cli_and_detach_restores_direct() {
     let w = World::new("cli", &[SERVER]).with_proxy();
     let cg = w.cg.path().to_str().unwrap();
     // The CLI process attaches and exits; a second run is killed while it works.
-    let (ok, out, err) = run_cli(&w.pin, &["attach", "--cgroup", cg, "--exclude-port", "9999"]);
+    let (ok, out, err) = run_cli(
+        &w.pin,
+        &["attach", "--cgroup", cg, "--exclude-port", "9999"],
+    );
     assert!(ok, "attach failed: {out} {err}");
     let mut killed = Proc::spawn(
         "interceptor status",
@@ -262,7 +292,10 @@ fn cli_attach_outlives_the_cli_and_detach_restores_direct() {
         ),
     );
     killed.kill();
-    assert!(w.hello_proxied(SERVER, &[]), "interception outlives the CLI");
+    assert!(
+        w.hello_proxied(SERVER, &[]),
+        "interception outlives the CLI"
+    );
 
     let (ok, out, _) = run_cli(&w.pin, &["status", "--json"]);
     assert!(ok);
@@ -281,7 +314,10 @@ fn cli_attach_outlives_the_cli_and_detach_restores_direct() {
     let (ok, out, err) = run_cli(&w.pin, &["detach", "--cgroup", cg]);
     assert!(ok, "detach failed: {out} {err}");
     assert!(!w.hello_proxied(SERVER, &[]), "direct again after detach");
-    assert!(prog_names(w.cg.path()).is_empty(), "programs left on the cgroup");
+    assert!(
+        prog_names(w.cg.path()).is_empty(),
+        "programs left on the cgroup"
+    );
     assert!(
         !w.pin.path().exists(),
         "the last detach removes the pin dir: {:?}",
@@ -300,11 +336,13 @@ fn attaching_twice_updates_in_place() {
     assert!(!again.created && again.new_links.is_empty(), "{again:?}");
     let names = prog_names(w.cg.path());
     assert_eq!(
-        names,
-        SCOPE_PROGRAMS,
+        names, SCOPE_PROGRAMS,
         "one program of each kind on the cgroup"
     );
-    assert!(!w.hello_proxied("127.0.0.1:9000", &[]), "new exclusion applies");
+    assert!(
+        !w.hello_proxied("127.0.0.1:9000", &[]),
+        "new exclusion applies"
+    );
     assert!(w.hello_proxied(SERVER, &[]), "still proxied, once");
     assert_eq!(w.proxy_stat("forwarded_total"), 2);
 }
@@ -317,23 +355,35 @@ fn sibling_cgroups_behave_independently() {
     let _proxy_a = start_proxy(&w.ns, &["--admin", "127.0.0.1:15000"]);
     let _proxy_b = start_proxy(
         &w.ns,
-        &["--outbound", "127.0.0.1:15002", "--admin", "127.0.0.1:15010"],
+        &[
+            "--outbound",
+            "127.0.0.1:15002",
+            "--admin",
+            "127.0.0.1:15010",
+        ],
     );
     let layout = w.layout();
     let mut sa = ScopeSettings::default();
     sa.exclude_ports.insert(8081);
-    let mut sb = ScopeSettings::default();
-    sb.proxy_port = 15002;
+    let mut sb = ScopeSettings {
+        proxy_port: 15002,
+        ..ScopeSettings::default()
+    };
     sb.exclude_ports.insert(8080);
     interceptor::attach(&layout, a.path(), &sa).unwrap();
     interceptor::attach(&layout, b.path(), &sb).unwrap();
 
-    let hello = |cg: &TestCgroup, addr: &str| w.probe_as(cg, None, &["hello", addr])["proxied"] == true;
+    let hello =
+        |cg: &TestCgroup, addr: &str| w.probe_as(cg, None, &["hello", addr])["proxied"] == true;
     assert!(hello(&a, SERVER));
     assert!(!hello(&a, "127.0.0.1:8081"));
     assert!(!hello(&b, SERVER));
     assert!(hello(&b, "127.0.0.1:8081"));
-    let fwd = |admin: &str| proxy_stats(&w.ns, admin)["forwarded_total"].as_u64().unwrap();
+    let fwd = |admin: &str| {
+        proxy_stats(&w.ns, admin)["forwarded_total"]
+            .as_u64()
+            .unwrap()
+    };
     assert_eq!(fwd("127.0.0.1:15000"), 1, "scope A used proxy A");
     assert_eq!(fwd("127.0.0.1:15010"), 1, "scope B used proxy B");
     let st = w.stats();
@@ -357,7 +407,11 @@ fn no_conntrack_entries_and_records_do_not_accumulate() {
     let v = w.probe(&["churn", SERVER, "--count", "1000", "--parallel", "2"]);
     assert_eq!(v["ok"], 1000, "{v}");
     assert_eq!(v["proxied"], 1000, "{v}");
-    assert_eq!(w.ns.conntrack_count(), 0, "no conntrack entry for intercepted connections");
+    assert_eq!(
+        w.ns.conntrack_count(),
+        0,
+        "no conntrack entry for intercepted connections"
+    );
 
     let v = w.probe(&["churn", SERVER, "--count", "99000", "--parallel", "4"]);
     assert_eq!(v["ok"], 99000, "{v}");
@@ -376,15 +430,37 @@ fn no_conntrack_entries_and_records_do_not_accumulate() {
     let _srv = ProbeServer::start_in(control.path(), &[SERVER.parse().unwrap()]).unwrap();
     let _proxy = start_proxy(&control, &["--admin", DEFAULT_ADMIN]);
     let ok = control.run(&[
-        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.1", "--dport",
-        "8080", "-m", "mark", "!", "--mark", "0x539", "-j", "REDIRECT", "--to-ports", "15001",
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "127.0.0.1",
+        "--dport",
+        "8080",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0x539",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
     ]);
     if !ok.status.success() {
         panic!("iptables: {}", String::from_utf8_lossy(&ok.stderr));
     }
     let bin = probe_bin();
     let out = control.run(&[bin.to_str().unwrap(), "churn", SERVER, "--count", "50"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(
         control.conntrack_count() >= 50,
         "iptables REDIRECT creates conntrack entries: {}",
@@ -405,12 +481,17 @@ fn unmodified_haproxy_forwards_to_original_destination() {
          backend original\n  server s 0.0.0.0:0\n",
     )
     .unwrap();
-    let _haproxy = spawn_in(&w.ns, None, &["haproxy", "-db", "-f", cfg.to_str().unwrap()]);
-    let listening = interceptor_tests::wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || w.ns.run(&["sh", "-c", "ss -ltn | grep -q ':15001'"]).status.success(),
+    let _haproxy = spawn_in(
+        &w.ns,
+        None,
+        &["haproxy", "-db", "-f", cfg.to_str().unwrap()],
     );
+    let listening =
+        interceptor_tests::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            w.ns.run(&["sh", "-c", "ss -ltn | grep -q ':15001'"])
+                .status
+                .success()
+        });
     assert!(listening, "HAProxy did not start listening");
     w.attach(&ScopeSettings::default());
     assert!(w.hello_proxied(SERVER, &[]), "IPv4 through HAProxy");
@@ -418,6 +499,63 @@ fn unmodified_haproxy_forwards_to_original_destination() {
         w.hello_proxied("[::ffff:127.0.0.1]:8080", &[]),
         "IPv4-mapped through HAProxy"
     );
-    assert_eq!(w.counter(Counter::OrigDstAnswered), 2, "HAProxy asked the kernel");
+    assert_eq!(
+        w.counter(Counter::OrigDstAnswered),
+        2,
+        "HAProxy asked the kernel"
+    );
     let _ = std::fs::remove_file(cfg);
+}
+
+#[test]
+fn curl_reaches_nginx_through_the_proxy() {
+    let w = World::new("nginx", &[]).with_proxy();
+    let dir = std::env::temp_dir().join(format!("icpt-t-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www/index.html"), "hello from nginx\n").unwrap();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log {d}/access.log; client_body_temp_path {d}; proxy_temp_path {d};\n\
+             fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:8088; listen [::1]:8088; root {d}/www; }} }}\n"
+        ),
+    )
+    .unwrap();
+    let conf = dir.join("nginx.conf");
+    let _nginx = spawn_in(&w.ns, None, &["nginx", "-c", conf.to_str().unwrap()]);
+    let up =
+        interceptor_tests::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            w.ns.run(&["sh", "-c", "ss -ltn | grep -q '127.0.0.1:8088'"])
+                .status
+                .success()
+        });
+    assert!(
+        up,
+        "nginx did not start: {:?}",
+        std::fs::read_to_string(dir.join("error.log"))
+    );
+    w.attach(&ScopeSettings::default());
+
+    for url in ["http://127.0.0.1:8088/", "http://[::1]:8088/"] {
+        let mut c = exec_command(
+            Some(&w.ns),
+            Some(&w.cg),
+            None,
+            &["curl", "-sS", "--max-time", "5", url],
+        );
+        let out = run_cmd(&mut c, Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello from nginx\n",
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(w.counter(Counter::Redirected), 2);
+    assert_eq!(w.proxy_stat("forwarded_total"), 2);
+    let _ = std::fs::remove_dir_all(&dir);
 }

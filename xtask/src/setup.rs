@@ -28,6 +28,8 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "bpftool",
     "kmod",
     "curl",
+    "libcap2-bin",
+    "util-linux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -20,8 +20,7 @@ pub fn run(layout: &PinLayout, a: StatsArgs) -> Result<()> {
         let cg = interceptor::cgroup::resolve(path)?;
         st.scopes.retain(|s| s.cgroup_id == cg.id);
         if st.scopes.is_empty() {
-            return Err(interceptor::Error::NotAttached { path: path.clone() })
-                .context("stats");
+            return Err(interceptor::Error::NotAttached { path: path.clone() }).context("stats");
         }
     }
     if a.json {

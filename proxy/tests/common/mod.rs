@@ -70,32 +70,51 @@ pub async fn pair() -> (TcpStream, TcpStream) {
 
 /// A port on 127.0.0.1 that nothing listens on (bound, then released).
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Closes with an RST.
 pub fn reset(s: TcpStream) {
-    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(s);
 }
 
 /// Reads once with a deadline: Ok(0) = EOF, Err = reset or other error. Panics on timeout.
 pub async fn read_outcome(s: &mut TcpStream, within: Duration) -> std::io::Result<usize> {
     let mut buf = [0u8; 1024];
-    tokio::time::timeout(within, s.read(&mut buf)).await.expect("socket was not closed in time")
+    tokio::time::timeout(within, s.read(&mut buf))
+        .await
+        .expect("socket was not closed in time")
 }
 
 /// Minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect to admin");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await.expect("admin answered").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .expect("admin answered")
+        .unwrap();
     let text = String::from_utf8(raw).expect("utf-8 response");
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
