@@ -113,6 +113,23 @@ impl World {
     }
 }
 
+/// A scratch directory for a real peer's config and logs, removed even when the test fails.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("icpt-t-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn run_cli(pin: &PinDir, args: &[&str]) -> (bool, String, String) {
     let mut c = std::process::Command::new(interceptor_bin());
     c.arg("--pin-dir").arg(pin.path()).args(args);
@@ -271,27 +288,20 @@ fn each_exemption_bypasses_the_proxy() {
 fn cli_attach_outlives_the_cli_and_detach_restores_direct() {
     let w = World::new("cli", &[SERVER]).with_proxy();
     let cg = w.cg.path().to_str().unwrap();
-    // The CLI process attaches and exits; a second run is killed while it works.
+    // The CLI attaches and exits: from here on no interceptor process runs.
     let (ok, out, err) = run_cli(
         &w.pin,
         &["attach", "--cgroup", cg, "--exclude-port", "9999"],
     );
     assert!(ok, "attach failed: {out} {err}");
-    let mut killed = Proc::spawn(
-        "interceptor status",
-        exec_command(
-            None,
-            None,
-            None,
-            &[
-                interceptor_bin().to_str().unwrap(),
-                "--pin-dir",
-                w.pin.as_str(),
-                "status",
-            ],
-        ),
+    let running = std::process::Command::new("pgrep")
+        .args(["-f", &format!("interceptor --pin-dir {}", w.pin.as_str())])
+        .output()
+        .unwrap();
+    assert!(
+        !running.status.success(),
+        "no interceptor process is left running"
     );
-    killed.kill();
     assert!(
         w.hello_proxied(SERVER, &[]),
         "interception outlives the CLI"
@@ -473,7 +483,8 @@ fn unmodified_haproxy_forwards_to_original_destination() {
     // HAProxy 2.6 asks SO_ORIGINAL_DST only on IPv4 sockets (on IPv6 it takes the local
     // address and would connect to itself), so it listens on IPv4 only.
     let w = World::new("haproxy", &[SERVER]);
-    let cfg = std::env::temp_dir().join(format!("icpt-t-haproxy-{}.cfg", std::process::id()));
+    let scratch = Scratch::new("haproxy");
+    let cfg = scratch.0.join("haproxy.cfg");
     std::fs::write(
         &cfg,
         "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
@@ -504,13 +515,13 @@ fn unmodified_haproxy_forwards_to_original_destination() {
         2,
         "HAProxy asked the kernel"
     );
-    let _ = std::fs::remove_file(cfg);
 }
 
 #[test]
 fn curl_reaches_nginx_through_the_proxy() {
     let w = World::new("nginx", &[]).with_proxy();
-    let dir = std::env::temp_dir().join(format!("icpt-t-nginx-{}", std::process::id()));
+    let scratch = Scratch::new("nginx");
+    let dir = &scratch.0;
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/index.html"), "hello from nginx\n").unwrap();
     let d = dir.display();
@@ -557,5 +568,4 @@ fn curl_reaches_nginx_through_the_proxy() {
     }
     assert_eq!(w.counter(Counter::Redirected), 2);
     assert_eq!(w.proxy_stat("forwarded_total"), 2);
-    let _ = std::fs::remove_dir_all(&dir);
 }
