@@ -25,9 +25,13 @@ pub mod maps {
     pub const PENDING: &str = "ICP_PENDING";
     pub const HANDOFF: &str = "ICP_HANDOFF";
     pub const COUNTERS: &str = "ICP_COUNTERS";
+    pub const IN_CONFIG: &str = "ICP_IN_CONFIG";
+    pub const IN_PORTS: &str = "ICP_IN_PORTS";
+    pub const IN_SOCKS: &str = "ICP_IN_SOCKS";
     /// All pinned maps, for listing and removal.
     pub const ALL: &[&str] = &[
         LAYOUT, CONFIG, META, PORTS, UIDS, EXCL4, EXCL6, INCL4, INCL6, PENDING, HANDOFF, COUNTERS,
+        IN_CONFIG, IN_PORTS, IN_SOCKS,
     ];
 }
 
@@ -39,11 +43,17 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "restore_getpeername6";
     pub const SOCK_OPS: &str = "track_sockops";
     pub const GETSOCKOPT: &str = "answer_getsockopt";
+    pub const SK_LOOKUP: &str = "steer_inbound";
 }
 
-/// Name of the read-only global that tells a loaded instance of the connect programs which
-/// scope (the attached cgroup's id) it serves.
+/// Name of the read-only global that tells a loaded instance of the scope programs which
+/// scope it serves: the attached cgroup's id, or a network namespace's inode with
+/// `INBOUND_SCOPE_BIT` set.
 pub const SCOPE_ID_GLOBAL: &str = "SCOPE_ID";
+
+/// Set in the scope id of an inbound scope (a network namespace), so that its id never equals
+/// a cgroup id in the maps both kinds share (`ICP_META`, `ICP_COUNTERS`).
+pub const INBOUND_SCOPE_BIT: u64 = 1 << 63;
 
 /// Capacities of the maps.
 pub mod capacity {
@@ -56,6 +66,8 @@ pub mod capacity {
     /// Live intercepted connections (LRU, as a safety net: records are removed on close).
     pub const HANDOFF: u32 = 262144;
     pub const COUNTERS: u32 = 16384;
+    /// Inbound listener sockets: one per family per inbound scope.
+    pub const IN_SOCKS: u32 = 2048;
 }
 
 /// Address families as the kernel numbers them.
@@ -66,6 +78,40 @@ pub const AF_INET6: u16 = 10;
 pub const FLAG_INCLUDE4: u32 = 1 << 0;
 /// `ScopeConfig::flags`: an include list of IPv6 CIDRs is set.
 pub const FLAG_INCLUDE6: u32 = 1 << 1;
+
+/// `ScopeConfig::flags` and `InboundConfig::flags`: when no proxy listens, let traffic go
+/// direct (fail open) instead of refusing it (fail closed, the default).
+pub const FLAG_FAIL_OPEN: u32 = 1 << 2;
+/// `InboundConfig::flags`: an include list of inbound ports is set.
+pub const FLAG_INCLUDE_PORTS: u32 = 1 << 3;
+
+/// `ICP_IN_PORTS` values.
+pub const IN_PORT_EXCLUDED: u8 = 1;
+pub const IN_PORT_INCLUDED: u8 = 2;
+
+/// Settings of one inbound scope (a network namespace), keyed by its scope id in
+/// `ICP_IN_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundConfig {
+    /// Port of the proxy's inbound listener, host order; connections to it are never steered.
+    pub inbound_port: u16,
+    /// Fills the hole before `flags`.
+    pub _pad: u16,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// Key of `ICP_IN_SOCKS`: the proxy's inbound listener of one family for one scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockKey {
+    pub scope: u64,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Fills the struct to a multiple of 8 bytes.
+    pub _pad: u32,
+}
 
 /// Settings of one attached scope (a cgroup), keyed by the cgroup id in `ICP_CONFIG`.
 #[repr(C)]
@@ -195,10 +241,27 @@ pub enum Counter {
     OrigDstMissing = 8,
     /// A record could not be stored; the connection was left alone.
     RecordFailed = 9,
+    /// No proxy listened on the outbound port: connect refused (fail closed).
+    ProxyDownRefused = 10,
+    /// No proxy listened on the outbound port: connect went direct (fail open).
+    ProxyDownDirect = 11,
+    /// Inbound connection steered into the proxy's inbound listener.
+    InboundRedirected = 12,
+    /// Inbound connection from a loopback source (the proxy forwarding, or the workload
+    /// itself) left to the workload.
+    InboundLoopback = 13,
+    /// Inbound connection to an excluded port left to the workload.
+    InboundExcludedPort = 14,
+    /// Inbound connection to a port outside the include list left to the workload.
+    InboundNotIncluded = 15,
+    /// No inbound listener registered: connection refused (fail closed).
+    InboundProxyDownRefused = 16,
+    /// No inbound listener registered: connection went to the workload directly (fail open).
+    InboundProxyDownDirect = 17,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 18] = [
         Counter::Redirected,
         Counter::BypassMark,
         Counter::BypassUid,
@@ -209,6 +272,40 @@ impl Counter {
         Counter::OrigDstAnswered,
         Counter::OrigDstMissing,
         Counter::RecordFailed,
+        Counter::ProxyDownRefused,
+        Counter::ProxyDownDirect,
+        Counter::InboundRedirected,
+        Counter::InboundLoopback,
+        Counter::InboundExcludedPort,
+        Counter::InboundNotIncluded,
+        Counter::InboundProxyDownRefused,
+        Counter::InboundProxyDownDirect,
+    ];
+
+    /// The counters of an outbound (cgroup) scope.
+    pub const OUTBOUND: [Counter; 12] = [
+        Counter::Redirected,
+        Counter::BypassMark,
+        Counter::BypassUid,
+        Counter::ExcludedPort,
+        Counter::ExcludedCidr,
+        Counter::NotIncluded,
+        Counter::ToProxy,
+        Counter::OrigDstAnswered,
+        Counter::OrigDstMissing,
+        Counter::RecordFailed,
+        Counter::ProxyDownRefused,
+        Counter::ProxyDownDirect,
+    ];
+
+    /// The counters of an inbound (network namespace) scope.
+    pub const INBOUND: [Counter; 6] = [
+        Counter::InboundRedirected,
+        Counter::InboundLoopback,
+        Counter::InboundExcludedPort,
+        Counter::InboundNotIncluded,
+        Counter::InboundProxyDownRefused,
+        Counter::InboundProxyDownDirect,
     ];
 
     /// Stable name used in `stats` output.
@@ -224,6 +321,14 @@ impl Counter {
             Counter::OrigDstAnswered => "orig_dst_answered",
             Counter::OrigDstMissing => "orig_dst_missing",
             Counter::RecordFailed => "record_failed",
+            Counter::ProxyDownRefused => "proxy_down_refused",
+            Counter::ProxyDownDirect => "proxy_down_direct",
+            Counter::InboundRedirected => "inbound_redirected",
+            Counter::InboundLoopback => "inbound_loopback",
+            Counter::InboundExcludedPort => "inbound_excluded_port",
+            Counter::InboundNotIncluded => "inbound_not_included",
+            Counter::InboundProxyDownRefused => "inbound_proxy_down_refused",
+            Counter::InboundProxyDownDirect => "inbound_proxy_down_direct",
         }
     }
 
@@ -261,6 +366,8 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for InboundConfig {}
+    unsafe impl aya::Pod for SockKey {}
 }
 
 #[cfg(test)]
@@ -278,6 +385,8 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 32);
         assert_eq!(size_of::<TupleKey>(), 36);
         assert_eq!(size_of::<CounterKey>(), 16);
+        assert_eq!(size_of::<InboundConfig>(), 8);
+        assert_eq!(size_of::<SockKey>(), 16);
     }
 
     #[test]

@@ -16,22 +16,26 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_sockopt, BPF_NOEXIST,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sk_lookup, bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_sock_tuple, bpf_sockopt,
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_CURRENT_NETNS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use interceptor_common::{
-    capacity, is_mapped_v4, mapped_v4, Counter, CounterKey, OrigDst, ScopeConfig, ScopeMeta,
-    ScopedV4, ScopedV6, ScopedValue, TupleKey, AF_INET, AF_INET6, FLAG_INCLUDE4, FLAG_INCLUDE6,
-    LPM_SCOPE_BITS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+    capacity, is_mapped_v4, mapped_v4, Counter, CounterKey, InboundConfig, OrigDst, ScopeConfig,
+    ScopeMeta, ScopedV4, ScopedV6, ScopedValue, SockKey, TupleKey, AF_INET, AF_INET6,
+    FLAG_FAIL_OPEN, FLAG_INCLUDE4, FLAG_INCLUDE6, FLAG_INCLUDE_PORTS, IN_PORT_EXCLUDED,
+    IN_PORT_INCLUDED, LPM_SCOPE_BITS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
 /// Let the `connect()` go on (with or without a rewritten address).
 const ALLOW: i32 = 1;
 
@@ -63,6 +67,13 @@ static ICP_PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(capacity::PEND
 static ICP_HANDOFF: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(capacity::HANDOFF, 0);
 #[map(name = "ICP_COUNTERS")]
 static ICP_COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(capacity::COUNTERS, 0);
+
+#[map(name = "ICP_IN_CONFIG")]
+static ICP_IN_CONFIG: HashMap<u64, InboundConfig> = HashMap::pinned(capacity::SCOPES, 0);
+#[map(name = "ICP_IN_PORTS")]
+static ICP_IN_PORTS: HashMap<ScopedValue, u8> = HashMap::pinned(capacity::PORTS, 0);
+#[map(name = "ICP_IN_SOCKS")]
+static ICP_IN_SOCKS: SockHash<SockKey> = SockHash::pinned(capacity::IN_SOCKS, 0);
 
 #[inline(always)]
 fn scope_id() -> u64 {
@@ -179,6 +190,53 @@ fn exemption(
     None
 }
 
+/// Whether a TCP socket listens on the proxy's port, on 127.0.0.1 (`v6` false) or ::1, in the
+/// network namespace of the connecting socket.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+    // SAFETY: a zeroed tuple is valid; the helper gets its exact size for the family, and a
+    // socket it returns is released before returning.
+    unsafe {
+        let mut tuple: bpf_sock_tuple = core::mem::zeroed();
+        let size = if v6 {
+            tuple.__bindgen_anon_1.ipv6.daddr = LOOPBACK6;
+            tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv6)
+        } else {
+            tuple.__bindgen_anon_1.ipv4.daddr = LOOPBACK4;
+            tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4)
+        };
+        let sk = bpf_sk_lookup_tcp(
+            ctx.sock_addr.cast(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+        true
+    }
+}
+
+/// With no proxy listening, the scope's policy decides: `Some(counter)` to leave the connect
+/// alone (fail open), `None` to redirect it anyway, where it is refused (fail closed).
+#[inline(always)]
+fn proxy_down(ctx: &SockAddrContext, scope: u64, cfg: &ScopeConfig, v6: bool) -> Option<Counter> {
+    if proxy_listening(ctx, v6, cfg.proxy_port) {
+        return None;
+    }
+    if cfg.flags & FLAG_FAIL_OPEN != 0 {
+        Some(Counter::ProxyDownDirect)
+    } else {
+        count(scope, Counter::ProxyDownRefused);
+        None
+    }
+}
+
 /// Records the original destination under the socket's cookie. False if it could not.
 #[inline(always)]
 fn record(ctx: &SockAddrContext, scope: u64, family: u16, addr: [u32; 4], port: u16) -> bool {
@@ -210,6 +268,10 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
         let port = u16::from_be((*sa).user_port as u16);
         let addr = mapped_v4(ip);
         if let Some(why) = exemption(scope, cfg, (*sa).__bindgen_anon_1.sk, AF_INET, &addr, port) {
+            count(scope, why);
+            return ALLOW;
+        }
+        if let Some(why) = proxy_down(&ctx, scope, cfg, false) {
             count(scope, why);
             return ALLOW;
         }
@@ -249,6 +311,10 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             AF_INET6
         };
         if let Some(why) = exemption(scope, cfg, (*sa).__bindgen_anon_1.sk, family, &addr, port) {
+            count(scope, why);
+            return ALLOW;
+        }
+        if let Some(why) = proxy_down(&ctx, scope, cfg, family == AF_INET6) {
             count(scope, why);
             return ALLOW;
         }
@@ -560,6 +626,109 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
         }
     }
     1
+}
+
+/// Steers new inbound TCP connections of a network namespace into the proxy's inbound
+/// listener (`ICP_IN_SOCKS`), rewriting nothing: the accepted socket's local address is the
+/// destination the peer dialled. Connections from loopback sources (the proxy forwarding from
+/// 127.0.0.6 or ::1, or the workload itself), to the proxy's own port, to excluded ports or to
+/// ports outside the include list go where they were going.
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    let l: *mut bpf_sk_lookup = ctx.lookup;
+    // SAFETY: every field is read once, unconditionally, from the kernel-provided context
+    // (see `client_tuple` for why).
+    let (family, protocol, remote4, remote6, local4, local6, local_port) = unsafe {
+        (
+            rd(&(*l).family),
+            rd(&(*l).protocol),
+            rd(&(*l).remote_ip4),
+            [
+                rd(&(*l).remote_ip6[0]),
+                rd(&(*l).remote_ip6[1]),
+                rd(&(*l).remote_ip6[2]),
+                rd(&(*l).remote_ip6[3]),
+            ],
+            rd(&(*l).local_ip4),
+            [
+                rd(&(*l).local_ip6[0]),
+                rd(&(*l).local_ip6[1]),
+                rd(&(*l).local_ip6[2]),
+                rd(&(*l).local_ip6[3]),
+            ],
+            rd(&(*l).local_port),
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let scope = scope_id();
+    // SAFETY: read-only use of the value for this program run.
+    let Some(cfg) = (unsafe { ICP_IN_CONFIG.get(&scope) }) else {
+        return SK_PASS;
+    };
+    let port = local_port as u16;
+    if port == cfg.inbound_port {
+        return SK_PASS;
+    }
+    let v4 = family == AF_INET as u32;
+    let (remote, local) = if v4 {
+        (mapped_v4(remote4), mapped_v4(local4))
+    } else {
+        (remote6, local6)
+    };
+    // A lookup without a peer (the outbound programs' own check for a listener) is no
+    // connection: leave it alone, uncounted.
+    if remote[0] | remote[1] | remote[3] == 0 && (remote[2] == 0 || is_mapped_v4(&remote)) {
+        return SK_PASS;
+    }
+    let key = ScopedValue {
+        scope,
+        value: port as u32,
+        _pad: 0,
+    };
+    // A plain byte, not an Option: the verifier rejects the read of an Option's undefined
+    // payload that LLVM emits for the `None` case.
+    let rule: u8 = match ICP_IN_PORTS.get_ptr(key) {
+        // SAFETY: the value pointer is valid for this program run.
+        Some(v) => unsafe { *v },
+        None => 0,
+    };
+    if rule == IN_PORT_EXCLUDED {
+        count(scope, Counter::InboundExcludedPort);
+        return SK_PASS;
+    }
+    if cfg.flags & FLAG_INCLUDE_PORTS != 0 && rule != IN_PORT_INCLUDED {
+        count(scope, Counter::InboundNotIncluded);
+        return SK_PASS;
+    }
+    let loopback = |a: &[u32; 4]| {
+        if is_mapped_v4(a) {
+            is_loopback4(a[3])
+        } else {
+            *a == LOOPBACK6
+        }
+    };
+    if loopback(&remote) || loopback(&local) {
+        count(scope, Counter::InboundLoopback);
+        return SK_PASS;
+    }
+    let sock = SockKey {
+        scope,
+        family: if v4 { AF_INET as u32 } else { AF_INET6 as u32 },
+        _pad: 0,
+    };
+    if ICP_IN_SOCKS.redirect_sk_lookup(&ctx, sock, 0).is_ok() {
+        count(scope, Counter::InboundRedirected);
+        return SK_PASS;
+    }
+    if cfg.flags & FLAG_FAIL_OPEN != 0 {
+        count(scope, Counter::InboundProxyDownDirect);
+        SK_PASS
+    } else {
+        count(scope, Counter::InboundProxyDownRefused);
+        SK_DROP
+    }
 }
 
 #[cfg(not(test))]

@@ -17,10 +17,10 @@ use interceptor_common::{programs as progs, SCOPE_ID_GLOBAL};
 use crate::{
     cgroup::{self, Cgroup},
     error::{Error, Result},
-    maps,
+    maps, netns,
     object::EBPF_OBJECT,
-    paths::{PinLayout, ROOT_LINKS, SCOPE_LINKS},
-    settings::ScopeSettings,
+    paths::{PinLayout, INBOUND_LINK, ROOT_LINKS, SCOPE_LINKS},
+    settings::{InboundSettings, ScopeSettings},
     sys::{self, AttachType},
     system,
 };
@@ -40,6 +40,7 @@ enum Undo {
     Unpin(PathBuf),
     RemoveScope(u64),
     RestoreScope(maps::StoredScope),
+    RestoreInbound(maps::StoredInbound),
     RemoveDir(PathBuf),
     RemoveMaps,
 }
@@ -55,6 +56,9 @@ impl UndoLog {
                 Undo::RemoveScope(id) => maps::remove_scope(layout, *id),
                 Undo::RestoreScope(s) => {
                     maps::write_scope(layout, s.id, Path::new(&s.path), &s.settings)
+                }
+                Undo::RestoreInbound(s) => {
+                    maps::write_inbound_scope(layout, s.id, Path::new(&s.path), &s.settings)
                 }
                 Undo::RemoveDir(p) => fs::remove_dir(p)
                     .or_else(ignore_missing)
@@ -121,23 +125,103 @@ fn load(layout: &PinLayout, scope: u64) -> Result<Ebpf> {
         .map_err(|e| Error::bpf("loading the kernel programs", e))
 }
 
+/// Creates the pin dir and maps if needed (refusing maps of another layout) and loads the
+/// object for `scope`.
+fn prepare(layout: &PinLayout, scope: u64, undo: &mut UndoLog) -> Result<Ebpf> {
+    make_dir(layout.root(), undo)?;
+    make_dir(&layout.maps_dir(), undo)?;
+    maps::check_layout(layout)?;
+    let maps_existed = layout.map(interceptor_common::maps::LAYOUT).exists();
+    let ebpf = load(layout, scope)?;
+    if !maps_existed {
+        undo.0.push(Undo::RemoveMaps);
+    }
+    maps::stamp_layout(layout)?;
+    Ok(ebpf)
+}
+
+/// Attaches inbound interception to the network namespace at `path` (or updates it in
+/// place): new TCP connections to the namespace's ports are steered into the proxy's inbound
+/// listener once it is registered (see `register`).
+pub fn attach_inbound(
+    layout: &PinLayout,
+    path: &Path,
+    settings: &InboundSettings,
+) -> Result<AttachedInbound> {
+    settings.validate()?;
+    let ns = netns::resolve(path)?;
+    system::check_privileges()?;
+    if EBPF_OBJECT.is_empty() {
+        return Err(Error::NoObject);
+    }
+    system::ensure_bpffs(layout.root())?;
+    let mut undo = UndoLog::default();
+    match attach_inbound_steps(layout, &ns, settings, &mut undo) {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            undo.run(layout);
+            Err(e)
+        }
+    }
+}
+
+/// What `attach_inbound` did.
+#[derive(Clone, Debug)]
+pub struct AttachedInbound {
+    pub netns: PathBuf,
+    pub scope_id: u64,
+    /// False when the namespace was attached already and only its settings were rewritten.
+    pub created: bool,
+    pub new_links: Vec<PathBuf>,
+}
+
+fn attach_inbound_steps(
+    layout: &PinLayout,
+    ns: &netns::Netns,
+    settings: &InboundSettings,
+    undo: &mut UndoLog,
+) -> Result<AttachedInbound> {
+    let scope = ns.scope_id();
+    let mut ebpf = prepare(layout, scope, undo)?;
+    let previous = maps::read_inbound_scopes(layout)?
+        .into_iter()
+        .find(|s| s.id == scope);
+    let created = previous.is_none();
+    undo.0.push(match previous {
+        Some(p) => Undo::RestoreInbound(p),
+        None => Undo::RemoveScope(scope),
+    });
+    maps::write_inbound_scope(layout, scope, &ns.path, settings)?;
+    make_dir(&layout.scopes_dir(), undo)?;
+    make_dir(&layout.scope_dir(scope), undo)?;
+    let mut new_links = Vec::new();
+    let pin = layout.scope_link(scope, INBOUND_LINK);
+    if !link_is_pinned(&pin) {
+        let link = link_program(
+            &mut ebpf,
+            progs::SK_LOOKUP,
+            AttachType::SkLookup,
+            &ns.file,
+            &ns.path,
+        )?;
+        pin_link(link, &pin, undo)?;
+        new_links.push(pin);
+    }
+    Ok(AttachedInbound {
+        netns: ns.path.clone(),
+        scope_id: scope,
+        created,
+        new_links,
+    })
+}
+
 fn attach_steps(
     layout: &PinLayout,
     cg: &Cgroup,
     settings: &ScopeSettings,
     undo: &mut UndoLog,
 ) -> Result<Attached> {
-    make_dir(layout.root(), undo)?;
-    make_dir(&layout.maps_dir(), undo)?;
-    maps::check_layout(layout)?;
-    let maps_existed = layout.map(interceptor_common::maps::LAYOUT).exists();
-
-    let mut ebpf = load(layout, cg.id)?;
-    if !maps_existed {
-        undo.0.push(Undo::RemoveMaps);
-    }
-    maps::stamp_layout(layout)?;
-
+    let mut ebpf = prepare(layout, cg.id, undo)?;
     let previous = maps::read_scopes(layout)?
         .into_iter()
         .find(|s| s.id == cg.id);
@@ -206,16 +290,16 @@ fn pin_link(link: OwnedFd, pin: &Path, undo: &mut UndoLog) -> Result<()> {
     Ok(())
 }
 
-/// Loads program `name` (once) and links it to the cgroup open as `cgroup_dir`.
+/// Loads program `name` (once) and links it to `target` (a cgroup or a network namespace).
 fn link_program(
     ebpf: &mut Ebpf,
     name: &str,
     kind: AttachType,
-    cgroup_dir: &fs::File,
-    cgroup: &Path,
+    target: &fs::File,
+    target_path: &Path,
 ) -> Result<OwnedFd> {
     let err = |e: aya::programs::ProgramError| {
-        Error::bpf(format!("loading {name} for cgroup {}", cgroup.display()), e)
+        Error::bpf(format!("loading {name} for {}", target_path.display()), e)
     };
     let prog = ebpf.program_mut(name).ok_or_else(|| {
         Error::bpf(
@@ -231,14 +315,11 @@ fn link_program(
             Program::CgroupSockAddr(p) => p.load().map_err(err)?,
             Program::SockOps(p) => p.load().map_err(err)?,
             Program::CgroupSockopt(p) => p.load().map_err(err)?,
+            Program::SkLookup(p) => p.load().map_err(err)?,
             _ => unreachable!("the object holds only these program types"),
         }
     }
     let fd = prog.fd().map_err(err)?;
-    sys::link_create(fd.as_fd(), cgroup_dir.as_fd(), kind).map_err(|e| {
-        Error::io(
-            format!("attaching {name} to cgroup {}", cgroup.display()),
-            e,
-        )
-    })
+    sys::link_create(fd.as_fd(), target.as_fd(), kind)
+        .map_err(|e| Error::io(format!("attaching {name} to {}", target_path.display()), e))
 }

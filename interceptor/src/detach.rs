@@ -12,8 +12,8 @@ use interceptor_common::maps as names;
 use crate::{
     cgroup,
     error::{Error, Result},
-    maps,
-    paths::{PinLayout, ROOT_LINKS, SCOPE_LINKS},
+    maps, netns,
+    paths::{PinLayout, INBOUND_LINK, ROOT_LINKS, SCOPE_LINKS},
     system,
 };
 
@@ -60,14 +60,23 @@ fn scope_for(layout: &PinLayout, path: &Path) -> Result<u64> {
             return Ok(None);
         }
         let wanted: PathBuf = std::path::absolute(path).unwrap_or_else(|_| path.into());
-        Ok(maps::read_scopes(layout)?
+        let outbound = maps::read_scopes(layout)?
             .into_iter()
-            .find(|s| Path::new(&s.path) == wanted)
-            .map(|s| s.id))
+            .map(|s| (s.id, s.path));
+        let inbound = maps::read_inbound_scopes(layout)?
+            .into_iter()
+            .map(|s| (s.id, s.path));
+        Ok(outbound
+            .chain(inbound)
+            .find(|(_, p)| Path::new(p) == wanted)
+            .map(|(id, _)| id))
     };
+    if let Ok(ns) = netns::resolve(path) {
+        return Ok(ns.scope_id());
+    }
     match cgroup::resolve(path) {
         Ok(cg) => Ok(cg.id),
-        Err(Error::CgroupMissing { .. }) => {
+        Err(Error::CgroupMissing { .. } | Error::NotCgroup2 { .. }) => {
             recorded()?.ok_or_else(|| Error::NotAttached { path: path.into() })
         }
         Err(e) => Err(e),
@@ -78,10 +87,7 @@ fn scope_for(layout: &PinLayout, path: &Path) -> Result<u64> {
 pub fn detach(layout: &PinLayout, path: &Path) -> Result<Detached> {
     system::check_privileges()?;
     let id = scope_for(layout, path)?;
-    let attached = layout.scope_dir(id).exists()
-        || maps::read_scopes(layout)
-            .map(|s| s.iter().any(|s| s.id == id))
-            .unwrap_or(false);
+    let attached = layout.scope_dir(id).exists() || known_scopes(layout)?.contains(&id);
     if !attached {
         return Err(Error::NotAttached { path: path.into() });
     }
@@ -104,9 +110,7 @@ pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
                 .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok()),
         );
     }
-    if layout.map(names::CONFIG).exists() {
-        ids.extend(maps::read_scopes(layout)?.into_iter().map(|s| s.id));
-    }
+    ids.extend(known_scopes(layout)?);
     ids.sort_unstable();
     ids.dedup();
     for id in &ids {
@@ -119,9 +123,22 @@ pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
     })
 }
 
+/// Ids of every scope, outbound and inbound, that has entries in the maps.
+fn known_scopes(layout: &PinLayout) -> Result<Vec<u64>> {
+    if !layout.map(names::CONFIG).exists() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<u64> = maps::read_scopes(layout)?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    ids.extend(maps::read_inbound_scopes(layout)?.into_iter().map(|s| s.id));
+    Ok(ids)
+}
+
 fn detach_scope(layout: &PinLayout, id: u64) -> Result<()> {
-    // Links first: from here on no connect() of the scope is redirected.
-    for name in SCOPE_LINKS {
+    // Links first: from here on no connection of the scope is redirected.
+    for name in SCOPE_LINKS.iter().chain([&INBOUND_LINK]) {
         unpin_link(&layout.scope_link(id, name))?;
     }
     if layout.map(names::CONFIG).exists() {
@@ -142,7 +159,7 @@ fn cleanup_if_unused(layout: &PinLayout) -> Result<bool> {
     let scopes_left = fs::read_dir(layout.scopes_dir())
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
-        || (layout.map(names::CONFIG).exists() && !maps::read_scopes(layout)?.is_empty());
+        || !known_scopes(layout)?.is_empty();
     if scopes_left {
         return Ok(false);
     }

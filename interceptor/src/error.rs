@@ -9,6 +9,15 @@ pub enum Error {
     #[error("cgroup {path}: not a cgroup2 directory (the cgroup2 filesystem is mounted at {mount}); pass a directory under {mount}")]
     NotCgroup2 { path: PathBuf, mount: PathBuf },
 
+    #[error("network namespace {path}: no such file; pass a namespace file such as /run/netns/NAME or /proc/PID/ns/net")]
+    NetnsMissing { path: PathBuf },
+
+    #[error("{path} is not a network namespace; pass a namespace file such as /run/netns/NAME or /proc/PID/ns/net")]
+    NotNetns { path: PathBuf },
+
+    #[error("process {pid}: {reason}")]
+    Register { pid: i32, reason: String },
+
     #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo); mount one with `mount -t cgroup2 none /sys/fs/cgroup`")]
     NoCgroup2,
 
@@ -32,7 +41,7 @@ pub enum Error {
         expected: u32,
     },
 
-    #[error("cgroup {path} is not attached (see `interceptor status`)")]
+    #[error("{path} is not attached (see `interceptor status`)")]
     NotAttached { path: PathBuf },
 
     #[error("the kernel programs are not embedded in this build (it was built with AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]

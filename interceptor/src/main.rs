@@ -31,9 +31,13 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Redirect the TCP connections of a cgroup to the proxy (updates an attached cgroup in place).
+    /// Intercept a cgroup's outbound or a network namespace's inbound TCP connections
+    /// (updates an attached scope in place).
     Attach(cli::attach::AttachArgs),
-    /// Stop redirecting a cgroup's connections.
+    /// Put the proxy's inbound listener into an attached network namespace's map (again after
+    /// a proxy restart).
+    Register(cli::register::RegisterArgs),
+    /// Stop intercepting a cgroup or a network namespace.
     Detach(cli::detach::DetachArgs),
     /// Show attached cgroups, their settings and pinned links.
     Status(cli::status::StatusArgs),
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Attach(a) => cli::attach::run(&layout, a),
         Command::Detach(a) => cli::detach::run(&layout, a),
+        Command::Register(a) => cli::register::run(&layout, a),
         Command::Status(a) => cli::status::run(&layout, a),
         Command::Stats(a) => cli::stats::run(&layout, a),
     };

@@ -7,18 +7,20 @@ use std::{
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, PerCpuHashMap,
+    Array, HashMap, Map, MapData, PerCpuHashMap, SockHash,
 };
 use interceptor_common::{
-    maps as names, Counter, CounterKey, ScopeConfig, ScopeMeta, ScopedV4, ScopedV6, ScopedValue,
-    FLAG_INCLUDE4, FLAG_INCLUDE6, LAYOUT_VERSION, LPM_SCOPE_BITS, META_PATH_LEN,
+    maps as names, Counter, CounterKey, InboundConfig, ScopeConfig, ScopeMeta, ScopedV4, ScopedV6,
+    ScopedValue, SockKey, AF_INET, AF_INET6, FLAG_FAIL_OPEN, FLAG_INCLUDE4, FLAG_INCLUDE6,
+    FLAG_INCLUDE_PORTS, IN_PORT_EXCLUDED, IN_PORT_INCLUDED, LAYOUT_VERSION, LPM_SCOPE_BITS,
+    META_PATH_LEN,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     error::{Error, Result},
     paths::PinLayout,
-    settings::ScopeSettings,
+    settings::{InboundSettings, ProxyDown, ScopeSettings},
 };
 
 fn open(layout: &PinLayout, name: &str) -> Result<MapData> {
@@ -222,6 +224,9 @@ pub fn write_scope(layout: &PinLayout, scope: u64, path: &Path, s: &ScopeSetting
     if s.includes_v6() {
         flags |= FLAG_INCLUDE6;
     }
+    if s.on_proxy_down == ProxyDown::Open {
+        flags |= FLAG_FAIL_OPEN;
+    }
     let cfg = ScopeConfig {
         proxy_port: s.proxy_port,
         _pad: 0,
@@ -229,16 +234,7 @@ pub fn write_scope(layout: &PinLayout, scope: u64, path: &Path, s: &ScopeSetting
         flags,
         _pad2: 0,
     };
-    let mut m = ScopeMeta {
-        path_len: 0,
-        _pad: 0,
-        path: [0; META_PATH_LEN],
-    };
-    let bytes = path.as_os_str().as_encoded_bytes();
-    let n = bytes.len().min(META_PATH_LEN);
-    m.path[..n].copy_from_slice(&bytes[..n]);
-    m.path_len = n as u32;
-    meta.insert(scope, m, 0)
+    meta.insert(scope, scope_meta(path), 0)
         .map_err(map_err("writing ICP_META"))?;
     config
         .insert(scope, cfg, 0)
@@ -274,6 +270,29 @@ pub fn remove_scope(layout: &PinLayout, scope: u64) -> Result<()> {
     for k in stale {
         let _ = counters.remove(&k);
     }
+    if layout.map(names::IN_CONFIG).exists() {
+        let mut in_config: HashMap<MapData, u64, InboundConfig> =
+            typed(layout, names::IN_CONFIG, Map::HashMap)?;
+        let _ = in_config.remove(&scope);
+        let mut in_ports: HashMap<MapData, ScopedValue, u8> =
+            typed(layout, names::IN_PORTS, Map::HashMap)?;
+        let stale: Vec<ScopedValue> = in_ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.scope == scope)
+            .collect();
+        for k in stale {
+            let _ = in_ports.remove(&k);
+        }
+        let mut socks: SockHash<MapData, SockKey> = typed(layout, names::IN_SOCKS, Map::SockHash)?;
+        for family in [AF_INET, AF_INET6] {
+            let _ = socks.remove(&SockKey {
+                scope,
+                family: family as u32,
+                _pad: 0,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -296,14 +315,7 @@ pub fn read_scopes(layout: &PinLayout) -> Result<Vec<StoredScope>> {
     let mut scopes: BTreeMap<u64, StoredScope> = BTreeMap::new();
     for entry in config.iter() {
         let (id, cfg) = entry.map_err(map_err("reading ICP_CONFIG"))?;
-        let path = meta
-            .get(&id, 0)
-            .ok()
-            .map(|m| {
-                String::from_utf8_lossy(&m.path[..(m.path_len as usize).min(META_PATH_LEN)])
-                    .into_owned()
-            })
-            .unwrap_or_default();
+        let path = meta_path(&meta, id);
         scopes.insert(
             id,
             StoredScope {
@@ -316,6 +328,11 @@ pub fn read_scopes(layout: &PinLayout) -> Result<Vec<StoredScope>> {
                     exclude_ports: BTreeSet::new(),
                     exclude_cidrs: BTreeSet::new(),
                     include_cidrs: BTreeSet::new(),
+                    on_proxy_down: if cfg.flags & FLAG_FAIL_OPEN != 0 {
+                        ProxyDown::Open
+                    } else {
+                        ProxyDown::Closed
+                    },
                 },
             },
         );
@@ -407,4 +424,162 @@ pub fn words_to_ip(words: [u32; 4]) -> IpAddr {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
     }
+}
+
+fn scope_meta(path: &Path) -> ScopeMeta {
+    let mut m = ScopeMeta {
+        path_len: 0,
+        _pad: 0,
+        path: [0; META_PATH_LEN],
+    };
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let n = bytes.len().min(META_PATH_LEN);
+    m.path[..n].copy_from_slice(&bytes[..n]);
+    m.path_len = n as u32;
+    m
+}
+
+fn meta_path(meta: &HashMap<MapData, u64, ScopeMeta>, id: u64) -> String {
+    meta.get(&id, 0)
+        .ok()
+        .map(|m| {
+            String::from_utf8_lossy(&m.path[..(m.path_len as usize).min(META_PATH_LEN)])
+                .into_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes (or rewrites in place) an inbound scope's settings.
+pub fn write_inbound_scope(
+    layout: &PinLayout,
+    scope: u64,
+    path: &Path,
+    s: &InboundSettings,
+) -> Result<()> {
+    let mut ports: HashMap<MapData, ScopedValue, u8> =
+        typed(layout, names::IN_PORTS, Map::HashMap)?;
+    let mut config: HashMap<MapData, u64, InboundConfig> =
+        typed(layout, names::IN_CONFIG, Map::HashMap)?;
+    let mut meta: HashMap<MapData, u64, ScopeMeta> = typed(layout, names::META, Map::HashMap)?;
+    let wanted: BTreeMap<u32, u8> = s
+        .exclude_ports
+        .iter()
+        .map(|p| (*p as u32, IN_PORT_EXCLUDED))
+        .chain(
+            s.include_ports
+                .iter()
+                .map(|p| (*p as u32, IN_PORT_INCLUDED)),
+        )
+        .collect();
+    for (port, kind) in &wanted {
+        ports
+            .insert(scoped(scope, *port), kind, 0)
+            .map_err(map_err("writing ICP_IN_PORTS"))?;
+    }
+    let stale: Vec<ScopedValue> = ports
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| k.scope == scope && !wanted.contains_key(&k.value))
+        .collect();
+    let mut flags = 0;
+    if !s.include_ports.is_empty() {
+        flags |= FLAG_INCLUDE_PORTS;
+    }
+    if s.on_proxy_down == ProxyDown::Open {
+        flags |= FLAG_FAIL_OPEN;
+    }
+    let cfg = InboundConfig {
+        inbound_port: s.inbound_port,
+        _pad: 0,
+        flags,
+    };
+    meta.insert(scope, scope_meta(path), 0)
+        .map_err(map_err("writing ICP_META"))?;
+    config
+        .insert(scope, cfg, 0)
+        .map_err(map_err("writing ICP_IN_CONFIG"))?;
+    for k in stale {
+        let _ = ports.remove(&k);
+    }
+    Ok(())
+}
+
+/// An inbound scope as the maps describe it.
+#[derive(Clone, Debug)]
+pub struct StoredInbound {
+    pub id: u64,
+    pub path: String,
+    pub settings: InboundSettings,
+    /// Families (`AF_INET`, `AF_INET6`) with a registered inbound listener.
+    pub registered: Vec<u16>,
+}
+
+/// Every inbound scope, with its settings read back from the maps.
+pub fn read_inbound_scopes(layout: &PinLayout) -> Result<Vec<StoredInbound>> {
+    if !layout.map(names::IN_CONFIG).exists() {
+        return Ok(Vec::new());
+    }
+    let config: HashMap<MapData, u64, InboundConfig> =
+        typed(layout, names::IN_CONFIG, Map::HashMap)?;
+    let meta: HashMap<MapData, u64, ScopeMeta> = typed(layout, names::META, Map::HashMap)?;
+    let ports: HashMap<MapData, ScopedValue, u8> = typed(layout, names::IN_PORTS, Map::HashMap)?;
+    let socks: SockHash<MapData, SockKey> = typed(layout, names::IN_SOCKS, Map::SockHash)?;
+    let mut out: BTreeMap<u64, StoredInbound> = BTreeMap::new();
+    for entry in config.iter() {
+        let (id, cfg) = entry.map_err(map_err("reading ICP_IN_CONFIG"))?;
+        out.insert(
+            id,
+            StoredInbound {
+                id,
+                path: meta_path(&meta, id),
+                settings: InboundSettings {
+                    inbound_port: cfg.inbound_port,
+                    exclude_ports: BTreeSet::new(),
+                    include_ports: BTreeSet::new(),
+                    on_proxy_down: if cfg.flags & FLAG_FAIL_OPEN != 0 {
+                        ProxyDown::Open
+                    } else {
+                        ProxyDown::Closed
+                    },
+                },
+                registered: Vec::new(),
+            },
+        );
+    }
+    for entry in ports.iter() {
+        let Ok((k, kind)) = entry else { continue };
+        if let Some(s) = out.get_mut(&k.scope) {
+            let set = if kind == IN_PORT_INCLUDED {
+                &mut s.settings.include_ports
+            } else {
+                &mut s.settings.exclude_ports
+            };
+            set.insert(k.value as u16);
+        }
+    }
+    for k in socks.keys().filter_map(|k| k.ok()) {
+        if let Some(s) = out.get_mut(&k.scope) {
+            s.registered.push(k.family as u16);
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+/// Puts the proxy's inbound listener of `family` for `scope` into `ICP_IN_SOCKS`, replacing
+/// any earlier one.
+pub fn register_listener(
+    layout: &PinLayout,
+    scope: u64,
+    family: u16,
+    sock: &impl std::os::fd::AsRawFd,
+) -> Result<()> {
+    let mut socks: SockHash<MapData, SockKey> = typed(layout, names::IN_SOCKS, Map::SockHash)?;
+    let key = SockKey {
+        scope,
+        family: family as u32,
+        _pad: 0,
+    };
+    socks
+        .insert(key, sock.as_raw_fd(), 0)
+        .map_err(map_err("writing ICP_IN_SOCKS"))
 }

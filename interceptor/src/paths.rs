@@ -9,6 +9,9 @@
 //!   scopes/<cgroup id>/connect6  link: redirect_connect6 on the scope's cgroup
 //!   scopes/<cgroup id>/getpeername4, getpeername6
 //!                                links: restore_getpeername4/6 on the scope's cgroup
+//!   scopes/<netns scope id>/sk_lookup
+//!                                link: steer_inbound on the network namespace (the id is the
+//!                                namespace's inode with bit 63 set)
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -23,6 +26,8 @@ pub struct PinLayout {
 
 /// The links pinned for one scope.
 pub const SCOPE_LINKS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
+/// The link pinned for an inbound scope (a network namespace).
+pub const INBOUND_LINK: &str = "sk_lookup";
 /// The links pinned once, at the cgroup2 root.
 pub const ROOT_LINKS: [&str; 2] = ["sock_ops", "getsockopt"];
 

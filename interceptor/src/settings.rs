@@ -12,6 +12,77 @@ pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
 /// Default bypass uid (the proxy's user in sidecar deployments).
 pub const DEFAULT_BYPASS_UID: u32 = 1337;
+/// Default port of the proxy's inbound listener.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+
+/// What happens to a scope's traffic while no proxy listens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyDown {
+    /// Connections are refused: nothing bypasses the proxy (the default, both directions).
+    #[default]
+    Closed,
+    /// Connections go where they were going, unproxied, and are counted.
+    Open,
+}
+
+impl FromStr for ProxyDown {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "closed" => Ok(ProxyDown::Closed),
+            "open" => Ok(ProxyDown::Open),
+            _ => Err(invalid(
+                "proxy-down policy",
+                s,
+                "expected `closed` (refuse connections) or `open` (let them go direct)",
+            )),
+        }
+    }
+}
+
+/// Settings of one inbound scope (a network namespace).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InboundSettings {
+    /// Port of the proxy's inbound listener; connections to it are never steered.
+    pub inbound_port: u16,
+    /// Local ports whose connections go straight to the workload (health probes, admin).
+    pub exclude_ports: BTreeSet<u16>,
+    /// When not empty, only these local ports are steered to the proxy.
+    pub include_ports: BTreeSet<u16>,
+    /// Policy while no inbound listener is registered.
+    pub on_proxy_down: ProxyDown,
+}
+
+impl Default for InboundSettings {
+    fn default() -> Self {
+        InboundSettings {
+            inbound_port: DEFAULT_INBOUND_PORT,
+            exclude_ports: BTreeSet::new(),
+            include_ports: BTreeSet::new(),
+            on_proxy_down: ProxyDown::Closed,
+        }
+    }
+}
+
+impl InboundSettings {
+    pub fn validate(&self) -> Result<()> {
+        if self.inbound_port == 0 {
+            return Err(invalid("inbound port", "0", "a port must be 1-65535"));
+        }
+        if self.exclude_ports.contains(&0) || self.include_ports.contains(&0) {
+            return Err(invalid("inbound port", "0", "a port must be 1-65535"));
+        }
+        if let Some(p) = self.exclude_ports.intersection(&self.include_ports).next() {
+            return Err(invalid(
+                "inbound port",
+                &p.to_string(),
+                "is both excluded and included; give it in one list only",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Settings of one scope.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -28,6 +99,8 @@ pub struct ScopeSettings {
     pub exclude_cidrs: BTreeSet<IpNet>,
     /// When not empty, only destinations inside these networks (per family) are redirected.
     pub include_cidrs: BTreeSet<IpNet>,
+    /// Policy while no proxy listens on the outbound port.
+    pub on_proxy_down: ProxyDown,
 }
 
 impl Default for ScopeSettings {
@@ -39,6 +112,7 @@ impl Default for ScopeSettings {
             exclude_ports: BTreeSet::new(),
             exclude_cidrs: BTreeSet::new(),
             include_cidrs: BTreeSet::new(),
+            on_proxy_down: ProxyDown::Closed,
         }
     }
 }

@@ -8,8 +8,12 @@ use crate::{error::Result, maps, paths::PinLayout, system};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ScopeStats {
-    pub cgroup: String,
-    pub cgroup_id: u64,
+    /// `outbound` (a cgroup) or `inbound` (a network namespace).
+    pub kind: &'static str,
+    /// The cgroup or network namespace path given at attach time.
+    pub path: String,
+    /// Scope id: the cgroup id, or the namespace inode with bit 63 set.
+    pub id: u64,
     pub counters: BTreeMap<&'static str, u64>,
 }
 
@@ -26,13 +30,13 @@ pub struct Stats {
 
 impl Stats {
     /// The counters of the scope attached to `cgroup`, if any.
-    pub fn scope(&self, cgroup_id: u64) -> Option<&ScopeStats> {
-        self.scopes.iter().find(|s| s.cgroup_id == cgroup_id)
+    pub fn scope(&self, id: u64) -> Option<&ScopeStats> {
+        self.scopes.iter().find(|s| s.id == id)
     }
 
     /// One counter of one scope (0 when absent).
-    pub fn get(&self, cgroup_id: u64, counter: Counter) -> u64 {
-        self.scope(cgroup_id)
+    pub fn get(&self, id: u64, counter: Counter) -> u64 {
+        self.scope(id)
             .and_then(|s| s.counters.get(counter.name()).copied())
             .unwrap_or(0)
     }
@@ -48,21 +52,27 @@ pub fn stats(layout: &PinLayout) -> Result<Stats> {
     let mut counters = maps::read_counters(layout)?;
     let (pending_records, handoff_records) = maps::record_counts(layout)?;
     let global = counters.remove(&0).unwrap_or_default();
-    let scopes = maps::read_scopes(layout)?
+    let mut scope = |kind, path, id, names: &[Counter]| {
+        let mut c: BTreeMap<&'static str, u64> = names.iter().map(|c| (c.name(), 0)).collect();
+        if let Some(found) = counters.remove(&id) {
+            c.extend(found);
+        }
+        ScopeStats {
+            kind,
+            path,
+            id,
+            counters: c,
+        }
+    };
+    let mut scopes: Vec<ScopeStats> = maps::read_scopes(layout)?
         .into_iter()
-        .map(|s| {
-            let mut c: BTreeMap<&'static str, u64> =
-                Counter::ALL.iter().map(|c| (c.name(), 0)).collect();
-            if let Some(found) = counters.remove(&s.id) {
-                c.extend(found);
-            }
-            ScopeStats {
-                cgroup: s.path,
-                cgroup_id: s.id,
-                counters: c,
-            }
-        })
+        .map(|s| scope("outbound", s.path, s.id, &Counter::OUTBOUND))
         .collect();
+    scopes.extend(
+        maps::read_inbound_scopes(layout)?
+            .into_iter()
+            .map(|s| scope("inbound", s.path, s.id, &Counter::INBOUND)),
+    );
     Ok(Stats {
         scopes,
         global,

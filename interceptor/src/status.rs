@@ -2,13 +2,14 @@
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
+use interceptor_common::AF_INET;
 use serde::Serialize;
 
 use crate::{
     error::Result,
     maps,
-    paths::{PinLayout, ROOT_LINKS, SCOPE_LINKS},
-    settings::ScopeSettings,
+    paths::{PinLayout, INBOUND_LINK, ROOT_LINKS, SCOPE_LINKS},
+    settings::{InboundSettings, ScopeSettings},
     system,
 };
 
@@ -32,11 +33,26 @@ pub struct ScopeStatus {
 }
 
 #[derive(Clone, Debug, Serialize)]
+pub struct InboundStatus {
+    pub netns: String,
+    pub scope_id: u64,
+    /// False when the namespace file was removed after attach.
+    pub netns_exists: bool,
+    pub settings: InboundSettings,
+    /// Families whose inbound listener is registered (`ipv4`, `ipv6`); empty while no proxy is.
+    pub registered: Vec<&'static str>,
+    pub links: Vec<LinkStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct Status {
     pub pin_dir: PathBuf,
     pub layout_version: Option<u32>,
     pub root_links: Vec<LinkStatus>,
+    /// Outbound scopes (cgroups).
     pub scopes: Vec<ScopeStatus>,
+    /// Inbound scopes (network namespaces).
+    pub inbound: Vec<InboundStatus>,
 }
 
 fn link_status(name: &'static str, pin: PathBuf) -> LinkStatus {
@@ -58,6 +74,7 @@ pub fn status(layout: &PinLayout) -> Result<Status> {
         layout_version: None,
         root_links: Vec::new(),
         scopes: Vec::new(),
+        inbound: Vec::new(),
     };
     if !system::pin_dir_present(layout.root())
         || !layout.map(interceptor_common::maps::CONFIG).exists()
@@ -67,6 +84,7 @@ pub fn status(layout: &PinLayout) -> Result<Status> {
     out.layout_version = maps::stored_layout(layout)?;
     out.root_links = ROOT_LINKS
         .iter()
+        .filter(|n| layout.root_link(n).exists())
         .map(|n| link_status(n, layout.root_link(n)))
         .collect();
     for scope in maps::read_scopes(layout)? {
@@ -79,6 +97,23 @@ pub fn status(layout: &PinLayout) -> Result<Status> {
                 .iter()
                 .map(|n| link_status(n, layout.scope_link(scope.id, n)))
                 .collect(),
+        });
+    }
+    for scope in maps::read_inbound_scopes(layout)? {
+        out.inbound.push(InboundStatus {
+            netns_exists: Path::new(&scope.path).exists(),
+            netns: scope.path,
+            scope_id: scope.id,
+            settings: scope.settings,
+            registered: scope
+                .registered
+                .iter()
+                .map(|f| if *f == AF_INET { "ipv4" } else { "ipv6" })
+                .collect(),
+            links: vec![link_status(
+                INBOUND_LINK,
+                layout.scope_link(scope.id, INBOUND_LINK),
+            )],
         });
     }
     Ok(out)

@@ -1,9 +1,13 @@
-//! The two bpf(2) commands the loader issues itself: BPF_LINK_CREATE and BPF_OBJ_PIN.
+//! The system calls the loader issues itself. This is the crate's only unsafe code.
 //!
-//! aya 0.14 creates bpf_links for cgroup programs but cannot hand out the link of a
-//! `cgroup/getsockopt` program as a pinnable `FdLink`; doing the two calls here gives every
-//! program one code path. This is the crate's only unsafe code: two syscalls with a zeroed,
-//! correctly sized `union bpf_attr`.
+//! - BPF_LINK_CREATE and BPF_OBJ_PIN: aya 0.14 creates bpf_links for cgroup programs but
+//!   cannot hand out the link of a `cgroup/getsockopt` program as a pinnable `FdLink`; doing
+//!   the two calls here gives every program one code path (a zeroed, correctly sized
+//!   `union bpf_attr`).
+//! - pidfd_open / pidfd_getfd: to take a copy of the proxy's inbound listening socket from
+//!   its process, so the proxy itself needs no access to bpf.
+//! - ioctl NS_GET_NSTYPE and SIOCGSKNS: to check that a path is a network namespace and which
+//!   namespace a socket belongs to.
 #![allow(unsafe_code)]
 
 use std::{
@@ -27,6 +31,7 @@ pub enum AttachType {
     CgroupGetsockopt = 21,
     Inet4Getpeername = 29,
     Inet6Getpeername = 30,
+    SkLookup = 36,
 }
 
 /// Large enough for every `union bpf_attr` member we use; the kernel checks that the bytes
@@ -75,4 +80,49 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr.0[0..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
     attr.0[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// `ioctl(NS_GET_NSTYPE)`: the `CLONE_NEW*` type of a namespace file.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+/// `ioctl(SIOCGSKNS)`: a new fd for the network namespace of a socket.
+const SIOCGSKNS: libc::c_ulong = 0x894c;
+
+/// Whether `fd` refers to a network namespace.
+pub fn is_netns(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: NS_GET_NSTYPE takes no argument and only returns a value.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+    ret == libc::CLONE_NEWNET
+}
+
+/// The network namespace a socket belongs to, as an fd.
+pub fn socket_netns(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd or -1.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGSKNS as _) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// `pidfd_getfd(pidfd, target_fd, 0)`: a duplicate of another process's fd.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
 }

@@ -10,15 +10,22 @@ pub struct StatsArgs {
     #[arg(long)]
     json: bool,
     /// Only this cgroup's counters.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "netns")]
     cgroup: Option<PathBuf>,
+    /// Only this network namespace's (inbound) counters.
+    #[arg(long)]
+    netns: Option<PathBuf>,
 }
 
 pub fn run(layout: &PinLayout, a: StatsArgs) -> Result<()> {
     let mut st = interceptor::stats(layout)?;
-    if let Some(path) = &a.cgroup {
-        let cg = interceptor::cgroup::resolve(path)?;
-        st.scopes.retain(|s| s.cgroup_id == cg.id);
+    let only = match (&a.cgroup, &a.netns) {
+        (Some(path), _) => Some((path, interceptor::cgroup::resolve(path)?.id)),
+        (_, Some(path)) => Some((path, interceptor::netns::resolve(path)?.scope_id())),
+        _ => None,
+    };
+    if let Some((path, id)) = only {
+        st.scopes.retain(|s| s.id == id);
         if st.scopes.is_empty() {
             return Err(interceptor::Error::NotAttached { path: path.clone() }).context("stats");
         }
@@ -28,7 +35,12 @@ pub fn run(layout: &PinLayout, a: StatsArgs) -> Result<()> {
         return Ok(());
     }
     for s in &st.scopes {
-        println!("cgroup {} (id {})", s.cgroup, s.cgroup_id);
+        let what = if s.kind == "inbound" {
+            "netns"
+        } else {
+            "cgroup"
+        };
+        println!("{what} {} ({} scope {})", s.path, s.kind, s.id);
         for (name, v) in &s.counters {
             println!("  {name:<18} {v}");
         }

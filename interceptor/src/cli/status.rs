@@ -25,8 +25,8 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
         return Ok(());
     }
     println!("pin dir: {}", st.pin_dir.display());
-    if st.scopes.is_empty() {
-        println!("no cgroup attached");
+    if st.scopes.is_empty() && st.inbound.is_empty() {
+        println!("nothing attached");
         return Ok(());
     }
     for l in &st.root_links {
@@ -47,16 +47,43 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
             if s.cgroup_exists { "" } else { ", REMOVED" }
         );
         println!(
-            "  proxy port {}  bypass mark {}  bypass uids {}",
+            "  proxy port {}  bypass mark {}  bypass uids {}  on proxy down {:?}",
             c.proxy_port,
             Mark(c.bypass_mark),
-            list(&c.bypass_uids)
+            list(&c.bypass_uids),
+            c.on_proxy_down
         );
         println!(
             "  exclude ports {}  exclude cidrs {}  include cidrs {}",
             list(&c.exclude_ports),
             list(&c.exclude_cidrs),
             list(&c.include_cidrs)
+        );
+        for l in &s.links {
+            println!(
+                "  link {:<9} {} (link {:?}, prog {:?})",
+                l.name,
+                l.pin.display(),
+                l.link_id,
+                l.program_id
+            );
+        }
+    }
+    for s in &st.inbound {
+        let c = &s.settings;
+        println!(
+            "netns {} (scope {}{})",
+            s.netns,
+            s.scope_id,
+            if s.netns_exists { "" } else { ", REMOVED" }
+        );
+        println!(
+            "  inbound port {}  exclude ports {}  include ports {}  on proxy down {:?}  registered {}",
+            c.inbound_port,
+            list(&c.exclude_ports),
+            list(&c.include_ports),
+            c.on_proxy_down,
+            list(&s.registered)
         );
         for l in &s.links {
             println!(
