@@ -222,18 +222,25 @@ fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
     }
 }
 
-/// With no proxy listening, the scope's policy decides: `Some(counter)` to leave the connect
-/// alone (fail open), `None` to redirect it anyway, where it is refused (fail closed).
+/// What to do with a connect while no proxy listens.
+enum ProxyDown {
+    /// A proxy listens: redirect and record as usual.
+    No,
+    /// Fail open: leave the connect alone.
+    Direct,
+    /// Fail closed: send it to the proxy's port, where it is refused; nothing to record.
+    Refuse,
+}
+
+/// With no proxy listening, the scope's policy decides.
 #[inline(always)]
-fn proxy_down(ctx: &SockAddrContext, scope: u64, cfg: &ScopeConfig, v6: bool) -> Option<Counter> {
+fn proxy_down(ctx: &SockAddrContext, cfg: &ScopeConfig, v6: bool) -> ProxyDown {
     if proxy_listening(ctx, v6, cfg.proxy_port) {
-        return None;
-    }
-    if cfg.flags & FLAG_FAIL_OPEN != 0 {
-        Some(Counter::ProxyDownDirect)
+        ProxyDown::No
+    } else if cfg.flags & FLAG_FAIL_OPEN != 0 {
+        ProxyDown::Direct
     } else {
-        count(scope, Counter::ProxyDownRefused);
-        None
+        ProxyDown::Refuse
     }
 }
 
@@ -271,17 +278,23 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
             count(scope, why);
             return ALLOW;
         }
-        if let Some(why) = proxy_down(&ctx, scope, cfg, false) {
-            count(scope, why);
-            return ALLOW;
-        }
-        if !record(&ctx, scope, AF_INET, addr, port) {
-            count(scope, Counter::RecordFailed);
-            return ALLOW;
-        }
+        let outcome = match proxy_down(&ctx, cfg, false) {
+            ProxyDown::Direct => {
+                count(scope, Counter::ProxyDownDirect);
+                return ALLOW;
+            }
+            ProxyDown::Refuse => Counter::ProxyDownRefused,
+            ProxyDown::No => {
+                if !record(&ctx, scope, AF_INET, addr, port) {
+                    count(scope, Counter::RecordFailed);
+                    return ALLOW;
+                }
+                Counter::Redirected
+            }
+        };
         (*sa).user_ip4 = LOOPBACK4;
         (*sa).user_port = u16::to_be(cfg.proxy_port) as u32;
-        count(scope, Counter::Redirected);
+        count(scope, outcome);
     }
     ALLOW
 }
@@ -314,14 +327,20 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             count(scope, why);
             return ALLOW;
         }
-        if let Some(why) = proxy_down(&ctx, scope, cfg, family == AF_INET6) {
-            count(scope, why);
-            return ALLOW;
-        }
-        if !record(&ctx, scope, family, addr, port) {
-            count(scope, Counter::RecordFailed);
-            return ALLOW;
-        }
+        let outcome = match proxy_down(&ctx, cfg, family == AF_INET6) {
+            ProxyDown::Direct => {
+                count(scope, Counter::ProxyDownDirect);
+                return ALLOW;
+            }
+            ProxyDown::Refuse => Counter::ProxyDownRefused,
+            ProxyDown::No => {
+                if !record(&ctx, scope, family, addr, port) {
+                    count(scope, Counter::RecordFailed);
+                    return ALLOW;
+                }
+                Counter::Redirected
+            }
+        };
         if family == AF_INET {
             // An IPv4-mapped destination stays IPv4 on the wire: send it to 127.0.0.1.
             (*sa).user_ip6[2] = u32::to_be(0x0000_ffff);
@@ -333,7 +352,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             (*sa).user_ip6[3] = LOOPBACK6[3];
         }
         (*sa).user_port = u16::to_be(cfg.proxy_port) as u32;
-        count(scope, Counter::Redirected);
+        count(scope, outcome);
     }
     ALLOW
 }

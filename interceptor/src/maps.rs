@@ -560,6 +560,7 @@ pub fn read_inbound_scopes(layout: &PinLayout) -> Result<Vec<StoredInbound>> {
     for k in socks.keys().filter_map(|k| k.ok()) {
         if let Some(s) = out.get_mut(&k.scope) {
             s.registered.push(k.family as u16);
+            s.registered.sort_unstable();
         }
     }
     Ok(out.into_values().collect())

@@ -1,6 +1,8 @@
-//! Admin HTTP/1.1 server: `GET /ready`, `GET /stats` (JSON), `GET /metrics` (Prometheus).
+//! Admin HTTP/1.1 server: `GET /ready`, `GET /stats` (JSON), `GET /metrics` (Prometheus),
+//! `GET /listeners` (JSON: the bound outbound and inbound addresses).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,11 +49,20 @@ impl ReadyState {
     }
 }
 
+/// The proxy's bound listener addresses; this is the `/listeners` JSON object, e.g.
+/// `{"outbound": ["127.0.0.1:15001"], "inbound": ["0.0.0.0:15006"]}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListenerAddrs {
+    pub outbound: Vec<SocketAddr>,
+    pub inbound: Vec<SocketAddr>,
+}
+
 /// What the admin handlers read.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub stats: Arc<Stats>,
     pub ready: Arc<ReadyState>,
+    pub listeners: Arc<ListenerAddrs>,
 }
 
 /// Serves admin requests on `listener` until `stop` is cancelled.
@@ -119,9 +130,14 @@ fn route(method: &Method, path: &str, state: &AdminState) -> Response<Full<Bytes
             state.stats.snapshot().to_prometheus().into(),
             "text/plain; version=0.0.4",
         ),
+        "/listeners" => {
+            let mut body = serde_json::to_vec(&*state.listeners).expect("addresses serialize");
+            body.push(b'\n');
+            with_type(StatusCode::OK, body.into(), "application/json")
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready, /stats or /metrics\n",
+            "not found; try /ready, /stats, /metrics or /listeners\n",
         ),
     }
 }
@@ -151,6 +167,13 @@ mod tests {
         let state = AdminState {
             stats: Arc::default(),
             ready: Arc::default(),
+            listeners: Arc::new(ListenerAddrs {
+                outbound: vec!["127.0.0.1:15001".parse().unwrap()],
+                inbound: vec![
+                    "0.0.0.0:15006".parse().unwrap(),
+                    "[::]:15006".parse().unwrap(),
+                ],
+            }),
         };
         assert_eq!(route(&Method::GET, "/ready", &state).status(), 503);
         state.ready.set(Readiness::Ready);
@@ -160,6 +183,9 @@ mod tests {
         assert_eq!(route(&Method::GET, "/stats", &state).status(), 200);
         assert_eq!(route(&Method::GET, "/metrics", &state).status(), 200);
         assert_eq!(route(&Method::GET, "/nope", &state).status(), 404);
+        let r = route(&Method::GET, "/listeners", &state);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
         assert_eq!(route(&Method::POST, "/stats", &state).status(), 405);
     }
 }

@@ -3,7 +3,7 @@
 //! Every validation error names the setting, the value that was given and what to do
 //! about it, so an operator can fix a unit file or a pod spec without reading code.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
@@ -14,6 +14,10 @@ pub const DEFAULT_OUTBOUND: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 /// Default bypass mark: the kernel programs let sockets carrying it through.
 pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
+/// Default source address of forwarded inbound connections to IPv4 destinations.
+pub const DEFAULT_INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// Default source address of forwarded inbound connections to IPv6 destinations.
+pub const DEFAULT_INBOUND_SOURCE6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 
 /// Command line of `interceptor-proxy`. Values are kept as text here and validated by
 /// [`Config::from_cli`], so every error has the same shape.
@@ -21,13 +25,33 @@ pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
 #[command(
     name = "interceptor-proxy",
     version,
-    about = "Outbound proxy behind the eBPF interception programs: learns each connection's \
-             original destination with getsockopt(SO_ORIGINAL_DST) and forwards to it."
+    about = "Proxy behind the eBPF interception programs: outbound, learns each connection's \
+             original destination with getsockopt(SO_ORIGINAL_DST) and forwards to it; \
+             inbound, forwards each steered connection to its local address."
 )]
 pub struct Cli {
     /// Outbound listener address (repeatable). Default: 127.0.0.1:15001 and [::1]:15001.
     #[arg(long = "outbound", value_name = "ADDR")]
     pub outbound: Vec<String>,
+
+    /// Inbound listener address (repeatable; default: none). Connections the kernel's
+    /// sk_lookup program steers here are forwarded to their (unchanged) local address.
+    /// Typically 0.0.0.0:15006 and [::]:15006.
+    #[arg(long = "inbound", value_name = "ADDR")]
+    pub inbound: Vec<String>,
+
+    /// Source address bound before connecting to the workload for IPv4 inbound
+    /// connections; interception must let it through (loopback sources are).
+    #[arg(
+        long = "inbound-source",
+        value_name = "ADDR4",
+        default_value = "127.0.0.6"
+    )]
+    pub inbound_source: String,
+
+    /// Source address bound before connecting to the workload for IPv6 inbound connections.
+    #[arg(long = "inbound-source6", value_name = "ADDR6", default_value = "::1")]
+    pub inbound_source6: String,
 
     /// SO_MARK set on upstream sockets so interception lets them through
     /// (hex 0x539 or decimal 1337; 0 = set no mark).
@@ -78,6 +102,12 @@ pub struct Config {
     /// because IPv6 is unavailable on this host is skipped with a warning instead of
     /// failing start-up. Addresses given explicitly are always required.
     pub outbound_ipv6_optional: bool,
+    /// Inbound listener addresses (none: no inbound listener).
+    pub inbound: Vec<SocketAddr>,
+    /// Source address of forwarded inbound connections to IPv4 destinations.
+    pub inbound_source: Ipv4Addr,
+    /// Source address of forwarded inbound connections to IPv6 destinations.
+    pub inbound_source6: Ipv6Addr,
     /// SO_MARK for upstream sockets; 0 = set no mark.
     pub bypass_mark: u32,
     /// Upstream connect timeout.
@@ -100,6 +130,9 @@ impl Default for Config {
                 .map(|a| a.parse().expect("default outbound address parses"))
                 .collect(),
             outbound_ipv6_optional: true,
+            inbound: Vec::new(),
+            inbound_source: DEFAULT_INBOUND_SOURCE,
+            inbound_source6: DEFAULT_INBOUND_SOURCE6,
             bypass_mark: DEFAULT_BYPASS_MARK,
             connect_timeout: Duration::from_secs(5),
             admin: Some(DEFAULT_ADMIN.parse().expect("default admin address parses")),
@@ -192,6 +225,15 @@ impl Config {
             }
         }
 
+        let inbound = cli
+            .inbound
+            .iter()
+            .map(|s| parse_addr("--inbound", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_inbound_overlaps(&inbound, &outbound, admin)?;
+        let inbound_source = parse_source4(&cli.inbound_source)?;
+        let inbound_source6 = parse_source6(&cli.inbound_source6)?;
+
         let connect_timeout = parse_duration("--connect-timeout", &cli.connect_timeout)?;
         if connect_timeout.is_zero() {
             return Err(ConfigError::new(
@@ -241,6 +283,9 @@ impl Config {
         Ok(Config {
             outbound,
             outbound_ipv6_optional,
+            inbound,
+            inbound_source,
+            inbound_source6,
             bypass_mark: parse_mark(&cli.bypass_mark)?,
             connect_timeout,
             admin,
@@ -277,6 +322,109 @@ fn parse_addr(setting: &'static str, s: &str) -> Result<SocketAddr, ConfigError>
             "write it as 127.0.0.1:15001 or [::1]:15001 (host names are not resolved)",
         )
     })
+}
+
+/// Whether listeners bound to `a` and `b` would take the same port: same family and port
+/// (not 0), and the same address or either one the wildcard.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Every --inbound listener needs a port of its own: not another inbound listener's, not
+/// an outbound or the admin listener's (on the same or the wildcard address).
+fn check_inbound_overlaps(
+    inbound: &[SocketAddr],
+    outbound: &[SocketAddr],
+    admin: Option<SocketAddr>,
+) -> Result<(), ConfigError> {
+    const HINT: &str = "give each inbound listener its own port, e.g. --inbound 0.0.0.0:15006 --inbound [::]:15006";
+    for (i, &a) in inbound.iter().enumerate() {
+        let value = a.to_string();
+        if let Some(&b) = inbound[..i].iter().find(|&&b| overlap(a, b)) {
+            let problem = if a == b {
+                "given more than once".to_owned()
+            } else {
+                format!("overlaps the --inbound listener {b} (same port)")
+            };
+            return Err(ConfigError::new("--inbound", &value, problem, HINT));
+        }
+        if let Some(&b) = outbound.iter().find(|&&b| overlap(a, b)) {
+            return Err(ConfigError::new(
+                "--inbound",
+                &value,
+                format!("overlaps the --outbound listener {b} (same port)"),
+                HINT,
+            ));
+        }
+        if let Some(b) = admin.filter(|&b| overlap(a, b)) {
+            return Err(ConfigError::new(
+                "--inbound",
+                &value,
+                format!("overlaps the --admin listener {b} (same port)"),
+                HINT,
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_source4(s: &str) -> Result<Ipv4Addr, ConfigError> {
+    const SETTING: &str = "--inbound-source";
+    const HINT: &str = "give an IPv4 address without a port that the interception lets through, e.g. 127.0.0.6 (the default)";
+    let ip = match s.trim().parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip,
+        Ok(IpAddr::V6(_)) => {
+            return Err(ConfigError::new(
+                SETTING,
+                s,
+                "an IPv6 address; this is the IPv4 source",
+                "set the IPv6 source with --inbound-source6, and an IPv4 address such as 127.0.0.6 here",
+            ))
+        }
+        Err(_) => return Err(ConfigError::new(SETTING, s, "not an IPv4 address", HINT)),
+    };
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(ConfigError::new(
+            SETTING,
+            s,
+            "cannot be a connection's source address",
+            HINT,
+        ));
+    }
+    Ok(ip)
+}
+
+fn parse_source6(s: &str) -> Result<Ipv6Addr, ConfigError> {
+    const SETTING: &str = "--inbound-source6";
+    const HINT: &str = "give an IPv6 address without a port that the interception lets through, e.g. ::1 (the default)";
+    let t = s.trim();
+    let t = t
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(t);
+    let ip =
+        match t.parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => ip,
+            Ok(IpAddr::V4(_)) => return Err(ConfigError::new(
+                SETTING,
+                s,
+                "an IPv4 address; this is the IPv6 source",
+                "set the IPv4 source with --inbound-source, and an IPv6 address such as ::1 here",
+            )),
+            Err(_) => return Err(ConfigError::new(SETTING, s, "not an IPv6 address", HINT)),
+        };
+    if ip.is_unspecified() || ip.is_multicast() || ip.to_ipv4_mapped().is_some() {
+        return Err(ConfigError::new(
+            SETTING,
+            s,
+            "cannot be the source address of an IPv6 connection",
+            HINT,
+        ));
+    }
+    Ok(ip)
 }
 
 /// Parses a socket mark: `0x539` (hex) or `1337` (decimal). 0 means "set no mark".
@@ -363,6 +511,103 @@ mod tests {
         assert_eq!(c.admin, Some("127.0.0.1:15000".parse().unwrap()));
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.workers >= 1);
+        assert!(c.inbound.is_empty(), "no inbound listener unless asked for");
+        assert_eq!(c.inbound_source, Ipv4Addr::new(127, 0, 0, 6));
+        assert_eq!(c.inbound_source6, Ipv6Addr::LOCALHOST);
+        assert_eq!(
+            c,
+            Config {
+                workers: c.workers,
+                ..Config::default()
+            }
+        );
+    }
+
+    #[test]
+    fn inbound_repeatable_and_validated() {
+        let c = parse(&["--inbound", "0.0.0.0:15006", "--inbound", "[::]:15006"]).unwrap();
+        assert_eq!(
+            c.inbound,
+            vec![
+                "0.0.0.0:15006".parse().unwrap(),
+                "[::]:15006".parse().unwrap()
+            ]
+        );
+        // Port 0 (pick one) may be given more than once.
+        let c = parse(&["--inbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0"]).unwrap();
+        assert_eq!(c.inbound.len(), 2);
+
+        let e = invalid(&["--inbound", "15006"]);
+        assert_eq!((e.setting, e.value.as_str()), ("--inbound", "15006"));
+        assert!(e.to_string().contains("IP:port"), "{e}");
+        let e = invalid(&["--inbound", "0.0.0.0:15006", "--inbound", "0.0.0.0:15006"]);
+        assert!(e.to_string().contains("more than once"), "{e}");
+        let e = invalid(&["--inbound", "0.0.0.0:15006", "--inbound", "127.0.0.1:15006"]);
+        assert!(
+            e.to_string()
+                .contains("overlaps the --inbound listener 0.0.0.0:15006"),
+            "{e}"
+        );
+        // The default outbound and admin listeners count too, through the wildcard.
+        let e = invalid(&["--inbound", "0.0.0.0:15001"]);
+        assert_eq!(e.setting, "--inbound");
+        assert!(
+            e.to_string()
+                .contains("overlaps the --outbound listener 127.0.0.1:15001"),
+            "{e}"
+        );
+        let e = invalid(&["--inbound", "[::]:15001"]);
+        assert!(
+            e.to_string().contains("--outbound listener [::1]:15001"),
+            "{e}"
+        );
+        let e = invalid(&["--inbound", "127.0.0.1:15000"]);
+        assert!(
+            e.to_string().contains("overlaps the --admin listener"),
+            "{e}"
+        );
+        assert!(parse(&["--inbound", "0.0.0.0:15000", "--admin", "off"]).is_ok());
+        // Other family, same port: fine (the IPv6 listener is IPv6-only).
+        assert!(parse(&["--inbound", "[::]:15000"]).is_ok());
+    }
+
+    #[test]
+    fn inbound_sources() {
+        let c = parse(&[
+            "--inbound-source",
+            "127.0.0.7",
+            "--inbound-source6",
+            "fd00::6",
+        ])
+        .unwrap();
+        assert_eq!(c.inbound_source, Ipv4Addr::new(127, 0, 0, 7));
+        assert_eq!(c.inbound_source6, "fd00::6".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            parse(&["--inbound-source6", "[::6]"])
+                .unwrap()
+                .inbound_source6,
+            "::6".parse::<Ipv6Addr>().unwrap()
+        );
+        for bad in [
+            "127.0.0.6:0",
+            "localhost",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "",
+        ] {
+            let e = invalid(&["--inbound-source", bad]);
+            assert_eq!((e.setting, e.value.as_str()), ("--inbound-source", bad));
+            assert!(e.to_string().contains("127.0.0.6"), "{e}");
+        }
+        let e = invalid(&["--inbound-source", "::1"]);
+        assert!(e.to_string().contains("--inbound-source6"), "{e}");
+        for bad in ["::", "ff02::1", "::ffff:127.0.0.6", "[::1]:0", "x"] {
+            let e = invalid(&["--inbound-source6", bad]);
+            assert_eq!((e.setting, e.value.as_str()), ("--inbound-source6", bad));
+        }
+        let e = invalid(&["--inbound-source6", "127.0.0.6"]);
+        assert!(e.to_string().contains("--inbound-source"), "{e}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::time::Duration;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use crate::stats::Stats;
+use crate::stats::DirectionStats;
 
 /// Size of one copy buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
@@ -100,7 +100,11 @@ pub struct ForwardReport {
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
 /// fails), then closes both sockets. Adds the bytes to `stats` as they flow.
-pub async fn forward(client: TcpStream, upstream: TcpStream, stats: &Stats) -> ForwardReport {
+pub async fn forward(
+    client: TcpStream,
+    upstream: TcpStream,
+    stats: &DirectionStats,
+) -> ForwardReport {
     let mut copy = Bidirectional {
         client: &client,
         upstream: &upstream,
@@ -133,7 +137,7 @@ pub fn reset_on_close(stream: &TcpStream) {
 struct Bidirectional<'a> {
     client: &'a TcpStream,
     upstream: &'a TcpStream,
-    stats: &'a Stats,
+    stats: &'a DirectionStats,
     c2u: Direction,
     u2c: Direction,
 }

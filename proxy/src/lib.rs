@@ -10,13 +10,21 @@
 //!    which the kernel programs let through;
 //! 4. copies both ways with half-close and reset propagation ([`forward`]).
 //!
+//! With `--inbound`, it also accepts connections that the kernel's `sk_lookup` program
+//! steers to the inbound listener for the workload's ports ([`inbound`]): the accepted
+//! socket's local address is the original destination, and the proxy forwards there
+//! from the inbound source address (default 127.0.0.6 / ::1). Both directions share the
+//! accept loop, the upstream connect and the copy loop ([`conn`]).
+//!
 //! Use [`Proxy::bind`] then [`Proxy::serve`], or [`run`] which does both and stops on
 //! SIGTERM/SIGINT. Counters are in [`stats`]; the admin server in [`admin`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod conn;
 pub mod forward;
+pub mod inbound;
 pub mod original_dst;
 pub mod outbound;
 pub mod stats;
@@ -35,9 +43,11 @@ use tracing::{info, warn};
 
 pub use config::{Config, ConfigError, LogFormat};
 pub use outbound::OriginalDstLookup;
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{DirectionSnapshot, DirectionStats, Stats, StatsSnapshot};
 
-use admin::{AdminState, Readiness, ReadyState};
+use admin::{AdminState, ListenerAddrs, Readiness, ReadyState};
+use conn::bind_listener;
+use inbound::Inbound;
 use outbound::Outbound;
 
 /// Why the proxy could not start.
@@ -46,7 +56,7 @@ pub enum ProxyError {
     /// A listener could not be bound.
     #[error("{what} {addr}: {}", describe_bind_error(what, error))]
     Bind {
-        /// "outbound listener" or "admin listener".
+        /// "outbound listener", "inbound listener" or "admin listener".
         what: &'static str,
         addr: SocketAddr,
         error: io::Error,
@@ -69,6 +79,8 @@ pub enum ProxyError {
 fn describe_bind_error(what: &str, e: &io::Error) -> String {
     let flag = if what.starts_with("admin") {
         "--admin ADDR or --admin off"
+    } else if what.starts_with("inbound") {
+        "--inbound ADDR"
     } else {
         "--outbound ADDR"
     };
@@ -95,6 +107,7 @@ fn is_ipv6_unavailable(e: &io::Error) -> bool {
 pub struct Proxy {
     config: Config,
     listeners: Vec<TcpListener>,
+    inbound: Vec<TcpListener>,
     admin: Option<TcpListener>,
     stats: Arc<Stats>,
     ready: Arc<ReadyState>,
@@ -105,19 +118,20 @@ impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("outbound", &self.outbound_addrs())
+            .field("inbound", &self.inbound_addrs())
             .field("admin", &self.admin_addr())
             .finish_non_exhaustive()
     }
 }
 
 impl Proxy {
-    /// Checks the bypass mark and binds the outbound and admin listeners. Must be called
-    /// inside a tokio runtime. Port 0 in an address picks a free port (see
-    /// [`Proxy::outbound_addrs`]).
+    /// Checks the bypass mark and binds the outbound, inbound and admin listeners. Must
+    /// be called inside a tokio runtime. Port 0 in an address picks a free port (see
+    /// [`Proxy::outbound_addrs`], [`Proxy::inbound_addrs`]).
     pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
         let mut listeners = Vec::with_capacity(config.outbound.len());
         for &addr in &config.outbound {
-            match outbound::bind_listener(addr).and_then(TcpListener::from_std) {
+            match bind_listener(addr).and_then(TcpListener::from_std) {
                 Ok(l) => listeners.push(l),
                 Err(e)
                     if addr.is_ipv6()
@@ -138,6 +152,19 @@ impl Proxy {
         if listeners.is_empty() {
             return Err(ProxyError::NoOutboundListeners);
         }
+        let inbound = config
+            .inbound
+            .iter()
+            .map(|&addr| {
+                bind_listener(addr)
+                    .and_then(TcpListener::from_std)
+                    .map_err(|error| ProxyError::Bind {
+                        what: "inbound listener",
+                        addr,
+                        error,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if config.bypass_mark != 0 {
             let domain = if config.outbound[0].is_ipv6() {
                 Domain::IPV6
@@ -154,7 +181,7 @@ impl Proxy {
         let admin = match config.admin {
             None => None,
             Some(addr) => Some(
-                outbound::bind_listener(addr)
+                bind_listener(addr)
                     .and_then(TcpListener::from_std)
                     .map_err(|error| ProxyError::Bind {
                         what: "admin listener",
@@ -166,6 +193,7 @@ impl Proxy {
         Ok(Proxy {
             config,
             listeners,
+            inbound,
             admin,
             stats: Arc::default(),
             ready: Arc::default(),
@@ -176,6 +204,14 @@ impl Proxy {
     /// The bound outbound listener addresses (IPv6 ones may have been skipped).
     pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The bound inbound listener addresses (empty without `--inbound`).
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        self.inbound
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
@@ -206,25 +242,40 @@ impl Proxy {
     /// lets open connections finish for up to `drain_timeout`, closes what is left and
     /// returns the final counters.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> StatsSnapshot {
+        let outbound_addrs = self.outbound_addrs();
+        let inbound_addrs = self.inbound_addrs();
+        let admin_addr = self.admin_addr();
         let Proxy {
             config,
             listeners,
+            inbound,
             admin,
             stats,
             ready,
             lookup,
         } = self;
-        let outbound_addrs: Vec<SocketAddr> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
-        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        let ctx = Arc::new(Outbound {
+        let outbound_ctx = Arc::new(Outbound {
             listeners: outbound_addrs.clone(),
             bypass_mark: config.bypass_mark,
             connect_timeout: config.connect_timeout,
             stats: stats.clone(),
             lookup,
+        });
+        let mut own_ports: Vec<u16> = outbound_addrs
+            .iter()
+            .chain(&inbound_addrs)
+            .chain(&admin_addr)
+            .map(|a| a.port())
+            .collect();
+        own_ports.sort_unstable();
+        own_ports.dedup();
+        let inbound_ctx = Arc::new(Inbound {
+            own_ports,
+            source_v4: config.inbound_source,
+            source_v6: config.inbound_source6,
+            bypass_mark: config.bypass_mark,
+            connect_timeout: config.connect_timeout,
+            stats: stats.clone(),
         });
 
         let stop_accepting = CancellationToken::new();
@@ -232,28 +283,42 @@ impl Proxy {
         let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let accept_loops: Vec<_> = listeners
-            .into_iter()
-            .map(|l| {
-                tokio::spawn(outbound::accept_loop(
-                    l,
-                    ctx.clone(),
-                    tracker.clone(),
-                    stop_accepting.clone(),
-                    kill.clone(),
-                ))
-            })
-            .collect();
+        let mut accept_loops = Vec::with_capacity(listeners.len() + inbound.len());
+        for l in listeners {
+            accept_loops.push(tokio::spawn(conn::accept_loop(
+                l,
+                outbound_ctx.clone(),
+                tracker.clone(),
+                stop_accepting.clone(),
+                kill.clone(),
+            )));
+        }
+        for l in inbound {
+            accept_loops.push(tokio::spawn(conn::accept_loop(
+                l,
+                inbound_ctx.clone(),
+                tracker.clone(),
+                stop_accepting.clone(),
+                kill.clone(),
+            )));
+        }
         let admin_task = admin.map(|l| {
             let state = AdminState {
                 stats: stats.clone(),
                 ready: ready.clone(),
+                listeners: Arc::new(ListenerAddrs {
+                    outbound: outbound_addrs.clone(),
+                    inbound: inbound_addrs.clone(),
+                }),
             };
             tokio::spawn(admin::serve(l, state, stop_admin.clone()))
         });
         ready.set(Readiness::Ready);
         info!(
             outbound = ?outbound_addrs,
+            inbound = ?inbound_addrs,
+            inbound_source = %config.inbound_source,
+            inbound_source6 = %config.inbound_source6,
             admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             bypass_mark = %format_args!("{:#x}", config.bypass_mark),
             connect_timeout_ms = config.connect_timeout.as_millis() as u64,
@@ -290,21 +355,31 @@ impl Proxy {
             let _ = task.await;
         }
 
-        let s = stats.snapshot();
+        let snapshot = stats.snapshot();
+        let (s, i) = (&snapshot.outbound, &snapshot.inbound);
         info!(
             connections_total = s.connections_total,
             connections_active = s.connections_active,
             forwarded_total = s.forwarded_total,
-            orig_dst_missing = s.orig_dst_missing,
+            orig_dst_missing = snapshot.orig_dst_missing,
             loop_rejected = s.loop_rejected,
             upstream_connect_errors_refused = s.upstream_connect_errors_refused,
             upstream_connect_errors_timeout = s.upstream_connect_errors_timeout,
             upstream_connect_errors_other = s.upstream_connect_errors_other,
             bytes_client_to_upstream = s.bytes_client_to_upstream,
             bytes_upstream_to_client = s.bytes_upstream_to_client,
+            inbound_connections_total = i.connections_total,
+            inbound_connections_active = i.connections_active,
+            inbound_forwarded_total = i.forwarded_total,
+            inbound_loop_rejected = i.loop_rejected,
+            inbound_upstream_connect_errors_refused = i.upstream_connect_errors_refused,
+            inbound_upstream_connect_errors_timeout = i.upstream_connect_errors_timeout,
+            inbound_upstream_connect_errors_other = i.upstream_connect_errors_other,
+            inbound_bytes_client_to_upstream = i.bytes_client_to_upstream,
+            inbound_bytes_upstream_to_client = i.bytes_upstream_to_client,
             "proxy stopped"
         );
-        s
+        snapshot
     }
 }
 

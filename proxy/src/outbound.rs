@@ -1,24 +1,18 @@
 //! Outbound listeners: accept a redirected connection, learn where it was going, connect
 //! there with the bypass mark and forward.
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tokio::net::TcpStream;
+use tracing::warn;
 
-use crate::forward::{forward, reset_on_close};
+use crate::conn::{connect_and_forward, Handler, UpstreamOptions};
+use crate::forward::reset_on_close;
 use crate::original_dst::{original_dst, OriginalDstError};
-use crate::stats::{ActiveGuard, ConnectErrorKind, Stats};
-
-/// Listen backlog of the outbound listeners (capped by net.core.somaxconn).
-const BACKLOG: i32 = 1024;
+use crate::stats::{ActiveGuard, Stats};
 
 /// How the original destination of an accepted connection is found. The default is
 /// [`original_dst`] (getsockopt); tests and embedders may substitute their own.
@@ -38,7 +32,7 @@ pub struct Outbound {
     pub bypass_mark: u32,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
-    /// Counters.
+    /// Counters (this direction uses `stats.outbound` and `stats.orig_dst_missing`).
     pub stats: Arc<Stats>,
     /// Original destination lookup.
     pub lookup: OriginalDstLookup,
@@ -54,164 +48,33 @@ impl std::fmt::Debug for Outbound {
     }
 }
 
-/// Binds one listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so that
-/// `0.0.0.0:P` and `[::]:P` can both be bound).
-pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-    }
-    sock.set_reuse_address(true)?;
-    sock.bind(&addr.into())?;
-    sock.listen(BACKLOG)?;
-    sock.set_nonblocking(true)?;
-    Ok(sock.into())
-}
-
-/// Accepts until `stop` is cancelled, running each connection on `tracker` until it ends
-/// or `kill` is cancelled (drain deadline).
-pub async fn accept_loop(
-    listener: TcpListener,
-    ctx: Arc<Outbound>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    kill: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                tracker.spawn(connection_task(ctx.clone(), stream, peer, kill.clone()));
-            }
-            Err(e) if is_transient_accept_error(&e) => {}
+impl Handler for Outbound {
+    /// Handles one redirected connection from start to close.
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let stats = &self.stats.outbound;
+        let _active = ActiveGuard::accepted(stats);
+        let orig_dst = match (self.lookup)(&client) {
+            Ok(a) => a,
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; queued clients wait.
-                warn!(listener = ?listener.local_addr().ok(), error = %e, "accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                self.stats.orig_dst_missing.fetch_add(1, Relaxed);
+                warn!(client = %peer, reason = %e, "no original destination (connection not intercepted?); closing");
+                reset_on_close(&client);
+                return;
             }
-        }
-    }
-}
-
-fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    )
-}
-
-/// The task of one accepted connection: runs it to the end, or until `kill` (the drain
-/// deadline) is cancelled, which closes both sockets.
-pub async fn connection_task(
-    ctx: Arc<Outbound>,
-    client: TcpStream,
-    peer: SocketAddr,
-    kill: CancellationToken,
-) {
-    tokio::select! {
-        biased;
-        _ = kill.cancelled() => {}
-        _ = handle_connection(&ctx, client, peer) => {}
-    }
-}
-
-/// Handles one accepted connection from start to close.
-pub async fn handle_connection(ctx: &Outbound, client: TcpStream, peer: SocketAddr) {
-    let _active = ActiveGuard::accepted(&ctx.stats);
-    let orig_dst = match (ctx.lookup)(&client) {
-        Ok(a) => a,
-        Err(e) => {
-            ctx.stats.orig_dst_missing.fetch_add(1, Relaxed);
-            warn!(client = %peer, reason = %e, "no original destination (connection not intercepted?); closing");
+        };
+        if is_own_listener(orig_dst, &self.listeners) {
+            stats.loop_rejected.fetch_add(1, Relaxed);
+            warn!(client = %peer, orig_dst = %orig_dst, reason = "original destination is the proxy's own listener",
+                "refusing to forward to itself; closing");
             reset_on_close(&client);
             return;
         }
-    };
-    if is_own_listener(orig_dst, &ctx.listeners) {
-        ctx.stats.loop_rejected.fetch_add(1, Relaxed);
-        warn!(client = %peer, orig_dst = %orig_dst, reason = "original destination is the proxy's own listener",
-            "refusing to forward to itself; closing");
-        reset_on_close(&client);
-        return;
-    }
-    let _ = client.set_nodelay(true);
-
-    // Boxed so the connect state does not grow every idle connection's future.
-    let connected = Box::pin(connect_upstream(
-        orig_dst,
-        ctx.bypass_mark,
-        ctx.connect_timeout,
-    ))
-    .await;
-    let upstream = match connected {
-        Ok(s) => s,
-        Err((kind, e)) => {
-            ctx.stats.upstream_connect_error(kind);
-            warn!(client = %peer, orig_dst = %orig_dst, kind = kind.as_str(), error = %e,
-                "upstream connect failed; resetting client");
-            reset_on_close(&client);
-            return;
-        }
-    };
-    ctx.stats.forwarded_total.fetch_add(1, Relaxed);
-
-    let started = Instant::now();
-    let report = forward(client, upstream, &ctx.stats).await;
-    debug!(
-        client = %peer,
-        orig_dst = %orig_dst,
-        bytes_client_to_upstream = report.client_to_upstream,
-        bytes_upstream_to_client = report.upstream_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = report.result.as_ref().err().map(tracing::field::display),
-        "connection closed"
-    );
-}
-
-/// Connects to `dst` from a fresh socket carrying the bypass mark.
-pub async fn connect_upstream(
-    dst: SocketAddr,
-    mark: u32,
-    timeout: Duration,
-) -> Result<TcpStream, (ConnectErrorKind, io::Error)> {
-    let other = |e| (ConnectErrorKind::Other, e);
-    let sock =
-        Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)).map_err(other)?;
-    if mark != 0 {
-        sock.set_mark(mark).map_err(|e| {
-            other(io::Error::new(
-                e.kind(),
-                format!("setting SO_MARK {mark:#x}: {e}"),
-            ))
-        })?;
-    }
-    sock.set_tcp_nodelay(true).map_err(other)?;
-    sock.set_nonblocking(true).map_err(other)?;
-    let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-    match tokio::time::timeout(timeout, sock.connect(dst)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err((classify_connect_error(&e), e)),
-        Err(_) => Err((
-            ConnectErrorKind::Timeout,
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {timeout:?}"),
-            ),
-        )),
-    }
-}
-
-fn classify_connect_error(e: &io::Error) -> ConnectErrorKind {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => ConnectErrorKind::Refused,
-        io::ErrorKind::TimedOut => ConnectErrorKind::Timeout,
-        _ => ConnectErrorKind::Other,
+        let opts = UpstreamOptions {
+            bypass_mark: self.bypass_mark,
+            source: None,
+            connect_timeout: self.connect_timeout,
+        };
+        connect_and_forward(client, peer, orig_dst, &opts, stats, "outbound").await;
     }
 }
 
@@ -283,6 +146,9 @@ mod tests {
     /// Every open connection costs one of these futures (plus its two sockets); keep it small.
     #[tokio::test]
     async fn connection_future_is_small() {
+        use crate::conn::connection_task;
+        use tokio::net::TcpListener;
+        use tokio_util::sync::CancellationToken;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, peer) = l.accept().await.unwrap();

@@ -26,6 +26,18 @@ fn bad_values_exit_2_naming_setting_and_value() {
             "invalid --outbound \"localhost:15001\"",
         ),
         (&["--log-format", "xml"][..], "invalid --log-format \"xml\""),
+        (
+            &["--inbound", "0.0.0.0"][..],
+            "invalid --inbound \"0.0.0.0\"",
+        ),
+        (
+            &["--inbound-source", "::1"][..],
+            "invalid --inbound-source \"::1\"",
+        ),
+        (
+            &["--inbound-source6", "0.0.0.0"][..],
+            "invalid --inbound-source6 \"0.0.0.0\"",
+        ),
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -66,6 +78,8 @@ async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
         .args([
             "--outbound",
             "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
             "--admin",
             &admin.to_string(),
             "--bypass-mark",
@@ -98,6 +112,12 @@ async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["connections_total"], 0);
+    assert_eq!(json["inbound_connections_total"], 0);
+    let (status, body) = http_get(admin, "/listeners").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["inbound"].as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(json["outbound"].as_array().map(Vec::len), Some(1), "{json}");
 
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -122,6 +142,9 @@ async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
         "orig_dst_missing",
         "upstream_connect_errors_timeout",
         "bytes_upstream_to_client",
+        "inbound_connections_total",
+        "inbound_loop_rejected",
+        "inbound_bytes_upstream_to_client",
     ] {
         assert!(last.get(field).is_some(), "{field} missing in {last}");
     }

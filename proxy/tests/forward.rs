@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use interceptor_proxy::forward::{forward, ForwardReport, Side};
-use interceptor_proxy::Stats;
+use interceptor_proxy::DirectionStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -15,10 +15,15 @@ use tokio::task::JoinHandle;
 const MB20: usize = 20 * 1024 * 1024;
 
 /// client_app <-> [forward(proxy_client, proxy_upstream)] <-> server_app
-async fn setup() -> (TcpStream, TcpStream, JoinHandle<ForwardReport>, Arc<Stats>) {
+async fn setup() -> (
+    TcpStream,
+    TcpStream,
+    JoinHandle<ForwardReport>,
+    Arc<DirectionStats>,
+) {
     let (client_app, proxy_client) = pair().await;
     let (proxy_upstream, server_app) = pair().await;
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(DirectionStats::default());
     let s = stats.clone();
     let fwd = tokio::spawn(async move { forward(proxy_client, proxy_upstream, &s).await });
     (client_app, server_app, fwd, stats)

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 struct Running {
     outbound: Vec<SocketAddr>,
+    inbound: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
     stats: Arc<Stats>,
     stop: Option<oneshot::Sender<()>>,
@@ -49,6 +50,9 @@ fn config() -> Config {
     Config {
         outbound: vec!["127.0.0.1:0".parse().unwrap()],
         outbound_ipv6_optional: false,
+        inbound: vec![],
+        inbound_source: "127.0.0.6".parse().unwrap(),
+        inbound_source6: std::net::Ipv6Addr::LOCALHOST,
         // SO_MARK needs CAP_NET_ADMIN; exercise it when we have it.
         bypass_mark: if nix::unistd::geteuid().is_root() {
             0x539
@@ -75,6 +79,7 @@ async fn start(config: Config, lookup: Option<OriginalDstLookup>) -> Running {
     let (tx, rx) = oneshot::channel();
     let running = Running {
         outbound: proxy.outbound_addrs(),
+        inbound: proxy.inbound_addrs(),
         admin: proxy.admin_addr(),
         stats: proxy.stats(),
         stop: Some(tx),
@@ -140,6 +145,7 @@ async fn plain_connection_is_orig_dst_missing_and_closed() {
         eventually(Duration::from_secs(2), || p
             .stats
             .snapshot()
+            .outbound
             .connections_active
             == 0)
         .await
@@ -197,11 +203,12 @@ async fn forwards_to_the_original_destination() {
         eventually(Duration::from_secs(2), || p
             .stats
             .snapshot()
+            .outbound
             .connections_active
             == 0)
         .await
     );
-    let s = p.stats.snapshot();
+    let s = p.stats.snapshot().outbound;
     assert_eq!((s.connections_total, s.forwarded_total), (1, 1));
     assert_eq!(s.bytes_client_to_upstream, payload.len() as u64);
     assert_eq!(s.bytes_upstream_to_client, payload.len() as u64);
@@ -225,11 +232,12 @@ async fn upstream_refused_resets_the_client_promptly() {
         eventually(Duration::from_secs(2), || p
             .stats
             .snapshot()
+            .outbound
             .upstream_connect_errors_refused
             == 1)
         .await
     );
-    let s = p.stats.snapshot();
+    let s = p.stats.snapshot().outbound;
     assert_eq!(
         (
             s.forwarded_total,
@@ -272,6 +280,7 @@ async fn upstream_timeout_resets_the_client() {
         eventually(Duration::from_secs(2), || p
             .stats
             .snapshot()
+            .outbound
             .upstream_connect_errors_timeout
             == 1)
         .await
@@ -307,12 +316,16 @@ async fn destination_that_is_the_listener_itself_is_rejected() {
         );
     }
     assert!(
-        eventually(Duration::from_secs(2), || p.stats.snapshot().loop_rejected
+        eventually(Duration::from_secs(2), || p
+            .stats
+            .snapshot()
+            .outbound
+            .loop_rejected
             == 2)
         .await
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let s = p.stats.snapshot();
+    let s = p.stats.snapshot().outbound;
     // Had it forwarded, the proxy would have accepted its own connection (total 3+).
     assert_eq!((s.connections_total, s.forwarded_total), (2, 0), "{s:?}");
     assert_eq!(p.stats_json().await["loop_rejected"], 2);
@@ -332,13 +345,17 @@ async fn shutdown_stops_accepting_and_drains_open_connections() {
 
     let Running { stop, serve, .. } = p;
     stop.unwrap().send(()).unwrap();
-    // New connections are refused once the listener is closed...
+    // New connections are refused once the listener is closed... (A probe that gets in
+    // before the listener closes may still be accepted and forwarded; count those.)
+    let mut probes_connected = 0u64;
     let refused = async {
         loop {
             match TcpStream::connect(listener).await {
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                Ok(_) => probes_connected += 1,
+                Err(_) => {}
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
     tokio::time::timeout(Duration::from_secs(2), refused)
@@ -362,8 +379,13 @@ async fn shutdown_stops_accepting_and_drains_open_connections() {
         .await
         .expect("exits once drained")
         .unwrap();
-    assert_eq!((last.forwarded_total, last.connections_active), (1, 0));
-    assert_eq!(last.bytes_client_to_upstream, 8);
+    assert_eq!(last.outbound.connections_active, 0);
+    let forwarded = last.outbound.forwarded_total;
+    assert!(
+        (1..=1 + probes_connected).contains(&forwarded),
+        "forwarded {forwarded}, probes that connected {probes_connected}"
+    );
+    assert_eq!(last.outbound.bytes_client_to_upstream, 8);
 }
 
 #[tokio::test]
@@ -382,7 +404,7 @@ async fn drain_timeout_closes_what_is_left() {
         started.elapsed() >= Duration::from_millis(250),
         "waited for the drain timeout"
     );
-    assert_eq!(last.connections_active, 0);
+    assert_eq!(last.outbound.connections_active, 0);
     let outcome = read_outcome(&mut c, Duration::from_secs(2)).await;
     assert!(
         matches!(outcome, Ok(0)) || outcome.is_err(),
@@ -420,6 +442,147 @@ async fn bind_errors_name_the_listener_and_the_cause() {
         .to_string();
     assert!(
         err.contains("not available on this host") && err.contains("--outbound"),
+        "{err}"
+    );
+}
+
+fn has_ipv6() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Without the kernel's sk_lookup steering, a connection to the inbound listener has the
+/// listener's own address as its local address: it must be refused as a loop, never
+/// forwarded to the proxy itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_connection_to_its_own_listener_is_a_loop() {
+    let mut cfg = config();
+    cfg.inbound = vec!["127.0.0.1:0".parse().unwrap()];
+    if has_ipv6() {
+        cfg.inbound.push("[::1]:0".parse().unwrap());
+    }
+    let p = start(cfg, None).await;
+    assert_eq!(p.inbound.len(), if has_ipv6() { 2 } else { 1 });
+    let mut expected = 0u64;
+    for &addr in &p.inbound {
+        assert_ne!(addr.port(), 0);
+        let outcome = connect_until_closed(addr, Duration::from_secs(2)).await;
+        assert!(
+            matches!(outcome, Ok(0)) || outcome.is_err(),
+            "{addr}: closed, got {outcome:?}"
+        );
+        expected += 1;
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let s = p.stats.snapshot().inbound;
+            s.loop_rejected == expected && s.connections_active == 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let json = p.stats_json().await;
+    assert_eq!(json["inbound_loop_rejected"], expected, "{json}");
+    // Had it forwarded, the proxy would have accepted its own connection too.
+    assert_eq!(json["inbound_connections_total"], expected, "{json}");
+    assert_eq!(json["inbound_connections_active"], 0, "{json}");
+    for field in [
+        "inbound_forwarded_total",
+        "inbound_upstream_connect_errors_refused",
+        "inbound_upstream_connect_errors_timeout",
+        "inbound_upstream_connect_errors_other",
+        "inbound_bytes_client_to_upstream",
+        "inbound_bytes_upstream_to_client",
+        // The outbound side saw nothing.
+        "connections_total",
+        "loop_rejected",
+        "orig_dst_missing",
+    ] {
+        assert_eq!(json[field], 0, "{field} in {json}");
+    }
+    let (status, metrics) = http_get(p.admin.unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        format!("interceptor_proxy_inbound_loop_rejected {expected}\n"),
+        format!("interceptor_proxy_inbound_connections_total {expected}\n"),
+        "# TYPE interceptor_proxy_inbound_connections_active gauge\n".to_owned(),
+        "interceptor_proxy_inbound_bytes_upstream_to_client 0\n".to_owned(),
+        "interceptor_proxy_connections_total 0\n".to_owned(),
+    ] {
+        assert!(metrics.contains(&line), "{line:?} in {metrics}");
+    }
+    let last = p.stop(Duration::from_secs(5)).await;
+    assert_eq!(last.inbound.loop_rejected, expected);
+}
+
+#[tokio::test]
+async fn listeners_endpoint_lists_bound_addresses() {
+    let mut cfg = config();
+    cfg.inbound = vec!["127.0.0.1:0".parse().unwrap()];
+    if has_ipv6() {
+        cfg.inbound.push("[::1]:0".parse().unwrap());
+    }
+    let p = start(cfg, None).await;
+    let (status, body) = http_get(p.admin.unwrap(), "/listeners").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("/listeners is JSON");
+    let strings = |v: &[SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        json["outbound"],
+        serde_json::json!(strings(&p.outbound)),
+        "{json}"
+    );
+    assert_eq!(
+        json["inbound"],
+        serde_json::json!(strings(&p.inbound)),
+        "{json}"
+    );
+    assert_eq!(json.as_object().unwrap().len(), 2, "{json}");
+    p.stop(Duration::from_secs(5)).await;
+
+    // No --inbound: an empty list.
+    let p = start(config(), None).await;
+    let (_, body) = http_get(p.admin.unwrap(), "/listeners").await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["inbound"], serde_json::json!([]), "{json}");
+    assert_eq!(json["outbound"][0], p.outbound[0].to_string(), "{json}");
+    p.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_inbound_listeners_too() {
+    let mut cfg = config();
+    cfg.inbound = vec!["127.0.0.1:0".parse().unwrap()];
+    let p = start(cfg, None).await;
+    let inbound = p.inbound[0];
+    let last = p.stop(Duration::from_secs(5)).await;
+    assert_eq!(last.inbound.connections_active, 0);
+    let err = TcpStream::connect(inbound)
+        .await
+        .expect_err("inbound listener closed");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+}
+
+#[tokio::test]
+async fn inbound_bind_errors_name_the_listener_and_the_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut cfg = config();
+    cfg.inbound = vec![addr];
+    let err = Proxy::bind(cfg).await.expect_err("port is taken");
+    assert!(matches!(err, ProxyError::Bind { .. }));
+    assert_eq!(
+        err.to_string(),
+        format!("inbound listener {addr}: address already in use (is another proxy running?)")
+    );
+    let mut cfg = config();
+    cfg.inbound = vec!["192.0.2.1:15006".parse().unwrap()]; // TEST-NET, not on this host
+    let err = Proxy::bind(cfg)
+        .await
+        .expect_err("address not local")
+        .to_string();
+    assert!(
+        err.starts_with("inbound listener 192.0.2.1:15006: address not available")
+            && err.contains("--inbound ADDR"),
         "{err}"
     );
 }

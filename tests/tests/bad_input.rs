@@ -85,6 +85,29 @@ fn bad_input_is_refused_clearly_and_attaches_nothing() {
         assert_refused(&o, &[value, words], &cg, &pin);
     }
 
+    // Inbound: a namespace path that does not exist, and a file that is not a namespace.
+    let o = attach(p, &["--netns", "/run/netns/icpt-t-does-not-exist"]);
+    assert_refused(
+        &o,
+        &["/run/netns/icpt-t-does-not-exist", "no such file"],
+        &cg,
+        &pin,
+    );
+    let o = attach(p, &["--netns", "/proc/self/ns/mnt"]);
+    assert_refused(
+        &o,
+        &["/proc/self/ns/mnt", "not a network namespace"],
+        &cg,
+        &pin,
+    );
+    let o = attach(p, &["--cgroup", cgs, "--netns", "/proc/self/ns/net"]);
+    assert_refused(&o, &["--netns"], &cg, &pin);
+    let o = attach(
+        p,
+        &["--netns", "/proc/self/ns/net", "--on-proxy-down", "maybe"],
+    );
+    assert_refused(&o, &["maybe", "closed"], &cg, &pin);
+
     // Not root: the same command as an unprivileged user.
     let bin = interceptor_bin();
     let c = exec_command(
