@@ -5,9 +5,11 @@
 //! | `setup` | checks/installs rust-src (nightly), the Debian packages, bpf-linker 0.13.0 (LLVM 22), mounts bpffs |
 //! | `build` | `setup`, then `cargo build --release` (default members; embeds the eBPF object) |
 //! | `test [-- ARGS]` | `setup`, `build`, `clean-stale`, then the whole test suite, one thread |
+//! | `bench [ARGS]` | `setup`, `build`, `clean-stale`, then `target/release/interceptor-bench ARGS` (see bench/README.md) |
 //! | `demo` | self-contained demo of interception in a throwaway netns + cgroup |
 //! | `clean-stale` | removes `icpt-t-*` netns, cgroups and pin dirs left by a crashed test run |
 
+mod bench;
 mod demo;
 mod setup;
 mod stale;
@@ -50,6 +52,17 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Setup, build, then benchmark direct / iptables / eBPF interception with our proxy and
+    /// HAProxy (`interceptor-bench`; arguments are passed through: --quick, --smoke, --out DIR, ...).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Skip setup and build; use the binaries already in target/release.
+        #[arg(long)]
+        no_build: bool,
+        /// Arguments for interceptor-bench (e.g. --quick, --smoke, --out DIR, --help).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Remove netns, cgroups and bpffs pin dirs named `icpt-t-*` left by a crashed test run.
     CleanStale,
 }
@@ -60,6 +73,12 @@ fn main() {
         Cmd::Setup => setup::setup(),
         Cmd::Build => setup::setup().and_then(|_| build()),
         Cmd::Test { no_build, extra } => test(no_build, &extra).map(|code| exit(code)),
+        Cmd::Bench { no_build, args } => {
+            // `--no-build` is ours wherever it appears; everything else is the bench's.
+            let no_build = no_build || args.iter().any(|a| a == "--no-build");
+            let args: Vec<String> = args.into_iter().filter(|a| a != "--no-build").collect();
+            bench::bench(no_build, &args).map(|code| exit(code))
+        }
         Cmd::Demo { no_build } => {
             if no_build {
                 demo::demo()
@@ -82,7 +101,7 @@ fn main() {
 }
 
 /// `cargo build --release` at the workspace root (default members).
-fn build() -> Result<()> {
+pub(crate) fn build() -> Result<()> {
     let ws = util::workspace_root();
     println!("build: cargo build --release (in {})", ws.display());
     let st = Command::new(util::cargo())
@@ -155,6 +174,19 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
         }
     }
     let st = child.wait()?;
+    let mut code = st.code().unwrap_or(1);
+    // The bench smoke (orderings and conntrack zeros only) is part of the whole suite; a
+    // filtered run (extra arguments) skips it.
+    if extra.is_empty() {
+        println!("\ntest: bench smoke (cargo xtask bench --smoke)");
+        let smoke = bench::bench(true, &["--smoke".to_string()])?;
+        if smoke == 0 {
+            passed += 1;
+        } else {
+            failed += 1;
+            code = if code == 0 { smoke } else { code };
+        }
+    }
     println!("\nsuite: {passed} passed, {failed} failed, {ignored} skipped");
-    Ok(st.code().unwrap_or(1))
+    Ok(code)
 }

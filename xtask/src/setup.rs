@@ -30,6 +30,10 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "curl",
     "libcap2-bin",
     "util-linux",
+    // `cargo xtask bench`: load tools, and perf to profile the proxy.
+    "wrk",
+    "iperf3",
+    "linux-perf",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
