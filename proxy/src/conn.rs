@@ -24,13 +24,15 @@ use crate::stats::{ConnectErrorKind, DirectionStats};
 const BACKLOG: i32 = 1024;
 
 /// Binds one listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so that
-/// `0.0.0.0:P` and `[::]:P` can both be bound and IPv4 goes to the IPv4 one).
+/// `0.0.0.0:P` and `[::]:P` can both be bound and IPv4 goes to the IPv4 one). TCP_NODELAY
+/// is set here once: accepted sockets inherit it from the listener.
 pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.set_reuse_address(true)?;
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
     sock.set_nonblocking(true)?;
@@ -114,8 +116,13 @@ pub async fn connect_upstream(
     opts: &UpstreamOptions,
 ) -> Result<TcpStream, (ConnectErrorKind, io::Error)> {
     let other = |e| (ConnectErrorKind::Other, e);
-    let sock =
-        Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)).map_err(other)?;
+    // Created nonblocking (SOCK_NONBLOCK): one system call fewer per connection.
+    let sock = Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )
+    .map_err(other)?;
     let mark = opts.bypass_mark;
     if mark != 0 {
         sock.set_mark(mark).map_err(|e| {
@@ -142,7 +149,6 @@ pub async fn connect_upstream(
         })?;
     }
     sock.set_tcp_nodelay(true).map_err(other)?;
-    sock.set_nonblocking(true).map_err(other)?;
     let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
     match tokio::time::timeout(opts.connect_timeout, sock.connect(dst)).await {
         Ok(Ok(s)) => Ok(s),
@@ -177,7 +183,6 @@ pub async fn connect_and_forward(
     stats: &DirectionStats,
     direction: &'static str,
 ) {
-    let _ = client.set_nodelay(true);
     // Boxed so the connect state does not grow every idle connection's future.
     let connected = Box::pin(connect_upstream(dst, opts)).await;
     let upstream = match connected {

@@ -10,11 +10,13 @@
 //!   allocated, takes a buffer from a small per-thread pool only while data flows and
 //!   gives it back before it waits again. (tokio's `copy_bidirectional` keeps 2 x 8 KiB
 //!   per connection forever.)
-//! - The copy is a small hand-written future over `poll_read_ready`/`poll_write_ready`:
-//!   the wakers live in the sockets' registrations (one slot per direction, enough since
-//!   each socket is read by one direction and written by the other, in one task), so the
-//!   per-connection state is a few words per direction. Readiness polls use tokio's
-//!   cooperative budget, so a busy connection yields to others.
+//! - The copy is a small hand-written future over the sockets' borrowed read and write
+//!   halves: the wakers live in the sockets' registrations (one slot per direction, enough
+//!   since each socket is read by one direction and written by the other, in one task), so
+//!   the per-connection state is a few words per direction. Reads and writes go through
+//!   tokio's `poll_read`/`poll_write`, which clear the readiness after a short read or
+//!   write: a message costs one `read` and one `write`, not a third call that only returns
+//!   EAGAIN. Polls use tokio's cooperative budget, so a busy connection yields to others.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -26,6 +28,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use crate::stats::DirectionStats;
@@ -101,24 +105,28 @@ pub struct ForwardReport {
 /// Forwards between `client` and `upstream` until both directions are done (or one
 /// fails), then closes both sockets. Adds the bytes to `stats` as they flow.
 pub async fn forward(
-    client: TcpStream,
-    upstream: TcpStream,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
     stats: &DirectionStats,
 ) -> ForwardReport {
+    let (client_rd, client_wr) = client.split();
+    let (upstream_rd, upstream_wr) = upstream.split();
     let mut copy = Bidirectional {
-        client: &client,
-        upstream: &upstream,
+        client_rd,
+        client_wr,
+        upstream_rd,
+        upstream_wr,
         stats,
         c2u: Direction::default(),
         u2c: Direction::default(),
     };
     let result = (&mut copy).await;
     let (client_to_upstream, upstream_to_client) = (copy.c2u.copied, copy.u2c.copied);
+    drop(copy);
     if result.is_err() {
         reset_on_close(&client);
         reset_on_close(&upstream);
     }
-    drop(copy);
     drop(client);
     drop(upstream);
     ForwardReport {
@@ -135,8 +143,10 @@ pub fn reset_on_close(stream: &TcpStream) {
 
 /// Both directions of one connection.
 struct Bidirectional<'a> {
-    client: &'a TcpStream,
-    upstream: &'a TcpStream,
+    client_rd: ReadHalf<'a>,
+    client_wr: WriteHalf<'a>,
+    upstream_rd: ReadHalf<'a>,
+    upstream_wr: WriteHalf<'a>,
     stats: &'a DirectionStats,
     c2u: Direction,
     u2c: Direction,
@@ -149,14 +159,14 @@ impl Future for Bidirectional<'_> {
         let this = self.get_mut();
         let c2u = this.c2u.poll_copy(
             cx,
-            (this.client, Side::Client),
-            (this.upstream, Side::Upstream),
+            (&mut this.client_rd, Side::Client),
+            (&mut this.upstream_wr, Side::Upstream),
             &this.stats.bytes_client_to_upstream,
         )?;
         let u2c = this.u2c.poll_copy(
             cx,
-            (this.upstream, Side::Upstream),
-            (this.client, Side::Client),
+            (&mut this.upstream_rd, Side::Upstream),
+            (&mut this.client_wr, Side::Client),
             &this.stats.bytes_upstream_to_client,
         )?;
         match (c2u, u2c) {
@@ -183,8 +193,8 @@ impl Direction {
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
-        (src, src_side): (&TcpStream, Side),
-        (dst, dst_side): (&TcpStream, Side),
+        (src, src_side): (&mut ReadHalf<'_>, Side),
+        (dst, dst_side): (&mut WriteHalf<'_>, Side),
         total: &AtomicU64,
     ) -> Poll<Result<(), ForwardError>> {
         let src_err = |error| ForwardError {
@@ -202,8 +212,9 @@ impl Direction {
             // Flush what was read. Waiting for the peer to take it keeps the buffer.
             if let Some(buf) = &self.buf {
                 while self.start < self.end {
-                    ready!(dst.poll_write_ready(cx)).map_err(dst_err)?;
-                    match dst.try_write(&buf.0[self.start..self.end]) {
+                    let written =
+                        ready!(Pin::new(&mut *dst).poll_write(cx, &buf.0[self.start..self.end]));
+                    match written {
                         Ok(0) => return Poll::Ready(Err(dst_err(io::ErrorKind::WriteZero.into()))),
                         Ok(n) => {
                             self.start += n;
@@ -215,8 +226,9 @@ impl Direction {
                     }
                 }
             }
-            // Wait for data with no buffer held.
-            match src.poll_read_ready(cx) {
+            // Wait for data with no buffer held. After a short read tokio has cleared the
+            // readiness, so this returns Pending without another system call.
+            match src.as_ref().poll_read_ready(cx) {
                 Poll::Pending => {
                     self.buf = None;
                     return Poll::Pending;
@@ -224,23 +236,30 @@ impl Direction {
                 Poll::Ready(r) => r.map_err(src_err)?,
             }
             let buf = self.buf.get_or_insert_with(PooledBuf::take);
-            match src.try_read(&mut buf.0) {
-                Ok(0) => {
+            let mut rb = ReadBuf::new(&mut buf.0);
+            match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    self.buf = None;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                     self.buf = None;
                     self.done = true;
-                    return Poll::Ready(match SockRef::from(dst).shutdown(Shutdown::Write) {
-                        Ok(()) => Ok(()),
-                        // The peer is gone already; its own direction reports how.
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                        Err(e) => Err(dst_err(e)),
-                    });
+                    return Poll::Ready(
+                        match SockRef::from(dst.as_ref()).shutdown(Shutdown::Write) {
+                            Ok(()) => Ok(()),
+                            // The peer is gone already; its own direction reports how.
+                            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                            Err(e) => Err(dst_err(e)),
+                        },
+                    );
                 }
-                Ok(n) => {
+                Poll::Ready(Ok(())) => {
+                    self.end = rb.filled().len();
                     self.start = 0;
-                    self.end = n;
                 }
-                Err(e) if is_retry(&e) => {}
-                Err(e) => return Poll::Ready(Err(src_err(e))),
+                Poll::Ready(Err(e)) if is_retry(&e) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(src_err(e))),
             }
         }
     }
