@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. Bump it whenever a key, a value or a map's meaning
 /// changes: a loader refuses to reuse pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as pinned under `<pin dir>/maps/`.
 pub mod maps {
@@ -61,9 +61,10 @@ pub mod capacity {
     pub const PORTS: u32 = 16384;
     pub const UIDS: u32 = 4096;
     pub const CIDRS: u32 = 16384;
-    /// Sockets between `connect()` and the established hand-off (LRU: a burst cannot fill it).
+    /// Sockets between `connect()` and the established hand-off. When full, a connect is
+    /// left alone and counted as `record_failed`.
     pub const PENDING: u32 = 65536;
-    /// Live intercepted connections (LRU, as a safety net: records are removed on close).
+    /// Live intercepted connections; records are removed when the client socket closes.
     pub const HANDOFF: u32 = 262144;
     pub const COUNTERS: u32 = 16384;
     /// Inbound listener sockets: one per family per inbound scope.

@@ -13,6 +13,9 @@
 //! All maps are shared between the instances and pinned by name.
 #![no_std]
 #![no_main]
+// For the atomic add on counters: the bpf target's `AtomicU64` has no `fetch_add`.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     bindings::{
@@ -24,7 +27,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use interceptor_common::{
@@ -61,10 +64,13 @@ static ICP_EXCL6: LpmTrie<ScopedV6, u8> = LpmTrie::pinned(capacity::CIDRS, 0);
 static ICP_INCL4: LpmTrie<ScopedV4, u8> = LpmTrie::pinned(capacity::CIDRS, 0);
 #[map(name = "ICP_INCL6")]
 static ICP_INCL6: LpmTrie<ScopedV6, u8> = LpmTrie::pinned(capacity::CIDRS, 0);
+// Plain (preallocated) hashes, not LRU: an LRU map may evict a live record under churn
+// before it is full, and a connection would then reach the proxy without its original
+// destination. Records are removed explicitly when the client socket closes.
 #[map(name = "ICP_PENDING")]
-static ICP_PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(capacity::PENDING, 0);
+static ICP_PENDING: HashMap<u64, OrigDst> = HashMap::pinned(capacity::PENDING, 0);
 #[map(name = "ICP_HANDOFF")]
-static ICP_HANDOFF: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(capacity::HANDOFF, 0);
+static ICP_HANDOFF: HashMap<TupleKey, OrigDst> = HashMap::pinned(capacity::HANDOFF, 0);
 #[map(name = "ICP_COUNTERS")]
 static ICP_COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(capacity::COUNTERS, 0);
 
@@ -81,6 +87,20 @@ fn scope_id() -> u64 {
     unsafe { core::ptr::read_volatile(&SCOPE_ID) }
 }
 
+/// `lock *(u64 *)v += 1`: the verifier accepts atomic adds on map values.
+///
+/// # Safety
+/// `v` must point at a u64 in a map value.
+#[inline(always)]
+unsafe fn atomic_inc(v: *mut u64) {
+    // SAFETY: per the contract above.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            v, 1,
+        );
+    }
+}
+
 #[inline(always)]
 fn count(scope: u64, counter: Counter) {
     let key = CounterKey {
@@ -89,10 +109,19 @@ fn count(scope: u64, counter: Counter) {
         _pad: 0,
     };
     match ICP_COUNTERS.get_ptr_mut(key) {
-        // SAFETY: per-CPU value, only this CPU writes it while this program runs.
-        Some(v) => unsafe { *v += 1 },
+        // An atomic add even on a per-CPU value: a program running in process context can be
+        // preempted on its CPU by another run of a program, and a plain `+= 1` would then
+        // lose a count.
+        // SAFETY: the value is a valid, aligned u64 for this program run.
+        Some(v) => unsafe { atomic_inc(v) },
         None => {
-            let _ = ICP_COUNTERS.insert(key, 1, BPF_NOEXIST as u64);
+            if ICP_COUNTERS.insert(key, 1, BPF_NOEXIST as u64).is_err() {
+                // Another run created it in between: count on the entry it made.
+                if let Some(v) = ICP_COUNTERS.get_ptr_mut(key) {
+                    // SAFETY: as above.
+                    unsafe { atomic_inc(v) };
+                }
+            }
         }
     }
 }

@@ -407,9 +407,9 @@ pub fn read_counters(layout: &PinLayout) -> Result<BTreeMap<u64, BTreeMap<&'stat
 /// Number of records held for connections: (awaiting hand-off, handed off).
 pub fn record_counts(layout: &PinLayout) -> Result<(usize, usize)> {
     let pending: HashMap<MapData, u64, interceptor_common::OrigDst> =
-        typed(layout, names::PENDING, Map::LruHashMap)?;
+        typed(layout, names::PENDING, Map::HashMap)?;
     let handoff: HashMap<MapData, interceptor_common::TupleKey, interceptor_common::OrigDst> =
-        typed(layout, names::HANDOFF, Map::LruHashMap)?;
+        typed(layout, names::HANDOFF, Map::HashMap)?;
     Ok((pending.keys().count(), handoff.keys().count()))
 }
 
