@@ -288,6 +288,37 @@ fn record(ctx: &SockAddrContext, scope: u64, family: u16, addr: [u32; 4], port: 
     ICP_PENDING.insert(cookie, dst, 0).is_ok()
 }
 
+/// The whole decision for one connect, shared by both families: `None` when the connect is
+/// left alone (its reason already counted), else the counter of the rewrite to the proxy's
+/// port (`Redirected` with a record stored, or `ProxyDownRefused` without one).
+#[inline(always)]
+fn decide(
+    ctx: &SockAddrContext,
+    scope: u64,
+    cfg: &ScopeConfig,
+    sk: *mut bpf_sock,
+    family: u16,
+    addr: [u32; 4],
+    port: u16,
+) -> Option<Counter> {
+    if let Some(why) = exemption(scope, cfg, sk, family, &addr, port) {
+        count(scope, why);
+        return None;
+    }
+    match proxy_down(ctx, cfg, family == AF_INET6) {
+        ProxyDown::Direct => {
+            count(scope, Counter::ProxyDownDirect);
+            None
+        }
+        ProxyDown::Refuse => Some(Counter::ProxyDownRefused),
+        ProxyDown::No if record(ctx, scope, family, addr, port) => Some(Counter::Redirected),
+        ProxyDown::No => {
+            count(scope, Counter::RecordFailed);
+            None
+        }
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
@@ -303,23 +334,9 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
         let ip = (*sa).user_ip4;
         let port = u16::from_be((*sa).user_port as u16);
         let addr = mapped_v4(ip);
-        if let Some(why) = exemption(scope, cfg, (*sa).__bindgen_anon_1.sk, AF_INET, &addr, port) {
-            count(scope, why);
+        let sk = (*sa).__bindgen_anon_1.sk;
+        let Some(outcome) = decide(&ctx, scope, cfg, sk, AF_INET, addr, port) else {
             return ALLOW;
-        }
-        let outcome = match proxy_down(&ctx, cfg, false) {
-            ProxyDown::Direct => {
-                count(scope, Counter::ProxyDownDirect);
-                return ALLOW;
-            }
-            ProxyDown::Refuse => Counter::ProxyDownRefused,
-            ProxyDown::No => {
-                if !record(&ctx, scope, AF_INET, addr, port) {
-                    count(scope, Counter::RecordFailed);
-                    return ALLOW;
-                }
-                Counter::Redirected
-            }
         };
         (*sa).user_ip4 = LOOPBACK4;
         (*sa).user_port = u16::to_be(cfg.proxy_port) as u32;
@@ -352,23 +369,9 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
         } else {
             AF_INET6
         };
-        if let Some(why) = exemption(scope, cfg, (*sa).__bindgen_anon_1.sk, family, &addr, port) {
-            count(scope, why);
+        let sk = (*sa).__bindgen_anon_1.sk;
+        let Some(outcome) = decide(&ctx, scope, cfg, sk, family, addr, port) else {
             return ALLOW;
-        }
-        let outcome = match proxy_down(&ctx, cfg, family == AF_INET6) {
-            ProxyDown::Direct => {
-                count(scope, Counter::ProxyDownDirect);
-                return ALLOW;
-            }
-            ProxyDown::Refuse => Counter::ProxyDownRefused,
-            ProxyDown::No => {
-                if !record(&ctx, scope, family, addr, port) {
-                    count(scope, Counter::RecordFailed);
-                    return ALLOW;
-                }
-                Counter::Redirected
-            }
         };
         if family == AF_INET {
             // An IPv4-mapped destination stays IPv4 on the wire: send it to 127.0.0.1.

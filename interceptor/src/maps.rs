@@ -1,7 +1,7 @@
 //! Access to the pinned maps, and the per-scope entries the loader keeps in them.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
@@ -411,19 +411,6 @@ pub fn record_counts(layout: &PinLayout) -> Result<(usize, usize)> {
     let handoff: HashMap<MapData, interceptor_common::TupleKey, interceptor_common::OrigDst> =
         typed(layout, names::HANDOFF, Map::HashMap)?;
     Ok((pending.keys().count(), handoff.keys().count()))
-}
-
-/// Formats an address stored as four network-order words.
-pub fn words_to_ip(words: [u32; 4]) -> IpAddr {
-    let mut b = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    let v6 = Ipv6Addr::from(b);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
 }
 
 fn scope_meta(path: &Path) -> ScopeMeta {

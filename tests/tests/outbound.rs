@@ -165,8 +165,10 @@ fn client_reaches_server_at_original_address_through_proxy() {
         "client asked for the original address: {v}"
     );
     assert_eq!(
-        v["proxied"], true,
-        "server saw the proxy, not the client: {v}"
+        v["proxied"],
+        true,
+        "server saw the proxy, not the client: {v}; kernel counters: {:?}",
+        w.stats()
     );
     assert_eq!(
         v["server_local"], SERVER,

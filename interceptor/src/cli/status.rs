@@ -1,6 +1,6 @@
 use anyhow::Result;
 use clap::Args;
-use interceptor::{settings::Mark, PinLayout};
+use interceptor::{settings::Mark, status::LinkStatus, PinLayout};
 
 #[derive(Args)]
 pub struct StatusArgs {
@@ -18,6 +18,16 @@ fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     }
 }
 
+fn print_link(prefix: &str, l: &LinkStatus) {
+    println!(
+        "{prefix} {:<12} {} (link {:?}, prog {:?})",
+        l.name,
+        l.pin.display(),
+        l.link_id,
+        l.program_id
+    );
+}
+
 pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
     let st = interceptor::status(layout)?;
     if a.json {
@@ -30,13 +40,7 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
         return Ok(());
     }
     for l in &st.root_links {
-        println!(
-            "root link {:<10} {} (link {:?}, prog {:?})",
-            l.name,
-            l.pin.display(),
-            l.link_id,
-            l.program_id
-        );
+        print_link("root link", l);
     }
     for s in &st.scopes {
         let c = &s.settings;
@@ -60,13 +64,7 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
             list(&c.include_cidrs)
         );
         for l in &s.links {
-            println!(
-                "  link {:<9} {} (link {:?}, prog {:?})",
-                l.name,
-                l.pin.display(),
-                l.link_id,
-                l.program_id
-            );
+            print_link("  link", l);
         }
     }
     for s in &st.inbound {
@@ -86,13 +84,7 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
             list(&s.registered)
         );
         for l in &s.links {
-            println!(
-                "  link {:<9} {} (link {:?}, prog {:?})",
-                l.name,
-                l.pin.display(),
-                l.link_id,
-                l.program_id
-            );
+            print_link("  link", l);
         }
     }
     Ok(())
