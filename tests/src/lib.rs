@@ -29,6 +29,7 @@
 mod bins;
 mod bpffs;
 mod cgroup;
+mod load;
 mod names;
 mod netns;
 pub mod probe;
@@ -42,6 +43,7 @@ pub use bpffs::{
     AttachedProg, PinDir, BPFFS_ROOT,
 };
 pub use cgroup::{cgroup2_root, TestCgroup};
+pub use load::{listen_drops, netstat_section, Churn, Nginx, Wrk, WrkReport, NGINX_BODY};
 pub use names::{resource_name, PREFIX, RUN_LOCK};
 pub use netns::NetNs;
 pub use probe::{

@@ -467,16 +467,52 @@ pub struct ChurnReport {
 /// `count` short `HELLO` connections, spread over `parallel` threads (each thread's
 /// share runs sequentially). Bounded: each attempt is bounded by `opts.timeout`.
 pub fn churn(addr: SocketAddr, count: u64, parallel: u64, opts: &ClientOpts) -> ChurnReport {
+    churn_bounded(addr, Some(count), None, parallel, opts)
+}
+
+/// Short `HELLO` connections from `parallel` threads, each one after the other, until
+/// `duration` has passed (an attempt started before the deadline is finished). Bounded:
+/// the run takes at most `duration` plus one `opts.timeout`-bounded attempt.
+pub fn churn_for(
+    addr: SocketAddr,
+    duration: Duration,
+    parallel: u64,
+    opts: &ClientOpts,
+) -> ChurnReport {
+    churn_bounded(addr, None, Some(duration), parallel, opts)
+}
+
+/// Short `HELLO` connections over `parallel` threads until `count` are done (spread
+/// evenly over the threads) or `duration` has passed, whichever comes first. With
+/// neither bound nothing is done.
+pub fn churn_bounded(
+    addr: SocketAddr,
+    count: Option<u64>,
+    duration: Option<Duration>,
+    parallel: u64,
+    opts: &ClientOpts,
+) -> ChurnReport {
     let start = Instant::now();
-    let parallel = parallel.clamp(1, 256).min(count.max(1));
+    let deadline = duration.map(|d| start + d);
+    let parallel = match count {
+        Some(c) => parallel.clamp(1, 256).min(c.max(1)),
+        None => parallel.clamp(1, 256),
+    };
     let report = Mutex::new(ChurnReport::default());
     std::thread::scope(|s| {
         for t in 0..parallel {
-            let share = count / parallel + u64::from(t < count % parallel);
+            let share = match (count, deadline) {
+                (Some(c), _) => c / parallel + u64::from(t < c % parallel),
+                (None, Some(_)) => u64::MAX,
+                (None, None) => 0,
+            };
             let report = &report;
             s.spawn(move || {
                 let mut mine = ChurnReport::default();
                 for _ in 0..share {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
                     match hello(addr, opts) {
                         Ok(r) => {
                             mine.ok += 1;
@@ -852,5 +888,20 @@ mod tests {
         assert_eq!(b.expected_received_sum, stream_sum(42, 200_003));
         let c = churn(srv.addr(), 20, 3, &ClientOpts::default());
         assert_eq!((c.ok, c.failed, c.proxied), (20, 0, 0));
+        let c = churn_for(
+            srv.addr(),
+            Duration::from_millis(200),
+            2,
+            &ClientOpts::default(),
+        );
+        assert!(c.ok > 0 && c.failed == 0, "{c:?}");
+        let c = churn_bounded(
+            srv.addr(),
+            Some(7),
+            Some(Duration::from_secs(60)),
+            2,
+            &ClientOpts::default(),
+        );
+        assert_eq!((c.ok, c.failed), (7, 0));
     }
 }

@@ -391,3 +391,128 @@ fn exec_as_other_uid() {
     assert_eq!(out.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&out.stderr).contains("icpt-exec: cannot execute"));
 }
+
+#[test]
+fn wrk_against_nginx_in_netns_keepalive_and_close() {
+    setup();
+    let ns = NetNs::new("harness_wrk");
+    let cg = TestCgroup::new("harness_wrk");
+    let _nginx = Nginx::start(&ns, &["127.0.0.1:8088", "[::1]:8088"]);
+    let (drops0, overflows0) = listen_drops(&ns);
+    for close in [false, true] {
+        let wrk = Wrk::start(
+            &ns,
+            Some(&cg),
+            "http://127.0.0.1:8088/",
+            4,
+            Duration::from_secs(1),
+            close,
+        );
+        let r = wrk.finish();
+        assert!(r.requests > 0, "close={close}: {}", r.output);
+        assert_eq!(r.errors(), 0, "close={close}: {r:?}");
+    }
+    // Nothing was dropped at nginx's listener.
+    let (drops, overflows) = listen_drops(&ns);
+    assert_eq!((drops - drops0, overflows - overflows0), (0, 0));
+}
+
+#[test]
+fn wrk_failure_panics_with_its_output() {
+    setup();
+    let ns = NetNs::new("harness_wrk_fail");
+    let res = std::panic::catch_unwind(|| {
+        Wrk::start(
+            &ns,
+            None,
+            "http://127.0.0.1:1/",
+            1,
+            Duration::from_secs(1),
+            false,
+        )
+        .finish()
+    });
+    // wrk 4.1 checks that it can connect before it starts and exits 1 when it cannot.
+    let msg = res
+        .expect_err("wrk against a closed port fails")
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("wrk") && msg.contains("unable to connect"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn churn_for_a_duration_in_netns() {
+    setup();
+    let ns = NetNs::new("harness_churn_for");
+    let cg = TestCgroup::new("harness_churn_for");
+    let _srv = serve(&ns, &["127.0.0.1:8080"]);
+    let c = Churn::start(
+        &ns,
+        Some(&cg),
+        "127.0.0.1:8080",
+        2,
+        Duration::from_millis(500),
+    );
+    let r = c.finish();
+    assert!(r.ok > 0, "{r:?}");
+    assert_eq!((r.failed, r.proxied), (0, 0), "{r:?}");
+    // The count bound still works, and both bounds together stop at the first.
+    let p = probe();
+    let out = run_in(
+        &ns,
+        Some(&cg),
+        &[
+            &p,
+            "churn",
+            "127.0.0.1:8080",
+            "--count",
+            "5",
+            "--for-ms",
+            "60000",
+        ],
+    );
+    assert_eq!(json(&out)["ok"], 5, "{out:?}");
+    let out = run_in(&ns, Some(&cg), &[&p, "churn", "127.0.0.1:8080"]);
+    assert!(!out.status.success(), "a churn with no bound is refused");
+}
+
+#[test]
+fn listen_drops_are_read_per_namespace() {
+    setup();
+    let ns = NetNs::new("harness_listen_drops");
+    let (d, o) = listen_drops(&ns);
+    assert_eq!((d, o), (0, 0), "a fresh namespace has dropped nothing");
+    // Overflow an accept queue: a listener with backlog 0 that never accepts.
+    let l = ns.in_ns(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        s.listen(0).unwrap();
+        s
+    });
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let held: Vec<_> = ns.in_ns(|| {
+        (0..4)
+            .filter_map(|_| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .ok()?;
+                s.set_nonblocking(true).ok()?;
+                let _ = s.connect(&addr.into());
+                Some(s)
+            })
+            .collect()
+    });
+    let overflowed = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        listen_drops(&ns).1 > 0
+    });
+    drop(held);
+    assert!(
+        overflowed,
+        "backlog 0 with 4 connects overflows: {:?}",
+        listen_drops(&ns)
+    );
+}

@@ -67,11 +67,16 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// COUNT short HELLO connections over PARALLEL threads.
+    /// Short HELLO connections over PARALLEL threads: COUNT of them, or for FOR_MS
+    /// milliseconds, whichever ends first (at least one of the two is required).
+    #[command(group(clap::ArgGroup::new("bound").required(true).multiple(true).args(["count", "for_ms"])))]
     Churn {
         addr: SocketAddr,
         #[arg(long)]
-        count: u64,
+        count: Option<u64>,
+        /// Run for this many milliseconds (each thread finishes the attempt it started).
+        #[arg(long)]
+        for_ms: Option<u64>,
         #[arg(long, default_value_t = 1)]
         parallel: u64,
         #[command(flatten)]
@@ -134,10 +139,17 @@ fn main() {
         Cmd::Churn {
             addr,
             count,
+            for_ms,
             parallel,
             conn,
         } => {
-            let r = probe::churn(addr, count, parallel, &conn.opts(5000));
+            let r = probe::churn_bounded(
+                addr,
+                count,
+                for_ms.map(Duration::from_millis),
+                parallel,
+                &conn.opts(5000),
+            );
             print(&r);
         }
         Cmd::HttpGet { target, timeout_ms } => {
