@@ -3,13 +3,21 @@
 //! A failed attach undoes what it did, in reverse order: links it created are unpinned (which
 //! detaches them), map entries it wrote are restored or removed, directories and maps it
 //! created are removed. Attaching a scope that is already attached rewrites its settings in
-//! place and keeps its links: a cgroup never gets two redirect programs from one pin dir.
+//! place and keeps its links: a cgroup never gets two redirect programs from one pin dir; the
+//! links it keeps are brought to this binary's programs (BPF_LINK_UPDATE, as `upgrade` does for
+//! every scope), so re-running `attach` with a newer interceptor upgrades that scope.
+//!
+//! A loader killed at any point (no undo runs then) leaves a state the next `attach` completes:
+//! directories and maps are reused, links already pinned are kept, missing ones are created.
+//! The root links are attached before the scope's links, and the connect programs last, so
+//! that no connection is ever redirected before the programs that hand its destination to the
+//! proxy are in place: a half-done attach leaves each connection either proxied or direct.
 use std::{
     fs,
     path::{Path, PathBuf},
 };
 
-use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 
 use aya::{programs::Program, Ebpf, EbpfLoader};
 use interceptor_common::{programs as progs, SCOPE_ID_GLOBAL};
@@ -17,12 +25,14 @@ use interceptor_common::{programs as progs, SCOPE_ID_GLOBAL};
 use crate::{
     cgroup::{self, Cgroup},
     error::{Error, Result},
+    lock::PinLock,
     maps, netns,
     object::EBPF_OBJECT,
     paths::{PinLayout, INBOUND_LINK, ROOT_LINKS, SCOPE_LINKS},
     settings::{InboundSettings, ScopeSettings},
     sys::{self, AttachType},
     system,
+    upgrade::{self, LinkUpgrade, Outcome},
 };
 
 /// What `attach` did.
@@ -33,6 +43,8 @@ pub struct Attached {
     pub created: bool,
     /// Links pinned by this call.
     pub new_links: Vec<PathBuf>,
+    /// Links that were pinned already, brought to this binary's programs.
+    pub updated_links: Vec<LinkUpgrade>,
 }
 
 /// One step to take back if the attach fails later on.
@@ -92,6 +104,7 @@ pub fn attach(layout: &PinLayout, path: &Path, settings: &ScopeSettings) -> Resu
         return Err(Error::NoObject);
     }
     system::ensure_bpffs(layout.root())?;
+    let _lock = PinLock::acquire(layout)?;
     let mut undo = UndoLog::default();
     match attach_steps(layout, &cg, settings, &mut undo) {
         Ok(a) => Ok(a),
@@ -116,8 +129,9 @@ fn make_dir(p: &Path, undo: &mut UndoLog) -> Result<()> {
     }
 }
 
-/// Loads the object, reusing the pinned maps (creating and pinning them the first time).
-fn load(layout: &PinLayout, scope: u64) -> Result<Ebpf> {
+/// Loads the object for `scope`, reusing the pinned maps (creating and pinning them the first
+/// time). Programs are verified and loaded later, one by one, by [`program_fd`].
+pub(crate) fn load(layout: &PinLayout, scope: u64) -> Result<Ebpf> {
     EbpfLoader::new()
         .default_map_pin_directory(layout.maps_dir())
         .override_global(SCOPE_ID_GLOBAL, &scope, true)
@@ -131,6 +145,13 @@ fn prepare(layout: &PinLayout, scope: u64, undo: &mut UndoLog) -> Result<Ebpf> {
     make_dir(layout.root(), undo)?;
     make_dir(&layout.maps_dir(), undo)?;
     maps::check_layout(layout)?;
+    if maps::stored_layout(layout)? == Some(0) && !upgrade::any_link_pinned(layout) {
+        // Maps created by a loader that was killed before it stamped them, and nothing uses
+        // them: start afresh rather than trust maps whose layout nobody recorded.
+        tracing::info!(maps = %layout.maps_dir().display(), "removing unstamped maps left by an interrupted attach");
+        crate::detach::remove_maps(layout);
+        make_dir(&layout.maps_dir(), undo)?;
+    }
     let maps_existed = layout.map(interceptor_common::maps::LAYOUT).exists();
     let ebpf = load(layout, scope)?;
     if !maps_existed {
@@ -155,6 +176,7 @@ pub fn attach_inbound(
         return Err(Error::NoObject);
     }
     system::ensure_bpffs(layout.root())?;
+    let _lock = PinLock::acquire(layout)?;
     let mut undo = UndoLog::default();
     match attach_inbound_steps(layout, &ns, settings, &mut undo) {
         Ok(a) => Ok(a),
@@ -173,6 +195,8 @@ pub struct AttachedInbound {
     /// False when the namespace was attached already and only its settings were rewritten.
     pub created: bool,
     pub new_links: Vec<PathBuf>,
+    /// The link, when it was pinned already, brought to this binary's program.
+    pub updated_links: Vec<LinkUpgrade>,
 }
 
 fn attach_inbound_steps(
@@ -195,8 +219,16 @@ fn attach_inbound_steps(
     make_dir(&layout.scopes_dir(), undo)?;
     make_dir(&layout.scope_dir(scope), undo)?;
     let mut new_links = Vec::new();
+    let mut updated_links = Vec::new();
     let pin = layout.scope_link(scope, INBOUND_LINK);
-    if !link_is_pinned(&pin) {
+    if link_is_pinned(&pin) {
+        updated_links.push(bring_up_to_date(
+            &mut ebpf,
+            INBOUND_LINK,
+            &pin,
+            Some(scope),
+        )?);
+    } else {
         let link = link_program(
             &mut ebpf,
             progs::SK_LOOKUP,
@@ -212,6 +244,7 @@ fn attach_inbound_steps(
         scope_id: scope,
         created,
         new_links,
+        updated_links,
     })
 }
 
@@ -233,27 +266,11 @@ fn attach_steps(
     maps::write_scope(layout, cg.id, &cg.path, settings)?;
 
     let mut new_links = Vec::new();
-    make_dir(&layout.scopes_dir(), undo)?;
-    make_dir(&layout.scope_dir(cg.id), undo)?;
-    let cgroup_dir = cgroup::open_dir(&cg.path)?;
-    let scope_progs = [
-        (progs::CONNECT4, AttachType::Inet4Connect),
-        (progs::CONNECT6, AttachType::Inet6Connect),
-        (progs::GETPEERNAME4, AttachType::Inet4Getpeername),
-        (progs::GETPEERNAME6, AttachType::Inet6Getpeername),
-    ];
-    for (name, (prog, kind)) in SCOPE_LINKS.iter().zip(scope_progs) {
-        let pin = layout.scope_link(cg.id, name);
-        if link_is_pinned(&pin) {
-            continue;
-        }
-        let link = link_program(&mut ebpf, prog, kind, &cgroup_dir, &cg.path)?;
-        pin_link(link, &pin, undo)?;
-        new_links.push(pin);
-    }
+    let mut updated_links = Vec::new();
 
-    // The programs that serve the proxy's side sit at the cgroup2 root, once per pin dir:
-    // the proxy may run in any cgroup.
+    // The programs that serve the proxy's side sit at the cgroup2 root, once per pin dir (the
+    // proxy may run in any cgroup). They go first: they act only on connections that have a
+    // record, and no connection has one before the scope's connect programs are attached.
     make_dir(&layout.root_links_dir(), undo)?;
     let root = cgroup::cgroup2_mount()?;
     let root_dir = cgroup::open_dir(&root)?;
@@ -264,9 +281,40 @@ fn attach_steps(
     for (name, (prog, kind)) in ROOT_LINKS.iter().zip(root_progs) {
         let pin = layout.root_link(name);
         if link_is_pinned(&pin) {
+            updated_links.push(bring_up_to_date(&mut ebpf, name, &pin, None)?);
             continue;
         }
         let link = link_program(&mut ebpf, prog, kind, &root_dir, &root)?;
+        pin_link(link, &pin, undo)?;
+        new_links.push(pin);
+    }
+
+    make_dir(&layout.scopes_dir(), undo)?;
+    make_dir(&layout.scope_dir(cg.id), undo)?;
+    let cgroup_dir = cgroup::open_dir(&cg.path)?;
+    // getpeername first, the connect programs (which start the redirection) last.
+    let scope_progs = [
+        (
+            "getpeername4",
+            progs::GETPEERNAME4,
+            AttachType::Inet4Getpeername,
+        ),
+        (
+            "getpeername6",
+            progs::GETPEERNAME6,
+            AttachType::Inet6Getpeername,
+        ),
+        ("connect4", progs::CONNECT4, AttachType::Inet4Connect),
+        ("connect6", progs::CONNECT6, AttachType::Inet6Connect),
+    ];
+    debug_assert!(scope_progs.iter().all(|(n, _, _)| SCOPE_LINKS.contains(n)));
+    for (name, prog, kind) in scope_progs {
+        let pin = layout.scope_link(cg.id, name);
+        if link_is_pinned(&pin) {
+            updated_links.push(bring_up_to_date(&mut ebpf, name, &pin, Some(cg.id))?);
+            continue;
+        }
+        let link = link_program(&mut ebpf, prog, kind, &cgroup_dir, &cg.path)?;
         pin_link(link, &pin, undo)?;
         new_links.push(pin);
     }
@@ -274,7 +322,31 @@ fn attach_steps(
         cgroup: cg.clone(),
         created,
         new_links,
+        updated_links,
     })
+}
+
+/// Makes the pinned link run this load's program of the same name. A failure is an error
+/// here (unlike in `upgrade`, which reports and goes on): the scope is being attached.
+fn bring_up_to_date(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    pin: &Path,
+    scope: Option<u64>,
+) -> Result<LinkUpgrade> {
+    let fd = program_fd(ebpf, upgrade::program_for_link(name), pin)?;
+    let r = upgrade::replace_program(name, pin, scope, fd);
+    match &r.outcome {
+        Outcome::Upgraded => Ok(r),
+        Outcome::TargetGone => Err(Error::PinDir {
+            path: pin.into(),
+            reason: "the link's target is gone; detach the scope and attach it again".into(),
+        }),
+        Outcome::Failed { reason } => Err(Error::PinDir {
+            path: pin.into(),
+            reason: format!("cannot bring the link to this interceptor's program: {reason}"),
+        }),
+    }
 }
 
 /// Whether a live link is pinned at `pin`.
@@ -290,16 +362,14 @@ fn pin_link(link: OwnedFd, pin: &Path, undo: &mut UndoLog) -> Result<()> {
     Ok(())
 }
 
-/// Loads program `name` (once) and links it to `target` (a cgroup or a network namespace).
-fn link_program(
-    ebpf: &mut Ebpf,
+/// The fd of program `name` of this load, loading (verifying) it the first time.
+pub(crate) fn program_fd<'a>(
+    ebpf: &'a mut Ebpf,
     name: &str,
-    kind: AttachType,
-    target: &fs::File,
-    target_path: &Path,
-) -> Result<OwnedFd> {
+    for_what: &Path,
+) -> Result<BorrowedFd<'a>> {
     let err = |e: aya::programs::ProgramError| {
-        Error::bpf(format!("loading {name} for {}", target_path.display()), e)
+        Error::bpf(format!("loading {name} for {}", for_what.display()), e)
     };
     let prog = ebpf.program_mut(name).ok_or_else(|| {
         Error::bpf(
@@ -319,7 +389,19 @@ fn link_program(
             _ => unreachable!("the object holds only these program types"),
         }
     }
-    let fd = prog.fd().map_err(err)?;
-    sys::link_create(fd.as_fd(), target.as_fd(), kind)
+    let prog = ebpf.program(name).expect("found above");
+    Ok(prog.fd().map_err(err)?.as_fd())
+}
+
+/// Loads program `name` (once) and links it to `target` (a cgroup or a network namespace).
+fn link_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    kind: AttachType,
+    target: &fs::File,
+    target_path: &Path,
+) -> Result<OwnedFd> {
+    let fd = program_fd(ebpf, name, target_path)?;
+    sys::link_create(fd, target.as_fd(), kind)
         .map_err(|e| Error::io(format!("attaching {name} to {}", target_path.display()), e))
 }

@@ -12,6 +12,7 @@ use interceptor_common::maps as names;
 use crate::{
     cgroup,
     error::{Error, Result},
+    lock::PinLock,
     maps, netns,
     paths::{PinLayout, INBOUND_LINK, ROOT_LINKS, SCOPE_LINKS},
     system,
@@ -86,6 +87,7 @@ fn scope_for(layout: &PinLayout, path: &Path) -> Result<u64> {
 /// Detaches the scope of the cgroup at `path`.
 pub fn detach(layout: &PinLayout, path: &Path) -> Result<Detached> {
     system::check_privileges()?;
+    let _lock = lock_if_present(layout)?;
     let id = scope_for(layout, path)?;
     let attached = layout.scope_dir(id).exists() || known_scopes(layout)?.contains(&id);
     if !attached {
@@ -102,6 +104,7 @@ pub fn detach(layout: &PinLayout, path: &Path) -> Result<Detached> {
 /// Detaches every scope of the pin dir and removes the pin dir.
 pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
     system::check_privileges()?;
+    let _lock = lock_if_present(layout)?;
     let mut ids: Vec<u64> = Vec::new();
     if let Ok(entries) = fs::read_dir(layout.scopes_dir()) {
         ids.extend(
@@ -121,6 +124,15 @@ pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
         scopes: ids,
         cleaned_up,
     })
+}
+
+/// Takes the loaders' lock when there is a pin dir (and so a parent to lock) at all.
+fn lock_if_present(layout: &PinLayout) -> Result<Option<PinLock>> {
+    if layout.root().exists() {
+        PinLock::acquire(layout).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 /// Ids of every scope, outbound and inbound, that has entries in the maps.

@@ -34,7 +34,7 @@ pub enum Error {
     #[error("pin directory {path}: {reason}")]
     PinDir { path: PathBuf, reason: String },
 
-    #[error("pinned maps in {path} have layout version {found}, this interceptor expects {expected}; detach every scope with the interceptor that attached them (`interceptor detach --all`) and attach again")]
+    #[error("pinned maps in {path} have layout version {found}, this interceptor's programs expect layout {expected} and cannot share them; nothing was changed and the programs attached now keep running. Use an interceptor built for layout {found} (`interceptor status` shows the layout), or move to this one: `interceptor detach --all` with the interceptor that attached them, then `interceptor attach` with this one (connections are not intercepted in between)")]
     LayoutMismatch {
         path: PathBuf,
         found: u32,

@@ -43,6 +43,9 @@ enum Command {
     Status(cli::status::StatusArgs),
     /// Show the kernel programs' decision counters.
     Stats(cli::stats::StatsArgs),
+    /// Replace the programs on every pinned link with the ones built into this binary, in
+    /// place (BPF_LINK_UPDATE), keeping the links, maps and settings.
+    Upgrade(cli::upgrade::UpgradeArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Register(a) => cli::register::run(&layout, a),
         Command::Status(a) => cli::status::run(&layout, a),
         Command::Stats(a) => cli::stats::run(&layout, a),
+        Command::Upgrade(a) => cli::upgrade::run(&layout, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

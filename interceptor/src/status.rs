@@ -1,7 +1,8 @@
 //! `status`: every scope attached from a pin dir, its settings and its pinned links.
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
+use std::os::fd::AsFd as _;
+
 use interceptor_common::AF_INET;
 use serde::Serialize;
 
@@ -10,7 +11,7 @@ use crate::{
     maps,
     paths::{PinLayout, INBOUND_LINK, ROOT_LINKS, SCOPE_LINKS},
     settings::{InboundSettings, ScopeSettings},
-    system,
+    sys, system,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -20,6 +21,11 @@ pub struct LinkStatus {
     /// Kernel link id, when the pin holds a live link.
     pub link_id: Option<u32>,
     pub program_id: Option<u32>,
+    /// The program's name (`redirect_connect4`, ...).
+    pub program_name: Option<String>,
+    /// The kernel's tag of the program (hex): a hash of its instructions, equal for equal code,
+    /// so links that run the same build of a program show the same tag.
+    pub program_tag: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -56,13 +62,17 @@ pub struct Status {
 }
 
 fn link_status(name: &'static str, pin: PathBuf) -> LinkStatus {
-    let info = PinnedLink::from_pin(&pin)
-        .ok()
-        .and_then(|l| FdLink::from(l).info().ok());
+    let link = sys::obj_get(&pin).ok();
+    let info = link.as_ref().and_then(|l| sys::link_info(l.as_fd()).ok());
+    let prog = info
+        .and_then(|i| sys::prog_fd_by_id(i.prog_id).ok())
+        .and_then(|fd| sys::prog_info(fd.as_fd()).ok());
     LinkStatus {
         name,
-        link_id: info.as_ref().map(|i| i.id()),
-        program_id: info.as_ref().map(|i| i.program_id()),
+        link_id: info.map(|i| i.id),
+        program_id: info.map(|i| i.prog_id),
+        program_name: prog.as_ref().map(|p| p.name.clone()),
+        program_tag: prog.map(|p| p.tag.iter().map(|b| format!("{b:02x}")).collect()),
         pin,
     }
 }

@@ -4,6 +4,9 @@
 //!   cannot hand out the link of a `cgroup/getsockopt` program as a pinnable `FdLink`; doing
 //!   the two calls here gives every program one code path (a zeroed, correctly sized
 //!   `union bpf_attr`).
+//! - BPF_LINK_UPDATE, BPF_OBJ_GET, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD: `upgrade`
+//!   swaps the program of a pinned link in place, which aya 0.14 does not offer (its `FdLink`
+//!   does not lend its fd), and it needs the old program's fd to make the swap conditional.
 //! - pidfd_open / pidfd_getfd: to take a copy of the proxy's inbound listening socket from
 //!   its process, so the proxy itself needs no access to bpf.
 //! - ioctl NS_GET_NSTYPE and SIOCGSKNS: to check that a path is a network namespace and which
@@ -19,7 +22,13 @@ use std::{
 };
 
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_LINK_UPDATE` flag: replace only if the link still runs `old_prog_fd`'s program.
+const BPF_F_REPLACE: u32 = 1 << 2;
 
 /// `enum bpf_attach_type` values of the programs we attach.
 #[derive(Clone, Copy, Debug)]
@@ -80,6 +89,96 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr.0[0..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
     attr.0[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Opens the bpf object (link, map, program) pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mut attr = Attr([0; 128]);
+    attr.0[0..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: on success the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A new fd for the loaded program with id `id`.
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = Attr([0; 128]);
+    attr.0[0..4].copy_from_slice(&id.to_ne_bytes());
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: on success the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `buf` (the kernel fills at most `buf.len()` bytes).
+fn obj_info(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    let mut attr = Attr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&(buf.len() as u32).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(buf.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+/// The head of `struct bpf_link_info`: which link this is and which program it runs.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkInfo {
+    pub id: u32,
+    pub prog_id: u32,
+}
+
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    // type, id, prog_id: the kernel copies only the bytes we ask for.
+    let mut buf = [0u8; 12];
+    obj_info(link, &mut buf)?;
+    Ok(LinkInfo {
+        id: u32_at(&buf, 4),
+        prog_id: u32_at(&buf, 8),
+    })
+}
+
+/// The head of `struct bpf_prog_info` up to the program's name.
+#[derive(Clone, Debug)]
+pub struct ProgInfo {
+    pub id: u32,
+    /// The kernel's tag: a hash of the program's instructions (equal for equal code).
+    pub tag: [u8; 8],
+    pub name: String,
+}
+
+pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
+    // type u32, id u32, tag [8], jited/xlated lens, four pointers and counts, name [16] at 64.
+    // The pointers stay 0, so the kernel copies no instructions and no map ids.
+    let mut buf = [0u8; 80];
+    obj_info(prog, &mut buf)?;
+    let name = &buf[64..80];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Ok(ProgInfo {
+        id: u32_at(&buf, 4),
+        tag: buf[8..16].try_into().expect("8 bytes"),
+        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+    })
+}
+
+/// BPF_LINK_UPDATE: makes the link run `new_prog` instead of `old_prog`, atomically (a
+/// program runs either the old or the new program, never neither). Fails with EPERM when
+/// the link no longer runs `old_prog` (someone else changed it), ENOLINK when the link's
+/// target (cgroup, network namespace) is gone, EINVAL when the program type differs.
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    old_prog: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let mut attr = Attr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&(new_prog.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[8..12].copy_from_slice(&BPF_F_REPLACE.to_ne_bytes());
+    attr.0[12..16].copy_from_slice(&(old_prog.as_raw_fd() as u32).to_ne_bytes());
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 /// `ioctl(NS_GET_NSTYPE)`: the `CLONE_NEW*` type of a namespace file.

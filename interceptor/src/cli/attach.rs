@@ -98,6 +98,7 @@ pub fn run(layout: &PinLayout, a: AttachArgs) -> Result<()> {
         bypass_mark = %Mark(s.bypass_mark),
         updated = !done.created,
         new_links = done.new_links.len(),
+        links_brought_to_this_build = done.updated_links.len(),
         "attached"
     );
     println!(

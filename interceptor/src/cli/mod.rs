@@ -4,3 +4,4 @@ pub mod detach;
 pub mod register;
 pub mod stats;
 pub mod status;
+pub mod upgrade;

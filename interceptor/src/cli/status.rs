@@ -19,12 +19,15 @@ fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 fn print_link(prefix: &str, l: &LinkStatus) {
+    let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
     println!(
-        "{prefix} {:<12} {} (link {:?}, prog {:?})",
+        "{prefix} {:<12} {} (link {}, prog {} {} tag {})",
         l.name,
         l.pin.display(),
-        l.link_id,
-        l.program_id
+        opt(l.link_id),
+        opt(l.program_id),
+        l.program_name.as_deref().unwrap_or("-"),
+        l.program_tag.as_deref().unwrap_or("-"),
     );
 }
 
