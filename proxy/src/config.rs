@@ -4,6 +4,7 @@
 //! about it, so an operator can fix a unit file or a pod spec without reading code.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -78,9 +79,20 @@ pub struct Cli {
     #[arg(long = "log-format", value_name = "FORMAT", default_value = "text")]
     pub log_format: String,
 
-    /// On SIGTERM/SIGINT, how long open connections may finish before they are closed.
+    /// On SIGTERM/SIGINT, or after handing the listeners to a new process, how long open
+    /// connections may finish before they are closed.
     #[arg(long = "drain-timeout", value_name = "DURATION", default_value = "5s")]
     pub drain_timeout: String,
+
+    /// Unix socket on which this proxy hands its listening sockets to a new process
+    /// (hot upgrade), e.g. /run/interceptor/proxy.sock; created mode 0600. Default: off.
+    #[arg(long = "upgrade-socket", value_name = "PATH")]
+    pub upgrade_socket: Option<String>,
+
+    /// Take over the listening sockets and counters of the proxy serving --upgrade-socket,
+    /// become ready, then let it drain and exit. Nothing is refused meanwhile.
+    #[arg(long = "upgrade", requires = "upgrade_socket")]
+    pub upgrade: bool,
 }
 
 /// Log output format.
@@ -118,8 +130,13 @@ pub struct Config {
     pub workers: usize,
     /// Log format (used by the binary to set up tracing).
     pub log_format: LogFormat,
-    /// How long open connections may finish after shutdown was requested.
+    /// How long open connections may finish after shutdown was requested or the
+    /// listeners were handed to a new process.
     pub drain_timeout: Duration,
+    /// Unix socket serving hot upgrades; `None`: off.
+    pub upgrade_socket: Option<PathBuf>,
+    /// Take over from the proxy serving `upgrade_socket`.
+    pub upgrade: bool,
 }
 
 impl Default for Config {
@@ -139,6 +156,8 @@ impl Default for Config {
             workers: default_workers(),
             log_format: LogFormat::Text,
             drain_timeout: Duration::from_secs(5),
+            upgrade_socket: None,
+            upgrade: false,
         }
     }
 }
@@ -292,6 +311,11 @@ impl Config {
             workers,
             log_format,
             drain_timeout: parse_duration("--drain-timeout", &cli.drain_timeout)?,
+            upgrade_socket: match cli.upgrade_socket.as_deref().map(str::trim) {
+                None | Some("" | "off") => None,
+                Some(p) => Some(parse_socket_path(p)?),
+            },
+            upgrade: cli.upgrade,
         })
     }
 }
@@ -311,6 +335,28 @@ fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+fn parse_socket_path(s: &str) -> Result<PathBuf, ConfigError> {
+    const SETTING: &str = "--upgrade-socket";
+    const HINT: &str =
+        "give an absolute path of at most 107 bytes, e.g. /run/interceptor/proxy.sock";
+    let path = PathBuf::from(s);
+    if !path.is_absolute() {
+        return Err(ConfigError::new(SETTING, s, "not an absolute path", HINT));
+    }
+    if s.len() > 107 {
+        return Err(ConfigError::new(
+            SETTING,
+            s,
+            "longer than a Unix socket address allows",
+            HINT,
+        ));
+    }
+    if s.ends_with('/') {
+        return Err(ConfigError::new(SETTING, s, "names a directory", HINT));
+    }
+    Ok(path)
 }
 
 fn parse_addr(setting: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {

@@ -29,6 +29,7 @@ pub mod original_dst;
 pub mod outbound;
 pub mod stats;
 pub mod telemetry;
+pub mod upgrade;
 
 use std::future::Future;
 use std::io;
@@ -36,10 +37,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use std::os::fd::AsFd as _;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+
+use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigError, LogFormat};
 pub use outbound::OriginalDstLookup;
@@ -49,6 +53,7 @@ use admin::{AdminState, ListenerAddrs, Readiness, ReadyState};
 use conn::bind_listener;
 use inbound::Inbound;
 use outbound::Outbound;
+use upgrade::{ControlSocket, Inherited, Offer, Takeover, UpgradeError};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,9 @@ pub enum ProxyError {
     /// Signal handlers could not be installed.
     #[error("installing SIGTERM/SIGINT handlers: {0}")]
     Signal(io::Error),
+    /// Taking over from the running proxy, or serving upgrades, failed.
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
 }
 
 fn describe_bind_error(what: &str, e: &io::Error) -> String {
@@ -109,6 +117,8 @@ pub struct Proxy {
     listeners: Vec<TcpListener>,
     inbound: Vec<TcpListener>,
     admin: Option<TcpListener>,
+    control: Option<ControlSocket>,
+    takeover: Option<Takeover>,
     stats: Arc<Stats>,
     ready: Arc<ReadyState>,
     lookup: OriginalDstLookup,
@@ -128,10 +138,39 @@ impl Proxy {
     /// Checks the bypass mark and binds the outbound, inbound and admin listeners. Must
     /// be called inside a tokio runtime. Port 0 in an address picks a free port (see
     /// [`Proxy::outbound_addrs`], [`Proxy::inbound_addrs`]).
+    ///
+    /// With `--upgrade`, first takes over the listening sockets of the proxy serving
+    /// upgrades on `--upgrade-socket` (see [`upgrade`]); listeners it does not pass are
+    /// bound here. Nothing is accepted before [`Proxy::serve`].
     pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
+        let (takeover, mut inherited) = match (&config.upgrade_socket, config.upgrade) {
+            (Some(path), true) => {
+                let (t, i) = upgrade::take_over(path).await?;
+                (Some(t), i)
+            }
+            _ => (None, Inherited::default()),
+        };
+        let control = match &config.upgrade_socket {
+            None => None,
+            Some(path) => Some(match inherited.control(path)? {
+                Some(c) => c,
+                None if inherited.is_upgrade() => {
+                    return Err(UpgradeError::Protocol {
+                        path: path.clone(),
+                        reason: "the running proxy did not pass its upgrade socket".to_owned(),
+                    }
+                    .into())
+                }
+                None => ControlSocket::bind(path)?,
+            }),
+        };
         let mut listeners = Vec::with_capacity(config.outbound.len());
-        for &addr in &config.outbound {
-            match bind_listener(addr).and_then(TcpListener::from_std) {
+        for (i, &addr) in config.outbound.iter().enumerate() {
+            let bound = match inherited.tcp_listener(&upgrade::outbound_id(i), addr) {
+                Some(l) => Ok(l),
+                None => bind_listener(addr),
+            };
+            match bound.and_then(TcpListener::from_std) {
                 Ok(l) => listeners.push(l),
                 Err(e)
                     if addr.is_ipv6()
@@ -155,8 +194,11 @@ impl Proxy {
         let inbound = config
             .inbound
             .iter()
-            .map(|&addr| {
-                bind_listener(addr)
+            .enumerate()
+            .map(|(i, &addr)| {
+                inherited
+                    .tcp_listener(&upgrade::inbound_id(i), addr)
+                    .map_or_else(|| bind_listener(addr), Ok)
                     .and_then(TcpListener::from_std)
                     .map_err(|error| ProxyError::Bind {
                         what: "inbound listener",
@@ -181,7 +223,9 @@ impl Proxy {
         let admin = match config.admin {
             None => None,
             Some(addr) => Some(
-                bind_listener(addr)
+                inherited
+                    .tcp_listener(upgrade::ADMIN_ID, addr)
+                    .map_or_else(|| bind_listener(addr), Ok)
                     .and_then(TcpListener::from_std)
                     .map_err(|error| ProxyError::Bind {
                         what: "admin listener",
@@ -190,11 +234,14 @@ impl Proxy {
                     })?,
             ),
         };
+        inherited.close_rest();
         Ok(Proxy {
             config,
             listeners,
             inbound,
             admin,
+            control,
+            takeover,
             stats: Arc::default(),
             ready: Arc::default(),
             lookup: outbound::getsockopt_lookup(),
@@ -238,10 +285,16 @@ impl Proxy {
         self.lookup = lookup;
     }
 
-    /// Serves until `shutdown` completes, then stops accepting (listeners are closed),
-    /// lets open connections finish for up to `drain_timeout`, closes what is left and
-    /// returns the final counters.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> StatsSnapshot {
+    /// Serves until `shutdown` completes, or until a new process has taken over the
+    /// listeners (see [`upgrade`]); then stops accepting (closes its listeners), lets open
+    /// connections finish for up to `drain_timeout`, closes what is left and returns the
+    /// final counters. A process that was started with `--upgrade` first completes the
+    /// hand-off; if that fails after it started accepting, it stops the same way and
+    /// returns the error.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<StatsSnapshot, ProxyError> {
         let outbound_addrs = self.outbound_addrs();
         let inbound_addrs = self.inbound_addrs();
         let admin_addr = self.admin_addr();
@@ -250,10 +303,33 @@ impl Proxy {
             listeners,
             inbound,
             admin,
+            control,
+            takeover,
             stats,
             ready,
             lookup,
         } = self;
+        let offer = match &control {
+            None => None,
+            Some(c) => {
+                let ids = (listeners.iter().enumerate())
+                    .map(|(i, l)| (upgrade::outbound_id(i), l.as_fd()))
+                    .chain(
+                        (inbound.iter().enumerate())
+                            .map(|(i, l)| (upgrade::inbound_id(i), l.as_fd())),
+                    )
+                    .chain(
+                        admin
+                            .iter()
+                            .map(|l| (upgrade::ADMIN_ID.to_owned(), l.as_fd())),
+                    );
+                Some(Offer::new(ids).map_err(|error| UpgradeError::Io {
+                    path: c.path().to_owned(),
+                    what: "copying the listeners to offer them",
+                    error,
+                })?)
+            }
+        };
         let outbound_ctx = Arc::new(Outbound {
             listeners: outbound_addrs.clone(),
             bypass_mark: config.bypass_mark,
@@ -283,6 +359,10 @@ impl Proxy {
         let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
 
+        if let Some(t) = &takeover {
+            // Totals continue the previous process's.
+            stats.add_delta(&StatsSnapshot::default(), &t.stats);
+        }
         let mut accept_loops = Vec::with_capacity(listeners.len() + inbound.len());
         for l in listeners {
             accept_loops.push(tokio::spawn(conn::accept_loop(
@@ -302,7 +382,7 @@ impl Proxy {
                 kill.clone(),
             )));
         }
-        let admin_task = admin.map(|l| {
+        let mut admin_task = admin.map(|l| {
             let state = AdminState {
                 stats: stats.clone(),
                 ready: ready.clone(),
@@ -320,24 +400,68 @@ impl Proxy {
             inbound_source = %config.inbound_source,
             inbound_source6 = %config.inbound_source6,
             admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            upgrade_socket = %control.as_ref().map_or_else(|| "off".to_owned(), |c| c.path().display().to_string()),
             bypass_mark = %format_args!("{:#x}", config.bypass_mark),
             connect_timeout_ms = config.connect_timeout.as_millis() as u64,
             "proxy ready"
         );
 
-        shutdown.await;
+        // An upgrade: now that this process accepts, the previous one may stop.
+        let mut failed = None;
+        let mut predecessor = None;
+        if let Some(t) = takeover {
+            match t.complete(&stats).await {
+                Ok(p) => predecessor = Some(tokio::spawn(p.follow(stats.clone()))),
+                Err(e) => {
+                    error!(error = %e, "upgrade failed after this process started accepting; stopping");
+                    failed = Some(e);
+                }
+            }
+        }
+        let (release_tx, release_rx) = oneshot::channel();
+        let control_task = match (control, offer, &failed) {
+            (Some(c), Some(offer), None) => Some(tokio::spawn(upgrade::serve(
+                c,
+                offer,
+                stats.clone(),
+                stop_accepting.clone(),
+                release_tx,
+            ))),
+            _ => None,
+        };
+
+        let successor = if failed.is_some() {
+            None
+        } else {
+            tokio::select! {
+                _ = shutdown => None,
+                Ok(s) = release_rx => Some(s),
+            }
+        };
 
         ready.set(Readiness::Draining);
         stop_accepting.cancel();
         for task in accept_loops {
-            let _ = task.await; // the listener is dropped, so new connects are refused
+            let _ = task.await; // the listener is closed, never shut down: it may be shared
+        }
+        if let Some(task) = control_task {
+            let _ = task.await; // the copies offered for upgrades are closed too
+        }
+        if let Some(s) = &successor {
+            // The new process serves the admin listener from now on.
+            stop_admin.cancel();
+            if let Some(task) = admin_task.take() {
+                let _ = task.await;
+            }
+            s.released(stats.snapshot()).await;
         }
         tracker.close();
         let open = tracker.len();
         info!(
             open_connections = open,
             drain_timeout_ms = config.drain_timeout.as_millis() as u64,
-            "shutdown requested; stopped accepting, draining"
+            handed_over_to = successor.as_ref().map(|s| s.pid()),
+            "stopped accepting; draining"
         );
         if tokio::time::timeout(config.drain_timeout, tracker.wait())
             .await
@@ -354,40 +478,55 @@ impl Proxy {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        if let Some(task) = predecessor {
+            // Its final counters belong in ours (it exits by its own drain deadline).
+            let bound = config.drain_timeout + upgrade::HANDOFF_TIMEOUT;
+            let _ = tokio::time::timeout(bound, task).await;
+        }
 
         let snapshot = stats.snapshot();
-        let (s, i) = (&snapshot.outbound, &snapshot.inbound);
-        info!(
-            connections_total = s.connections_total,
-            connections_active = s.connections_active,
-            forwarded_total = s.forwarded_total,
-            orig_dst_missing = snapshot.orig_dst_missing,
-            loop_rejected = s.loop_rejected,
-            upstream_connect_errors_refused = s.upstream_connect_errors_refused,
-            upstream_connect_errors_timeout = s.upstream_connect_errors_timeout,
-            upstream_connect_errors_other = s.upstream_connect_errors_other,
-            bytes_client_to_upstream = s.bytes_client_to_upstream,
-            bytes_upstream_to_client = s.bytes_upstream_to_client,
-            inbound_connections_total = i.connections_total,
-            inbound_connections_active = i.connections_active,
-            inbound_forwarded_total = i.forwarded_total,
-            inbound_loop_rejected = i.loop_rejected,
-            inbound_upstream_connect_errors_refused = i.upstream_connect_errors_refused,
-            inbound_upstream_connect_errors_timeout = i.upstream_connect_errors_timeout,
-            inbound_upstream_connect_errors_other = i.upstream_connect_errors_other,
-            inbound_bytes_client_to_upstream = i.bytes_client_to_upstream,
-            inbound_bytes_upstream_to_client = i.bytes_upstream_to_client,
-            "proxy stopped"
-        );
-        snapshot
+        if let Some(s) = &successor {
+            s.exited(snapshot).await;
+        }
+        log_final(&snapshot);
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(snapshot),
+        }
     }
+}
+
+fn log_final(snapshot: &StatsSnapshot) {
+    let (s, i) = (&snapshot.outbound, &snapshot.inbound);
+    info!(
+        connections_total = s.connections_total,
+        connections_active = s.connections_active,
+        forwarded_total = s.forwarded_total,
+        orig_dst_missing = snapshot.orig_dst_missing,
+        loop_rejected = s.loop_rejected,
+        upstream_connect_errors_refused = s.upstream_connect_errors_refused,
+        upstream_connect_errors_timeout = s.upstream_connect_errors_timeout,
+        upstream_connect_errors_other = s.upstream_connect_errors_other,
+        bytes_client_to_upstream = s.bytes_client_to_upstream,
+        bytes_upstream_to_client = s.bytes_upstream_to_client,
+        inbound_connections_total = i.connections_total,
+        inbound_connections_active = i.connections_active,
+        inbound_forwarded_total = i.forwarded_total,
+        inbound_loop_rejected = i.loop_rejected,
+        inbound_upstream_connect_errors_refused = i.upstream_connect_errors_refused,
+        inbound_upstream_connect_errors_timeout = i.upstream_connect_errors_timeout,
+        inbound_upstream_connect_errors_other = i.upstream_connect_errors_other,
+        inbound_bytes_client_to_upstream = i.bytes_client_to_upstream,
+        inbound_bytes_upstream_to_client = i.bytes_upstream_to_client,
+        "proxy stopped"
+    );
 }
 
 /// Binds, serves until SIGTERM or SIGINT, drains, and returns the final counters.
 pub async fn run(config: Config) -> Result<StatsSnapshot, ProxyError> {
     let signals = shutdown_signals().map_err(ProxyError::Signal)?;
     let proxy = Proxy::bind(config).await?;
-    Ok(proxy.serve(signals).await)
+    proxy.serve(signals).await
 }
 
 /// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.

@@ -115,6 +115,23 @@ impl DirectionStats {
     }
 }
 
+impl DirectionStats {
+    /// The counters in [`DirectionSnapshot::fields`] order.
+    fn atomics(&self) -> [&AtomicU64; 9] {
+        [
+            &self.connections_total,
+            &self.connections_active,
+            &self.forwarded_total,
+            &self.loop_rejected,
+            &self.upstream_connect_errors_refused,
+            &self.upstream_connect_errors_timeout,
+            &self.upstream_connect_errors_other,
+            &self.bytes_client_to_upstream,
+            &self.bytes_upstream_to_client,
+        ]
+    }
+}
+
 impl Stats {
     /// Copies every counter (each one atomically; the set is not a consistent cut).
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -123,6 +140,31 @@ impl Stats {
             orig_dst_missing: self.orig_dst_missing.load(Relaxed),
             inbound: self.inbound.snapshot(),
         }
+    }
+
+    /// Adds `to - from`, field by field, to the live counters (a gauge may go down). A
+    /// process that took over from another one adds the other's counters this way, so
+    /// its totals continue the old ones: first `(zero, at hand-off)`, then each later
+    /// report of the old process as it drains.
+    pub fn add_delta(&self, from: &StatsSnapshot, to: &StatsSnapshot) {
+        let add = |a: &AtomicU64, from: u64, to: u64| {
+            a.fetch_add(to.wrapping_sub(from), Relaxed);
+        };
+        for (d, f, t) in [
+            (&self.outbound, &from.outbound, &to.outbound),
+            (&self.inbound, &from.inbound, &to.inbound),
+        ] {
+            for ((a, (_, fv, _)), (_, tv, _)) in
+                d.atomics().into_iter().zip(f.fields()).zip(t.fields())
+            {
+                add(a, fv, tv);
+            }
+        }
+        add(
+            &self.orig_dst_missing,
+            from.orig_dst_missing,
+            to.orig_dst_missing,
+        );
     }
 }
 
@@ -332,6 +374,17 @@ mod tests {
         assert!(prom.contains("interceptor_proxy_connections_active 0\n"));
         assert!(prom.contains("# TYPE interceptor_proxy_inbound_connections_active gauge\n"));
         assert!(prom.contains("interceptor_proxy_inbound_loop_rejected 2\n"));
+        // Another process's counters carry over, a gauge going down too.
+        let carried = Stats::default();
+        let mut handed = s.snapshot();
+        handed.outbound.connections_active = 3;
+        carried.add_delta(&StatsSnapshot::default(), &handed);
+        assert_eq!(carried.snapshot(), handed);
+        let mut exited = handed;
+        exited.outbound.connections_active = 0;
+        exited.outbound.bytes_client_to_upstream += 10;
+        carried.add_delta(&handed, &exited);
+        assert_eq!(carried.snapshot(), exited);
         // And back.
         let back: StatsSnapshot = serde_json::from_value(v).unwrap();
         assert_eq!(back, s.snapshot());

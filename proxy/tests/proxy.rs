@@ -64,6 +64,8 @@ fn config() -> Config {
         workers: 2,
         log_format: Default::default(),
         drain_timeout: Duration::from_secs(5),
+        upgrade_socket: None,
+        upgrade: false,
     }
 }
 
@@ -83,9 +85,14 @@ async fn start(config: Config, lookup: Option<OriginalDstLookup>) -> Running {
         admin: proxy.admin_addr(),
         stats: proxy.stats(),
         stop: Some(tx),
-        serve: tokio::spawn(proxy.serve(async move {
-            let _ = rx.await;
-        })),
+        serve: tokio::spawn(async move {
+            proxy
+                .serve(async move {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("serves without an upgrade error")
+        }),
     };
     if let Some(admin) = running.admin {
         let ready = async {
