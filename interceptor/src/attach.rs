@@ -158,6 +158,7 @@ fn prepare(layout: &PinLayout, scope: u64, undo: &mut UndoLog) -> Result<Ebpf> {
         undo.0.push(Undo::RemoveMaps);
     }
     maps::stamp_layout(layout)?;
+    upgrade::test_pause();
     Ok(ebpf)
 }
 
@@ -216,6 +217,7 @@ fn attach_inbound_steps(
         None => Undo::RemoveScope(scope),
     });
     maps::write_inbound_scope(layout, scope, &ns.path, settings)?;
+    upgrade::test_pause();
     make_dir(&layout.scopes_dir(), undo)?;
     make_dir(&layout.scope_dir(scope), undo)?;
     let mut new_links = Vec::new();
@@ -264,6 +266,7 @@ fn attach_steps(
         None => Undo::RemoveScope(cg.id),
     });
     maps::write_scope(layout, cg.id, &cg.path, settings)?;
+    upgrade::test_pause();
 
     let mut new_links = Vec::new();
     let mut updated_links = Vec::new();
@@ -336,6 +339,7 @@ fn bring_up_to_date(
 ) -> Result<LinkUpgrade> {
     let fd = program_fd(ebpf, upgrade::program_for_link(name), pin)?;
     let r = upgrade::replace_program(name, pin, scope, fd);
+    upgrade::test_pause();
     match &r.outcome {
         Outcome::Upgraded => Ok(r),
         Outcome::TargetGone => Err(Error::PinDir {
@@ -359,6 +363,7 @@ fn pin_link(link: OwnedFd, pin: &Path, undo: &mut UndoLog) -> Result<()> {
     sys::obj_pin(link.as_fd(), pin)
         .map_err(|e| Error::io(format!("pinning link {}", pin.display()), e))?;
     undo.0.push(Undo::Unpin(pin.into()));
+    upgrade::test_pause();
     Ok(())
 }
 

@@ -87,6 +87,23 @@ impl Upgraded {
     }
 }
 
+/// Test-only hook: with `INTERCEPTOR_TEST_PAUSE_MS=N` in the environment, `attach` and
+/// `upgrade` sleep N ms after each step that changes the pinned state (maps created and
+/// stamped, settings written, each link pinned or swapped), so the end-to-end tests can kill
+/// the loader between any two steps (tests/tests/upgrade_programs.rs). Unset, it does nothing.
+pub(crate) fn test_pause() {
+    static PAUSE: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("INTERCEPTOR_TEST_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = pause {
+        std::thread::sleep(*d);
+    }
+}
+
 /// The kernel program each pinned link runs.
 pub(crate) fn program_for_link(link: &str) -> &'static str {
     use interceptor_common::programs as p;
@@ -225,6 +242,7 @@ pub fn upgrade(layout: &PinLayout) -> Result<Upgraded> {
             }
         }
         out.links.push(r);
+        test_pause();
     }
     Ok(out)
 }
