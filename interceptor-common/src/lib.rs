@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. Bump it whenever a key, a value or a map's meaning
 /// changes: a loader refuses to reuse pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as pinned under `<pin dir>/maps/`.
 pub mod maps {
@@ -193,11 +193,15 @@ pub struct OrigDst {
     pub scope: u64,
 }
 
-/// The connection between workload and proxy, as both ends see it. The client's socket
-/// fills it at the established hand-off; the proxy's accepted socket looks it up.
+/// The connection between workload and proxy, as both ends see it, in its network
+/// namespace. The client's socket fills it at the established hand-off; the proxy's
+/// accepted socket looks it up. Without the namespace, two pods' connections from
+/// 127.0.0.1:P to their own proxies at 127.0.0.1:15001 would share one record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TupleKey {
+    /// `bpf_get_netns_cookie` of the namespace both sockets live in.
+    pub netns: u64,
     /// Client (workload) address, IPv4-mapped for IPv4.
     pub client_addr: [u32; 4],
     /// Proxy listener address, IPv4-mapped for IPv4.
@@ -206,6 +210,8 @@ pub struct TupleKey {
     pub client_port: u16,
     /// Proxy port, host order.
     pub proxy_port: u16,
+    /// Fills the hole before the 8-byte alignment; always 0.
+    pub _pad: u32,
 }
 
 /// Key of the per-CPU decision counters. Scope 0 holds what belongs to no scope.
@@ -384,7 +390,7 @@ mod tests {
         assert_eq!(size_of::<ScopedV4>(), 12);
         assert_eq!(size_of::<ScopedV6>(), 24);
         assert_eq!(size_of::<OrigDst>(), 32);
-        assert_eq!(size_of::<TupleKey>(), 36);
+        assert_eq!(size_of::<TupleKey>(), 48);
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<InboundConfig>(), 8);
         assert_eq!(size_of::<SockKey>(), 16);

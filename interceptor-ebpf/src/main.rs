@@ -25,7 +25,10 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::{
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
@@ -426,10 +429,12 @@ fn client_tuple(ops: *mut bpf_sock_ops) -> TupleKey {
         let remote_port = rd(&(*ops).remote_port);
         let v4 = family == AF_INET as u32;
         TupleKey {
+            netns: bpf_get_netns_cookie(ops.cast()),
             client_addr: if v4 { mapped_v4(local4) } else { local6 },
             proxy_addr: if v4 { mapped_v4(remote4) } else { remote6 },
             client_port: local_port as u16,
             proxy_port: u32::from_be(remote_port) as u16,
+            _pad: 0,
         }
     }
 }
@@ -486,6 +491,7 @@ fn record_for_peer(sa: *mut bpf_sock_addr, peer: [u32; 4]) -> Option<OrigDst> {
         let src_port = rd(&(*sk).src_port);
         let peer_port = u16::from_be(rd(&(*sa).user_port) as u16);
         let key = TupleKey {
+            netns: bpf_get_netns_cookie(sa.cast()),
             client_addr: if family == AF_INET as u32 {
                 mapped_v4(src4)
             } else {
@@ -494,6 +500,7 @@ fn record_for_peer(sa: *mut bpf_sock_addr, peer: [u32; 4]) -> Option<OrigDst> {
             proxy_addr: peer,
             client_port: src_port as u16,
             proxy_port: peer_port,
+            _pad: 0,
         };
         ICP_HANDOFF.get_ptr(key).map(|d| *d)
     }
@@ -652,10 +659,12 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
             return 1;
         };
         let key = TupleKey {
+            netns: bpf_get_netns_cookie(sopt.cast()),
             client_addr: remote,
             proxy_addr: local,
             client_port: u16::from_be(dst_port),
             proxy_port: src_port as u16,
+            _pad: 0,
         };
         let Some(dst) = ICP_HANDOFF.get_ptr(key) else {
             count(0, Counter::OrigDstMissing);
