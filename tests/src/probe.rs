@@ -239,6 +239,20 @@ pub struct HelloReply {
 
 /// Connects, sends `HELLO`, and parses the reply.
 pub fn hello(addr: SocketAddr, opts: &ClientOpts) -> Result<HelloReply, ProbeError> {
+    hello_send(addr, opts)?.finish()
+}
+
+/// A `HELLO` sent, its reply not read yet.
+#[derive(Debug)]
+pub struct PendingHello {
+    stream: TcpStream,
+    addr: SocketAddr,
+    local: SocketAddr,
+    socket_peer: SocketAddr,
+}
+
+/// Connects and sends `HELLO`; [`PendingHello::finish`] reads the reply.
+pub fn hello_send(addr: SocketAddr, opts: &ClientOpts) -> Result<PendingHello, ProbeError> {
     let mut s = connect(addr, opts)?;
     let local = normalize(
         s.local_addr()
@@ -250,33 +264,134 @@ pub fn hello(addr: SocketAddr, opts: &ClientOpts) -> Result<HelloReply, ProbeErr
     );
     s.write_all(b"HELLO\n")
         .map_err(|e| ProbeError::io("send HELLO", e))?;
-    let mut reply = Vec::new();
-    (&mut s)
-        .take(1024)
-        .read_to_end(&mut reply)
-        .map_err(|e| ProbeError::io("read HELLO reply", e))?;
-    let text = String::from_utf8_lossy(&reply);
-    let line = text.trim();
-    if line.is_empty() {
-        return Err(ProbeError::new(
-            ErrorKind::Reset,
-            format!("connection to {addr} closed without a reply"),
-        ));
-    }
-    let (peer, server_local) = parse_hello_reply(line).ok_or_else(|| {
-        ProbeError::new(
-            ErrorKind::Other,
-            format!("unexpected HELLO reply from {addr}: {line:?}"),
-        )
-    })?;
-    Ok(HelloReply {
+    Ok(PendingHello {
+        stream: s,
+        addr,
         local,
-        remote: addr,
         socket_peer,
-        peer_seen_by_server: peer,
-        server_local,
-        proxied: peer != local,
     })
+}
+
+impl PendingHello {
+    /// Reads and parses the reply.
+    pub fn finish(mut self) -> Result<HelloReply, ProbeError> {
+        let addr = self.addr;
+        let mut reply = Vec::new();
+        (&mut self.stream)
+            .take(1024)
+            .read_to_end(&mut reply)
+            .map_err(|e| ProbeError::io("read HELLO reply", e))?;
+        let text = String::from_utf8_lossy(&reply);
+        let line = text.trim();
+        if line.is_empty() {
+            return Err(ProbeError::new(
+                ErrorKind::Reset,
+                format!("connection to {addr} closed without a reply"),
+            ));
+        }
+        let (peer, server_local) = parse_hello_reply(line).ok_or_else(|| {
+            ProbeError::new(
+                ErrorKind::Other,
+                format!("unexpected HELLO reply from {addr}: {line:?}"),
+            )
+        })?;
+        // The server seeing our own address usually means a direct connection, but the
+        // proxy's upstream socket may have picked the same local port as ours (another
+        // 4-tuple, so the kernel allows it). Then the kernel's socket table decides: our
+        // socket is really connected to something other than the server.
+        let proxied =
+            peer != self.local || connected_elsewhere(self.local, server_local).unwrap_or(false);
+        Ok(HelloReply {
+            local: self.local,
+            remote: addr,
+            socket_peer: self.socket_peer,
+            peer_seen_by_server: peer,
+            server_local,
+            proxied,
+        })
+    }
+}
+
+/// Whether a TCP socket of this network namespace with local address `local` is connected
+/// to a peer other than `server` (from `/proc/net/tcp` and `tcp6`, which show the real
+/// peer: `getpeername()` may be rewritten by the interception).
+fn connected_elsewhere(local: SocketAddr, server: SocketAddr) -> io::Result<bool> {
+    let (local, server) = (normalize(local), normalize(server));
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(file)?;
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace().skip(1);
+            let (Some(l), Some(r)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            if let (Some(l), Some(r)) = (proc_net_addr(l), proc_net_addr(r)) {
+                if normalize(l) == local && normalize(r) != server {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Parses `0100007F:1F90` (IPv4) or 32 hex digits `:PORT` (IPv6): each 32-bit word as the
+/// kernel prints it, i.e. in host byte order.
+fn proc_net_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(|w| w.to_ne_bytes());
+    match ip.len() {
+        8 => Some(SocketAddr::new(
+            std::net::Ipv4Addr::from(word(ip)?).into(),
+            port,
+        )),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(&ip[i * 8..i * 8 + 8])?);
+            }
+            Some(SocketAddr::new(std::net::Ipv6Addr::from(b).into(), port))
+        }
+        _ => None,
+    }
+}
+
+/// `count` connections opened and their `HELLO` sent one after the other, all before
+/// any reply is read (they queue wherever the path is slow, e.g. in a stopped proxy's
+/// accept queue); `on_queued` runs then; then every reply is read. Failures are counted
+/// per phase in the report (`ok + failed == count`).
+pub fn burst(
+    addr: SocketAddr,
+    count: u64,
+    opts: &ClientOpts,
+    on_queued: impl FnOnce(u64),
+) -> ChurnReport {
+    let start = Instant::now();
+    let mut r = ChurnReport::default();
+    let fail = |r: &mut ChurnReport, e: ProbeError| {
+        r.failed += 1;
+        *r.errors.entry(e.kind.as_str().to_string()).or_default() += 1;
+        r.first_error.get_or_insert(e.message);
+    };
+    let mut pending = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        match hello_send(addr, opts) {
+            Ok(p) => pending.push(p),
+            Err(e) => fail(&mut r, e),
+        }
+    }
+    on_queued(pending.len() as u64);
+    for p in pending {
+        match p.finish() {
+            Ok(h) => {
+                r.ok += 1;
+                r.proxied += u64::from(h.proxied);
+            }
+            Err(e) => fail(&mut r, e),
+        }
+    }
+    r.elapsed_ms = start.elapsed().as_millis() as u64;
+    r
 }
 
 fn parse_hello_reply(line: &str) -> Option<(SocketAddr, SocketAddr)> {
@@ -848,6 +963,23 @@ fn handle_conn(s: TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_net_addresses_parse() {
+        assert_eq!(
+            proc_net_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            proc_net_addr("00000000000000000000000001000000:3A99"),
+            Some("[::1]:15001".parse().unwrap())
+        );
+        assert_eq!(
+            proc_net_addr("0000000000000000FFFF00000100007F:0050"),
+            Some("[::ffff:127.0.0.1]:80".parse().unwrap())
+        );
+        assert_eq!(proc_net_addr("zz:1"), None);
+    }
 
     #[test]
     fn stream_is_offset_independent() {

@@ -82,6 +82,15 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// COUNT connections, each sending HELLO, all opened before any reply is read; prints
+    /// {"queued": N} once they are, then the report of the replies (as churn's).
+    Burst {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// HTTP/1.0 GET ADDR/PATH (e.g. 127.0.0.1:15000/stats); prints the body; exits 1 unless 2xx.
     HttpGet {
         target: String,
@@ -150,6 +159,13 @@ fn main() {
                 parallel,
                 &conn.opts(5000),
             );
+            print(&r);
+        }
+        Cmd::Burst { addr, count, conn } => {
+            let r = probe::burst(addr, count, &conn.opts(60_000), |queued| {
+                println!("{}", json!({ "queued": queued }));
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            });
             print(&r);
         }
         Cmd::HttpGet { target, timeout_ms } => {
