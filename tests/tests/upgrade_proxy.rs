@@ -1,0 +1,631 @@
+//! Proxy hot upgrade under real traffic: a new `interceptor-proxy --upgrade` takes the
+//! listening sockets (outbound, inbound, admin) of the running one over its Unix socket,
+//! while real clients (wrk, connection churn, bulk transfers) run through the real
+//! interception programs, outbound from the workload cgroup and inbound from a peer
+//! namespace steered by sk_lookup.
+//!
+//! Run as root, one test at a time: `cargo xtask test -- upgrade_proxy`.
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use interceptor::{Counter, InboundSettings, PinLayout, ScopeSettings};
+use interceptor_tests::{
+    exec_command, listen_drops, probe_bin, proxy_bin, proxy_stats, run_cmd, spawn_in, start_proxy,
+    Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, TestCgroup, Wrk,
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const APP4: &str = "10.199.9.1";
+const PEER4: &str = "10.199.9.2";
+const ADMIN: &str = "127.0.0.1:15000";
+/// The app's probe server (HELLO, BULK), reached outbound at 127.0.0.1 and inbound at APP4.
+const APP_PORT: u16 = 8080;
+/// nginx for wrk, outbound.
+const NGINX: &str = "127.0.0.1:8088";
+/// Long enough that no old process cuts a kept-alive wrk connection during a test.
+const LONG_DRAIN: &str = "120s";
+
+/// Removes a scratch directory (the upgrade socket lives there) when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("icpt-t-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sidecar world: the workload namespace and cgroup with outbound and inbound
+/// interception, a peer namespace on a veth, the app server, nginx, and every proxy
+/// generation started in it (oldest first). Fields drop in declaration order: processes,
+/// scratch, programs, cgroup, namespaces.
+struct World {
+    proxies: Vec<Proc>,
+    nginx: Option<Nginx>,
+    _servers: Vec<ProbeServer>,
+    scratch: Scratch,
+    pin: PinDir,
+    cg: TestCgroup,
+    peer: NetNs,
+    ns: NetNs,
+}
+
+impl World {
+    fn new(test: &str) -> World {
+        interceptor_tests::register_helper_bins!();
+        let ns = NetNs::new(test);
+        let peer = NetNs::new(&format!("{test}-p"));
+        ns.link_to(
+            "icwl0",
+            &[&format!("{APP4}/24")],
+            &peer,
+            "icpr0",
+            &[&format!("{PEER4}/24")],
+        );
+        let cg = TestCgroup::new(test);
+        let pin = PinDir::new(test);
+        let scratch = Scratch::new(test);
+        let app =
+            ProbeServer::start_in(ns.path(), &[format!("0.0.0.0:{APP_PORT}").parse().unwrap()])
+                .expect("app server");
+        let mut w = World {
+            proxies: Vec::new(),
+            nginx: None,
+            _servers: vec![app],
+            scratch,
+            pin,
+            cg,
+            peer,
+            ns,
+        };
+        let layout = w.layout();
+        interceptor::attach(&layout, w.cg.path(), &ScopeSettings::default())
+            .unwrap_or_else(|e| panic!("attach: {e}"));
+        interceptor::attach_inbound(&layout, w.ns.path(), &InboundSettings::default())
+            .unwrap_or_else(|e| panic!("attach --netns: {e}"));
+        let args = w.proxy_args(LONG_DRAIN);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        w.proxies.push(start_proxy(&w.ns, &args));
+        let pid = w.current().pid() as i32;
+        let regs = interceptor::register(&layout, w.ns.path(), pid)
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        assert_eq!(regs.len(), 1, "the inbound listener: {regs:?}");
+        w
+    }
+
+    fn with_nginx(mut self) -> World {
+        self.nginx = Some(Nginx::start(&self.ns, &[NGINX]));
+        self
+    }
+
+    fn layout(&self) -> PinLayout {
+        PinLayout::new(self.pin.path())
+    }
+
+    fn socket(&self) -> String {
+        self.scratch.0.join("proxy.sock").display().to_string()
+    }
+
+    fn proxy_args(&self, drain: &str) -> Vec<String> {
+        [
+            "--admin",
+            ADMIN,
+            "--inbound",
+            "0.0.0.0:15006",
+            "--upgrade-socket",
+            &self.socket(),
+            "--drain-timeout",
+            drain,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    fn current(&mut self) -> &mut Proc {
+        self.proxies.last_mut().expect("a proxy runs")
+    }
+
+    /// Starts `interceptor-proxy ARGS --upgrade` (not waiting).
+    fn spawn_upgrade(&self, drain: &str, extra: &[&str]) -> Proc {
+        let bin = proxy_bin();
+        let mut cmd = vec![bin.to_str().unwrap().to_owned()];
+        cmd.extend(self.proxy_args(drain));
+        cmd.extend(extra.iter().map(|s| s.to_string()));
+        cmd.push("--upgrade".into());
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        spawn_in(&self.ns, None, &cmd)
+    }
+
+    /// Upgrades to a new generation and waits until the hand-off is complete.
+    fn upgrade(&mut self, drain: &str) {
+        let mut p = self.spawn_upgrade(drain, &[]);
+        wait_log(&mut p, "upgrade complete", Duration::from_secs(30));
+        self.proxies.push(p);
+    }
+
+    /// Waits until every generation but the current one has drained and exited
+    /// successfully.
+    fn wait_old_exited(&mut self, within: Duration) {
+        let n = self.proxies.len();
+        for (i, p) in self.proxies[..n - 1].iter_mut().enumerate() {
+            let status = p.wait_timeout(within).unwrap_or_else(|| {
+                panic!(
+                    "proxy generation {i} (pid {}) still runs after {within:?}\n{}",
+                    p.pid(),
+                    tail(&p.stderr())
+                )
+            });
+            assert!(status.success(), "generation {i}: {status}\n{}", p.stderr());
+        }
+    }
+
+    fn proxy_stat(&self, name: &str) -> u64 {
+        proxy_stats(&self.ns, ADMIN)[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("proxy /stats has no counter {name}"))
+    }
+
+    fn kernel(&self, c: Counter) -> u64 {
+        let stats = interceptor::stats(&self.layout()).expect("stats");
+        let scope = match c {
+            Counter::InboundRedirected => interceptor::netns::resolve(self.ns.path())
+                .unwrap()
+                .scope_id(),
+            _ => self.cg.id(),
+        };
+        stats.get(scope, c)
+    }
+
+    /// `icpt-probe ARGS` as the workload (its cgroup and namespace), JSON of the last line.
+    fn from_app(&self, args: &[&str]) -> Value {
+        probe(exec_command_strs(
+            &self.ns,
+            Some(&self.cg),
+            &probe_args(args),
+        ))
+    }
+
+    fn from_peer(&self, args: &[&str]) -> Value {
+        probe(exec_command_strs(&self.peer, None, &probe_args(args)))
+    }
+
+    fn app_outbound(&self) -> String {
+        format!("127.0.0.1:{APP_PORT}")
+    }
+
+    fn app_inbound(&self) -> String {
+        format!("{APP4}:{APP_PORT}")
+    }
+
+    /// One HELLO each way; both must have gone through the proxy.
+    fn assert_both_directions_proxied(&self) {
+        let out = self.from_app(&["hello", &self.app_outbound()]);
+        assert_eq!(out["proxied"], true, "outbound hello: {out}");
+        let inb = self.from_peer(&["hello", &self.app_inbound()]);
+        assert_eq!(inb["proxied"], true, "inbound hello: {inb}");
+    }
+}
+
+fn probe_args(args: &[&str]) -> Vec<String> {
+    let mut v = vec![probe_bin().to_str().unwrap().to_owned()];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+fn probe(mut cmd: std::process::Command) -> Value {
+    let out = run_cmd(&mut cmd, Duration::from_secs(300)).expect("run icpt-probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "icpt-probe: not JSON ({e}); stdout {stdout:?} stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn exec_command_strs(
+    ns: &NetNs,
+    cg: Option<&TestCgroup>,
+    args: &[String],
+) -> std::process::Command {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    exec_command(Some(ns), cg, None, &args)
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Waits until `needle` appears in the process's stderr; panics if it exits first or
+/// the bound passes.
+fn wait_log(p: &mut Proc, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if p.stderr().contains(needle) {
+            return;
+        }
+        if let Some(status) = p.try_status() {
+            panic!(
+                "pid {} exited ({status}) before logging {needle:?}\n{}",
+                p.pid(),
+                tail(&p.stderr())
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {} did not log {needle:?} within {within:?}\n{}",
+            p.pid(),
+            tail(&p.stderr())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `connections_total` of a generation's own final log line.
+fn final_count(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("proxy stopped"))
+        .expect("final log line");
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("connections_total="))
+        .expect("connections_total in the final line");
+    v.parse().unwrap()
+}
+
+impl World {
+    /// Every kernel counter of the workload's scope, for failure messages.
+    fn counters(&self) -> String {
+        let stats = interceptor::stats(&self.layout()).expect("stats");
+        Counter::ALL
+            .iter()
+            .map(|c| format!("{c:?}={}", stats.get(self.cg.id(), *c)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn churn_clean(&self, name: &str, r: &interceptor_tests::ChurnReport) {
+        assert!(r.ok > 0, "{name}: no connection made: {r:?}");
+        assert_eq!(r.failed, 0, "{name}: client errors: {r:?}");
+        assert_eq!(
+            r.proxied,
+            r.ok,
+            "{name}: some went around the proxy: {r:?}; kernel: {}",
+            self.counters()
+        );
+    }
+}
+
+#[test]
+fn ten_upgrades_under_load_lose_nothing() {
+    let mut w = World::new("upg-load").with_nginx();
+    let drops_before = listen_drops(&w.ns);
+    let url = format!("http://{NGINX}/");
+    let run = Duration::from_secs(30);
+    // Kept-alive requests (these connections stay on the first generation, which drains
+    // them), a new connection per request from wrk, and HELLO churn outbound and inbound.
+    let mut keepalive = Wrk::start(&w.ns, Some(&w.cg), &url, 8, run, false);
+    let mut closing = Wrk::start(&w.ns, Some(&w.cg), &url, 4, run, true);
+    let mut churn_out = Churn::start(&w.ns, Some(&w.cg), &w.app_outbound(), 4, run);
+    let mut churn_in = Churn::start(&w.peer, None, &w.app_inbound(), 2, run);
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..10 {
+        w.upgrade(LONG_DRAIN);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // The upgrades happened while all of the load was running.
+    assert!(
+        keepalive.proc().is_running(),
+        "wrk ended before the last upgrade"
+    );
+    assert!(
+        closing.proc().is_running(),
+        "wrk ended before the last upgrade"
+    );
+    assert!(
+        churn_out.proc().is_running(),
+        "churn ended before the last upgrade"
+    );
+    assert!(
+        churn_in.proc().is_running(),
+        "churn ended before the last upgrade"
+    );
+
+    let keepalive = keepalive.finish();
+    let closing = closing.finish();
+    let churn_out = churn_out.finish();
+    let churn_in = churn_in.finish();
+    println!(
+        "10 upgrades: wrk keep-alive {} requests, wrk close {} requests, churn out {} in {}",
+        keepalive.requests, closing.requests, churn_out.ok, churn_in.ok
+    );
+    assert!(keepalive.requests > 0 && closing.requests > 0);
+    assert_eq!(
+        keepalive.errors(),
+        0,
+        "keep-alive wrk: {}",
+        keepalive.output
+    );
+    assert_eq!(closing.errors(), 0, "closing wrk: {}", closing.output);
+    w.churn_clean("outbound churn", &churn_out);
+    w.churn_clean("inbound churn", &churn_in);
+    assert_eq!(
+        listen_drops(&w.ns),
+        drops_before,
+        "ListenDrops/ListenOverflows grew"
+    );
+
+    // Every old generation drained (its kept-alive connections ended with wrk) and
+    // exited; the last one's counters include all of theirs.
+    w.wait_old_exited(Duration::from_secs(30));
+    assert_eq!(w.proxies.len(), 11);
+    let redirected = w.kernel(Counter::Redirected);
+    let total = w.proxy_stat("connections_total");
+    let forwarded = w.proxy_stat("forwarded_total");
+    let missing = w.proxy_stat("orig_dst_missing");
+    println!(
+        "redirected {redirected}; over all generations: accepted {total}, forwarded \
+         {forwarded}, without destination {missing}; kernel: {}",
+        w.counters()
+    );
+    assert_eq!(
+        total, redirected,
+        "outbound connections counted over all generations vs redirected by the kernel"
+    );
+    // A connection the client abandoned before the proxy asked for its destination (wrk
+    // closing its in-flight connects when its time is up) has no record any more; no
+    // client saw an error (above), so at most one per client thread is allowed here.
+    assert_eq!(forwarded + missing, total);
+    assert!(missing <= 16, "{missing} connections without a destination");
+    assert_eq!(w.proxy_stat("connections_active"), 0);
+    assert_eq!(
+        w.proxy_stat("inbound_connections_total"),
+        w.kernel(Counter::InboundRedirected)
+    );
+    assert_eq!(w.proxy_stat("inbound_connections_total"), churn_in.ok);
+    w.assert_both_directions_proxied();
+}
+
+#[test]
+fn connections_queued_while_paused_are_served_after_upgrade() {
+    let mut w = World::new("upg-queue");
+    let drops_before = listen_drops(&w.ns);
+    w.current().signal(Signal::SIGSTOP);
+    // 1,000 connections complete their handshake into the stopped proxy's accept queue,
+    // each with its HELLO sent.
+    let args = probe_args(&["burst", &w.app_outbound(), "--count", "1000"]);
+    let mut burst = Proc::spawn(
+        "icpt-probe burst",
+        exec_command_strs(&w.ns, Some(&w.cg), &args),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !burst.stdout().contains("\"queued\"") {
+        assert!(
+            burst.is_running() && Instant::now() < deadline,
+            "burst did not queue: {}{}",
+            burst.stdout(),
+            burst.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        burst.stdout().contains("{\"queued\":1000}"),
+        "{}",
+        burst.stdout()
+    );
+    // The new process asks while the old one is stopped, then the old one resumes and
+    // hands over with the queue full.
+    let mut next = w.spawn_upgrade(LONG_DRAIN, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    w.current().signal(Signal::SIGCONT);
+    wait_log(&mut next, "upgrade complete", Duration::from_secs(30));
+    w.proxies.push(next);
+    let status = burst
+        .wait_timeout(Duration::from_secs(120))
+        .expect("burst ends");
+    let report: interceptor_tests::ChurnReport =
+        serde_json::from_str(burst.stdout().lines().last().unwrap()).unwrap();
+    println!("queued burst: {report:?} ({status})");
+    assert_eq!(report.ok, 1000, "{report:?}");
+    w.churn_clean("burst", &report);
+    assert_eq!(listen_drops(&w.ns), drops_before);
+    w.wait_old_exited(Duration::from_secs(30));
+    let old_total = final_count(&w.proxies[0].stderr());
+    println!("of 1,000 queued: {old_total} accepted by the old generation, the rest by the new");
+    assert_eq!(w.proxy_stat("connections_total"), 1000);
+    assert_eq!(w.proxy_stat("forwarded_total"), 1000);
+    w.assert_both_directions_proxied();
+}
+
+#[test]
+fn transfer_in_flight_completes_within_the_deadline_and_is_closed_at_it() {
+    let mut w = World::new("upg-bulk");
+    // 1 GiB each way, started before the upgrade: the old generation keeps forwarding it.
+    let gib = (1u64 << 30).to_string();
+    let args = probe_args(&[
+        "bulk",
+        &w.app_outbound(),
+        "--send",
+        &gib,
+        "--recv",
+        &gib,
+        "--seed",
+        "7",
+    ]);
+    let mut bulk = Proc::spawn("bulk", exec_command_strs(&w.ns, Some(&w.cg), &args));
+    assert!(interceptor_tests::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || w.proxy_stat("bytes_client_to_upstream") > 0
+    ));
+    // The next generation gets a 1 s deadline for its own drain, below.
+    w.upgrade("1s");
+    assert!(
+        w.proxies[0].is_running(),
+        "the old generation should still forward the transfer"
+    );
+    bulk.wait_timeout(Duration::from_secs(120))
+        .expect("bulk ends");
+    let r: Value = serde_json::from_str(bulk.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(r["ok"], true, "transfer across the upgrade: {r}");
+    w.wait_old_exited(Duration::from_secs(30));
+    assert!(
+        w.proxies[0].stderr().contains("open_connections=1"),
+        "the transfer was in the old generation at hand-off:\n{}",
+        tail(&w.proxies[0].stderr())
+    );
+
+    // A transfer that cannot end within the deadline (64 GiB) is closed at it: the
+    // client sees the stream end short, the old generation exits, the new one serves.
+    let big = (64u64 << 30).to_string();
+    let args = probe_args(&["bulk", &w.app_outbound(), "--send", &big, "--recv", &big]);
+    let mut bulk = Proc::spawn("bulk", exec_command_strs(&w.ns, Some(&w.cg), &args));
+    let before = w.proxy_stat("bytes_client_to_upstream");
+    assert!(interceptor_tests::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || w.proxy_stat("bytes_client_to_upstream") > before
+    ));
+    w.upgrade(LONG_DRAIN);
+    let old = &mut w.proxies[1];
+    let status = old
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the old generation exits at its 1 s deadline");
+    assert!(status.success(), "{status}");
+    assert!(
+        old.stderr().contains("drain timeout reached"),
+        "{}",
+        tail(&old.stderr())
+    );
+    bulk.wait_timeout(Duration::from_secs(60))
+        .expect("the client is told: its transfer ends");
+    let r: Value = serde_json::from_str(bulk.stdout().lines().last().unwrap()).unwrap();
+    assert!(
+        r.get("ok") != Some(&Value::Bool(true)),
+        "a 64 GiB transfer cannot have completed: {r}"
+    );
+    println!("transfer cut at the deadline: {r}");
+    w.assert_both_directions_proxied();
+}
+
+#[test]
+fn a_new_process_that_fails_before_ready_changes_nothing() {
+    let mut w = World::new("upg-fail").with_nginx();
+    let drops_before = listen_drops(&w.ns);
+    let run = Duration::from_secs(15);
+    let wrk = Wrk::start(
+        &w.ns,
+        Some(&w.cg),
+        &format!("http://{NGINX}/"),
+        4,
+        run,
+        false,
+    );
+    let churn = Churn::start(&w.ns, Some(&w.cg), &w.app_outbound(), 4, run);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 1. A configuration that cannot start: an extra listener on a taken port. It takes
+    //    the listeners, fails to bind, exits.
+    let mut bad = w.spawn_upgrade(
+        LONG_DRAIN,
+        &[
+            "--outbound",
+            "127.0.0.1:15001",
+            "--outbound",
+            &format!("127.0.0.1:{APP_PORT}"),
+        ],
+    );
+    let status = bad
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the bad generation exits");
+    assert!(!status.success());
+    assert!(
+        bad.stderr().contains("address already in use"),
+        "{}",
+        bad.stderr()
+    );
+    assert!(
+        bad.stderr().contains("received the listening sockets"),
+        "{}",
+        bad.stderr()
+    );
+
+    // 2. Killed while it waits for the listeners (the old process is stopped meanwhile,
+    //    so the kill lands exactly there).
+    w.current().signal(Signal::SIGSTOP);
+    let mut killed = w.spawn_upgrade(LONG_DRAIN, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    killed.kill();
+    w.current().signal(Signal::SIGCONT);
+    wait_log(
+        w.current(),
+        "upgrade aborted, still serving",
+        Duration::from_secs(30),
+    );
+
+    // 3. Two at once: one takes over, the other is refused (whichever asked second).
+    w.current().signal(Signal::SIGSTOP);
+    let a = w.spawn_upgrade(LONG_DRAIN, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = w.spawn_upgrade(LONG_DRAIN, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    w.current().signal(Signal::SIGCONT);
+    let refused = "another upgrade is in progress";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (winner, mut loser) = loop {
+        if a.stderr().contains(refused) {
+            break (b, a);
+        }
+        if b.stderr().contains(refused) {
+            break (a, b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither concurrent upgrade was refused\n{}\n{}",
+            a.stderr(),
+            b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = loser
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the refused upgrade exits");
+    assert!(!status.success());
+    let mut winner = winner;
+    wait_log(&mut winner, "upgrade complete", Duration::from_secs(30));
+    w.proxies.push(winner);
+
+    let wrk = wrk.finish();
+    let churn = churn.finish();
+    println!(
+        "failed upgrades under load: wrk {} requests, churn {}",
+        wrk.requests, churn.ok
+    );
+    assert_eq!(wrk.errors(), 0, "{}", wrk.output);
+    w.churn_clean("churn", &churn);
+    assert_eq!(listen_drops(&w.ns), drops_before);
+    let old_log = w.proxies[0].stderr();
+    assert!(
+        old_log.contains("upgrade aborted, still serving"),
+        "{}",
+        tail(&old_log)
+    );
+    w.wait_old_exited(Duration::from_secs(30));
+    assert_eq!(
+        w.proxy_stat("connections_total"),
+        w.kernel(Counter::Redirected)
+    );
+    w.assert_both_directions_proxied();
+}
