@@ -1,5 +1,7 @@
-//! Admin HTTP/1.1 server: `GET /ready`, `GET /stats` (JSON), `GET /metrics` (Prometheus),
-//! `GET /listeners` (JSON: the bound outbound and inbound addresses).
+//! Admin HTTP/1.1 server: `GET /ready`, `GET /stats` (JSON), `GET /metrics` (OpenMetrics
+//! text, see [`crate::metrics`]), `GET /listeners` (JSON: the bound outbound and inbound
+//! addresses), `GET /config` (JSON: the running configuration), `GET /runtime` and
+//! `POST /runtime?destination_stats=on|off` (run-time switches, JSON).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::metrics::Metrics;
 use crate::stats::Stats;
 
 /// Readiness as reported by `GET /ready`.
@@ -63,6 +66,26 @@ pub struct AdminState {
     pub stats: Arc<Stats>,
     pub ready: Arc<ReadyState>,
     pub listeners: Arc<ListenerAddrs>,
+    pub metrics: Arc<Metrics>,
+    /// `GET /config`.
+    pub config: Arc<serde_json::Value>,
+}
+
+impl AdminState {
+    pub fn new(
+        stats: Arc<Stats>,
+        ready: Arc<ReadyState>,
+        listeners: ListenerAddrs,
+        config: serde_json::Value,
+    ) -> Self {
+        AdminState {
+            metrics: Arc::new(Metrics::new(stats.clone())),
+            stats,
+            ready,
+            listeners: Arc::new(listeners),
+            config: Arc::new(config),
+        }
+    }
 }
 
 /// Serves admin requests on `listener` until `stop` is cancelled.
@@ -104,12 +127,76 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
 
 /// Routes one request.
 pub fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
-    route(req.method(), req.uri().path(), state)
+    route(req.method(), req.uri().path(), req.uri().query(), state)
 }
 
-fn route(method: &Method, path: &str, state: &AdminState) -> Response<Full<Bytes>> {
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec(value).expect("JSON serializes");
+    body.push(b'\n');
+    with_type(StatusCode::OK, body.into(), "application/json")
+}
+
+fn runtime_json(state: &AdminState) -> serde_json::Value {
+    let d = &state.stats.destinations;
+    let limits = d.limits();
+    serde_json::json!({
+        "destination_stats": d.enabled(),
+        "destination_stats_cap": limits.cap,
+        "destination_stats_idle_ms": limits.idle.as_millis() as u64,
+        "destination_series": d.tracked() * 3,
+    })
+}
+
+/// `POST /runtime?destination_stats=on|off`: applies every setting given, or none when one
+/// is invalid.
+fn set_runtime(query: Option<&str>, state: &AdminState) -> Response<Full<Bytes>> {
+    let mut switch = None;
+    for (k, v) in query
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+    {
+        match k {
+            "destination_stats" => match crate::config::parse_switch("destination_stats", v) {
+                Ok(on) => switch = Some(on),
+                Err(e) => return owned_text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            },
+            _ => return owned_text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown runtime setting {k:?}; the settings are: destination_stats=on|off\n"
+                ),
+            ),
+        }
+    }
+    let Some(on) = switch else {
+        return owned_text(
+            StatusCode::BAD_REQUEST,
+            "nothing to change; e.g. POST /runtime?destination_stats=on\n".to_owned(),
+        );
+    };
+    let was = state.stats.destinations.set_enabled(on);
+    if was != on {
+        tracing::info!(destination_stats = on, "runtime switch changed");
+    }
+    json(&runtime_json(state))
+}
+
+fn route(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    state: &AdminState,
+) -> Response<Full<Bytes>> {
+    if method == Method::POST && path == "/runtime" {
+        return set_runtime(query, state);
+    }
     if method != Method::GET && method != Method::HEAD {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported here (and POST /runtime)\n",
+        );
         r.headers_mut()
             .insert("allow", HeaderValue::from_static("GET, HEAD"));
         return r;
@@ -127,9 +214,11 @@ fn route(method: &Method, path: &str, state: &AdminState) -> Response<Full<Bytes
         }
         "/metrics" => with_type(
             StatusCode::OK,
-            state.stats.snapshot().to_prometheus().into(),
-            "text/plain; version=0.0.4",
+            state.metrics.encode().into(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        "/config" => json(&*state.config),
+        "/runtime" => json(&runtime_json(state)),
         "/listeners" => {
             let mut body = serde_json::to_vec(&*state.listeners).expect("addresses serialize");
             body.push(b'\n');
@@ -137,7 +226,7 @@ fn route(method: &Method, path: &str, state: &AdminState) -> Response<Full<Bytes
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready, /stats, /metrics or /listeners\n",
+            "not found; try /ready, /stats, /metrics, /listeners, /config or /runtime\n",
         ),
     }
 }
@@ -148,6 +237,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         Bytes::from_static(body.as_bytes()),
         "text/plain; charset=utf-8",
     )
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    with_type(status, body.into(), "text/plain; charset=utf-8")
 }
 
 fn with_type(status: StatusCode, body: Bytes, ctype: &'static str) -> Response<Full<Bytes>> {
@@ -164,28 +257,45 @@ mod tests {
 
     #[test]
     fn routes() {
-        let state = AdminState {
-            stats: Arc::default(),
-            ready: Arc::default(),
-            listeners: Arc::new(ListenerAddrs {
+        let state = AdminState::new(
+            Arc::default(),
+            Arc::default(),
+            ListenerAddrs {
                 outbound: vec!["127.0.0.1:15001".parse().unwrap()],
                 inbound: vec![
                     "0.0.0.0:15006".parse().unwrap(),
                     "[::]:15006".parse().unwrap(),
                 ],
-            }),
-        };
-        assert_eq!(route(&Method::GET, "/ready", &state).status(), 503);
+            },
+            crate::Config::default().to_json(),
+        );
+        assert_eq!(route(&Method::GET, "/ready", None, &state).status(), 503);
         state.ready.set(Readiness::Ready);
-        assert_eq!(route(&Method::GET, "/ready", &state).status(), 200);
+        assert_eq!(route(&Method::GET, "/ready", None, &state).status(), 200);
         state.ready.set(Readiness::Draining);
-        assert_eq!(route(&Method::GET, "/ready", &state).status(), 503);
-        assert_eq!(route(&Method::GET, "/stats", &state).status(), 200);
-        assert_eq!(route(&Method::GET, "/metrics", &state).status(), 200);
-        assert_eq!(route(&Method::GET, "/nope", &state).status(), 404);
-        let r = route(&Method::GET, "/listeners", &state);
+        assert_eq!(route(&Method::GET, "/ready", None, &state).status(), 503);
+        assert_eq!(route(&Method::GET, "/stats", None, &state).status(), 200);
+        assert_eq!(route(&Method::GET, "/metrics", None, &state).status(), 200);
+        assert_eq!(route(&Method::GET, "/nope", None, &state).status(), 404);
+        let r = route(&Method::GET, "/listeners", None, &state);
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
-        assert_eq!(route(&Method::POST, "/stats", &state).status(), 405);
+        assert_eq!(route(&Method::POST, "/stats", None, &state).status(), 405);
+        assert_eq!(route(&Method::GET, "/config", None, &state).status(), 200);
+        assert!(!state.stats.destinations.enabled());
+        let on = Some("destination_stats=on");
+        assert_eq!(route(&Method::POST, "/runtime", on, &state).status(), 200);
+        assert!(state.stats.destinations.enabled());
+        for bad in [None, Some("destination_stats=maybe"), Some("x=1")] {
+            assert_eq!(
+                route(&Method::POST, "/runtime", bad, &state).status(),
+                400,
+                "{bad:?}"
+            );
+        }
+        assert!(
+            state.stats.destinations.enabled(),
+            "a bad request changes nothing"
+        );
     }
 }

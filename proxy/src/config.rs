@@ -5,6 +5,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+
+use crate::metrics::DestinationLimits;
 use std::time::Duration;
 
 use clap::Parser;
@@ -89,6 +91,33 @@ pub struct Cli {
     #[arg(long = "upgrade-socket", value_name = "PATH")]
     pub upgrade_socket: Option<String>,
 
+    /// Per-destination counters (destination IP and port) at start: on or off. Switch at
+    /// run time with `POST /runtime?destination_stats=on|off` on the admin listener.
+    #[arg(
+        long = "destination-stats",
+        value_name = "on|off",
+        default_value = "off"
+    )]
+    pub destination_stats: String,
+
+    /// Most destinations tracked at once by per-destination stats; more count in the
+    /// `destination="other"` series.
+    #[arg(
+        long = "destination-stats-cap",
+        value_name = "N",
+        default_value = "10000"
+    )]
+    pub destination_stats_cap: String,
+
+    /// A destination without traffic for this long leaves the per-destination series (its
+    /// counts move to `destination="other"`).
+    #[arg(
+        long = "destination-stats-idle",
+        value_name = "DURATION",
+        default_value = "5m"
+    )]
+    pub destination_stats_idle: String,
+
     /// Take over the listening sockets and counters of the proxy serving --upgrade-socket,
     /// become ready, then let it drain and exit. Nothing is refused meanwhile.
     #[arg(long = "upgrade", requires = "upgrade_socket")]
@@ -137,6 +166,10 @@ pub struct Config {
     pub upgrade_socket: Option<PathBuf>,
     /// Take over from the proxy serving `upgrade_socket`.
     pub upgrade: bool,
+    /// Per-destination stats on at start.
+    pub destination_stats: bool,
+    /// Cap and idle time of per-destination stats.
+    pub destination_limits: DestinationLimits,
 }
 
 impl Default for Config {
@@ -158,6 +191,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(5),
             upgrade_socket: None,
             upgrade: false,
+            destination_stats: false,
+            destination_limits: DestinationLimits::default(),
         }
     }
 }
@@ -316,6 +351,33 @@ impl Config {
                 Some(p) => Some(parse_socket_path(p)?),
             },
             upgrade: cli.upgrade,
+            destination_stats: parse_switch("--destination-stats", &cli.destination_stats)?,
+            destination_limits: DestinationLimits {
+                cap: match cli.destination_stats_cap.trim().parse::<usize>() {
+                    Ok(n) if n <= 10_000_000 => n,
+                    _ => {
+                        return Err(ConfigError::new(
+                            "--destination-stats-cap",
+                            &cli.destination_stats_cap,
+                            "not a whole number up to 10000000",
+                            "give the most destinations to track, e.g. 10000",
+                        ))
+                    }
+                },
+                idle: {
+                    let d =
+                        parse_duration("--destination-stats-idle", &cli.destination_stats_idle)?;
+                    if d < Duration::from_secs(1) {
+                        return Err(ConfigError::new(
+                            "--destination-stats-idle",
+                            &cli.destination_stats_idle,
+                            "shorter than 1s",
+                            "give e.g. 5m",
+                        ));
+                    }
+                    d
+                },
+            },
         })
     }
 }
@@ -335,6 +397,43 @@ fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// `on`/`off` (also true/false, 1/0, yes/no).
+pub fn parse_switch(setting: &'static str, s: &str) -> Result<bool, ConfigError> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::new(
+            setting,
+            s,
+            "not a switch",
+            "use on or off",
+        )),
+    }
+}
+
+impl Config {
+    /// The running configuration as `GET /config` shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |d: Duration| d.as_millis() as u64;
+        serde_json::json!({
+            "outbound": self.outbound.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "inbound": self.inbound.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "inbound_source": self.inbound_source.to_string(),
+            "inbound_source6": self.inbound_source6.to_string(),
+            "bypass_mark": format!("{:#x}", self.bypass_mark),
+            "connect_timeout_ms": ms(self.connect_timeout),
+            "admin": self.admin.map(|a| a.to_string()),
+            "workers": self.workers,
+            "log_format": match self.log_format { LogFormat::Text => "text", LogFormat::Json => "json" },
+            "drain_timeout_ms": ms(self.drain_timeout),
+            "upgrade_socket": self.upgrade_socket.as_ref().map(|p| p.display().to_string()),
+            "destination_stats": self.destination_stats,
+            "destination_stats_cap": self.destination_limits.cap,
+            "destination_stats_idle_ms": ms(self.destination_limits.idle),
+        })
+    }
 }
 
 fn parse_socket_path(s: &str) -> Result<PathBuf, ConfigError> {

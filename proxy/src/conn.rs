@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::forward::{forward, reset_on_close};
-use crate::stats::{ConnectErrorKind, DirectionStats};
+use crate::metrics::Direction;
+use crate::stats::{ConnectErrorKind, Stats};
 
 /// Listen backlog of the proxy's listeners (capped by net.core.somaxconn).
 const BACKLOG: i32 = 1024;
@@ -173,16 +174,21 @@ fn classify_connect_error(e: &io::Error) -> ConnectErrorKind {
 
 /// Connects to `dst` and forwards between it and `client` until both are done. A failed
 /// connect resets the client at once and is counted by kind; a successful one counts as
-/// forwarded, and the bytes are counted as they flow. `direction` names the listener
-/// kind in logs.
+/// forwarded (and its connect time observed), the bytes are counted as they flow, the
+/// connection's duration when it closes, and its destination's counters when
+/// per-destination stats are on.
 pub async fn connect_and_forward(
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     opts: &UpstreamOptions,
-    stats: &DirectionStats,
-    direction: &'static str,
+    all: &Stats,
+    dir: Direction,
 ) {
+    let stats = all.direction(dir);
+    let direction = dir.as_str();
+    all.destinations.connection(dir, dst);
+    let started = Instant::now();
     // Boxed so the connect state does not grow every idle connection's future.
     let connected = Box::pin(connect_upstream(dst, opts)).await;
     let upstream = match connected {
@@ -196,9 +202,19 @@ pub async fn connect_and_forward(
         }
     };
     stats.forwarded_total.fetch_add(1, Relaxed);
-
-    let started = Instant::now();
+    let started = {
+        let now = Instant::now();
+        stats.upstream_connect_seconds.observe(now - started);
+        now
+    };
     let report = forward(client, upstream, stats).await;
+    stats.connection_seconds.observe(started.elapsed());
+    all.destinations.closed(
+        dir,
+        dst,
+        report.client_to_upstream,
+        report.upstream_to_client,
+    );
     debug!(
         direction,
         client = %peer,

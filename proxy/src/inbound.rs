@@ -18,6 +18,7 @@ use tracing::warn;
 
 use crate::conn::{connect_and_forward, Handler, UpstreamOptions};
 use crate::forward::reset_on_close;
+use crate::metrics::Direction;
 use crate::stats::{ActiveGuard, Stats};
 
 /// What every inbound connection needs; shared by all inbound listeners of one proxy.
@@ -120,7 +121,15 @@ impl Handler for Inbound {
             source: Some(self.source_for(orig_dst)),
             connect_timeout: self.connect_timeout,
         };
-        connect_and_forward(client, peer, orig_dst, &opts, stats, "inbound").await;
+        connect_and_forward(
+            client,
+            peer,
+            orig_dst,
+            &opts,
+            &self.stats,
+            Direction::Inbound,
+        )
+        .await;
     }
 }
 

@@ -25,6 +25,7 @@ pub mod config;
 pub mod conn;
 pub mod forward;
 pub mod inbound;
+pub mod metrics;
 pub mod original_dst;
 pub mod outbound;
 pub mod stats;
@@ -235,6 +236,13 @@ impl Proxy {
             ),
         };
         inherited.close_rest();
+        let stats = Arc::new(Stats {
+            destinations: metrics::Destinations::new(
+                config.destination_stats,
+                config.destination_limits,
+            ),
+            ..Stats::default()
+        });
         Ok(Proxy {
             config,
             listeners,
@@ -242,7 +250,7 @@ impl Proxy {
             admin,
             control,
             takeover,
-            stats: Arc::default(),
+            stats,
             ready: Arc::default(),
             lookup: outbound::getsockopt_lookup(),
         })
@@ -383,16 +391,18 @@ impl Proxy {
             )));
         }
         let mut admin_task = admin.map(|l| {
-            let state = AdminState {
-                stats: stats.clone(),
-                ready: ready.clone(),
-                listeners: Arc::new(ListenerAddrs {
+            let state = AdminState::new(
+                stats.clone(),
+                ready.clone(),
+                ListenerAddrs {
                     outbound: outbound_addrs.clone(),
                     inbound: inbound_addrs.clone(),
-                }),
-            };
+                },
+                config.to_json(),
+            );
             tokio::spawn(admin::serve(l, state, stop_admin.clone()))
         });
+        let evictor = tokio::spawn(metrics::evict_idle_loop(stats.clone()));
         ready.set(Readiness::Ready);
         info!(
             outbound = ?outbound_addrs,
@@ -484,6 +494,7 @@ impl Proxy {
             let _ = tokio::time::timeout(bound, task).await;
         }
 
+        evictor.abort();
         let snapshot = stats.snapshot();
         if let Some(s) = &successor {
             s.exited(snapshot).await;

@@ -11,6 +11,7 @@ use tracing::warn;
 
 use crate::conn::{connect_and_forward, Handler, UpstreamOptions};
 use crate::forward::reset_on_close;
+use crate::metrics::Direction;
 use crate::original_dst::{original_dst, OriginalDstError};
 use crate::stats::{ActiveGuard, Stats};
 
@@ -74,7 +75,15 @@ impl Handler for Outbound {
             source: None,
             connect_timeout: self.connect_timeout,
         };
-        connect_and_forward(client, peer, orig_dst, &opts, stats, "outbound").await;
+        connect_and_forward(
+            client,
+            peer,
+            orig_dst,
+            &opts,
+            &self.stats,
+            Direction::Outbound,
+        )
+        .await;
     }
 }
 

@@ -6,10 +6,11 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::ser::SerializeMap;
+
+use crate::metrics::{Destinations, Direction, Histogram};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Live counters of one direction.
@@ -33,6 +34,10 @@ pub struct DirectionStats {
     pub bytes_client_to_upstream: AtomicU64,
     /// Bytes read from upstreams and written to clients.
     pub bytes_upstream_to_client: AtomicU64,
+    /// Successful upstream connects: how long they took.
+    pub upstream_connect_seconds: Histogram,
+    /// Forwarded connections: time from the upstream connect to the close.
+    pub connection_seconds: Histogram,
 }
 
 /// Live counters shared by the listeners, the connections and the admin server.
@@ -44,6 +49,8 @@ pub struct Stats {
     pub orig_dst_missing: AtomicU64,
     /// Connections steered to the inbound listeners.
     pub inbound: DirectionStats,
+    /// Per-destination counters (off unless switched on).
+    pub destinations: Destinations,
 }
 
 /// A point-in-time copy of [`DirectionStats`].
@@ -133,6 +140,14 @@ impl DirectionStats {
 }
 
 impl Stats {
+    /// The counters of one direction.
+    pub fn direction(&self, d: Direction) -> &DirectionStats {
+        match d {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        }
+    }
+
     /// Copies every counter (each one atomically; the set is not a consistent cut).
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -241,17 +256,6 @@ impl StatsSnapshot {
         }
         for (name, value, gauge) in self.inbound.fields() {
             out.push((Cow::Owned(format!("{INBOUND_PREFIX}{name}")), value, gauge));
-        }
-        out
-    }
-
-    /// Prometheus text exposition (`/metrics`), names prefixed `interceptor_proxy_`.
-    pub fn to_prometheus(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        for (name, value, gauge) in self.fields() {
-            let kind = if gauge { "gauge" } else { "counter" };
-            let _ = writeln!(out, "# TYPE interceptor_proxy_{name} {kind}");
-            let _ = writeln!(out, "interceptor_proxy_{name} {value}");
         }
         out
     }
@@ -370,10 +374,6 @@ mod tests {
         assert_eq!(obj["inbound_loop_rejected"], 2);
         assert_eq!(obj["inbound_connections_total"], 1);
         assert_eq!(obj["inbound_connections_active"], 0);
-        let prom = s.snapshot().to_prometheus();
-        assert!(prom.contains("interceptor_proxy_connections_active 0\n"));
-        assert!(prom.contains("# TYPE interceptor_proxy_inbound_connections_active gauge\n"));
-        assert!(prom.contains("interceptor_proxy_inbound_loop_rejected 2\n"));
         // Another process's counters carry over, a gauge going down too.
         let carried = Stats::default();
         let mut handed = s.snapshot();

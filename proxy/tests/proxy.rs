@@ -66,6 +66,7 @@ fn config() -> Config {
         drain_timeout: Duration::from_secs(5),
         upgrade_socket: None,
         upgrade: false,
+        ..Config::default()
     }
 }
 
@@ -175,7 +176,9 @@ async fn plain_connection_is_orig_dst_missing_and_closed() {
     let (status, metrics) = http_get(p.admin.unwrap(), "/metrics").await;
     assert_eq!(status, 200);
     assert!(
-        metrics.contains(&format!("interceptor_proxy_orig_dst_missing {expected}\n")),
+        metrics.contains(&format!(
+            "interceptor_proxy_orig_dst_missing_connections_total {expected}\n"
+        )),
         "{metrics}"
     );
     assert_eq!(http_get(p.admin.unwrap(), "/nope").await.0, 404);
@@ -509,11 +512,13 @@ async fn inbound_connection_to_its_own_listener_is_a_loop() {
     let (status, metrics) = http_get(p.admin.unwrap(), "/metrics").await;
     assert_eq!(status, 200);
     for line in [
-        format!("interceptor_proxy_inbound_loop_rejected {expected}\n"),
-        format!("interceptor_proxy_inbound_connections_total {expected}\n"),
-        "# TYPE interceptor_proxy_inbound_connections_active gauge\n".to_owned(),
-        "interceptor_proxy_inbound_bytes_upstream_to_client 0\n".to_owned(),
-        "interceptor_proxy_connections_total 0\n".to_owned(),
+        format!(
+            "interceptor_proxy_loop_rejected_connections_total{{direction=\"inbound\"}} {expected}\n"
+        ),
+        format!("interceptor_proxy_connections_total{{direction=\"inbound\"}} {expected}\n"),
+        "# TYPE interceptor_proxy_connections_active gauge\n".to_owned(),
+        "interceptor_proxy_upstream_to_client_bytes_total{direction=\"inbound\"} 0\n".to_owned(),
+        "interceptor_proxy_connections_total{direction=\"outbound\"} 0\n".to_owned(),
     ] {
         assert!(metrics.contains(&line), "{line:?} in {metrics}");
     }

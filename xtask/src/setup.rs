@@ -30,6 +30,8 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "curl",
     "libcap2-bin",
     "util-linux",
+    // The OpenMetrics parser that checks `/metrics` in the tests (used as /usr/bin/python3).
+    "python3-prometheus-client",
     // `cargo xtask bench`: load tools, and perf to profile the proxy.
     "wrk",
     "iperf3",
