@@ -49,7 +49,7 @@ pub const BUCKETS: [f64; 20] = [
 /// A histogram of durations over [`BUCKETS`]: lock-free, one atomic add per bucket hit.
 #[derive(Debug, Default)]
 pub struct Histogram {
-    /// Non-cumulative counts; the last slot is +Inf.
+    /// Counts per bucket (not cumulative); the last slot is +Inf.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     count: AtomicU64,
     sum_nanos: AtomicU64,
@@ -71,14 +71,17 @@ impl Histogram {
     }
 
     fn encode(&self, mut enc: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let mut cumulative = 0;
+        // The encoder accumulates the per-bucket counts itself; `count` is their total, so
+        // the +Inf bucket and `_count` agree even while observations land meanwhile.
+        let mut count = 0;
         let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
-        for (i, bound) in BUCKETS.iter().chain([f64::INFINITY].iter()).enumerate() {
-            cumulative += self.buckets[i].load(Relaxed);
-            buckets.push((*bound, cumulative));
+        for (i, bound) in BUCKETS.iter().chain([f64::MAX].iter()).enumerate() {
+            let n = self.buckets[i].load(Relaxed);
+            count += n;
+            buckets.push((*bound, n));
         }
         let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
-        enc.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)
+        enc.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 }
 

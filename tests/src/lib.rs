@@ -32,6 +32,7 @@ mod cgroup;
 mod load;
 mod names;
 mod netns;
+pub mod openmetrics;
 pub mod probe;
 mod process;
 mod proxy;

@@ -607,6 +607,33 @@ pub fn churn_bounded(
     parallel: u64,
     opts: &ClientOpts,
 ) -> ChurnReport {
+    churn_spread(addr, 1, count, duration, parallel, opts)
+}
+
+/// `addr` plus `i % spread` on the address (IPv4 only; spread 1 is `addr` itself): the
+/// destination of the `i`-th connection of a spread churn.
+pub fn spread_addr(addr: SocketAddr, i: u64, spread: u32) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) if spread > 1 => {
+            let ip = u32::from(*a.ip()).wrapping_add((i % spread as u64) as u32);
+            SocketAddr::new(std::net::Ipv4Addr::from(ip).into(), a.port())
+        }
+        other => other,
+    }
+}
+
+/// [`churn_bounded`] over `spread` consecutive destination addresses starting at `addr`,
+/// taken in turn (see [`spread_addr`]).
+pub fn churn_spread(
+    addr: SocketAddr,
+    spread: u32,
+    count: Option<u64>,
+    duration: Option<Duration>,
+    parallel: u64,
+    opts: &ClientOpts,
+) -> ChurnReport {
+    let next = AtomicU64::new(0);
+    let next = &next;
     let start = Instant::now();
     let deadline = duration.map(|d| start + d);
     let parallel = match count {
@@ -628,7 +655,8 @@ pub fn churn_bounded(
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }
-                    match hello(addr, opts) {
+                    let dst = spread_addr(addr, next.fetch_add(1, Ordering::Relaxed), spread);
+                    match hello(dst, opts) {
                         Ok(r) => {
                             mine.ok += 1;
                             mine.proxied += u64::from(r.proxied);

@@ -79,6 +79,9 @@ enum Cmd {
         for_ms: Option<u64>,
         #[arg(long, default_value_t = 1)]
         parallel: u64,
+        /// Spread the connections over this many consecutive IPv4 addresses from ADDR's.
+        #[arg(long, default_value_t = 1)]
+        spread: u32,
         #[command(flatten)]
         conn: Conn,
     },
@@ -150,10 +153,12 @@ fn main() {
             count,
             for_ms,
             parallel,
+            spread,
             conn,
         } => {
-            let r = probe::churn_bounded(
+            let r = probe::churn_spread(
                 addr,
+                spread,
                 count,
                 for_ms.map(Duration::from_millis),
                 parallel,
