@@ -162,12 +162,14 @@ fn set_runtime(query: Option<&str>, state: &AdminState) -> Response<Full<Bytes>>
                 Ok(on) => switch = Some(on),
                 Err(e) => return owned_text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             },
-            _ => return owned_text(
-                StatusCode::BAD_REQUEST,
-                format!(
+            _ => {
+                return owned_text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
                     "unknown runtime setting {k:?}; the settings are: destination_stats=on|off\n"
                 ),
-            ),
+                )
+            }
         }
     }
     let Some(on) = switch else {
