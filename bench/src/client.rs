@@ -68,6 +68,25 @@ pub enum Role {
         #[arg(long, default_value_t = 300)]
         hold_s: u64,
     },
+    /// COUNT connections, the i-th to FIRST + i (so COUNT distinct destination addresses),
+    /// each a GET with `Connection: close` read to EOF, over THREADS threads.
+    #[command(hide = true)]
+    Spread {
+        #[arg(long)]
+        first: std::net::Ipv4Addr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u64,
+        /// Destinations used in turn (0: COUNT of them, every connection its own).
+        #[arg(long, default_value_t = 0)]
+        distinct: u64,
+        #[arg(long, default_value_t = 8)]
+        threads: u32,
+    },
+    /// Per-destination statistics: memory with the switch off and on, bytes per series,
+    /// scrape time, memory under destination churn (see bench/README.md).
+    Stats(crate::stats::StatsArgs),
     /// Idle server: accepts, writes one byte, holds the connection (never reads);
     /// exits after LIFETIME_S seconds.
     #[command(hide = true)]
@@ -92,6 +111,14 @@ pub fn run(role: Role) -> Result<()> {
             conns,
             duration_ms,
         } => open_loop(addr, rate, conns, Duration::from_millis(duration_ms))?,
+        Role::Spread {
+            first,
+            port,
+            count,
+            distinct,
+            threads,
+        } => spread(first, port, count, distinct, threads),
+        Role::Stats(args) => return crate::stats::run(args),
         Role::Idle {
             addr,
             count,
@@ -247,6 +274,58 @@ fn close_loop(addr: SocketAddr, threads: u32, dur: Duration) -> serde_json::Valu
         "conns_per_s": ok as f64 / elapsed,
         "latency": latency_json(all.lat_ns),
     })
+}
+
+fn spread(
+    first: std::net::Ipv4Addr,
+    port: u16,
+    count: u64,
+    distinct: u64,
+    threads: u32,
+) -> serde_json::Value {
+    let distinct = if distinct == 0 {
+        count.max(1)
+    } else {
+        distinct
+    };
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let start = Instant::now();
+    let next = AtomicU64::new(0);
+    let (ok, errors) = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let (mut ok, mut errors) = (0u64, 0u64);
+                    let mut buf = Vec::with_capacity(1024);
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            break;
+                        }
+                        let ip = std::net::Ipv4Addr::from(
+                            u32::from(first).wrapping_add((i % distinct) as u32),
+                        );
+                        let addr = SocketAddr::new(ip.into(), port);
+                        buf.clear();
+                        let r = connect(addr).and_then(|mut s| {
+                            s.write_all(REQ_CLOSE)?;
+                            s.read_to_end(&mut buf)
+                        });
+                        match r {
+                            Ok(_) if status_of(&buf).ok() == Some(200) => ok += 1,
+                            _ => errors += 1,
+                        }
+                    }
+                    (ok, errors)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or((0, 0)))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    json!({"ok": ok, "errors": errors, "elapsed_s": elapsed, "conns_per_s": ok as f64 / elapsed})
 }
 
 /// Per-thread timer slack of 1 µs, so sleeping to an intended send time wakes on time.

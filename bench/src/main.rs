@@ -8,6 +8,7 @@
 
 mod client;
 mod report;
+mod stats;
 mod workloads;
 mod world;
 

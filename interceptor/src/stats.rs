@@ -42,6 +42,79 @@ impl Stats {
     }
 }
 
+impl Stats {
+    /// The counters in the OpenMetrics text format (`interceptor stats --prometheus`):
+    ///
+    /// - `interceptor_decisions_total{kind, scope, path, decision}`: one series per scope
+    ///   and decision counter (`kind` is outbound or inbound; counts that belong to no
+    ///   scope have `scope="none"`);
+    /// - `interceptor_records{state="pending"|"handoff"}`: records held now.
+    pub fn to_openmetrics(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(Collector(self.clone())));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Debug)]
+struct Collector(Stats);
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::result::Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::NoLabelSet;
+        use prometheus_client::metrics::MetricType;
+        let mut m = encoder.encode_descriptor(
+            "interceptor_decisions",
+            "Decisions of the kernel programs, per attached scope.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &self.0.scopes {
+            let scope = s.id.to_string();
+            for (name, v) in &s.counters {
+                let labels = [
+                    ("kind", s.kind),
+                    ("scope", scope.as_str()),
+                    ("path", s.path.as_str()),
+                    ("decision", name),
+                ];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+            }
+        }
+        for (name, v) in &self.0.global {
+            let labels = [
+                ("kind", "none"),
+                ("scope", "none"),
+                ("path", ""),
+                ("decision", name),
+            ];
+            m.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_records",
+            "Connection records held by the kernel programs now.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, v) in [
+            ("pending", self.0.pending_records),
+            ("handoff", self.0.handoff_records),
+        ] {
+            m.encode_family(&[("state", state)])?
+                .encode_gauge(&(v as u64))?;
+        }
+        Ok(())
+    }
+}
+
 pub fn stats(layout: &PinLayout) -> Result<Stats> {
     system::check_privileges()?;
     if !system::pin_dir_present(layout.root())

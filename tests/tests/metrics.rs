@@ -8,8 +8,8 @@ use std::time::Duration;
 use interceptor::{Counter, PinLayout, ScopeSettings};
 use interceptor_tests::openmetrics::{parse_openmetrics, samples, sum, Sample};
 use interceptor_tests::{
-    exec_command, probe_bin, run_cmd, spawn_in, start_proxy, wait_until, NetNs, PinDir,
-    ProbeServer, Proc, TestCgroup,
+    exec_command, interceptor_bin, probe_bin, run_cmd, spawn_in, start_proxy, wait_until, NetNs,
+    PinDir, ProbeServer, Proc, TestCgroup,
 };
 use serde_json::Value;
 
@@ -213,6 +213,35 @@ fn metrics_parse_and_match_what_the_clients_did() {
         serde_json::from_str(&w.curl(&[&format!("http://{ADMIN}/config")])).unwrap();
     assert_eq!(config["destination_stats"], true);
     assert_eq!(config["destination_stats_cap"], 10000);
+
+    // The kernel's side, from `interceptor stats --prometheus`: the same 200.
+    let out = std::process::Command::new(interceptor_bin())
+        .args(["--pin-dir", w.pin.as_str(), "stats", "--prometheus"])
+        .output()
+        .expect("run interceptor stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let k = parse_openmetrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let scope = w.cg.id().to_string();
+    let mine = |decision: &str| {
+        one(
+            &k,
+            "interceptor_decisions_total",
+            &[
+                ("kind", "outbound"),
+                ("scope", scope.as_str()),
+                ("decision", decision),
+            ],
+        )
+    };
+    assert_eq!(mine("redirected"), 200.0);
+    assert_eq!(mine("orig_dst_answered"), 200.0);
+    assert_eq!(mine("record_failed"), 0.0);
+    assert_eq!(one(&k, "interceptor_records", &[("state", "handoff")]), 0.0);
 }
 
 #[test]

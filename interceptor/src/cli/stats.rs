@@ -7,8 +7,11 @@ use interceptor::PinLayout;
 #[derive(Args)]
 pub struct StatsArgs {
     /// Print JSON.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prometheus")]
     json: bool,
+    /// Print the OpenMetrics text exposition (for a textfile collector or a scrape job).
+    #[arg(long)]
+    prometheus: bool,
     /// Only this cgroup's counters.
     #[arg(long, conflicts_with = "netns")]
     cgroup: Option<PathBuf>,
@@ -32,6 +35,10 @@ pub fn run(layout: &PinLayout, a: StatsArgs) -> Result<()> {
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    if a.prometheus {
+        print!("{}", st.to_openmetrics());
         return Ok(());
     }
     for s in &st.scopes {
