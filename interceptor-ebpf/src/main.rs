@@ -33,6 +33,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
+use aya_log_ebpf::debug;
 use interceptor_common::{
     capacity, is_mapped_v4, mapped_v4, Counter, CounterKey, InboundConfig, OrigDst, ScopeConfig,
     ScopeMeta, ScopedV4, ScopedV6, ScopedValue, SockKey, TupleKey, AF_INET, AF_INET6,
@@ -104,8 +105,15 @@ unsafe fn atomic_inc(v: *mut u64) {
     }
 }
 
+/// Counts one decision, and logs it (with its scope) at debug level: `interceptor logs` prints the lines of
+/// programs loaded with `--kernel-log debug` (others are loaded with logging off, where the
+/// log statement costs one load and one compare).
 #[inline(always)]
 fn count(scope: u64, counter: Counter) {
+    // Not for scope 0: the root programs see every socket of the host, most of them not ours.
+    if scope != 0 {
+        debug!(&(), "scope {} {}", scope, counter.name());
+    }
     let key = CounterKey {
         scope,
         counter: counter as u32,

@@ -132,9 +132,11 @@ fn make_dir(p: &Path, undo: &mut UndoLog) -> Result<()> {
 /// Loads the object for `scope`, reusing the pinned maps (creating and pinning them the first
 /// time). Programs are verified and loaded later, one by one, by [`program_fd`].
 pub(crate) fn load(layout: &PinLayout, scope: u64) -> Result<Ebpf> {
+    let log_level = crate::kernel_log::level();
     EbpfLoader::new()
         .default_map_pin_directory(layout.maps_dir())
         .override_global(SCOPE_ID_GLOBAL, &scope, true)
+        .override_global(crate::kernel_log::LEVEL_GLOBAL, &log_level, true)
         .load(EBPF_OBJECT)
         .map_err(|e| Error::bpf("loading the kernel programs", e))
 }

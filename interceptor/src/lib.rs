@@ -5,6 +5,7 @@ pub mod attach;
 pub mod cgroup;
 pub mod detach;
 pub mod error;
+pub mod kernel_log;
 mod lock;
 pub mod maps;
 pub mod netns;

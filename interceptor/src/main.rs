@@ -19,8 +19,18 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Logging of the kernel programs that `attach` and `upgrade` load: off, or debug (one
+    /// line per decision, read with `interceptor logs`).
+    #[arg(long, global = true, value_enum, default_value_t = KernelLog::Off, env = "INTERCEPTOR_KERNEL_LOG")]
+    kernel_log: KernelLog,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KernelLog {
+    Off,
+    Debug,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -46,6 +56,8 @@ enum Command {
     /// Replace the programs on every pinned link with the ones built into this binary, in
     /// place (BPF_LINK_UPDATE), keeping the links, maps and settings.
     Upgrade(cli::upgrade::UpgradeArgs),
+    /// Print the log lines of the kernel programs (loaded with --kernel-log debug).
+    Logs(cli::logs::LogsArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -64,6 +76,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
     let layout = PinLayout::new(args.pin_dir);
+    interceptor::kernel_log::set_kernel_log(args.kernel_log == KernelLog::Debug);
     let result = match args.command {
         Command::Attach(a) => cli::attach::run(&layout, a),
         Command::Detach(a) => cli::detach::run(&layout, a),
@@ -71,6 +84,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cli::status::run(&layout, a),
         Command::Stats(a) => cli::stats::run(&layout, a),
         Command::Upgrade(a) => cli::upgrade::run(&layout, a),
+        Command::Logs(a) => cli::logs::run(&layout, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

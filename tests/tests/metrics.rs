@@ -363,3 +363,78 @@ fn destination_stats_switch_cap_and_eviction_under_traffic() {
     );
     drop(w.proxy);
 }
+
+/// `interceptor logs` for `secs` seconds while `during` runs; its output.
+fn kernel_log_lines(w: &World, secs: u64, during: impl FnOnce()) -> String {
+    let child = std::process::Command::new(interceptor_bin())
+        .args([
+            "--pin-dir",
+            w.pin.as_str(),
+            "logs",
+            "--for-secs",
+            &secs.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run interceptor logs");
+    std::thread::sleep(Duration::from_millis(1500));
+    during();
+    let out = child.wait_with_output().expect("interceptor logs ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn kernel_programs_log_their_decisions_only_at_debug() {
+    let w = World::new("met-klog", &[]);
+    let upgrade = |level: &str| {
+        let out = std::process::Command::new(interceptor_bin())
+            .args([
+                "--pin-dir",
+                w.pin.as_str(),
+                "--kernel-log",
+                level,
+                "upgrade",
+            ])
+            .output()
+            .expect("run interceptor upgrade");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Attached with logging off (the default): nothing to read.
+    let quiet = kernel_log_lines(&w, 4, || {
+        w.run_churn("127.0.3.1", 1, 5);
+    });
+    assert!(quiet.trim().is_empty(), "logging is off: {quiet}");
+    // The same scope, its programs swapped for ones that log at debug.
+    upgrade("debug");
+    let scope = w.cg.id();
+    let lines = kernel_log_lines(&w, 4, || {
+        w.run_churn("127.0.3.1", 1, 5);
+    });
+    let redirected = format!("scope {scope} redirected");
+    assert_eq!(
+        lines.lines().filter(|l| *l == redirected).count(),
+        5,
+        "one line per redirected connect:\n{lines}"
+    );
+    assert!(
+        lines.lines().any(|l| l.ends_with("orig_dst_answered")),
+        "{lines}"
+    );
+    // And back off.
+    upgrade("off");
+    let quiet = kernel_log_lines(&w, 4, || {
+        w.run_churn("127.0.3.1", 1, 5);
+    });
+    assert!(quiet.trim().is_empty(), "logging is off again: {quiet}");
+    println!("kernel log lines at debug:\n{lines}");
+}
