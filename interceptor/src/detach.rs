@@ -101,6 +101,25 @@ pub fn detach(layout: &PinLayout, path: &Path) -> Result<Detached> {
     })
 }
 
+/// Detaches the scope with id `id` (a cgroup id, or a network namespace's scope id), for
+/// callers that know the id rather than a live path: the daemon, after a scope's cgroup was
+/// removed and recreated under the same path. Removing an id that is not attached is not an
+/// error (`scopes` is then empty).
+pub fn detach_id(layout: &PinLayout, id: u64) -> Result<Detached> {
+    system::check_privileges()?;
+    let _lock = lock_if_present(layout)?;
+    let attached = layout.scope_dir(id).exists() || known_scopes(layout)?.contains(&id);
+    if !attached {
+        return Ok(Detached::default());
+    }
+    detach_scope(layout, id)?;
+    let cleaned_up = cleanup_if_unused(layout)?;
+    Ok(Detached {
+        scopes: vec![id],
+        cleaned_up,
+    })
+}
+
 /// Detaches every scope of the pin dir and removes the pin dir.
 pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
     system::check_privileges()?;

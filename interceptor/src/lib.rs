@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 pub mod attach;
 pub mod cgroup;
+pub mod daemon;
 pub mod detach;
 pub mod error;
 pub mod kernel_log;
@@ -20,7 +21,7 @@ pub mod system;
 pub mod upgrade;
 
 pub use attach::{attach, attach_inbound, Attached, AttachedInbound};
-pub use detach::{detach, detach_all, Detached};
+pub use detach::{detach, detach_all, detach_id, Detached};
 pub use error::{Error, Result};
 pub use interceptor_common::Counter;
 pub use paths::PinLayout;

@@ -58,6 +58,12 @@ enum Command {
     Upgrade(cli::upgrade::UpgradeArgs),
     /// Print the log lines of the kernel programs (loaded with --kernel-log debug).
     Logs(cli::logs::LogsArgs),
+    /// Run the daemon: keep the scopes of a config file attached (systemd units, slices,
+    /// cgroups; pods of this node in node agent mode), serve health and metrics over HTTP.
+    Run(cli::run::RunArgs),
+    /// Wait until a URL answers 200 (the readiness gate: an init container polls the node
+    /// agent's /pods/NS/NAME/ready before the application starts).
+    WaitReady(cli::run::WaitReadyArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -85,6 +91,8 @@ fn main() -> ExitCode {
         Command::Stats(a) => cli::stats::run(&layout, a),
         Command::Upgrade(a) => cli::upgrade::run(&layout, a),
         Command::Logs(a) => cli::logs::run(&layout, a),
+        Command::Run(a) => cli::run::run(a),
+        Command::WaitReady(a) => cli::run::wait_ready(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@ pub mod attach;
 pub mod detach;
 pub mod logs;
 pub mod register;
+pub mod run;
 pub mod stats;
 pub mod status;
 pub mod upgrade;

@@ -1,0 +1,419 @@
+//! The daemon's reconcile loop: one thread that brings what is attached in line with what is
+//! wanted (the config's scopes and, in node agent mode, the pods that opt in), every
+//! `rescan_interval` and at once when something changes. It only calls the library
+//! (`attach`, `attach_inbound`, `register`, `detach_id`); the pins are the truth, so a
+//! restarted daemon finds its scopes attached and updates them in place.
+//!
+//! Per scope and tick:
+//! 1. resolve the cgroup (a path, a unit or slice name, a pod's kubelet cgroup); gone → the old
+//!    scope is detached (its links act on nothing any more) and the scope waits;
+//! 2. a cgroup whose id differs from the one attached (the unit was restarted, its cgroup
+//!    recreated) or changed settings → `attach` (then the old id is detached);
+//! 3. inbound: the namespace (a path, or that of a process in the cgroup) → `attach_inbound`
+//!    when its inode changed; every second, while no listener is registered, `register` each
+//!    process of the cgroup until one has the inbound listener.
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{
+    config::{CgroupDriver, Target},
+    resolve::{self, Qos},
+};
+use crate::{
+    maps,
+    netns::scope_id,
+    paths::PinLayout,
+    settings::{InboundSettings, ScopeSettings},
+};
+
+/// What a wanted scope's cgroup is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecTarget {
+    /// A `[[scope]]` of the config.
+    Config(Target),
+    /// A pod's cgroup, as the kubelet names it.
+    Pod { uid: String, qos: Option<Qos> },
+}
+
+/// Inbound interception of a scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundSpec {
+    /// The namespace file; `None`: the namespace of a process in the scope's cgroup.
+    pub netns: Option<PathBuf>,
+    pub settings: InboundSettings,
+}
+
+/// One scope the daemon should keep attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScopeSpec {
+    /// `scope/<name>` or `pod/<namespace>/<name>`.
+    pub key: String,
+    pub target: SpecTarget,
+    pub settings: ScopeSettings,
+    pub inbound: Option<InboundSpec>,
+    /// Why it cannot be attached as asked (a bad annotation); it is then not attached.
+    pub invalid: Option<String>,
+}
+
+/// What the daemon knows of one scope (served as JSON at `/scopes`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScopeState {
+    pub key: String,
+    pub cgroup: Option<PathBuf>,
+    pub cgroup_id: Option<u64>,
+    pub netns: Option<PathBuf>,
+    pub inbound_scope_id: Option<u64>,
+    /// An inbound listener is registered (inbound scopes only).
+    pub registered: bool,
+    /// Interception is in place: outbound attached, and inbound when asked for.
+    pub ready: bool,
+    /// What it waits for, when not ready.
+    pub waiting: Option<String>,
+    pub last_error: Option<String>,
+    /// How many times the scope was attached again to a recreated cgroup.
+    pub reattached: u64,
+    /// Milliseconds from noticing the new cgroup to its programs attached, last time.
+    pub last_reattach_ms: Option<f64>,
+}
+
+/// State shared by the engine, the HTTP endpoints, the signal handler and the node agent.
+#[derive(Default)]
+pub struct Shared {
+    config_scopes: Mutex<Vec<ScopeSpec>>,
+    pods: Mutex<BTreeMap<String, ScopeSpec>>,
+    states: Mutex<BTreeMap<String, ScopeState>>,
+    wake: (Mutex<bool>, Condvar),
+    last_tick: Mutex<Option<Instant>>,
+    first_pass: AtomicBool,
+    /// Node agent mode: the pod list has been read once.
+    pub pods_synced: AtomicBool,
+    stop: AtomicBool,
+    detach_on_exit: AtomicBool,
+}
+
+impl Shared {
+    pub fn new() -> Arc<Shared> {
+        Arc::new(Shared::default())
+    }
+
+    fn wake(&self) {
+        let (m, c) = &self.wake;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+
+    /// Replaces the config's scopes (start and reload).
+    pub fn set_config_scopes(&self, specs: Vec<ScopeSpec>, detach_on_exit: bool) {
+        *self.config_scopes.lock().unwrap() = specs;
+        self.detach_on_exit.store(detach_on_exit, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Replaces every pod (after a full list).
+    pub fn set_pods(&self, pods: BTreeMap<String, ScopeSpec>) {
+        *self.pods.lock().unwrap() = pods;
+        self.wake();
+    }
+
+    /// Adds or updates one pod; `None` removes it.
+    pub fn put_pod(&self, key: &str, spec: Option<ScopeSpec>) {
+        let mut pods = self.pods.lock().unwrap();
+        let changed = match spec {
+            Some(s) => pods.insert(key.to_string(), s.clone()).as_ref() != Some(&s),
+            None => pods.remove(key).is_some(),
+        };
+        drop(pods);
+        if changed {
+            self.wake();
+        }
+    }
+
+    pub fn states(&self) -> BTreeMap<String, ScopeState> {
+        self.states.lock().unwrap().clone()
+    }
+
+    pub fn state(&self, key: &str) -> Option<ScopeState> {
+        self.states.lock().unwrap().get(key).cloned()
+    }
+
+    /// Time since the engine last finished a pass (`None` before the first).
+    pub fn since_last_tick(&self) -> Option<Duration> {
+        self.last_tick.lock().unwrap().map(|t| t.elapsed())
+    }
+
+    pub fn first_pass_done(&self) -> bool {
+        self.first_pass.load(Ordering::SeqCst)
+    }
+
+    /// Asks the engine to stop (it finishes its pass first).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wanted(&self) -> Vec<ScopeSpec> {
+        let mut v = self.config_scopes.lock().unwrap().clone();
+        v.extend(self.pods.lock().unwrap().values().cloned());
+        v
+    }
+}
+
+/// Where names resolve.
+#[derive(Clone, Debug)]
+pub struct Resolver {
+    /// Units and slices resolve under it (the cgroup2 mount by default).
+    pub cgroup_root: PathBuf,
+    /// The directory that holds kubepods / kubepods.slice.
+    pub kubepods_parent: PathBuf,
+    pub driver: CgroupDriver,
+}
+
+impl Resolver {
+    fn cgroup(&self, t: &SpecTarget) -> Option<PathBuf> {
+        match t {
+            SpecTarget::Config(Target::Cgroup(p)) => p.is_dir().then(|| p.clone()),
+            SpecTarget::Config(Target::Unit(u)) => resolve::unit_cgroup(&self.cgroup_root, u),
+            SpecTarget::Config(Target::Slice(s)) => resolve::slice_cgroup(&self.cgroup_root, s),
+            SpecTarget::Pod { uid, qos } => {
+                resolve::pod_cgroup(&self.kubepods_parent, self.driver, *qos, uid)
+            }
+        }
+    }
+}
+
+/// What is attached for one scope.
+struct Live {
+    spec: ScopeSpec,
+    /// Attached cgroup: id and path.
+    out: Option<(u64, PathBuf)>,
+    /// Attached namespace: scope id and the path it was attached by.
+    inb: Option<(u64, PathBuf)>,
+    registered: bool,
+    next_register: Instant,
+    retry_at: Option<Instant>,
+    state: ScopeState,
+}
+
+const REGISTER_EVERY: Duration = Duration::from_secs(1);
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The reconcile loop; returns when [`Shared::stop`] is called.
+pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval: Duration) {
+    let mut live: BTreeMap<String, Live> = BTreeMap::new();
+    loop {
+        let stopping = shared.stop.load(Ordering::SeqCst);
+        if stopping {
+            break;
+        }
+        let wanted = shared.wanted();
+        pass(&layout, &resolver, &wanted, &mut live);
+        *shared.states.lock().unwrap() = live
+            .iter()
+            .map(|(k, l)| (k.clone(), l.state.clone()))
+            .collect();
+        *shared.last_tick.lock().unwrap() = Some(Instant::now());
+        shared.first_pass.store(true, Ordering::SeqCst);
+        let (m, c) = &shared.wake;
+        let mut woken = m.lock().unwrap();
+        if !*woken {
+            woken = c.wait_timeout(woken, interval).unwrap().0;
+        }
+        *woken = false;
+    }
+    if shared.detach_on_exit.load(Ordering::SeqCst) {
+        for (key, l) in live.iter_mut() {
+            tracing::info!(scope = %key, "detaching on exit (detach_on_exit = true)");
+            detach_all_of(&layout, l);
+        }
+    } else {
+        tracing::info!(
+            scopes = live.len(),
+            "exiting; interception stays in place (detach_on_exit = false)"
+        );
+    }
+}
+
+fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTreeMap<String, Live>) {
+    let keys: Vec<String> = live.keys().cloned().collect();
+    for key in keys {
+        if !wanted.iter().any(|s| s.key == key) {
+            let mut l = live.remove(&key).expect("key listed");
+            tracing::info!(scope = %key, "no longer wanted: detaching");
+            detach_all_of(layout, &mut l);
+        }
+    }
+    // One read of the inbound scopes per pass tells which have a listener registered.
+    let registered: Option<Vec<maps::StoredInbound>> = if live.values().any(|l| l.inb.is_some()) {
+        maps::read_inbound_scopes(layout).ok()
+    } else {
+        None
+    };
+    for spec in wanted {
+        let l = live.entry(spec.key.clone()).or_insert_with(|| Live {
+            spec: spec.clone(),
+            out: None,
+            inb: None,
+            registered: false,
+            next_register: Instant::now(),
+            retry_at: None,
+            state: ScopeState {
+                key: spec.key.clone(),
+                ..ScopeState::default()
+            },
+        });
+        let changed = l.spec != *spec;
+        if changed {
+            l.spec = spec.clone();
+            l.retry_at = None;
+        }
+        if let (Some(reg), Some((id, _))) = (&registered, &l.inb) {
+            l.registered = reg
+                .iter()
+                .any(|s| s.id == *id && !s.registered.is_empty());
+        }
+        scope_pass(layout, r, l, changed);
+        l.state.registered = l.registered;
+        l.state.cgroup_id = l.out.as_ref().map(|o| o.0);
+        l.state.inbound_scope_id = l.inb.as_ref().map(|i| i.0);
+        l.state.ready = l.state.waiting.is_none()
+            && l.out.is_some()
+            && (l.spec.inbound.is_none() || l.inb.is_some());
+    }
+}
+
+fn detach_quietly(layout: &PinLayout, id: u64, key: &str) {
+    if let Err(e) = crate::detach_id(layout, id) {
+        tracing::warn!(scope = %key, id, error = %e, "detaching");
+    }
+}
+
+fn detach_all_of(layout: &PinLayout, l: &mut Live) {
+    if let Some((id, _)) = l.out.take() {
+        detach_quietly(layout, id, &l.spec.key);
+    }
+    if let Some((id, _)) = l.inb.take() {
+        detach_quietly(layout, id, &l.spec.key);
+    }
+}
+
+fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool) {
+    let key = l.spec.key.clone();
+    if let Some(why) = l.spec.invalid.clone() {
+        detach_all_of(layout, l);
+        l.state.waiting = Some(format!("not attached: {why}"));
+        return;
+    }
+    let Some(path) = r.cgroup(&l.spec.target) else {
+        if l.out.is_some() {
+            tracing::info!(scope = %key, "cgroup gone: detaching its links");
+        }
+        detach_all_of(layout, l);
+        l.state.cgroup = None;
+        l.state.waiting = Some("cgroup not found (unit not running, pod not started yet)".into());
+        return;
+    };
+    l.state.cgroup = Some(path.clone());
+    let Ok(ino) = std::fs::metadata(&path).map(|m| m.ino()) else {
+        l.state.waiting = Some("cgroup vanished while resolving it".into());
+        return;
+    };
+    if l.retry_at.is_some_and(|t| Instant::now() < t) && !changed {
+        return;
+    }
+    let noticed = Instant::now();
+    let recreated = l.out.as_ref().is_some_and(|(id, _)| *id != ino);
+    if l.out.is_none() || recreated || changed {
+        match crate::attach(layout, &path, &l.spec.settings) {
+            Ok(done) => {
+                let ms = noticed.elapsed().as_secs_f64() * 1000.0;
+                if let Some((old, _)) = l.out.take().filter(|(old, _)| *old != done.cgroup.id) {
+                    detach_quietly(layout, old, &key);
+                    l.state.reattached += 1;
+                    l.state.last_reattach_ms = Some(ms);
+                    tracing::info!(scope = %key, cgroup = %path.display(), old_id = old, new_id = done.cgroup.id, attach_ms = format!("{ms:.1}"), "cgroup recreated: attached again");
+                } else {
+                    tracing::info!(scope = %key, cgroup = %path.display(), id = done.cgroup.id, updated = !done.created, "attached");
+                }
+                l.out = Some((done.cgroup.id, path.clone()));
+                l.state.last_error = None;
+                l.retry_at = None;
+            }
+            Err(e) => {
+                tracing::warn!(scope = %key, cgroup = %path.display(), error = %e, "attach failed; retrying in 1 s");
+                l.state.last_error = Some(e.to_string());
+                l.state.waiting = Some("attach failed".into());
+                l.retry_at = Some(Instant::now() + RETRY_AFTER);
+                return;
+            }
+        }
+    }
+    l.state.waiting = None;
+    let Some(ib) = l.spec.inbound.clone() else {
+        if let Some((id, _)) = l.inb.take() {
+            detach_quietly(layout, id, &key);
+        }
+        return;
+    };
+    inbound_pass(layout, l, &path, &ib, changed);
+}
+
+fn inbound_pass(layout: &PinLayout, l: &mut Live, cgroup: &Path, ib: &InboundSpec, changed: bool) {
+    let key = l.spec.key.clone();
+    let ns_path = match &ib.netns {
+        Some(p) => Some(p.clone()),
+        None => resolve::cgroup_pids(cgroup)
+            .into_iter()
+            .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
+            .find(|p| p.exists()),
+    };
+    let Some(ns_path) = ns_path else {
+        l.state.waiting = Some("no process in the cgroup yet (its network namespace)".into());
+        return;
+    };
+    let Ok(ino) = std::fs::metadata(&ns_path).map(|m| m.ino()) else {
+        l.state.waiting = Some(format!("network namespace {} not found", ns_path.display()));
+        return;
+    };
+    let id = scope_id(ino);
+    l.state.netns = Some(ns_path.clone());
+    if l.inb.as_ref().map(|i| i.0) != Some(id) || changed {
+        match crate::attach_inbound(layout, &ns_path, &ib.settings) {
+            Ok(done) => {
+                if let Some((old, _)) = l.inb.take().filter(|(old, _)| *old != done.scope_id) {
+                    detach_quietly(layout, old, &key);
+                }
+                tracing::info!(scope = %key, netns = %ns_path.display(), "attached inbound");
+                l.inb = Some((done.scope_id, ns_path.clone()));
+                l.registered = false;
+                l.next_register = Instant::now();
+            }
+            Err(e) => {
+                tracing::warn!(scope = %key, netns = %ns_path.display(), error = %e, "inbound attach failed; retrying in 1 s");
+                l.state.last_error = Some(e.to_string());
+                l.state.waiting = Some("inbound attach failed".into());
+                l.retry_at = Some(Instant::now() + RETRY_AFTER);
+                return;
+            }
+        }
+    }
+    if !l.registered && Instant::now() >= l.next_register {
+        l.next_register = Instant::now() + REGISTER_EVERY;
+        for pid in resolve::cgroup_pids(cgroup).into_iter().take(64) {
+            if let Ok(done) = crate::register(layout, &ns_path, pid) {
+                tracing::info!(scope = %key, pid, listeners = done.len(), "registered the proxy's inbound listener");
+                l.registered = true;
+                break;
+            }
+        }
+    }
+}
