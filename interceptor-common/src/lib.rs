@@ -346,6 +346,10 @@ impl Counter {
 
 /// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`) share 80.
 pub const SO_ORIGINAL_DST: i32 = 80;
+/// `getsockopt(SOL_IP, SO_ICP_WORKLOAD)` on the proxy's accepted socket: the calling
+/// workload of an intercepted connection (its scope's cgroup path, as given at attach).
+/// Linux defines no option with this number at `SOL_IP`.
+pub const SO_ICP_WORKLOAD: i32 = 0x4943;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 

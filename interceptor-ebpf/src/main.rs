@@ -38,7 +38,8 @@ use interceptor_common::{
     capacity, is_mapped_v4, mapped_v4, Counter, CounterKey, InboundConfig, OrigDst, ScopeConfig,
     ScopeMeta, ScopedV4, ScopedV6, ScopedValue, SockKey, TupleKey, AF_INET, AF_INET6,
     FLAG_FAIL_OPEN, FLAG_INCLUDE4, FLAG_INCLUDE6, FLAG_INCLUDE_PORTS, IN_PORT_EXCLUDED,
-    IN_PORT_INCLUDED, LPM_SCOPE_BITS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+    IN_PORT_INCLUDED, LPM_SCOPE_BITS, META_PATH_LEN, SOL_IP, SOL_IPV6, SO_ICP_WORKLOAD,
+    SO_ORIGINAL_DST,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -617,6 +618,30 @@ fn write_sockaddr(sopt: *mut bpf_sockopt, dst: &OrigDst, as_v6: bool) -> bool {
     true
 }
 
+/// Answers `SO_ICP_WORKLOAD` with the scope's cgroup path (as many bytes as fit), or leaves
+/// the kernel's answer when the scope has no metadata.
+#[inline(always)]
+fn write_workload(sopt: *mut bpf_sockopt, scope: u64) {
+    let Some(meta) = (unsafe { ICP_META.get(&scope) }) else {
+        return;
+    };
+    // SAFETY: every store is bounds-checked against `optval_end` first.
+    unsafe {
+        let start = (*sopt).__bindgen_anon_2.optval as *mut u8;
+        let end = (*sopt).__bindgen_anon_3.optval_end as *mut u8;
+        let want = meta.path_len as usize;
+        let mut i = 0usize;
+        while i < META_PATH_LEN && i < want {
+            if start.add(i + 1) > end {
+                break;
+            }
+            *start.add(i) = meta.path[i];
+            i += 1;
+        }
+        write_result(sopt, i as i32);
+    }
+}
+
 /// `optlen` and `retval` are written with two separate 4-byte stores: LLVM would otherwise
 /// merge them into one 8-byte store, which the verifier rejects.
 #[inline(always)]
@@ -634,7 +659,9 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: reads of the kernel-provided context; `sk` is checked before use.
     unsafe {
         let level = (*sopt).level;
-        if (*sopt).optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        let optname = (*sopt).optname;
+        let workload = optname == SO_ICP_WORKLOAD && level == SOL_IP;
+        if !workload && (optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6)) {
             return 1;
         }
         let sk = (*sopt).__bindgen_anon_1.sk;
@@ -679,6 +706,10 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
             return 1;
         };
         let dst = *dst;
+        if workload {
+            write_workload(sopt, dst.scope);
+            return 1;
+        }
         // SOL_IP on an AF_INET socket: sockaddr_in. SOL_IPV6: sockaddr_in6 (IPv4-mapped for
         // an IPv4 destination). SOL_IP on an AF_INET6 socket (HAProxy asks this way):
         // sockaddr_in for an IPv4 destination, sockaddr_in6 for an IPv6 one.
