@@ -69,6 +69,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// `GET /config`.
     pub config: Arc<serde_json::Value>,
+    /// `GET /routes`, `POST /routes/reload`.
+    pub routing: Arc<crate::routing::Routing>,
 }
 
 impl AdminState {
@@ -77,9 +79,11 @@ impl AdminState {
         ready: Arc<ReadyState>,
         listeners: ListenerAddrs,
         config: serde_json::Value,
+        routing: Arc<crate::routing::Routing>,
     ) -> Self {
         AdminState {
-            metrics: Arc::new(Metrics::new(stats.clone())),
+            metrics: Arc::new(Metrics::new(stats.clone(), routing.stats.clone())),
+            routing,
             stats,
             ready,
             listeners: Arc::new(listeners),
@@ -134,6 +138,16 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
     let mut body = serde_json::to_vec(value).expect("JSON serializes");
     body.push(b'\n');
     with_type(StatusCode::OK, body.into(), "application/json")
+}
+
+fn routes_json(state: &AdminState) -> serde_json::Value {
+    let r = &state.routing;
+    serde_json::json!({
+        "file": r.path().map(|p| p.display().to_string()),
+        "version": r.version.load(std::sync::atomic::Ordering::Relaxed),
+        "reloads": r.stats.reloads.load(std::sync::atomic::Ordering::Relaxed),
+        "reload_errors": r.stats.reload_errors.load(std::sync::atomic::Ordering::Relaxed),
+    })
 }
 
 fn runtime_json(state: &AdminState) -> serde_json::Value {
@@ -194,6 +208,15 @@ fn route(
     if method == Method::POST && path == "/runtime" {
         return set_runtime(query, state);
     }
+    if method == Method::POST && path == "/routes/reload" {
+        return match state.routing.reload() {
+            Ok(()) => json(&routes_json(state)),
+            Err(e) => owned_text(
+                StatusCode::BAD_REQUEST,
+                format!("{e}\nthe routes in force stay\n"),
+            ),
+        };
+    }
     if method != Method::GET && method != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -221,6 +244,7 @@ fn route(
         ),
         "/config" => json(&*state.config),
         "/runtime" => json(&runtime_json(state)),
+        "/routes" => json(&routes_json(state)),
         "/listeners" => {
             let mut body = serde_json::to_vec(&*state.listeners).expect("addresses serialize");
             body.push(b'\n');
@@ -270,6 +294,7 @@ mod tests {
                 ],
             },
             crate::Config::default().to_json(),
+            Arc::new(crate::routing::Routing::none()),
         );
         assert_eq!(route(&Method::GET, "/ready", None, &state).status(), 503);
         state.ready.set(Readiness::Ready);

@@ -118,6 +118,21 @@ pub struct Cli {
     )]
     pub destination_stats_idle: String,
 
+    /// Routing file (YAML: serviceEntries, virtualServices, destinationRules). Connections to
+    /// its service addresses are routed per request (HTTP, gRPC) or by SNI (TLS); it is
+    /// reloaded when it changes. Default: none (every connection opaque TCP).
+    #[arg(long = "routes", value_name = "FILE")]
+    pub routes: Option<String>,
+
+    /// How long an AUTO port waits for the client's first bytes before it treats the
+    /// connection as opaque TCP (server-first protocols).
+    #[arg(
+        long = "protocol-detection-timeout",
+        value_name = "DURATION",
+        default_value = "100ms"
+    )]
+    pub protocol_detection_timeout: String,
+
     /// Take over the listening sockets and counters of the proxy serving --upgrade-socket,
     /// become ready, then let it drain and exit. Nothing is refused meanwhile.
     #[arg(long = "upgrade", requires = "upgrade_socket")]
@@ -170,6 +185,10 @@ pub struct Config {
     pub destination_stats: bool,
     /// Cap and idle time of per-destination stats.
     pub destination_limits: DestinationLimits,
+    /// Routing file.
+    pub routes: Option<PathBuf>,
+    /// Detection time of AUTO ports.
+    pub protocol_detection_timeout: Duration,
 }
 
 impl Default for Config {
@@ -193,6 +212,8 @@ impl Default for Config {
             upgrade: false,
             destination_stats: false,
             destination_limits: DestinationLimits::default(),
+            routes: None,
+            protocol_detection_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -351,6 +372,11 @@ impl Config {
                 Some(p) => Some(parse_socket_path(p)?),
             },
             upgrade: cli.upgrade,
+            routes: cli.routes.as_deref().map(PathBuf::from),
+            protocol_detection_timeout: parse_duration(
+                "--protocol-detection-timeout",
+                &cli.protocol_detection_timeout,
+            )?,
             destination_stats: parse_switch("--destination-stats", &cli.destination_stats)?,
             destination_limits: DestinationLimits {
                 cap: match cli.destination_stats_cap.trim().parse::<usize>() {
@@ -429,6 +455,8 @@ impl Config {
             "log_format": match self.log_format { LogFormat::Text => "text", LogFormat::Json => "json" },
             "drain_timeout_ms": ms(self.drain_timeout),
             "upgrade_socket": self.upgrade_socket.as_ref().map(|p| p.display().to_string()),
+            "routes": self.routes.as_ref().map(|p| p.display().to_string()),
+            "protocol_detection_timeout_ms": ms(self.protocol_detection_timeout),
             "destination_stats": self.destination_stats,
             "destination_stats_cap": self.destination_limits.cap,
             "destination_stats_idle_ms": ms(self.destination_limits.idle),

@@ -18,7 +18,9 @@
 //!
 //! Use [`Proxy::bind`] then [`Proxy::serve`], or [`run`] which does both and stops on
 //! SIGTERM/SIGINT. Counters are in [`stats`]; the admin server in [`admin`].
-#![forbid(unsafe_code)]
+// One system call has no safe wrapper: the getsockopt of the calling workload
+// (`original_dst::calling_workload`).
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;
@@ -28,6 +30,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod original_dst;
 pub mod outbound;
+pub mod routing;
 pub mod stats;
 pub mod telemetry;
 pub mod upgrade;
@@ -80,6 +83,9 @@ pub enum ProxyError {
     /// Signal handlers could not be installed.
     #[error("installing SIGTERM/SIGINT handlers: {0}")]
     Signal(io::Error),
+    /// The routing file could not be loaded.
+    #[error("{0}; fix the file given with --routes")]
+    Routes(#[from] routing::RoutesError),
     /// Taking over from the running proxy, or serving upgrades, failed.
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
@@ -120,6 +126,7 @@ pub struct Proxy {
     admin: Option<TcpListener>,
     control: Option<ControlSocket>,
     takeover: Option<Takeover>,
+    routing: Arc<routing::Routing>,
     stats: Arc<Stats>,
     ready: Arc<ReadyState>,
     lookup: OriginalDstLookup,
@@ -144,6 +151,10 @@ impl Proxy {
     /// upgrades on `--upgrade-socket` (see [`upgrade`]); listeners it does not pass are
     /// bound here. Nothing is accepted before [`Proxy::serve`].
     pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
+        let routing = Arc::new(match &config.routes {
+            Some(path) => routing::Routing::load(path, config.protocol_detection_timeout)?,
+            None => routing::Routing::none(),
+        });
         let (takeover, mut inherited) = match (&config.upgrade_socket, config.upgrade) {
             (Some(path), true) => {
                 let (t, i) = upgrade::take_over(path).await?;
@@ -250,6 +261,7 @@ impl Proxy {
             admin,
             control,
             takeover,
+            routing,
             stats,
             ready: Arc::default(),
             lookup: outbound::getsockopt_lookup(),
@@ -313,6 +325,7 @@ impl Proxy {
             admin,
             control,
             takeover,
+            routing,
             stats,
             ready,
             lookup,
@@ -338,13 +351,26 @@ impl Proxy {
                 })?)
             }
         };
+        let http = routing.path().is_some().then(|| {
+            Arc::new(routing::http::HttpProxy::new(
+                routing.clone(),
+                stats.clone(),
+                conn::UpstreamOptions {
+                    bypass_mark: config.bypass_mark,
+                    source: None,
+                    connect_timeout: config.connect_timeout,
+                },
+            ))
+        });
         let outbound_ctx = Arc::new(Outbound {
             listeners: outbound_addrs.clone(),
             bypass_mark: config.bypass_mark,
             connect_timeout: config.connect_timeout,
             stats: stats.clone(),
             lookup,
+            http,
         });
+        let route_watcher = tokio::spawn(routing::watch(routing.clone()));
         let mut own_ports: Vec<u16> = outbound_addrs
             .iter()
             .chain(&inbound_addrs)
@@ -399,6 +425,7 @@ impl Proxy {
                     inbound: inbound_addrs.clone(),
                 },
                 config.to_json(),
+                routing.clone(),
             );
             tokio::spawn(admin::serve(l, state, stop_admin.clone()))
         });
@@ -495,6 +522,7 @@ impl Proxy {
         }
 
         evictor.abort();
+        route_watcher.abort();
         let snapshot = stats.snapshot();
         if let Some(s) = &successor {
             s.exited(snapshot).await;

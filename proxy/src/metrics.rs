@@ -38,6 +38,7 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::routing::RoutingStats;
 use crate::stats::{DirectionSnapshot, Stats};
 
 /// Upper bounds (seconds) shared by every histogram: 50 µs to 5 min.
@@ -553,6 +554,103 @@ impl Collector for StatsCollector {
     }
 }
 
+/// Reads the route and cluster counters at scrape time.
+#[derive(Debug)]
+struct RoutingCollector(Arc<RoutingStats>);
+
+impl Collector for RoutingCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = &self.0;
+        let routes = r.routes();
+        let clusters = r.clusters();
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_route_requests",
+            "HTTP requests that matched a route.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((vs, name), s) in &routes {
+            let labels = [("virtual_service", vs.as_str()), ("route", name.as_str())];
+            m.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&s.requests.load(Relaxed), None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_requests",
+            "HTTP requests sent to a cluster (service, port and subset).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            m.encode_family(&[("cluster", name.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&s.requests.load(Relaxed), None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_responses",
+            "Upstream responses by status class.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let labels = [("cluster", name.as_str()), ("class", *class)];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(
+                        &s.responses[i + 1].load(Relaxed),
+                        None,
+                    )?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_upstream_errors",
+            "Requests that got no upstream response, by kind (connect, timeout, other).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            for (kind, v) in [
+                ("connect", &s.connect_errors),
+                ("timeout", &s.timeouts),
+                ("other", &s.other_errors),
+            ] {
+                let labels = [("cluster", name.as_str()), ("kind", kind)];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_retries",
+            "Requests retried on another endpoint after a connect failure.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            m.encode_family(&[("cluster", name.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&s.retries.load(Relaxed), None)?;
+        }
+        for (name, help, v) in [
+            (
+                "interceptor_proxy_no_route_requests",
+                "HTTP requests that matched no route (404).",
+                &r.no_route,
+            ),
+            (
+                "interceptor_proxy_route_reloads",
+                "Routing files loaded.",
+                &r.reloads,
+            ),
+            (
+                "interceptor_proxy_route_reload_errors",
+                "Routing files refused (the previous routes stayed).",
+                &r.reload_errors,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            m.encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+        }
+        Ok(())
+    }
+}
+
 /// The `/metrics` registry of one proxy.
 #[derive(Debug)]
 pub struct Metrics {
@@ -560,9 +658,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(stats: Arc<Stats>) -> Self {
+    pub fn new(stats: Arc<Stats>, routing: Arc<RoutingStats>) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(StatsCollector(stats)));
+        registry.register_collector(Box::new(RoutingCollector(routing)));
         Metrics { registry }
     }
 

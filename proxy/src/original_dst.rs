@@ -97,3 +97,38 @@ mod tests {
         }
     }
 }
+
+/// `getsockopt(SOL_IP, SO_ICP_WORKLOAD)`: the kernel programs answer it on an intercepted
+/// connection with its calling workload (the cgroup path the workload's scope was attached
+/// with). Linux defines no option with this number at SOL_IP.
+pub const SO_ICP_WORKLOAD: libc::c_int = 0x4943;
+
+/// The calling workload of an intercepted connection, as the kernel recorded it; `None`
+/// when the kernel has no record for it.
+pub fn calling_workload<S: std::os::fd::AsFd>(socket: &S) -> Option<String> {
+    use std::os::fd::AsRawFd as _;
+    // The kernel keeps up to 504 bytes of a scope's path.
+    let mut buf = [0u8; 512];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is valid for `len` bytes and `len` is a valid in/out length; the fd is
+    // borrowed for the duration of the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_IP,
+            SO_ICP_WORKLOAD,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let bytes = &buf[..(len as usize).min(buf.len())];
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    std::str::from_utf8(&bytes[..end])
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}

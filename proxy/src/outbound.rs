@@ -37,6 +37,8 @@ pub struct Outbound {
     pub stats: Arc<Stats>,
     /// Original destination lookup.
     pub lookup: OriginalDstLookup,
+    /// Routing of connections to service ports (with `--routes`).
+    pub http: Option<Arc<crate::routing::http::HttpProxy>>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -69,6 +71,15 @@ impl Handler for Outbound {
                 "refusing to forward to itself; closing");
             reset_on_close(&client);
             return;
+        }
+        if let Some(http) = &self.http {
+            let plan = http.routing.current().plan(orig_dst).cloned();
+            if let Some(plan) = plan {
+                let workload = crate::original_dst::calling_workload(&client);
+                // Boxed: only routed connections pay for the routing state.
+                Box::pin(http.clone().handle(client, peer, orig_dst, plan, workload)).await;
+                return;
+            }
         }
         let opts = UpstreamOptions {
             bypass_mark: self.bypass_mark,
@@ -167,6 +178,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             stats: Arc::default(),
             lookup: getsockopt_lookup(),
+            http: None,
         });
         let task = connection_task(ctx, s, peer, CancellationToken::new());
         let size = std::mem::size_of_val(&task);

@@ -1,0 +1,474 @@
+//! Routed connections: HTTP/1.1 and HTTP/2 served by hyper and routed per request, TLS by
+//! SNI, TCP opaque to the service's endpoints.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::detect::{self, Detected};
+use super::{pick_weighted, Cluster, HeaderOps, PortPlan, Protocol, Route, Routing};
+use crate::conn::{connect_and_forward, connect_upstream, UpstreamOptions};
+use crate::metrics::Direction;
+use crate::stats::Stats;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest request body buffered so that a request can be retried on another endpoint.
+const RETRY_BODY_LIMIT: usize = 1 << 20;
+
+/// Connects to the endpoint named by a URI's authority, with the bypass mark.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    opts: UpstreamOptions,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<TcpStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let opts = self.opts;
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "no endpoint address")
+                })?;
+            connect_upstream(addr, &opts)
+                .await
+                .map(TokioIo::new)
+                .map_err(|(_, e)| e)
+        })
+    }
+}
+
+/// What routed connections share: the routes and the upstream connection pools.
+pub struct HttpProxy {
+    pub routing: Arc<Routing>,
+    pub stats: Arc<Stats>,
+    pub opts: UpstreamOptions,
+    h1: Client<Connector, Body>,
+    h2: Client<Connector, Body>,
+}
+
+impl std::fmt::Debug for HttpProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpProxy").finish_non_exhaustive()
+    }
+}
+
+impl HttpProxy {
+    pub fn new(routing: Arc<Routing>, stats: Arc<Stats>, opts: UpstreamOptions) -> Self {
+        let connector = Connector { opts };
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        HttpProxy {
+            routing,
+            stats,
+            opts,
+            h1,
+            h2,
+        }
+    }
+
+    /// Handles a connection to a routed service port, by the port's protocol.
+    pub async fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+        plan: PortPlan,
+        workload: Option<String>,
+    ) {
+        let proto = match plan.protocol {
+            Protocol::Auto => {
+                let mut buf = [0u8; 32];
+                match detect::detect(&client, self.routing.detection_timeout, &mut buf)
+                    .await
+                    .0
+                {
+                    Detected::Http1 | Detected::Http2 => Protocol::Http,
+                    Detected::Tls => Protocol::Tls,
+                    Detected::Opaque => Protocol::Tcp,
+                }
+            }
+            p => p,
+        };
+        match proto {
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+                self.stats.outbound.forwarded_total.fetch_add(1, Relaxed);
+                self.serve_http(client, peer, orig_dst, plan, workload)
+                    .await
+            }
+            Protocol::Tls => {
+                let sni = detect::peek_sni(&client, Duration::from_secs(10)).await;
+                let table = self.routing.current();
+                let rule = sni.as_deref().and_then(|s| {
+                    table
+                        .tls_rules(&plan)
+                        .iter()
+                        .find(|r| r.sni.iter().any(|h| h == s))
+                });
+                let dst = match rule {
+                    Some(r) => pick_weighted(&r.clusters, r.total_weight)
+                        .pick(&[])
+                        .map(|e| e.addr),
+                    None => table
+                        .default_cluster(&plan.service, plan.port)
+                        .and_then(|c| c.pick(&[]))
+                        .map(|e| e.addr),
+                }
+                .unwrap_or(orig_dst);
+                debug!(client = %peer, sni = ?sni, upstream = %dst, "TLS passthrough");
+                connect_and_forward(
+                    client,
+                    peer,
+                    dst,
+                    &self.opts,
+                    &self.stats,
+                    Direction::Outbound,
+                )
+                .await
+            }
+            Protocol::Tcp | Protocol::Auto => {
+                let dst = self
+                    .routing
+                    .current()
+                    .default_cluster(&plan.service, plan.port)
+                    .and_then(|c| c.pick(&[]))
+                    .map_or(orig_dst, |e| e.addr);
+                connect_and_forward(
+                    client,
+                    peer,
+                    dst,
+                    &self.opts,
+                    &self.stats,
+                    Direction::Outbound,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn serve_http(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+        plan: PortPlan,
+        workload: Option<String>,
+    ) {
+        let plan = Arc::new(plan);
+        let workload = Arc::new(workload);
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let plan = plan.clone();
+            let workload = workload.clone();
+            async move {
+                Ok::<_, Infallible>(this.route(req, orig_dst, &plan, workload.as_deref()).await)
+            }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(TokioIo::new(client), svc).await {
+            debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+        }
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        orig_dst: SocketAddr,
+        plan: &PortPlan,
+        workload: Option<&str>,
+    ) -> Response<Body> {
+        let table = self.routing.current();
+        let host = request_host(&req);
+        let (cluster, route): (Option<Arc<Cluster>>, Option<&Route>) =
+            match table.http_routes(&host, plan) {
+                Some(routes) => match routes.iter().find(|r| route_matches(r, &req, workload)) {
+                    Some(r) => {
+                        r.stats.requests.fetch_add(1, Relaxed);
+                        (
+                            Some(pick_weighted(&r.clusters, r.total_weight).clone()),
+                            Some(r),
+                        )
+                    }
+                    None => {
+                        self.routing.stats.no_route.fetch_add(1, Relaxed);
+                        return plain(StatusCode::NOT_FOUND, "no route matched this request\n");
+                    }
+                },
+                None => (
+                    table.default_cluster(&plan.service, plan.port).cloned(),
+                    None,
+                ),
+            };
+        let mut req = req;
+        if let Some(ops) = route.and_then(|r| r.request_headers.as_ref()) {
+            apply(ops, req.headers_mut());
+        }
+        let retries = route.map_or(0, |r| r.connect_retries);
+        let timeout = route.and_then(|r| r.timeout);
+        let http2 = cluster.as_ref().is_some_and(|c| c.http2) || plan.protocol == Protocol::Grpc;
+        if let Some(c) = &cluster {
+            c.stats.requests.fetch_add(1, Relaxed);
+        }
+
+        // The body: streamed, or kept for a retry on another endpoint.
+        let (parts, body) = req.into_parts();
+        let mut kept: Option<Bytes> = None;
+        let mut streamed: Option<Body> = None;
+        if retries > 0 {
+            match Limited::new(body, RETRY_BODY_LIMIT).collect().await {
+                Ok(b) => kept = Some(b.to_bytes()),
+                Err(_) => {
+                    return plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large to retry\n",
+                    )
+                }
+            }
+        } else {
+            streamed = Some(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+        }
+
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let endpoint = cluster.as_ref().and_then(|c| c.pick(&tried));
+            let target = endpoint.map_or(orig_dst, |e| e.addr);
+            let body = match (&kept, streamed.take()) {
+                (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed_unsync(),
+                (None, Some(b)) => b,
+                (None, None) => unreachable!("a streamed body is sent once"),
+            };
+            let up = upstream_request(&parts, body, target, http2);
+            if let Some(e) = endpoint {
+                e.active.fetch_add(1, Relaxed);
+            }
+            let client = if http2 { &self.h2 } else { &self.h1 };
+            let sent = client.request(up);
+            let result = match timeout {
+                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
+                None => Ok(sent.await),
+            };
+            if let Some(e) = endpoint {
+                e.active.fetch_sub(1, Relaxed);
+            }
+            let cstats = cluster.as_ref().map(|c| &c.stats);
+            match result {
+                Ok(Ok(resp)) => {
+                    if let Some(s) = cstats {
+                        let class = (resp.status().as_u16() / 100).min(5) as usize;
+                        s.responses[class].fetch_add(1, Relaxed);
+                    }
+                    let (mut rparts, rbody) = resp.into_parts();
+                    if let Some(ops) = route.and_then(|r| r.response_headers.as_ref()) {
+                        apply(ops, &mut rparts.headers);
+                    }
+                    strip_hop_by_hop(&mut rparts.headers);
+                    return Response::from_parts(
+                        rparts,
+                        rbody.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+                    );
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    if let Some(s) = cstats {
+                        s.connect_errors.fetch_add(1, Relaxed);
+                    }
+                    tried.push(target);
+                    if attempt < retries && kept.is_some() {
+                        attempt += 1;
+                        if let Some(s) = cstats {
+                            s.retries.fetch_add(1, Relaxed);
+                        }
+                        continue;
+                    }
+                    return plain(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n");
+                }
+                Ok(Err(e)) => {
+                    if let Some(s) = cstats {
+                        s.other_errors.fetch_add(1, Relaxed);
+                    }
+                    debug!(upstream = %target, error = %e, "upstream request failed");
+                    return plain(StatusCode::BAD_GATEWAY, "upstream request failed\n");
+                }
+                Err(()) => {
+                    if let Some(s) = cstats {
+                        s.timeouts.fetch_add(1, Relaxed);
+                    }
+                    return plain(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+                }
+            }
+        }
+    }
+}
+
+/// The request's host (Host header, or the :authority of HTTP/2), lower case, no port.
+fn request_host<B>(req: &Request<B>) -> String {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| {
+                    h.parse::<http::uri::Authority>()
+                        .map(|a| a.host().to_owned())
+                        .unwrap_or_else(|_| h.to_owned())
+                })
+        })
+        .unwrap_or_default();
+    raw.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+fn route_matches<B>(r: &Route, req: &Request<B>, workload: Option<&str>) -> bool {
+    if r.matches.is_empty() {
+        return true;
+    }
+    let path = req.uri().path();
+    let query = req.uri().query().unwrap_or("");
+    r.matches.iter().any(|m| {
+        m.uri.as_ref().is_none_or(|u| u.matches(path))
+            && m.method
+                .as_ref()
+                .is_none_or(|x| x.matches(req.method().as_str()))
+            && m.headers.iter().all(|(name, x)| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| x.matches(v))
+            })
+            && m.query.iter().all(|(name, x)| {
+                query.split('&').any(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    k == name && x.matches(v)
+                })
+            })
+            && m.grpc_service.as_ref().is_none_or(|svc| {
+                let mut it = path.trim_start_matches('/').splitn(2, '/');
+                let (s, meth) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+                s == svc && m.grpc_method.as_ref().is_none_or(|x| x == meth)
+            })
+            && m.source
+                .as_ref()
+                .is_none_or(|x| workload.is_some_and(|w| x.matches(w)))
+    })
+}
+
+fn apply(ops: &HeaderOps, h: &mut HeaderMap) {
+    for name in &ops.remove {
+        h.remove(name);
+    }
+    for (k, v) in &ops.set {
+        h.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &ops.add {
+        h.append(k.clone(), v.clone());
+    }
+}
+
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        if name == "te" && h.get("te").is_some_and(|v| v == "trailers") {
+            continue;
+        }
+        h.remove(name);
+    }
+}
+
+/// The request to send upstream: same method, path, headers and body, to `target`.
+fn upstream_request(
+    parts: &http::request::Parts,
+    body: Body,
+    target: SocketAddr,
+    http2: bool,
+) -> Request<Body> {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(target.to_string())
+        .path_and_query(pq)
+        .build()
+        .expect("a valid URI from valid parts");
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if !http2 && !headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    *req.headers_mut() = headers;
+    req
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
