@@ -59,13 +59,18 @@ pub async fn run(cfg: KubeConfig, shared: Arc<Shared>, agent_port: u16) -> Resul
         match ev {
             Ok(watcher::Event::Init) => initial = Some(BTreeMap::new()),
             Ok(watcher::Event::InitApply(p)) => {
-                if let (Some(m), Some(s)) = (initial.as_mut(), pods::spec(&p, cfg.inbound, agent_port)) {
+                if let (Some(m), Some(s)) =
+                    (initial.as_mut(), pods::spec(&p, cfg.inbound, agent_port))
+                {
                     m.insert(s.key.clone(), s);
                 }
             }
             Ok(watcher::Event::InitDone) => {
                 let m = initial.take().unwrap_or_default();
-                tracing::info!(pods = m.len(), "pod list read: intercepting the pods that opt in");
+                tracing::info!(
+                    pods = m.len(),
+                    "pod list read: intercepting the pods that opt in"
+                );
                 shared.set_pods(m);
                 shared.pods_synced.store(true, Ordering::SeqCst);
             }

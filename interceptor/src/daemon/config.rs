@@ -437,7 +437,11 @@ fn scope(src: &Source, at: usize, i: usize, s: RawScope) -> Result<ScopeConfig> 
             let mut ib = InboundSettings::default();
             if let Some(p) = s.inbound_port {
                 if p == 0 {
-                    return Err(err("inbound_port", "0 is not a port".into(), "give 1-65535"));
+                    return Err(err(
+                        "inbound_port",
+                        "0 is not a port".into(),
+                        "give 1-65535",
+                    ));
                 }
                 ib.inbound_port = p;
             }
@@ -617,11 +621,16 @@ cgroup_driver = "systemd"
 
     #[test]
     fn errors_name_line_column_and_field() {
-        let e = err("listen = \"127.0.0.1:1\"\n\n[[scope]]\nunit = \"a.service\"\nproxy_port = \"x\"\n");
+        let e = err(
+            "listen = \"127.0.0.1:1\"\n\n[[scope]]\nunit = \"a.service\"\nproxy_port = \"x\"\n",
+        );
         assert!(e.starts_with("test.toml: line 5, column"), "{e}");
         assert!(e.contains("proxy_port"), "{e}");
         let e = err("[[scope]]\nunit = \"a.service\"\nexclude_cidrs = [\"10.1.2.3/8\"]\n");
-        assert!(e.contains("line 3, column 1: a.service.exclude_cidrs"), "{e}");
+        assert!(
+            e.contains("line 3, column 1: a.service.exclude_cidrs"),
+            "{e}"
+        );
         assert!(e.contains("10.0.0.0/8"), "{e}");
         let e = err("[[scope]]\nunit = \"a.service\"\nexclude_port = [1]\n");
         assert!(e.contains("line 3") && e.contains("unknown field"), "{e}");
@@ -642,7 +651,10 @@ cgroup_driver = "systemd"
         let e = err("rescan_interval_ms = 1\n");
         assert!(e.contains("line 1, column 1: rescan_interval_ms"), "{e}");
         let e = err("[kubernetes]\nnode_name = \"n\"\ncgroup_driver = \"x\"\n");
-        assert!(e.contains("line 3") && e.contains("kubernetes.cgroup_driver"), "{e}");
+        assert!(
+            e.contains("line 3") && e.contains("kubernetes.cgroup_driver"),
+            "{e}"
+        );
         let e = err("[[scope]\n");
         assert!(e.contains("line 1"), "{e}");
     }

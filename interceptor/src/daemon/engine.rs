@@ -277,9 +277,7 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
             l.retry_at = None;
         }
         if let (Some(reg), Some((id, _))) = (&registered, &l.inb) {
-            l.registered = reg
-                .iter()
-                .any(|s| s.id == *id && !s.registered.is_empty());
+            l.registered = reg.iter().any(|s| s.id == *id && !s.registered.is_empty());
         }
         scope_pass(layout, r, l, changed);
         l.state.registered = l.registered;

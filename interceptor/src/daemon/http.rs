@@ -91,7 +91,10 @@ async fn route(path: &str, shared: &Shared, layout: &PinLayout, agent: bool) -> 
     match path {
         "/healthz" => match shared.since_last_tick() {
             Some(t) if t < Duration::from_secs(10) => text(200, "ok\n"),
-            Some(t) => text(503, format!("reconcile loop stalled for {:.1} s\n", t.as_secs_f64())),
+            Some(t) => text(
+                503,
+                format!("reconcile loop stalled for {:.1} s\n", t.as_secs_f64()),
+            ),
             None => text(503, "starting\n"),
         },
         "/ready" => {
@@ -128,7 +131,10 @@ async fn route(path: &str, shared: &Shared, layout: &PinLayout, agent: bool) -> 
 fn pod_ready(path: &str, shared: &Shared) -> Reply {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let ["pods", ns, name, "ready"] = parts.as_slice() else {
-        return text(404, "unknown path; see /healthz /ready /metrics /scopes /pods/NS/NAME/ready\n");
+        return text(
+            404,
+            "unknown path; see /healthz /ready /metrics /scopes /pods/NS/NAME/ready\n",
+        );
     };
     let key = super::pods::key(ns, name);
     match shared.state(&key) {
@@ -154,10 +160,17 @@ fn metrics(kernel: &str, shared: &Shared) -> String {
     let states = shared.states();
     let ready = states.values().filter(|s| s.ready).count();
     let reattached: u64 = states.values().map(|s| s.reattached).sum();
-    let _ = writeln!(out, "# HELP interceptor_daemon_scopes Scopes the daemon keeps attached, by readiness.");
+    let _ = writeln!(
+        out,
+        "# HELP interceptor_daemon_scopes Scopes the daemon keeps attached, by readiness."
+    );
     let _ = writeln!(out, "# TYPE interceptor_daemon_scopes gauge");
     let _ = writeln!(out, "interceptor_daemon_scopes{{state=\"ready\"}} {ready}");
-    let _ = writeln!(out, "interceptor_daemon_scopes{{state=\"waiting\"}} {}", states.len() - ready);
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_scopes{{state=\"waiting\"}} {}",
+        states.len() - ready
+    );
     let _ = writeln!(out, "# HELP interceptor_daemon_reattached Scopes attached again after their cgroup was recreated.");
     let _ = writeln!(out, "# TYPE interceptor_daemon_reattached counter");
     let _ = writeln!(out, "interceptor_daemon_reattached_total {reattached}");
@@ -167,7 +180,11 @@ fn metrics(kernel: &str, shared: &Shared) -> String {
 
 /// `interceptor wait-ready URL`: GETs `http://HOST:PORT/PATH` until it answers 200 or
 /// `timeout` passes (the readiness gate's client; no TLS, no proxy). Returns the last answer.
-pub fn wait_ready(url: &str, timeout: Duration, interval: Duration) -> std::result::Result<String, String> {
+pub fn wait_ready(
+    url: &str,
+    timeout: Duration,
+    interval: Duration,
+) -> std::result::Result<String, String> {
     use std::io::{Read as _, Write as _};
     let rest = url
         .strip_prefix("http://")
@@ -186,7 +203,10 @@ pub fn wait_ready(url: &str, timeout: Duration, interval: Duration) -> std::resu
                 .ok_or_else(|| std::io::Error::other("no address"))?;
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+            )?;
             let mut resp = String::new();
             s.read_to_string(&mut resp)?;
             let status = resp
@@ -194,7 +214,9 @@ pub fn wait_ready(url: &str, timeout: Duration, interval: Duration) -> std::resu
                 .nth(1)
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(0);
-            let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string());
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.trim().to_string());
             Ok((status, body.unwrap_or_default()))
         };
         let last = match attempt() {

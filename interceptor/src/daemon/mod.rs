@@ -82,10 +82,20 @@ pub fn run(config_path: &Path) -> Result<()> {
     result
 }
 
-async fn serve(config_path: &Path, cfg: Config, shared: Arc<Shared>, layout: PinLayout) -> Result<()> {
+async fn serve(
+    config_path: &Path,
+    cfg: Config,
+    shared: Arc<Shared>,
+    layout: PinLayout,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| Error::io(format!("listen {} (is another daemon running?)", cfg.listen), e))?;
+        .map_err(|e| {
+            Error::io(
+                format!("listen {} (is another daemon running?)", cfg.listen),
+                e,
+            )
+        })?;
     tracing::info!(
         config = %config_path.display(),
         listen = %cfg.listen,
@@ -134,12 +144,18 @@ fn reload(path: &Path, running: &mut Config, shared: &Shared) {
     for (what, same) in [
         ("pin_dir", new.pin_dir == running.pin_dir),
         ("listen", new.listen == running.listen),
-        ("rescan_interval_ms", new.rescan_interval == running.rescan_interval),
+        (
+            "rescan_interval_ms",
+            new.rescan_interval == running.rescan_interval,
+        ),
         ("cgroup_root", new.cgroup_root == running.cgroup_root),
         ("kubernetes", new.kubernetes == running.kubernetes),
     ] {
         if !same {
-            tracing::warn!(setting = what, "changed in the config: takes effect at the next start, not on reload");
+            tracing::warn!(
+                setting = what,
+                "changed in the config: takes effect at the next start, not on reload"
+            );
         }
     }
     let before: Vec<String> = running.scopes.iter().map(|s| s.name.clone()).collect();

@@ -194,7 +194,10 @@ mod tests {
                 &[
                     (INJECT, "true"),
                     (EXCLUDE_OUTBOUND_PORTS, "5432, 6379"),
-                    (EXCLUDE_OUTBOUND_IP_RANGES, "169.254.169.254/32,10.96.0.0/12"),
+                    (
+                        EXCLUDE_OUTBOUND_IP_RANGES,
+                        "169.254.169.254/32,10.96.0.0/12",
+                    ),
                     (EXCLUDE_INBOUND_PORTS, "15021,8081"),
                     (INCLUDE_OUTBOUND_IP_RANGES, "*"),
                 ],
@@ -206,7 +209,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.key, "pod/shop/web-0");
         assert!(s.invalid.is_none());
-        assert_eq!(s.settings.exclude_ports, BTreeSet::from([5432, 6379, 15030]));
+        assert_eq!(
+            s.settings.exclude_ports,
+            BTreeSet::from([5432, 6379, 15030])
+        );
         assert_eq!(s.settings.exclude_cidrs.len(), 2);
         assert!(s.settings.include_cidrs.is_empty());
         let ib = s.inbound.unwrap();

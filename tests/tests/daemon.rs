@@ -1,0 +1,362 @@
+//! The daemon (`interceptor run --config FILE`) end to end: systemd unit and slice names
+//! resolved to real cgroups, traffic from them intercepted, a unit restart (its cgroup
+//! removed and recreated) attached again within a second, SIGHUP reloads (a bad config
+//! changes nothing; a scope removed from the config is detached), the HTTP endpoints, and
+//! what stays attached when the daemon exits.
+//!
+//! There is no running systemd here: the test creates the cgroups a unit and a slice would
+//! have (`system.slice/web.service`, `app.slice/app-batch.slice`) under its own cgroup, which
+//! it gives the daemon as `cgroup_root`. All of it is removed by guards, also on failure.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use interceptor::PinLayout;
+use interceptor_tests::{
+    exec_bin, interceptor_bin, probe::http_get, probe_bin, run_cmd, start_proxy, wait_until, NetNs,
+    PinDir, ProbeServer, Proc, TestCgroup, DEFAULT_ADMIN,
+};
+use nix::sys::signal::Signal;
+
+const SERVER: &str = "127.0.0.1:8080";
+
+/// A scratch directory for the config file, removed even when the test fails.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("icpt-t-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ino(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).unwrap().ino()
+}
+
+/// Cgroup ids of the outbound scopes attached from `pin` whose four links are live.
+fn attached_ids(pin: &PinDir) -> Vec<u64> {
+    let st = interceptor::status(&PinLayout::new(pin.path())).expect("status");
+    st.scopes
+        .iter()
+        .filter(|s| s.cgroup_exists && s.links.iter().all(|l| l.link_id.is_some()))
+        .map(|s| s.cgroup_id)
+        .collect()
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get(addr, path, Duration::from_secs(5)).unwrap_or((0, String::new()))
+}
+
+/// Starts `interceptor run --config FILE` (in the host namespace, in no test cgroup).
+fn start_daemon(config: &Path) -> Proc {
+    let mut c = Command::new(interceptor_bin());
+    c.args(["--log-format", "json", "run", "--config"])
+        .arg(config);
+    Proc::spawn("interceptor-run", c)
+}
+
+/// `icpt-probe hello SERVER` from a process in cgroup `cg` and namespace `ns`: proxied?
+fn hello_from(ns: &NetNs, cg: &Path) -> bool {
+    let mut c = Command::new(exec_bin());
+    c.arg("--cgroup")
+        .arg(cg)
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--")
+        .arg(probe_bin())
+        .args(["hello", SERVER]);
+    let out = run_cmd(&mut c, Duration::from_secs(30)).expect("run icpt-probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("icpt-probe: not JSON ({e}): {stdout}"));
+    assert!(v.get("error").is_none(), "hello from {}: {v}", cg.display());
+    v["proxied"].as_bool().expect("proxied field")
+}
+
+fn write_config(path: &Path, pin: &PinDir, listen: SocketAddr, root: &Path, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "pin_dir = \"{}\"\nlisten = \"{listen}\"\ncgroup_root = \"{}\"\n{extra}",
+            pin.as_str(),
+            root.display()
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn daemon_units_reattach_reload_and_exit() {
+    interceptor_tests::register_helper_bins!();
+    let ns = NetNs::new("daemon");
+    let cg = TestCgroup::new("daemon");
+    let pin = PinDir::new("daemon");
+    let scratch = Scratch::new("daemon");
+    let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
+    let _proxy = start_proxy(&ns, &["--admin", DEFAULT_ADMIN]);
+    let web = cg.path().join("system.slice/web.service");
+    let batch = cg.path().join("app.slice/app-batch.slice");
+    std::fs::create_dir_all(&web).unwrap();
+    std::fs::create_dir_all(&batch).unwrap();
+    let listen: SocketAddr = "127.0.0.1:15931".parse().unwrap();
+    let config = scratch.0.join("config.toml");
+    let scopes = "[[scope]]\nunit = \"web.service\"\nexclude_ports = [9]\n\n[[scope]]\nname = \"batch\"\nslice = \"app-batch.slice\"\n";
+    write_config(&config, &pin, listen, cg.path(), scopes);
+
+    let mut daemon = start_daemon(&config);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || get(
+            listen, "/ready"
+        )
+        .0
+            == 200),
+        "daemon not ready: {}",
+        daemon.stderr()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            let ids = attached_ids(&pin);
+            ids.contains(&ino(&web)) && ids.contains(&ino(&batch))
+        }),
+        "unit and slice not attached: {}",
+        daemon.stderr()
+    );
+    let st = interceptor::status(&PinLayout::new(pin.path())).unwrap();
+    let web_scope = st.scopes.iter().find(|s| s.cgroup_id == ino(&web)).unwrap();
+    assert!(
+        web_scope.settings.exclude_ports.contains(&9),
+        "{:?}",
+        web_scope.settings
+    );
+    assert!(
+        hello_from(&ns, &web),
+        "connection from web.service not proxied"
+    );
+    assert!(
+        hello_from(&ns, &batch),
+        "connection from app-batch.slice not proxied"
+    );
+
+    // A unit restart: systemd removes the unit's cgroup and creates it again.
+    let mut figures = Vec::new();
+    for round in 0..5 {
+        std::fs::remove_dir(&web).unwrap();
+        std::fs::create_dir(&web).unwrap();
+        let t0 = Instant::now();
+        let new_id = ino(&web);
+        assert!(
+            wait_until(Duration::from_secs(5), Duration::from_millis(2), || {
+                attached_ids(&pin).contains(&new_id)
+            }),
+            "round {round}: recreated cgroup not attached again: {}",
+            daemon.stderr()
+        );
+        let took = t0.elapsed();
+        figures.push(took);
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: re-attached after {took:?}, the issue asks for under a second"
+        );
+    }
+    figures.sort();
+    println!(
+        "re-attach after a cgroup was recreated (rescan interval 100 ms, 5 rounds): min {:?}, median {:?}, max {:?}",
+        figures[0], figures[2], figures[4]
+    );
+    assert!(
+        hello_from(&ns, &web),
+        "connection from the recreated web.service not proxied"
+    );
+    // The old cgroup's scope is gone from the maps (detached), only the new one is there.
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            interceptor::status(&PinLayout::new(pin.path()))
+                .unwrap()
+                .scopes
+                .len()
+                == 2
+        }),
+        "stale scopes of removed cgroups left: {:?}",
+        interceptor::status(&PinLayout::new(pin.path()))
+            .unwrap()
+            .scopes
+    );
+
+    let (code, metrics) = get(listen, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("interceptor_decisions_total{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("interceptor_daemon_reattached_total 5"),
+        "{metrics}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    assert_eq!(get(listen, "/healthz").0, 200);
+    let (code, scopes_json) = get(listen, "/scopes");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&scopes_json).unwrap();
+    assert_eq!(v["scope/web.service"]["ready"], true, "{v}");
+    assert_eq!(v["scope/web.service"]["reattached"], 5, "{v}");
+
+    // A reload with a bad config changes nothing and says where the error is.
+    std::fs::write(
+        &config,
+        "pin_dir = \"/sys/fs/bpf/x\"\n[[scope]]\nunit = \"web.service\"\nproxy_port = \"many\"\n",
+    )
+    .unwrap();
+    let before = attached_ids(&pin);
+    daemon.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || daemon
+            .stderr()
+            .contains("reload refused")),
+        "no reload error logged: {}",
+        daemon.stderr()
+    );
+    let log = daemon.stderr();
+    let line = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    assert!(
+        line.contains("line 4, column") && line.contains("proxy_port"),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        attached_ids(&pin),
+        before,
+        "a bad reload changed what is attached"
+    );
+
+    // A good reload without the slice: it is detached, the unit stays.
+    write_config(
+        &config,
+        &pin,
+        listen,
+        cg.path(),
+        "[[scope]]\nunit = \"web.service\"\n",
+    );
+    daemon.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            let ids = attached_ids(&pin);
+            !ids.contains(&ino(&batch)) && ids.contains(&ino(&web))
+        }),
+        "slice not detached on reload: {}",
+        daemon.stderr()
+    );
+    assert!(
+        !hello_from(&ns, &batch),
+        "the removed slice is still intercepted"
+    );
+    let st = interceptor::status(&PinLayout::new(pin.path())).unwrap();
+    assert!(
+        st.scopes[0].settings.exclude_ports.is_empty(),
+        "settings not updated on reload"
+    );
+
+    // SIGTERM: the daemon exits, interception stays in place.
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("daemon did not exit on SIGTERM");
+    assert!(exit.success(), "daemon exit {exit:?}: {}", daemon.stderr());
+    assert!(
+        attached_ids(&pin).contains(&ino(&web)),
+        "interception removed at exit"
+    );
+    assert!(
+        hello_from(&ns, &web),
+        "not intercepted after the daemon exited"
+    );
+}
+
+#[test]
+fn daemon_detach_on_exit() {
+    interceptor_tests::register_helper_bins!();
+    let cg = TestCgroup::new("daemon_detach_on_exit");
+    let pin = PinDir::new("daemon_detach_on_exit");
+    let scratch = Scratch::new("daemon_detach_on_exit");
+    let listen: SocketAddr = "127.0.0.1:15932".parse().unwrap();
+    let config = scratch.0.join("config.toml");
+    let app = cg.child("app");
+    write_config(
+        &config,
+        &pin,
+        listen,
+        cg.path(),
+        &format!(
+            "detach_on_exit = true\n[[scope]]\ncgroup = \"{}\"\n",
+            app.display()
+        ),
+    );
+    let mut daemon = start_daemon(&config);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            attached_ids(&pin).contains(&ino(&app))
+        }),
+        "not attached: {}",
+        daemon.stderr()
+    );
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("no exit");
+    assert!(exit.success(), "{}", daemon.stderr());
+    let st = interceptor::status(&PinLayout::new(pin.path())).unwrap();
+    assert!(st.scopes.is_empty(), "detach_on_exit left {:?}", st.scopes);
+    assert!(
+        !pin.path().exists(),
+        "pin dir left after the last scope was detached"
+    );
+}
+
+#[test]
+fn daemon_config_errors_name_line_and_field() {
+    let scratch = Scratch::new("daemon_config_errors");
+    let config = scratch.0.join("config.toml");
+    for (text, want) in [
+        (
+            "[[scope]]\nunit = \"web.service\"\nexclude_cidrs = [\"10.1.2.3/8\"]\n",
+            "line 3, column 1: web.service.exclude_cidrs",
+        ),
+        (
+            "[[scope]]\nslice = \"app\"\n",
+            "line 2, column 1: app.slice",
+        ),
+        ("listen = \"nowhere\"\n", "line 1, column 1: listen"),
+        (
+            "[[scope]]\nunit = \"a.service\"\nexclude_portz = [1]\n",
+            "line 3, column 1: exclude_portz: unknown field",
+        ),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        for args in [
+            &["run", "--check", "--config"][..],
+            &["run", "--config"][..],
+        ] {
+            let mut c = Command::new(interceptor_bin());
+            c.args(args).arg(&config);
+            let out = run_cmd(&mut c, Duration::from_secs(30)).unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} accepted {text:?}");
+            assert!(
+                err.contains(want),
+                "{args:?} {text:?}: want {want:?} in: {err}"
+            );
+            println!("{}", err.trim());
+        }
+    }
+}
