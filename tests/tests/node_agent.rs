@@ -1,0 +1,632 @@
+//! The node agent (`interceptor run` with `[kubernetes]`) end to end.
+//!
+//! No cluster can run here. A small HTTP server in this test STANDS IN FOR THE KUBERNETES API
+//! SERVER: it answers the pod list (`GET /api/v1/pods?fieldSelector=...`) and streams watch
+//! events (`?watch=true`: ADDED, MODIFIED, DELETED as JSON lines), filtering by
+//! `spec.nodeName` as the API server does. Everything else is real: the agent is the release
+//! binary with its kube-rs client, the pods' cgroups are real cgroups named as the kubelet names
+//! them (systemd driver: `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`,
+//! cgroupfs driver: `kubepods/pod<uid>`), created under this test's own cgroup (given to the
+//! agent as `kubepods_parent`), with real processes in real network namespaces, the real proxy
+//! as the pod's sidecar and real traffic. Guards remove all of it, also on failure.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use interceptor::PinLayout;
+use interceptor_tests::{
+    exec_bin, interceptor_bin, probe::http_get, probe_bin, proxy_bin, run_cmd, wait_until, NetNs,
+    PinDir, ProbeServer, Proc, TestCgroup,
+};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+const NODE: &str = "icpt-node-1";
+const AGENT: &str = "127.0.0.1:15933";
+const APP4: &str = "10.77.0.2";
+const PEER4: &str = "10.77.0.1";
+
+// ---------------------------------------------------------------------------------------
+// The stand-in for the Kubernetes API server.
+
+#[derive(Default)]
+struct ApiState {
+    rv: u64,
+    pods: BTreeMap<String, Value>,
+    /// (resourceVersion, event JSON line)
+    events: Vec<(u64, String)>,
+    /// Request lines received, to check the agent's field selector.
+    requests: Vec<String>,
+}
+
+struct FakeApi {
+    addr: SocketAddr,
+    state: Arc<Mutex<ApiState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn node_of(pod: &Value) -> &str {
+    pod["spec"]["nodeName"].as_str().unwrap_or("")
+}
+
+fn selector_node(target: &str) -> Option<String> {
+    let q = target.split_once('?')?.1;
+    q.split('&').find_map(|kv| {
+        let v = kv.strip_prefix("fieldSelector=")?;
+        let v = v
+            .replace("%3D", "=")
+            .replace("%3d", "=")
+            .replace("%2F", "/");
+        v.strip_prefix("spec.nodeName=").map(str::to_string)
+    })
+}
+
+fn param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
+    let q = target.split_once('?')?.1;
+    q.split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+impl FakeApi {
+    fn start() -> FakeApi {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ApiState {
+            rv: 100,
+            ..ApiState::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !sp.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let (st, sp) = (st.clone(), sp.clone());
+                        conns.push(std::thread::spawn(move || serve(s, st, sp)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        FakeApi {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn event(&self, kind: &str, mut pod: Value) {
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = format!(
+            "{}/{}",
+            pod["metadata"]["namespace"].as_str().unwrap(),
+            pod["metadata"]["name"].as_str().unwrap()
+        );
+        if kind == "DELETED" {
+            s.pods.remove(&key);
+        } else {
+            s.pods.insert(key, pod.clone());
+        }
+        let line = json!({"type": kind, "object": pod}).to_string();
+        s.events.push((rv, line));
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(s: TcpStream, state: Arc<Mutex<ApiState>>, stop: Arc<AtomicBool>) {
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut first = String::new();
+    if r.read_line(&mut first).is_err() {
+        return;
+    }
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+    }
+    let target = first.split_whitespace().nth(1).unwrap_or("").to_string();
+    state.lock().unwrap().requests.push(target.clone());
+    if !target.starts_with("/api/v1/pods") {
+        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+        let _ = write!(w, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        return;
+    }
+    let node = selector_node(&target);
+    let matches = |pod: &Value| node.as_deref().is_none_or(|n| node_of(pod) == n);
+    if param(&target, "watch") != Some("true") {
+        let s = state.lock().unwrap();
+        let items: Vec<&Value> = s.pods.values().filter(|p| matches(p)).collect();
+        let body = json!({"apiVersion": "v1", "kind": "PodList",
+            "metadata": {"resourceVersion": s.rv.to_string()}, "items": items})
+        .to_string();
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        return;
+    }
+    // A watch: stream the events after the given resourceVersion for up to 3 s, then end
+    // (the client watches again from the last version it saw, as with a real server).
+    let mut since: u64 = param(&target, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if write!(
+        w,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .is_err()
+    {
+        return;
+    }
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end && !stop.load(Ordering::SeqCst) {
+        let new: Vec<(u64, String)> = state
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .filter(|(rv, line)| {
+                *rv > since && {
+                    let v: Value = serde_json::from_str(line).unwrap();
+                    matches(&v["object"])
+                }
+            })
+            .cloned()
+            .collect();
+        for (rv, line) in new {
+            let data = format!("{line}\n");
+            if write!(w, "{:x}\r\n{data}\r\n", data.len()).is_err() {
+                return;
+            }
+            since = rv;
+        }
+        let _ = w.flush();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = write!(w, "0\r\n\r\n");
+}
+
+fn pod(ns: &str, name: &str, uid: &str, node: &str, qos: &str, ann: &[(&str, &str)]) -> Value {
+    let ann: BTreeMap<&str, &str> = ann.iter().copied().collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "annotations": ann},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "qosClass": qos}
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Pods: cgroups as the kubelet names them, a process in each, in its own network namespace.
+
+/// A scratch directory for the agent's config, removed even when the test fails.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Spawns `cmd` in cgroup `cg` (created if needed) and namespace `ns`.
+fn spawn_in_cgroup(name: &str, cg: &Path, ns: &NetNs, cmd: &[&str]) -> Proc {
+    std::fs::create_dir_all(cg).unwrap();
+    let mut c = Command::new(exec_bin());
+    c.arg("--cgroup")
+        .arg(cg)
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--")
+        .args(cmd);
+    Proc::spawn(name, c)
+}
+
+fn hello_from(ns: &NetNs, cg: &Path, addr: &str) -> Value {
+    std::fs::create_dir_all(cg).unwrap();
+    let mut c = Command::new(exec_bin());
+    c.arg("--cgroup")
+        .arg(cg)
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--")
+        .arg(probe_bin())
+        .args(["hello", addr]);
+    let out = run_cmd(&mut c, Duration::from_secs(30)).expect("run icpt-probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn ino(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).map(|m| m.ino()).unwrap_or(0)
+}
+
+fn get(path: &str) -> (u16, String) {
+    http_get(AGENT.parse().unwrap(), path, Duration::from_secs(5)).unwrap_or((0, String::new()))
+}
+
+fn wait_ready_cli(path: &str, secs: u64) -> (bool, String) {
+    let mut c = Command::new(interceptor_bin());
+    c.args([
+        "wait-ready",
+        &format!("http://{AGENT}{path}"),
+        "--timeout-secs",
+        &secs.to_string(),
+        "--interval-ms",
+        "50",
+    ]);
+    let out = run_cmd(&mut c, Duration::from_secs(secs + 30)).unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
+    interceptor_tests::register_helper_bins!();
+    // Pod A's sandbox namespace, a peer on the "pod network", pod B's namespace.
+    let ns_a = NetNs::new("node_agent-a");
+    let peer = NetNs::new("node_agent-peer");
+    let ns_b = NetNs::new("node_agent-b");
+    let ns_e = NetNs::new("node_agent-e");
+    ns_a.link_to(
+        "icpa0",
+        &[&format!("{APP4}/24")],
+        &peer,
+        "icpp0",
+        &[&format!("{PEER4}/24")],
+    );
+    let kube = TestCgroup::new("node_agent");
+    let pin = PinDir::new("node_agent");
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("icpt-t-node_agent-{}", std::process::id())));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let api = FakeApi::start();
+
+    let uid_a = "6f2c3a1e-1b2c-4d5e-8f90-0123456789ab";
+    let uid_b = "0b7d2e4f-aaaa-4bbb-8ccc-111122223333";
+    let uid_c = "9e8d7c6b-5a49-4382-9171-605040302010";
+    let uid_d = "d0d0d0d0-0000-4000-8000-000000000001";
+    let uid_e = "e0e0e0e0-0000-4000-8000-000000000002";
+    // Pod A: systemd driver, Burstable, our annotation and Istio's exclusions.
+    let pod_a_cg = kube.path().join(format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        uid_a.replace('-', "_")
+    ));
+    // Pod B: cgroupfs driver, Guaranteed, Istio's opt-in.
+    let pod_b_cg = kube.path().join(format!("kubepods/pod{uid_b}"));
+    // Pod C: not opted in. Pod D: opted in but on another node.
+    let pod_c_cg = kube.path().join(format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid_c.replace('-', "_")
+    ));
+    let pod_d_cg = kube.path().join(format!("kubepods/besteffort/pod{uid_d}"));
+    let pod_e_cg = kube.path().join(format!("kubepods/burstable/pod{uid_e}"));
+
+    // Pod A's containers: the app (a server on 8080 and 8081 in the namespace, and a
+    // process in the app container's cgroup) and the proxy as its sidecar.
+    let app_cg = pod_a_cg.join("cri-containerd-app.scope");
+    let proxy_cg = pod_a_cg.join("cri-containerd-proxy.scope");
+    let _servers = ProbeServer::start_in(
+        ns_a.path(),
+        &[
+            "0.0.0.0:8080".parse().unwrap(),
+            "0.0.0.0:8081".parse().unwrap(),
+        ],
+    )
+    .unwrap();
+    let proxy = proxy_bin();
+    let _proxy = spawn_in_cgroup(
+        "proxy-a",
+        &proxy_cg,
+        &ns_a,
+        &[
+            proxy.to_str().unwrap(),
+            "--inbound",
+            "0.0.0.0:15006",
+            "--admin",
+            "127.0.0.1:15000",
+        ],
+    );
+    let _app = spawn_in_cgroup("app-a", &app_cg, &ns_a, &["sleep", "300"]);
+    let _b = spawn_in_cgroup("app-b", &pod_b_cg, &ns_b, &["sleep", "300"]);
+    let _c = spawn_in_cgroup("app-c", &pod_c_cg, &ns_b, &["sleep", "300"]);
+    let _d = spawn_in_cgroup("app-d", &pod_d_cg, &ns_b, &["sleep", "300"]);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            interceptor_tests::http_get_in(
+                &ns_a,
+                "127.0.0.1:15000".parse().unwrap(),
+                "/ready",
+                Duration::from_secs(1),
+            )
+            .is_ok_and(|(c, _)| c == 200)
+        }),
+        "sidecar proxy not ready"
+    );
+
+    let a = pod(
+        "shop",
+        "web-0",
+        uid_a,
+        NODE,
+        "Burstable",
+        &[
+            ("interceptor.io/inject", "true"),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "5432"),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "169.254.169.254/32",
+            ),
+            ("traffic.sidecar.istio.io/excludeInboundPorts", "8081"),
+        ],
+    );
+    api.event("ADDED", a.clone());
+    api.event(
+        "ADDED",
+        pod(
+            "batch",
+            "job-1",
+            uid_b,
+            NODE,
+            "Guaranteed",
+            &[("sidecar.istio.io/inject", "true")],
+        ),
+    );
+    api.event(
+        "ADDED",
+        pod("shop", "plain", uid_c, NODE, "BestEffort", &[]),
+    );
+    api.event(
+        "ADDED",
+        pod(
+            "shop",
+            "elsewhere",
+            uid_d,
+            "icpt-node-2",
+            "BestEffort",
+            &[("interceptor.io/inject", "true")],
+        ),
+    );
+
+    let config = scratch.0.join("config.toml");
+    std::fs::write(&config, format!(
+        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"auto\"\nkubepods_parent = \"{}\"\n",
+        pin.as_str(), api.url(), kube.path().display()
+    )).unwrap();
+    let mut c = Command::new(interceptor_bin());
+    c.args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    let mut agent = Proc::spawn("node-agent", c);
+
+    // The gate: the init container's `interceptor wait-ready` returns once A is intercepted.
+    let (ok, out) = wait_ready_cli("/pods/shop/web-0/ready", 20);
+    assert!(ok, "pod A never ready: {out}\n{}", agent.stderr());
+    assert_eq!(get("/ready").0, 200);
+    let (ok, _) = wait_ready_cli("/pods/batch/job-1/ready", 20);
+    assert!(ok, "pod B never ready: {}", agent.stderr());
+
+    let layout = PinLayout::new(pin.path());
+    let st = interceptor::status(&layout).unwrap();
+    let scope_a = st
+        .scopes
+        .iter()
+        .find(|s| s.cgroup_id == ino(&pod_a_cg))
+        .unwrap_or_else(|| panic!("pod A's cgroup not attached: {st:?}"));
+    assert!(
+        scope_a.settings.exclude_ports.contains(&5432),
+        "{:?}",
+        scope_a.settings
+    );
+    assert!(
+        scope_a.settings.exclude_ports.contains(&15933),
+        "the agent's port is not excluded: {:?}",
+        scope_a.settings
+    );
+    assert_eq!(
+        scope_a
+            .settings
+            .exclude_cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>(),
+        ["169.254.169.254/32"]
+    );
+    assert!(
+        st.scopes.iter().any(|s| s.cgroup_id == ino(&pod_b_cg)),
+        "pod B (cgroupfs names) not attached"
+    );
+    for (name, cg) in [
+        ("C (not opted in)", &pod_c_cg),
+        ("D (other node)", &pod_d_cg),
+    ] {
+        assert!(
+            !st.scopes.iter().any(|s| s.cgroup_id == ino(cg)),
+            "pod {name} attached"
+        );
+    }
+    assert_eq!(get("/pods/shop/plain/ready").0, 404);
+    assert_eq!(get("/pods/shop/elsewhere/ready").0, 404);
+    let (ok, out) = wait_ready_cli("/pods/shop/plain/ready", 1);
+    assert!(!ok && out.contains("not ready"), "{out}");
+    // Every request the agent made carried its node's field selector.
+    let reqs = api.requests();
+    println!("requests the agent made to the stand-in API server: {reqs:?}");
+    assert!(
+        !reqs.is_empty()
+            && reqs
+                .iter()
+                .all(|r| selector_node(r).as_deref() == Some(NODE)),
+        "{reqs:?}"
+    );
+
+    // Inbound: pod A's namespace attached with the excluded port, the sidecar registered.
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            interceptor::status(&layout)
+                .unwrap()
+                .inbound
+                .iter()
+                .any(|i| i.settings.exclude_ports.contains(&8081) && i.registered.contains(&"ipv4"))
+        }),
+        "pod A's inbound not attached and registered: {:?}\n{}",
+        interceptor::status(&layout).unwrap().inbound,
+        agent.stderr()
+    );
+    let peer_cg = kube.path().join("peer-client");
+    // Traffic: the app's outbound goes through its sidecar; inbound from the peer too,
+    // except the excluded port.
+    let v = hello_from(&ns_a, &app_cg, "127.0.0.1:8080");
+    assert_eq!(v["proxied"], true, "outbound from pod A: {v}");
+    let v = hello_from(&peer, &peer_cg, &format!("{APP4}:8080"));
+    assert_eq!(v["proxied"], true, "inbound to pod A: {v}");
+    let v = hello_from(&peer, &peer_cg, &format!("{APP4}:8081"));
+    assert_eq!(v["proxied"], false, "inbound to pod A's excluded port: {v}");
+
+    // Annotations changed on a running pod: the settings follow.
+    let mut a2 = a.clone();
+    a2["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
+        json!("5432,6379");
+    api.event("MODIFIED", a2);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            interceptor::status(&layout)
+                .unwrap()
+                .scopes
+                .iter()
+                .any(|s| s.cgroup_id == ino(&pod_a_cg) && s.settings.exclude_ports.contains(&6379))
+        }),
+        "changed annotation not applied"
+    );
+
+    // The gate holds while the pod's cgroup does not exist yet (the pod is scheduled, the
+    // kubelet has not created it), and opens once its interception is in place.
+    api.event(
+        "ADDED",
+        pod(
+            "shop",
+            "late",
+            uid_e,
+            NODE,
+            "Burstable",
+            &[("interceptor.io/inject", "true")],
+        ),
+    );
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || get("/pods/shop/late/ready").0 == 503
+    ));
+    let (code, body) = get("/pods/shop/late/ready");
+    println!("gate while the pod's cgroup is missing: {code} {body}");
+    let mut gate = {
+        let mut c = Command::new(interceptor_bin());
+        c.args([
+            "wait-ready",
+            &format!("http://{AGENT}/pods/shop/late/ready"),
+            "--timeout-secs",
+            "30",
+            "--interval-ms",
+            "20",
+        ]);
+        Proc::spawn("gate", c)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        gate.is_running(),
+        "the gate opened before the pod's cgroup existed"
+    );
+    let _e = spawn_in_cgroup(
+        "app-e",
+        &pod_e_cg.join("cri-containerd-init.scope"),
+        &ns_e,
+        &["sleep", "300"],
+    );
+    let st = gate
+        .wait_timeout(Duration::from_secs(30))
+        .expect("gate never opened");
+    assert!(st.success(), "gate: {}{}", gate.stdout(), gate.stderr());
+    // When the gate opened, the interception was in place.
+    assert!(interceptor::status(&layout)
+        .unwrap()
+        .scopes
+        .iter()
+        .any(|s| s.cgroup_id == ino(&pod_e_cg) && s.links.iter().all(|l| l.link_id.is_some())));
+
+    // Pod A deleted: both its scopes are detached.
+    let a_id = ino(&pod_a_cg);
+    api.event("DELETED", a);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            let st = interceptor::status(&layout).unwrap();
+            !st.scopes.iter().any(|s| s.cgroup_id == a_id)
+                && !st
+                    .inbound
+                    .iter()
+                    .any(|i| i.settings.exclude_ports.contains(&8081))
+        }),
+        "pod A not detached after its deletion: {}",
+        agent.stderr()
+    );
+    assert_eq!(get("/pods/shop/web-0/ready").0, 404);
+    let v = hello_from(&ns_a, &app_cg, "127.0.0.1:8080");
+    assert_eq!(
+        v["proxied"], false,
+        "pod A still intercepted after deletion: {v}"
+    );
+    let (code, metrics) = get("/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("interceptor_daemon_scopes{state=\"ready\"} 2"),
+        "{metrics}"
+    );
+
+    agent.signal(Signal::SIGTERM);
+    let exit = agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent did not exit");
+    assert!(exit.success(), "{}", agent.stderr());
+}
