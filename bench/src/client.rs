@@ -87,6 +87,8 @@ pub enum Role {
     /// Per-destination statistics: memory with the switch off and on, bytes per series,
     /// scrape time, memory under destination churn (see bench/README.md).
     Stats(crate::stats::StatsArgs),
+    /// HTTP routing against opaque passthrough, keep-alive (see bench/README.md).
+    Routing(crate::routing::RoutingArgs),
     /// Idle server: accepts, writes one byte, holds the connection (never reads);
     /// exits after LIFETIME_S seconds.
     #[command(hide = true)]
@@ -119,6 +121,7 @@ pub fn run(role: Role) -> Result<()> {
             threads,
         } => spread(first, port, count, distinct, threads),
         Role::Stats(args) => return crate::stats::run(args),
+        Role::Routing(args) => return crate::routing::run(args),
         Role::Idle {
             addr,
             count,

@@ -8,6 +8,7 @@
 
 mod client;
 mod report;
+mod routing;
 mod stats;
 mod workloads;
 mod world;

@@ -1,0 +1,188 @@
+//! `interceptor-bench routing`: what HTTP routing costs against opaque TCP passthrough, in
+//! one world and one run.
+//!
+//! The workload (a cgroup with the eBPF interception) runs `wrk -t2 -c16` with kept-alive
+//! connections through `interceptor-proxy --routes FILE` to one nginx:
+//!
+//! - **opaque**: to nginx's own address, which no route names: the proxy copies bytes;
+//! - **routed**: to a service address whose port is `HTTP`: the proxy parses each request,
+//!   matches a route and sends it on a pooled upstream connection.
+//!
+//! The two alternate for `--reps` repetitions; the figures are medians, and the ratio is
+//! taken within each repetition.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use interceptor::{PinLayout, ScopeSettings};
+use interceptor_tests::{start_proxy, NetNs, Nginx, PinDir, Proc, TestCgroup, Wrk};
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct RoutingArgs {
+    /// Repetitions (each runs both).
+    #[arg(long, default_value_t = 3)]
+    pub reps: u32,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    pub duration: u64,
+    /// Directory for the results (default bench/results).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+const ROUTES: &str = r#"
+serviceEntries:
+- hosts: [web]
+  addresses: [127.0.10.1]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.20.1}]
+virtualServices:
+- name: web
+  hosts: [web]
+  http:
+  - name: api
+    match: [{uri: {prefix: /api/}, headers: {x-user: {exact: bench}}}]
+    route: [{destination: {host: web}}]
+  - name: default
+    route: [{destination: {host: web}}]
+"#;
+
+/// Fields drop in order: processes, programs, cgroup, namespace.
+struct World {
+    proxy: Proc,
+    _nginx: Nginx,
+    _pin: PinDir,
+    cg: TestCgroup,
+    ns: NetNs,
+    dir: PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn cpu_usec(pid: u32) -> u64 {
+    // utime + stime of the proxy process, in clock ticks (100 Hz) -> microseconds.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) * 10_000
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(args: RoutingArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root (network namespaces, cgroups, BPF)");
+    }
+    let ns = NetNs::new("bench-routing");
+    let cg = TestCgroup::new("bench-routing");
+    let pin = PinDir::new("bench-routing");
+    interceptor::attach(
+        &PinLayout::new(pin.path()),
+        cg.path(),
+        &ScopeSettings::default(),
+    )
+    .map_err(|e| anyhow!("attach: {e}"))?;
+    let nginx = Nginx::start(&ns, &["127.0.20.1:8080"]);
+    let dir = std::env::temp_dir().join(format!("icpt-t-bench-routing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let routes = dir.join("routes.yaml");
+    std::fs::write(&routes, ROUTES)?;
+    let proxy = start_proxy(
+        &ns,
+        &[
+            "--admin",
+            "127.0.0.1:15000",
+            "--routes",
+            routes.to_str().expect("UTF-8 path"),
+        ],
+    );
+    let w = World {
+        proxy,
+        _nginx: nginx,
+        _pin: pin,
+        cg,
+        ns,
+        dir,
+    };
+    let dur = Duration::from_secs(args.duration);
+    let mut rows = Vec::new();
+    let (mut opaque, mut routed, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_o, mut cpu_r) = (Vec::new(), Vec::new());
+    let measure = |url: &str| -> Result<(f64, f64)> {
+        let c0 = cpu_usec(w.proxy.pid());
+        let r = Wrk::start(&w.ns, Some(&w.cg), url, 16, dur, false).finish();
+        let c1 = cpu_usec(w.proxy.pid());
+        if r.errors() != 0 {
+            bail!("wrk {url}: {} errors\n{}", r.errors(), r.output);
+        }
+        let rps = r.requests as f64 / dur.as_secs_f64();
+        let cpu_ms_per_1k = (c1 - c0) as f64 / 1000.0 / (r.requests as f64 / 1000.0);
+        Ok((rps, cpu_ms_per_1k))
+    };
+    // Warm up both paths.
+    measure("http://127.0.20.1:8080/")?;
+    measure("http://127.0.10.1:8080/")?;
+    for rep in 0..args.reps {
+        let (o, co) = measure("http://127.0.20.1:8080/")?;
+        let (r, cr) = measure("http://127.0.10.1:8080/")?;
+        println!(
+            "rep {rep}: opaque {o:.0} req/s ({co:.1} core-ms/1k), routed {r:.0} req/s ({cr:.1} core-ms/1k), routed/opaque {:.2}",
+            r / o
+        );
+        rows.push(json!({"rep": rep, "opaque_rps": o, "routed_rps": r, "opaque_cpu_ms_per_1k": co, "routed_cpu_ms_per_1k": cr}));
+        opaque.push(o);
+        routed.push(r);
+        ratio.push(r / o);
+        cpu_o.push(co);
+        cpu_r.push(cr);
+    }
+    let (o, r, q) = (median(&mut opaque), median(&mut routed), median(&mut ratio));
+    let (co, cr) = (median(&mut cpu_o), median(&mut cpu_r));
+    let text = format!(
+        "HTTP routing vs opaque TCP, wrk -t2 -c16 keep-alive through the eBPF interception, {} reps x {}s (medians)\n\n\
+         {:<10} {:>12} {:>22}\n{:<10} {:>12.0} {:>22.1}\n{:<10} {:>12.0} {:>22.1}\n\nrouted / opaque: {q:.2}\n",
+        args.reps, args.duration, "path", "req/s", "proxy core-ms per 1k", "opaque", o, co, "routed", r, cr
+    );
+    println!("\n{text}");
+    let doc = json!({
+        "date_utc": crate::report::now_utc(),
+        "reps": rows,
+        "median": {"opaque_rps": o, "routed_rps": r, "routed_over_opaque": q,
+                   "opaque_cpu_ms_per_1k": co, "routed_cpu_ms_per_1k": cr},
+    });
+    let out = args.out.unwrap_or_else(|| {
+        interceptor_tests::workspace_dir()
+            .join("bench")
+            .join("results")
+    });
+    std::fs::create_dir_all(&out)?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    let stem = format!("{}-{host}-routing", &crate::report::now_utc()[..10]);
+    std::fs::write(
+        out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&doc)? + "\n",
+    )?;
+    std::fs::write(out.join(format!("{stem}.txt")), &text)?;
+    println!("results: {}/{stem}.{{json,txt}}", out.display());
+    Ok(())
+}
