@@ -360,3 +360,94 @@ fn daemon_config_errors_name_line_and_field() {
         }
     }
 }
+
+/// The capabilities `deploy/systemd/interceptor.service` grants (`CapabilityBoundingSet=`),
+/// as setpriv names them (`+bpf,+net_admin,...`).
+fn unit_capabilities() -> String {
+    let unit = interceptor_tests::workspace_dir().join("deploy/systemd/interceptor.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    let caps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet=");
+    caps.split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The daemon with nothing but the systemd unit's capabilities (and no_new_privs, as the
+/// unit sets): outbound and inbound attach, and the proxy's listener registered.
+#[test]
+fn daemon_runs_with_only_the_units_capabilities() {
+    interceptor_tests::register_helper_bins!();
+    let ns = NetNs::new("daemon_caps");
+    let cg = TestCgroup::new("daemon_caps");
+    let pin = PinDir::new("daemon_caps");
+    let scratch = Scratch::new("daemon_caps");
+    let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
+    let app = cg.child("app");
+    let proxy = interceptor_tests::proxy_bin();
+    let mut pc = Command::new(exec_bin());
+    pc.arg("--cgroup")
+        .arg(&app)
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--")
+        .arg(&proxy);
+    pc.args(["--inbound", "0.0.0.0:15006", "--admin", DEFAULT_ADMIN]);
+    let _proxy = Proc::spawn("proxy", pc);
+    let listen: SocketAddr = "127.0.0.1:15934".parse().unwrap();
+    let config = scratch.0.join("config.toml");
+    write_config(
+        &config,
+        &pin,
+        listen,
+        cg.path(),
+        &format!(
+            "[[scope]]\nname = \"app\"\ncgroup = \"{}\"\nnetns = \"{}\"\n",
+            app.display(),
+            ns.path().display()
+        ),
+    );
+    let caps = unit_capabilities();
+    println!("the unit's capabilities: {caps}");
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--no-new-privs",
+        "--bounding-set",
+        &format!("-all,{caps}"),
+        "--inh-caps",
+        "-all",
+        "--",
+    ])
+    .arg(interceptor_bin())
+    .args(["run", "--config"])
+    .arg(&config);
+    let mut daemon = Proc::spawn("interceptor-run-caps", c);
+    let layout = PinLayout::new(pin.path());
+    assert!(
+        wait_until(Duration::from_secs(15), Duration::from_millis(20), || {
+            let st = interceptor::status(&layout).unwrap();
+            st.scopes.iter().any(|s| s.cgroup_id == ino(&app))
+                && st.inbound.iter().any(|i| i.registered.contains(&"ipv4"))
+        }),
+        "not attached and registered with the unit's capabilities: {:?}\n{}",
+        interceptor::status(&layout).unwrap(),
+        daemon.stderr()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let eff = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .unwrap()
+        .to_string();
+    println!("daemon {eff}");
+    assert_ne!(
+        eff.split_whitespace().nth(1),
+        Some("000001ffffffffff"),
+        "not restricted"
+    );
+    assert!(hello_from(&ns, &app), "outbound from the scope not proxied");
+    assert!(daemon.is_running(), "{}", daemon.stderr());
+}
