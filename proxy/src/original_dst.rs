@@ -66,38 +66,6 @@ fn to_socket_addr(addr: &SockAddr) -> Result<SocketAddr, OriginalDstError> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mapped_addresses_become_ipv4() {
-        let mapped: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
-        assert_eq!(
-            to_socket_addr(&SockAddr::from(mapped)).unwrap(),
-            "10.1.2.3:80".parse::<SocketAddr>().unwrap()
-        );
-        let v6: SocketAddr = "[fd00::1]:443".parse().unwrap();
-        assert_eq!(to_socket_addr(&SockAddr::from(v6)).unwrap(), v6);
-    }
-
-    #[test]
-    fn plain_sockets_have_no_original_dst() {
-        for bind in ["127.0.0.1:0", "[::1]:0"] {
-            let Ok(l) = std::net::TcpListener::bind(bind) else {
-                continue;
-            };
-            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (a, _) = l.accept().unwrap();
-            assert!(
-                matches!(original_dst(&a), Err(OriginalDstError::Getsockopt(_))),
-                "{bind}"
-            );
-            drop(c);
-        }
-    }
-}
-
 /// `getsockopt(SOL_IP, SO_ICP_WORKLOAD)`: the kernel programs answer it on an intercepted
 /// connection with its calling workload (the cgroup path the workload's scope was attached
 /// with). Linux defines no option with this number at SOL_IP.
@@ -131,4 +99,36 @@ pub fn calling_workload<S: std::os::fd::AsFd>(socket: &S) -> Option<String> {
         .ok()
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        assert_eq!(
+            to_socket_addr(&SockAddr::from(mapped)).unwrap(),
+            "10.1.2.3:80".parse::<SocketAddr>().unwrap()
+        );
+        let v6: SocketAddr = "[fd00::1]:443".parse().unwrap();
+        assert_eq!(to_socket_addr(&SockAddr::from(v6)).unwrap(), v6);
+    }
+
+    #[test]
+    fn plain_sockets_have_no_original_dst() {
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = std::net::TcpListener::bind(bind) else {
+                continue;
+            };
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (a, _) = l.accept().unwrap();
+            assert!(
+                matches!(original_dst(&a), Err(OriginalDstError::Getsockopt(_))),
+                "{bind}"
+            );
+            drop(c);
+        }
+    }
 }

@@ -115,7 +115,7 @@ impl Sidecar {
     }
 
     /// `icpt-probe hello ADDR` from the peer namespace.
-    fn from_peer(&self, addr: &str) -> Value {
+    fn peer_probe(&self, addr: &str) -> Value {
         probe(exec_command(
             Some(&self.peer),
             None,
@@ -125,7 +125,7 @@ impl Sidecar {
     }
 
     /// `icpt-probe ARGS` from the workload (its cgroup and namespace).
-    fn from_app(&self, args: &[&str]) -> Value {
+    fn app_probe(&self, args: &[&str]) -> Value {
         probe(exec_command(
             Some(&self.ns),
             Some(&self.cg),
@@ -166,7 +166,7 @@ fn inbound_ipv4_and_ipv6_go_through_the_proxy_without_rewriting() {
     w.register();
 
     let app4 = format!("{APP4}:8080");
-    let v = w.from_peer(&app4);
+    let v = w.peer_probe(&app4);
     assert_eq!(v["proxied"], true, "{v}");
     assert_eq!(
         v["server_local"], app4,
@@ -179,7 +179,7 @@ fn inbound_ipv4_and_ipv6_go_through_the_proxy_without_rewriting() {
     );
 
     let app6 = format!("[{APP6}]:8080");
-    let v = w.from_peer(&app6);
+    let v = w.peer_probe(&app6);
     assert_eq!(v["proxied"], true, "{v}");
     assert_eq!(v["server_local"], app6, "{v}");
     assert_eq!(ip(&v, "peer_seen_by_server").to_string(), "::1", "{v}");
@@ -215,9 +215,9 @@ fn excluded_and_not_included_inbound_ports_go_direct() {
     s.exclude_ports.insert(8081);
     w.attach_inbound(&s);
     w.register();
-    assert_eq!(w.from_peer(&format!("{APP4}:8080"))["proxied"], true);
+    assert_eq!(w.peer_probe(&format!("{APP4}:8080"))["proxied"], true);
     assert_eq!(
-        w.from_peer(&format!("{APP4}:8081"))["proxied"],
+        w.peer_probe(&format!("{APP4}:8081"))["proxied"],
         false,
         "excluded port"
     );
@@ -228,11 +228,11 @@ fn excluded_and_not_included_inbound_ports_go_direct() {
     s.include_ports.insert(8082);
     w.attach_inbound(&s);
     assert_eq!(
-        w.from_peer(&format!("{APP4}:8080"))["proxied"],
+        w.peer_probe(&format!("{APP4}:8080"))["proxied"],
         false,
         "outside the include list"
     );
-    assert_eq!(w.from_peer(&format!("{APP4}:8082"))["proxied"], true);
+    assert_eq!(w.peer_probe(&format!("{APP4}:8082"))["proxied"], true);
     assert_eq!(w.inbound(Counter::InboundNotIncluded), 1);
 }
 
@@ -243,11 +243,11 @@ fn inbound_proxy_down_closed_refuses_and_open_goes_direct() {
     w.attach_inbound(&InboundSettings::default());
     w.register();
     let app4 = format!("{APP4}:8080");
-    assert_eq!(w.from_peer(&app4)["proxied"], true);
+    assert_eq!(w.peer_probe(&app4)["proxied"], true);
     let served = w.servers[0].accepted();
 
     w.kill_proxy();
-    let v = w.from_peer(&app4);
+    let v = w.peer_probe(&app4);
     assert_eq!(
         v["kind"], "refused",
         "closed: refused while the proxy is down: {v}"
@@ -264,7 +264,7 @@ fn inbound_proxy_down_closed_refuses_and_open_goes_direct() {
         ..InboundSettings::default()
     };
     w.attach_inbound(&s);
-    let v = w.from_peer(&app4);
+    let v = w.peer_probe(&app4);
     assert_eq!(
         v["proxied"], false,
         "open: direct while the proxy is down: {v}"
@@ -281,19 +281,19 @@ fn restarted_proxy_is_registered_again_without_reattaching() {
     let link = |w: &Sidecar| interceptor::status(&w.layout()).unwrap().inbound[0].links[0].link_id;
     let before = link(&w);
     let app4 = format!("{APP4}:8080");
-    assert_eq!(w.from_peer(&app4)["proxied"], true);
+    assert_eq!(w.peer_probe(&app4)["proxied"], true);
 
     w.kill_proxy();
     w.start_proxy();
     assert_eq!(
-        w.from_peer(&app4)["kind"],
+        w.peer_probe(&app4)["kind"],
         "refused",
         "a new proxy is not used before it is registered"
     );
     w.register();
-    let v = w.from_peer(&app4);
+    let v = w.peer_probe(&app4);
     assert_eq!(v["proxied"], true, "{v}");
-    let v = w.from_peer(&format!("[{APP6}]:8080"));
+    let v = w.peer_probe(&format!("[{APP6}]:8080"));
     assert_eq!(v["proxied"], true, "{v}");
     assert_eq!(link(&w), before, "the same link: nothing was re-attached");
     let st = interceptor::status(&w.layout()).unwrap();
@@ -307,9 +307,9 @@ fn outbound_proxy_down_closed_refuses_and_open_goes_direct() {
     let local = "127.0.0.1:8080";
     w.start_proxy();
     interceptor::attach(&layout, w.cg.path(), &ScopeSettings::default()).unwrap();
-    assert_eq!(w.from_app(&["hello", local])["proxied"], true);
+    assert_eq!(w.app_probe(&["hello", local])["proxied"], true);
     w.kill_proxy();
-    let v = w.from_app(&["hello", local]);
+    let v = w.app_probe(&["hello", local]);
     assert_eq!(
         v["kind"], "refused",
         "closed: no proxy, connect refused: {v}"
@@ -322,7 +322,7 @@ fn outbound_proxy_down_closed_refuses_and_open_goes_direct() {
         ..ScopeSettings::default()
     };
     interceptor::attach(&layout, w.cg.path(), &open).unwrap();
-    let v = w.from_app(&["hello", local]);
+    let v = w.app_probe(&["hello", local]);
     assert_eq!(
         v["proxied"], false,
         "open: direct while no proxy listens: {v}"
@@ -354,11 +354,11 @@ fn sidecar_both_directions_through_one_proxy_without_conntrack() {
     w.register();
 
     // peer -> app: through the proxy's inbound listener.
-    let v = w.from_peer(&format!("{APP4}:8080"));
+    let v = w.peer_probe(&format!("{APP4}:8080"));
     assert_eq!(v["proxied"], true, "peer -> app: {v}");
     // app -> peer: through the proxy's outbound listener, to the address dialled.
     for target in [format!("{PEER4}:9090"), format!("[{PEER6}]:9090")] {
-        let v = w.from_app(&["hello", &target]);
+        let v = w.app_probe(&["hello", &target]);
         assert_eq!(v["proxied"], true, "app -> peer {target}: {v}");
         assert_eq!(v["server_local"], target, "{v}");
         assert_eq!(
@@ -368,10 +368,10 @@ fn sidecar_both_directions_through_one_proxy_without_conntrack() {
     }
     // The app calling itself on loopback: one trip through the outbound listener; the
     // proxy's hop to the app comes from loopback and is not steered inbound again.
-    let v = w.from_app(&["hello", "127.0.0.1:8080"]);
+    let v = w.app_probe(&["hello", "127.0.0.1:8080"]);
     assert_eq!(v["proxied"], true, "app -> itself: {v}");
     // A bulk exchange both ways across the veth, through both listeners.
-    let v = w.from_app(&[
+    let v = w.app_probe(&[
         "bulk",
         &format!("{PEER4}:9090"),
         "--send",
@@ -434,7 +434,7 @@ fn cli_attach_netns_register_status_detach() {
         out.contains("0.0.0.0:15006") && out.contains("[::]:15006"),
         "{out}"
     );
-    assert_eq!(w.from_peer(&format!("{APP4}:8080"))["proxied"], true);
+    assert_eq!(w.peer_probe(&format!("{APP4}:8080"))["proxied"], true);
 
     let (ok, out, _) = cli(&["status", "--json"]);
     assert!(ok);
@@ -463,7 +463,7 @@ fn cli_attach_netns_register_status_detach() {
     let (ok, _, err) = cli(&["detach", "--netns", ns]);
     assert!(ok, "{err}");
     assert_eq!(
-        w.from_peer(&format!("{APP4}:8080"))["proxied"],
+        w.peer_probe(&format!("{APP4}:8080"))["proxied"],
         false,
         "direct after detach"
     );

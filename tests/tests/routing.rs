@@ -1,7 +1,7 @@
 //! RPC-aware routing end to end: the workload's connections to service addresses are
 //! intercepted by the kernel programs and routed by `interceptor-proxy --routes FILE`
-//! to nginx upstreams that answer differently: HTTP/1.1 and HTTP/2 (curl), gRPC-shaped
-//! HTTP/2 requests, TLS by SNI (openssl s_server), opaque and server-first TCP, live reload
+//! to upstreams that answer differently: nginx over HTTP/1.1 and HTTP/2 (curl), gRPC
+//! servers and client (tonic, `icpt-grpc`), TLS by SNI (openssl s_server), opaque and server-first TCP, live reload
 //! under load, a refused file.
 //!
 //! Run as root, one test at a time: `cargo xtask test -- routing`.
@@ -16,6 +16,7 @@ use interceptor_tests::{
 };
 
 const ADMIN: &str = "127.0.0.1:15000";
+const GRPC_BIN: &str = env!("CARGO_BIN_EXE_icpt-grpc");
 /// Service addresses the workload dials (nothing listens there: only the routes make them
 /// reachable).
 const REVIEWS: &str = "127.0.10.1:8080";
@@ -186,16 +187,10 @@ impl World {
         std::fs::create_dir_all(&d).unwrap();
         let ds = d.display();
         let mut servers = String::new();
-        for (addr, name, h2) in [
-            ("127.0.20.1:8080", "v1", false),
-            ("127.0.20.2:8080", "v2", false),
-            ("127.0.20.3:8081", "greeter-v1", true),
-            ("127.0.20.4:8081", "greeter-v2", true),
-        ] {
+        for (addr, name) in [("127.0.20.1:8080", "v1"), ("127.0.20.2:8080", "v2")] {
             servers.push_str(&format!(
-                "server {{ listen {addr}{h2}; location / {{ add_header x-upstream {name}; \
-                 return 200 \"{name} uri=$request_uri tag=$http_x_route_tag proto=$server_protocol\\n\"; }} }}\n",
-                h2 = if h2 { " http2" } else { "" }
+                "server {{ listen {addr}; location / {{ add_header x-upstream {name}; \
+                 return 200 \"{name} uri=$request_uri tag=$http_x_route_tag proto=$server_protocol\\n\"; }} }}\n"
             ));
         }
         std::fs::write(
@@ -213,14 +208,34 @@ impl World {
         let mut p = spawn_in(&self.ns, None, &["nginx", "-c", conf.to_str().unwrap()]);
         assert!(
             wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-                let out = self.ns.run(&["ss", "-Hltn", "sport = :8081"]);
-                !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+                let out = self.ns.run(&["ss", "-Hltn", "sport = :8080"]);
+                String::from_utf8_lossy(&out.stdout).lines().count() == 2
             }),
             "nginx did not start: {}",
             p.stderr()
         );
         assert!(p.is_running());
         self.servers.push(p);
+        // The greeter's two versions: real gRPC servers (tonic).
+        for (addr, name) in [
+            ("127.0.20.3:8081", "greeter-v1"),
+            ("127.0.20.4:8081", "greeter-v2"),
+        ] {
+            let p = spawn_in(
+                &self.ns,
+                None,
+                &[GRPC_BIN, "serve", "--listen", addr, "--name", name],
+            );
+            self.servers.push(p);
+        }
+        assert!(wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let out = self.ns.run(&["ss", "-Hltn", "sport = :8081"]);
+                String::from_utf8_lossy(&out.stdout).lines().count() == 2
+            }
+        ));
     }
 
     fn start_tls_servers(&mut self) {
@@ -417,25 +432,31 @@ fn each_match_kind_routes_to_its_upstream() {
         &format!("{url}/h2"),
     ]);
     assert!(h2.starts_with("v2 uri=/h2"), "{h2}");
-    // gRPC-shaped requests: routed by service and method from :path, HTTP/2 upstream.
-    let grpc = |path: &str| {
-        w.curl(&[
-            "--http2-prior-knowledge",
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/grpc",
-            "--data-binary",
-            "x",
-            &format!("http://{GREETER}{path}"),
-        ])
+    // gRPC (a tonic client and servers): routed by service and method from :path.
+    let grpc = |method: &str| -> Vec<String> {
+        let out = w.run_as(
+            &w.cg,
+            &[
+                GRPC_BIN, "call", GREETER, "--method", method, "--name", "ann", "--count", "5",
+            ],
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v["replies"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect()
     };
-    let hello = grpc("/helloworld.Greeter/SayHello");
-    assert!(
-        hello.starts_with("greeter-v2") && hello.contains("HTTP/2.0"),
-        "{hello}"
+    assert_eq!(
+        grpc("SayHello"),
+        vec!["greeter-v2 SayHello hello ann".to_owned(); 5]
     );
-    assert!(grpc("/helloworld.Greeter/SayGoodbye").starts_with("greeter-v1"));
+    assert_eq!(
+        grpc("SayGoodbye"),
+        vec!["greeter-v1 SayGoodbye hello ann".to_owned(); 5]
+    );
 
     // 2,000 requests on the 90/10 split.
     let t = w.tally(&format!("{url}/split"), 2000);
@@ -470,7 +491,7 @@ fn each_match_kind_routes_to_its_upstream() {
             "interceptor_proxy_route_requests_total",
             &[("virtual_service", "greeter"), ("route", "say-hello")]
         ),
-        1.0
+        5.0
     );
 }
 

@@ -186,7 +186,7 @@ impl World {
     }
 
     /// `icpt-probe ARGS` as the workload (its cgroup and namespace), JSON of the last line.
-    fn from_app(&self, args: &[&str]) -> Value {
+    fn app_probe(&self, args: &[&str]) -> Value {
         probe(exec_command_strs(
             &self.ns,
             Some(&self.cg),
@@ -194,7 +194,7 @@ impl World {
         ))
     }
 
-    fn from_peer(&self, args: &[&str]) -> Value {
+    fn peer_probe(&self, args: &[&str]) -> Value {
         probe(exec_command_strs(&self.peer, None, &probe_args(args)))
     }
 
@@ -208,9 +208,9 @@ impl World {
 
     /// One HELLO each way; both must have gone through the proxy.
     fn assert_both_directions_proxied(&self) {
-        let out = self.from_app(&["hello", &self.app_outbound()]);
+        let out = self.app_probe(&["hello", &self.app_outbound()]);
         assert_eq!(out["proxied"], true, "outbound hello: {out}");
-        let inb = self.from_peer(&["hello", &self.app_inbound()]);
+        let inb = self.peer_probe(&["hello", &self.app_inbound()]);
         assert_eq!(inb["proxied"], true, "inbound hello: {inb}");
     }
 }

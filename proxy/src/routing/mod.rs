@@ -776,3 +776,102 @@ pub async fn watch(routing: Arc<Routing>) {
 pub fn is_service_address(t: &Table, ip: IpAddr) -> bool {
     t.by_addr.keys().any(|a| a.ip() == ip)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+serviceEntries:
+- hosts: [reviews]
+  addresses: [10.96.0.20]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  endpoints:
+  - {address: 10.1.0.5, labels: {version: v1}}
+  - {address: 10.1.0.6, ports: {http: 9999}, labels: {version: v2}}
+virtualServices:
+- name: reviews
+  hosts: [reviews]
+  http:
+  - match: [{uri: {regex: "/items/[0-9]+"}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+destinationRules:
+- host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+"#;
+
+    fn compile(text: &str) -> Result<Table, String> {
+        let file: RoutingFile = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+        Table::compile(&file, &RoutingStats::default())
+    }
+
+    #[test]
+    fn a_good_file_compiles() {
+        let t = compile(GOOD).unwrap();
+        let plan = t.plan("10.96.0.20:9080".parse().unwrap()).unwrap();
+        assert_eq!(plan.protocol, Protocol::Http);
+        assert!(t.plan("10.96.0.20:80".parse().unwrap()).is_none());
+        let routes = t.http_routes("reviews", plan).unwrap();
+        assert_eq!(routes.len(), 2);
+        assert!(routes[0].matches[0]
+            .uri
+            .as_ref()
+            .unwrap()
+            .matches("/items/42"));
+        assert!(
+            !routes[0].matches[0]
+                .uri
+                .as_ref()
+                .unwrap()
+                .matches("/items/42/x"),
+            "anchored"
+        );
+        let v2 = &routes[0].clusters[0].cluster;
+        assert_eq!(v2.name, "reviews|9080|v2");
+        assert_eq!(
+            v2.endpoints[0].addr,
+            "10.1.0.6:9999".parse().unwrap(),
+            "named port"
+        );
+        assert_eq!(routes[1].total_weight, 100);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (from, to, want) in [
+            ("subset: v2}}]", "subset: v9}}]", "virtualServices[0].http[0].route[0].destination.subset: reviews has no subset \"v9\""),
+            ("host: reviews, subset: v1}, weight: 90", "host: ratings, subset: v1}, weight: 90", "virtualServices[0].http[1].route[0].destination.host: \"ratings\" is not a host"),
+            ("weight: 10}", "weight: 20}", "virtualServices[0].http[1].route: weights add up to 110, not 100"),
+            ("regex: \"/items/[0-9]+\"", "regex: \"/items/[0-9\"", "virtualServices[0].http[0].match[0].uri.regex"),
+            ("protocol: HTTP}", "protocol: SMTP}", "SMTP"),
+            ("  http:\n", "  htp:\n", "htp"),
+        ] {
+            let bad = GOOD.replacen(from, to, 1);
+            assert_ne!(bad, GOOD, "{from}");
+            let e = compile(&bad).err().unwrap_or_else(|| panic!("{to} accepted"));
+            assert!(e.contains(want), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_refused_reload_keeps_the_routes() {
+        let dir = std::env::temp_dir().join(format!("icpt-routes-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("routes.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let r = Routing::load(&path, Duration::from_millis(100)).unwrap();
+        let before = r.current();
+        std::fs::write(&path, GOOD.replace("subset: v2}}]", "subset: v9}}]")).unwrap();
+        let e = r.reload().unwrap_err();
+        assert!(e.to_string().contains("v9"), "{e}");
+        assert!(
+            Arc::ptr_eq(&before, &r.current()),
+            "the routes in force stay"
+        );
+        assert_eq!(r.stats.reload_errors.load(Relaxed), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
