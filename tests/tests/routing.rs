@@ -72,7 +72,29 @@ serviceEntries:
   ports: [{{number: 2525, name: smtp, protocol: AUTO}}]
   endpoints:
   - {{address: 127.0.20.7}}
+- hosts: [flaky]
+  addresses: [127.0.10.5]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.20.8}}
+  - {{address: 127.0.20.1}}
+- hosts: [slow]
+  addresses: [127.0.10.6]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.20.9}}
 virtualServices:
+- name: flaky
+  hosts: [flaky]
+  http:
+  - route: [{{destination: {{host: flaky}}}}]
+    retries: {{attempts: 1, retryOn: connect-failure}}
+    headers: {{response: {{remove: [x-upstream]}}}}
+- name: slow
+  hosts: [slow]
+  http:
+  - route: [{{destination: {{host: slow}}}}]
+    timeout: 300ms
 - name: reviews
   hosts: [reviews, reviews.example]
   http:
@@ -496,6 +518,74 @@ fn each_match_kind_routes_to_its_upstream() {
 }
 
 #[test]
+fn connect_failures_are_retried_and_slow_upstreams_time_out() {
+    let w = World::new("rt-retry");
+    // flaky: one endpoint of two refuses connections (nothing listens on 127.0.20.8), round
+    // robin; one retry on connect failure sends those requests to the other one.
+    let t = w.tally("http://127.0.10.5:8080/r", 40);
+    assert_eq!(
+        t.get("v1"),
+        Some(&40),
+        "every request served after its retry: {t:?}"
+    );
+    let headers = w.curl(&["-i", "http://127.0.10.5:8080/h"]);
+    assert!(
+        !headers.to_ascii_lowercase().contains("x-upstream"),
+        "response header removed: {headers}"
+    );
+    let m = parse_openmetrics(&w.admin(&[&format!("http://{ADMIN}/metrics")])).unwrap();
+    let retries = sum(
+        &m,
+        "interceptor_proxy_cluster_retries_total",
+        &[("cluster", "flaky|8080|")],
+    );
+    assert!(
+        retries >= 20.0,
+        "half the requests met the dead endpoint first: {retries}"
+    );
+    // slow: an upstream that answers after 3 s, a route timeout of 300 ms: 504.
+    let script = r#"
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.20.9", 8080))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    time.sleep(3)
+    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nlate\n")
+    c.close()
+"#;
+    let mut slow = spawn_in(&w.ns, None, &["/usr/bin/python3", "-c", script]);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            let out = w.ns.run(&["ss", "-Hltn"]);
+            String::from_utf8_lossy(&out.stdout).contains("127.0.20.9:8080")
+        }),
+        "slow server: {}",
+        slow.stderr()
+    );
+    let code = w.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://127.0.10.6:8080/",
+    ]);
+    assert_eq!(code, "504");
+    let m = parse_openmetrics(&w.admin(&[&format!("http://{ADMIN}/metrics")])).unwrap();
+    assert_eq!(
+        sum(
+            &m,
+            "interceptor_proxy_cluster_upstream_errors_total",
+            &[("cluster", "slow|8080|"), ("kind", "timeout")]
+        ),
+        1.0
+    );
+}
+
+#[test]
 fn tls_passes_through_by_sni_and_tcp_stays_opaque() {
     let w = World::new("rt-tls");
     for site in ["a", "b"] {
@@ -572,7 +662,7 @@ fn reload_under_load_changes_routes_without_errors_and_a_bad_file_is_refused() {
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.ends_with("400"), "{body}");
     assert!(
-        body.contains("virtualServices[0].http[5].route[1].destination.subset")
+        body.contains("virtualServices[2].http[5].route[1].destination.subset")
             && body.contains("no subset \"v3\""),
         "the error names the field: {body}"
     );
