@@ -9,8 +9,21 @@ use crate::error::{Error, Result};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// The cgroup2 mount point, read from /proc/self/mountinfo (never assumed).
+static MOUNT_OVERRIDE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`cgroup2_mount`] return `path` for the rest of the process: for a daemon in a
+/// container whose own cgroup2 mount is its private cgroup namespace's view, with the host's
+/// hierarchy mounted elsewhere (`cgroup2_mount` in the daemon's config). First call wins.
+pub fn set_cgroup2_mount(path: PathBuf) {
+    let _ = MOUNT_OVERRIDE.set(path);
+}
+
+/// The cgroup2 mount point, read from /proc/self/mountinfo (never assumed), unless
+/// [`set_cgroup2_mount`] named another.
 pub fn cgroup2_mount() -> Result<PathBuf> {
+    if let Some(p) = MOUNT_OVERRIDE.get() {
+        return Ok(p.clone());
+    }
     let info = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
     parse_cgroup2_mount(&info).ok_or(Error::NoCgroup2)

@@ -64,6 +64,8 @@ enum Command {
     /// Wait until a URL answers 200 (the readiness gate: an init container polls the node
     /// agent's /pods/NS/NAME/ready before the application starts).
     WaitReady(cli::run::WaitReadyArgs),
+    /// Mount bpffs at /sys/fs/bpf unless it is mounted (the DaemonSet's init step).
+    MountBpffs(cli::run::MountBpffsArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
         Command::Logs(a) => cli::logs::run(&layout, a),
         Command::Run(a) => cli::run::run(a),
         Command::WaitReady(a) => cli::run::wait_ready(a),
+        Command::MountBpffs(a) => cli::run::mount_bpffs(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

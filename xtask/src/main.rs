@@ -7,10 +7,13 @@
 //! | `test [-- ARGS]` | `setup`, `build`, `clean-stale`, then the whole test suite, one thread |
 //! | `bench [ARGS]` | `setup`, `build`, `clean-stale`, then `target/release/interceptor-bench ARGS` (see bench/README.md) |
 //! | `demo` | self-contained demo of interception in a throwaway netns + cgroup |
+//! | `check-deploy` | only the deployment checks that `test` runs (manifests, units, configs) |
+//! | `image [--tag T]` | static binaries, then `podman build` of the image (deploy/Containerfile, offline stage) |
 //! | `clean-stale` | removes `icpt-t-*` netns, cgroups and pin dirs left by a crashed test run |
 
 mod bench;
 mod demo;
+mod deploy;
 mod setup;
 mod stale;
 mod util;
@@ -65,6 +68,16 @@ enum Cmd {
     },
     /// Remove netns, cgroups and bpffs pin dirs named `icpt-t-*` left by a crashed test run.
     CleanStale,
+    /// Only the deployment checks of `test` (kubernetes-validate, systemd-analyze verify,
+    /// the example configs), with the binaries already in target/release.
+    CheckDeploy,
+    /// Build the container image offline: static binaries with this machine's toolchain, then
+    /// `podman --storage-driver vfs build --target image-prebuilt -f deploy/Containerfile`.
+    Image {
+        /// Image tag.
+        #[arg(long, default_value = "localhost/interceptor:0.1.0")]
+        tag: String,
+    },
 }
 
 fn main() {
@@ -88,6 +101,8 @@ fn main() {
                     .and_then(|_| demo::demo())
             }
         }
+        Cmd::CheckDeploy => check_deploy().map(|code| exit(code)),
+        Cmd::Image { tag } => setup::setup().and_then(|_| deploy::image(&tag)),
         Cmd::CleanStale => {
             let bins = util::Bins::locate(true);
             stale::clean_stale(bins.interceptor_if_built().as_deref());
@@ -113,6 +128,15 @@ pub(crate) fn build() -> Result<()> {
         bail!("cargo build --release failed ({st})");
     }
     Ok(())
+}
+
+/// `cargo xtask check-deploy`; returns the exit code.
+fn check_deploy() -> Result<i32> {
+    let bins = util::Bins::locate(true);
+    let (i, p) = (bins.require(&bins.interceptor)?, bins.require(&bins.proxy)?);
+    let (passed, failed) = deploy::checks(&i, &p);
+    println!("deploy checks: {passed} passed, {failed} failed");
+    Ok(i32::from(failed > 0))
 }
 
 /// Runs the suite; returns the test exit code.
@@ -185,6 +209,16 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
         } else {
             failed += 1;
             code = if code == 0 { smoke } else { code };
+        }
+    }
+    // The deployment files' checks (manifests, units, configs), also whole-suite only.
+    if extra.is_empty() {
+        println!("\ntest: deployment checks (deploy/)");
+        let (p, f) = deploy::checks(&interceptor, &proxy);
+        passed += p;
+        failed += f;
+        if f > 0 && code == 0 {
+            code = 1;
         }
     }
     println!("\nsuite: {passed} passed, {failed} failed, {ignored} skipped");

@@ -32,6 +32,10 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "util-linux",
     // The OpenMetrics parser that checks `/metrics` in the tests (used as /usr/bin/python3).
     "python3-prometheus-client",
+    // Deployment checks: `systemd-analyze verify` of deploy/systemd, a venv for
+    // kubernetes-validate (deploy/kubernetes).
+    "systemd",
+    "python3-venv",
     // `cargo xtask bench`: load tools, and perf to profile the proxy.
     "wrk",
     "iperf3",
@@ -78,6 +82,7 @@ pub fn setup() -> Result<()> {
     let pkgs_ok = packages(&mut r);
     bpf_linker(&mut r, pkgs_ok);
     bpffs(&mut r);
+    kubernetes_validate(&mut r);
     if r.failed > 0 {
         bail!(
             "setup: {} piece(s) missing; run the commands above",
@@ -257,6 +262,27 @@ fn bpf_linker(r: &mut Report, llvm_present: bool) {
         }
     }
     r.line(&piece, State::Failed(cmd))
+}
+
+fn kubernetes_validate(r: &mut Report) {
+    let piece = format!(
+        "kubernetes-validate {} (venv)",
+        crate::deploy::KUBERNETES_VALIDATE
+    );
+    if crate::deploy::kubernetes_validate_version().as_deref()
+        == Some(crate::deploy::KUBERNETES_VALIDATE)
+    {
+        return r.line(&piece, State::Ok);
+    }
+    println!(
+        "setup: installing kubernetes-validate from PyPI into {}",
+        crate::deploy::venv().display()
+    );
+    if crate::deploy::install_kubernetes_validate() {
+        r.line(&piece, State::Installed)
+    } else {
+        r.line(&piece, State::Failed(crate::deploy::install_command()))
+    }
 }
 
 fn bpffs(r: &mut Report) {

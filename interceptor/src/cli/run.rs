@@ -61,3 +61,27 @@ pub fn wait_ready(a: WaitReadyArgs) -> Result<()> {
         ),
     }
 }
+
+#[derive(Args)]
+pub struct MountBpffsArgs {
+    /// Where bpffs belongs.
+    #[arg(long, default_value = interceptor::system::BPFFS_MOUNT)]
+    path: PathBuf,
+}
+
+/// `interceptor mount-bpffs`: mounts bpffs unless it is there (the DaemonSet's init step,
+/// with the host's /sys/fs/bpf mounted Bidirectional, so the mount shows on the host).
+pub fn mount_bpffs(a: MountBpffsArgs) -> Result<()> {
+    let already = interceptor::system::pin_dir_present(&a.path);
+    interceptor::system::ensure_bpffs(&a.path.join("interceptor"))?;
+    println!(
+        "{}: bpffs {}",
+        a.path.display(),
+        if already {
+            "already mounted"
+        } else {
+            "mounted"
+        }
+    );
+    Ok(())
+}

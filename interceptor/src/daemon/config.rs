@@ -9,6 +9,8 @@
 //! rescan_interval_ms = 100              # how often scopes are checked (a recreated cgroup)
 //! detach_on_exit = false                # default: interception stays in place when the daemon exits
 //! cgroup_root = "/sys/fs/cgroup"        # where unit and slice names resolve (default: the cgroup2 mount)
+//! cgroup2_mount = "/host/sys/fs/cgroup" # the host's cgroup2 hierarchy (default: from /proc/self/mountinfo;
+//!                                       # set it in a container with a private cgroup namespace)
 //!
 //! [[scope]]
 //! name = "web"                          # optional label (default: the unit, slice or cgroup)
@@ -63,6 +65,8 @@ pub struct Config {
     pub detach_on_exit: bool,
     /// Where unit and slice names resolve; `None`: the cgroup2 mount.
     pub cgroup_root: Option<PathBuf>,
+    /// The cgroup2 hierarchy to use instead of the one in /proc/self/mountinfo.
+    pub cgroup2_mount: Option<PathBuf>,
     pub scopes: Vec<ScopeConfig>,
     pub kubernetes: Option<KubeConfig>,
 }
@@ -115,6 +119,7 @@ struct RawConfig {
     rescan_interval_ms: Option<u64>,
     detach_on_exit: Option<bool>,
     cgroup_root: Option<PathBuf>,
+    cgroup2_mount: Option<PathBuf>,
     #[serde(default)]
     scope: Vec<RawScope>,
     kubernetes: Option<RawKube>,
@@ -274,6 +279,16 @@ pub fn parse(file: &Path, text: &str) -> Result<Config> {
             ));
         }
     }
+    if let Some(m) = &raw.cgroup2_mount {
+        if !m.is_absolute() {
+            return Err(src.err_at(
+                top("cgroup2_mount"),
+                "cgroup2_mount",
+                "must be an absolute path",
+                "give where the host's cgroup2 hierarchy is mounted, e.g. \"/host/sys/fs/cgroup\"",
+            ));
+        }
+    }
     let mut scopes = Vec::new();
     let mut names = BTreeSet::new();
     for (i, s) in raw.scope.into_iter().enumerate() {
@@ -299,6 +314,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config> {
         rescan_interval,
         detach_on_exit: raw.detach_on_exit.unwrap_or(false),
         cgroup_root: raw.cgroup_root,
+        cgroup2_mount: raw.cgroup2_mount,
         scopes,
         kubernetes,
     })

@@ -47,6 +47,9 @@ pub fn config_specs(cfg: &Config) -> Vec<ScopeSpec> {
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
     crate::system::check_privileges()?;
+    if let Some(m) = &cfg.cgroup2_mount {
+        crate::cgroup::set_cgroup2_mount(m.clone());
+    }
     let mount = crate::cgroup::cgroup2_mount()?;
     let resolver = Resolver {
         cgroup_root: cfg.cgroup_root.clone().unwrap_or_else(|| mount.clone()),
@@ -149,6 +152,7 @@ fn reload(path: &Path, running: &mut Config, shared: &Shared) {
             new.rescan_interval == running.rescan_interval,
         ),
         ("cgroup_root", new.cgroup_root == running.cgroup_root),
+        ("cgroup2_mount", new.cgroup2_mount == running.cgroup2_mount),
         ("kubernetes", new.kubernetes == running.kubernetes),
     ] {
         if !same {
