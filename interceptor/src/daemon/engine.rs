@@ -200,12 +200,14 @@ struct Live {
     inb: Option<(u64, PathBuf)>,
     registered: bool,
     next_register: Instant,
+    next_search: Instant,
     retry_at: Option<Instant>,
     state: ScopeState,
 }
 
 const REGISTER_EVERY: Duration = Duration::from_secs(1);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+const SEARCH_EVERY: Duration = Duration::from_secs(1);
 
 /// The reconcile loop; returns when [`Shared::stop`] is called.
 pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval: Duration) {
@@ -265,6 +267,7 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
             inb: None,
             registered: false,
             next_register: Instant::now(),
+            next_search: Instant::now(),
             retry_at: None,
             state: ScopeState {
                 key: spec.key.clone(),
@@ -304,6 +307,28 @@ fn detach_all_of(layout: &PinLayout, l: &mut Live) {
     }
 }
 
+/// The scope's cgroup. A unit found by searching the tree is looked for again at its last
+/// path first (a restarted unit's cgroup comes back there), and the search itself runs at
+/// most once a second (it may read many directories).
+fn resolve_cgroup(r: &Resolver, l: &mut Live) -> Option<PathBuf> {
+    if let SpecTarget::Config(Target::Unit(_)) = &l.spec.target {
+        if let Some(p) = l.state.cgroup.as_ref().filter(|p| p.is_dir()) {
+            return Some(p.clone());
+        }
+        let direct = r.cgroup_root.join("system.slice");
+        if let SpecTarget::Config(Target::Unit(u)) = &l.spec.target {
+            if direct.join(u).is_dir() {
+                return Some(direct.join(u));
+            }
+        }
+        if Instant::now() < l.next_search {
+            return None;
+        }
+        l.next_search = Instant::now() + SEARCH_EVERY;
+    }
+    r.cgroup(&l.spec.target)
+}
+
 fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool) {
     let key = l.spec.key.clone();
     if let Some(why) = l.spec.invalid.clone() {
@@ -311,7 +336,7 @@ fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool) {
         l.state.waiting = Some(format!("not attached: {why}"));
         return;
     }
-    let Some(path) = r.cgroup(&l.spec.target) else {
+    let Some(path) = resolve_cgroup(r, l) else {
         if l.out.is_some() {
             tracing::info!(scope = %key, "cgroup gone: detaching its links");
         }
