@@ -557,7 +557,7 @@ while True:
     c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nlate\n")
     c.close()
 "#;
-    let mut slow = spawn_in(&w.ns, None, &["/usr/bin/python3", "-c", script]);
+    let slow = spawn_in(&w.ns, None, &["/usr/bin/python3", "-c", script]);
     assert!(
         wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
             let out = w.ns.run(&["ss", "-Hltn"]);
