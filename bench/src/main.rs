@@ -545,7 +545,20 @@ fn bench(cli: &Cli) -> Result<i32> {
     Ok(if viol.is_empty() { 0 } else { 1 })
 }
 
-fn write_results(dir: &Path, stem: &str, text: &str, doc: &serde_json::Value) -> Result<()> {
+/// `<date>-<host>-<what>`, the name of a results file without its extension.
+pub(crate) fn result_stem(what: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{}-{host}-{what}", &report::now_utc()[..10])
+}
+
+pub(crate) fn write_results(
+    dir: &Path,
+    stem: &str,
+    text: &str,
+    doc: &serde_json::Value,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     let json_path = dir.join(format!("{stem}.json"));
     let txt_path = dir.join(format!("{stem}.txt"));

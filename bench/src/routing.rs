@@ -173,16 +173,6 @@ pub fn run(args: RoutingArgs) -> Result<()> {
             .join("bench")
             .join("results")
     });
-    std::fs::create_dir_all(&out)?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
-    let stem = format!("{}-{host}-routing", &crate::report::now_utc()[..10]);
-    std::fs::write(
-        out.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&doc)? + "\n",
-    )?;
-    std::fs::write(out.join(format!("{stem}.txt")), &text)?;
-    println!("results: {}/{stem}.{{json,txt}}", out.display());
+    crate::write_results(&out, &crate::result_stem("routing"), &text, &doc)?;
     Ok(())
 }

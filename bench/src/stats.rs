@@ -122,19 +122,8 @@ impl World {
 
     /// Pss and Rss of the proxy, bytes.
     fn memory(&self) -> Result<(u64, u64)> {
-        let pid = self.proxy.pid();
-        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-        let field = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(|kb| kb * 1024)
-        };
-        Ok((
-            field("Pss:").ok_or_else(|| anyhow!("no Pss"))?,
-            field("Rss:").ok_or_else(|| anyhow!("no Rss"))?,
-        ))
+        crate::world::process_memory(self.proxy.pid())
+            .ok_or_else(|| anyhow!("cannot read the proxy's memory"))
     }
 
     fn get(&self, path: &str) -> Result<String> {
@@ -344,20 +333,7 @@ pub fn run(args: StatsArgs) -> Result<()> {
             .join("bench")
             .join("results")
     });
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
-    let stem = format!(
-        "{}-{host}-stats{}",
-        &crate::report::now_utc()[..10],
-        if args.quick { "-quick" } else { "" }
-    );
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&doc)? + "\n",
-    )?;
-    std::fs::write(dir.join(format!("{stem}.txt")), &text)?;
-    println!("results: {}/{stem}.{{json,txt}}", dir.display());
+    let stem = crate::result_stem(if args.quick { "stats-quick" } else { "stats" });
+    crate::write_results(&dir, &stem, &text, &doc)?;
     Ok(())
 }

@@ -447,16 +447,7 @@ impl World {
 
     /// The proxy's (Pss, Rss) in bytes from /proc/PID/smaps_rollup.
     pub fn proxy_memory(&self) -> Option<(u64, u64)> {
-        let pid = self.proxy.as_ref()?.pid();
-        let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-        let field = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(|kb| kb * 1024)
-        };
-        Some((field("Pss:")?, field("Rss:")?))
+        process_memory(self.proxy.as_ref()?.pid())
     }
 
     /// Fails if the proxy or a server has exited.
@@ -493,4 +484,17 @@ pub fn system_used_bytes() -> Option<u64> {
             .and_then(|v| v.parse::<u64>().ok())
     };
     Some((field("MemTotal:")? - field("MemAvailable:")?) * 1024)
+}
+
+/// (Pss, Rss) of a process in bytes, from /proc/PID/smaps_rollup.
+pub fn process_memory(pid: u32) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("Pss:")?, field("Rss:")?))
 }

@@ -141,13 +141,9 @@ impl HttpProxy {
                 let dst = match rule {
                     Some(r) => pick_weighted(&r.clusters, r.total_weight)
                         .pick(&[])
-                        .map(|e| e.addr),
-                    None => table
-                        .default_cluster(&plan.service, plan.port)
-                        .and_then(|c| c.pick(&[]))
-                        .map(|e| e.addr),
-                }
-                .unwrap_or(orig_dst);
+                        .map_or(orig_dst, |e| e.addr),
+                    None => self.default_endpoint(&plan, orig_dst),
+                };
                 debug!(client = %peer, sni = ?sni, upstream = %dst, "TLS passthrough");
                 connect_and_forward(
                     client,
@@ -160,12 +156,7 @@ impl HttpProxy {
                 .await
             }
             Protocol::Tcp | Protocol::Auto => {
-                let dst = self
-                    .routing
-                    .current()
-                    .default_cluster(&plan.service, plan.port)
-                    .and_then(|c| c.pick(&[]))
-                    .map_or(orig_dst, |e| e.addr);
+                let dst = self.default_endpoint(&plan, orig_dst);
                 connect_and_forward(
                     client,
                     peer,
@@ -177,6 +168,16 @@ impl HttpProxy {
                 .await
             }
         }
+    }
+
+    /// An endpoint of the service's own cluster, or the original destination when the
+    /// service lists none.
+    fn default_endpoint(&self, plan: &PortPlan, orig_dst: SocketAddr) -> SocketAddr {
+        self.routing
+            .current()
+            .default_cluster(&plan.service, plan.port)
+            .and_then(|c| c.pick(&[]))
+            .map_or(orig_dst, |e| e.addr)
     }
 
     async fn serve_http(
