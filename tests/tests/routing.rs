@@ -492,6 +492,16 @@ fn each_match_kind_routes_to_its_upstream() {
         (1700..=1900).contains(&v1),
         "v1 {v1} of 2000 is outside 90% ± 5%"
     );
+    // Upstream connections are reused: the ~1,800 requests to v1 went over a handful of
+    // pooled connections, not one each (which would leave ~1,800 in TIME-WAIT).
+    let count = |state: &str| {
+        let out =
+            w.ns.run(&["ss", "-Htn", "state", state, "dst", "127.0.20.1:8080"]);
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let (open, closed) = (count("established"), count("time-wait"));
+    println!("upstream connections to v1 after the split: {open} open, {closed} in TIME-WAIT");
+    assert!(open <= 4 && closed < 100, "{open} open, {closed} closed");
 
     // Per route and per cluster in /metrics.
     let m = parse_openmetrics(&w.admin(&[&format!("http://{ADMIN}/metrics")])).unwrap();

@@ -857,6 +857,40 @@ destinationRules:
     }
 
     #[test]
+    fn least_request_prefers_the_idle_endpoint_and_round_robin_alternates() {
+        let cluster = |lb| Cluster {
+            name: "c".into(),
+            endpoints: ["10.0.0.1:80", "10.0.0.2:80"]
+                .iter()
+                .map(|a| Endpoint {
+                    addr: a.parse().unwrap(),
+                    active: AtomicU64::new(0),
+                })
+                .collect(),
+            lb,
+            http2: false,
+            next: AtomicUsize::new(0),
+            stats: Arc::default(),
+        };
+        let busy: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let c = cluster(Lb::LeastRequest);
+        c.endpoints[0].active.store(10, Relaxed);
+        let to_busy = (0..1000)
+            .filter(|_| c.pick(&[]).unwrap().addr == busy)
+            .count();
+        // Two random choices, the less loaded wins: the busy one only when drawn twice (1/4).
+        assert!(to_busy < 350, "{to_busy} of 1000 to the busy endpoint");
+        let c = cluster(Lb::RoundRobin);
+        c.endpoints[0].active.store(10, Relaxed);
+        let to_busy = (0..1000)
+            .filter(|_| c.pick(&[]).unwrap().addr == busy)
+            .count();
+        assert_eq!(to_busy, 500);
+        // An endpoint that failed this request is skipped while another exists.
+        assert_ne!(c.pick(&[busy]).unwrap().addr, busy);
+    }
+
+    #[test]
     fn a_refused_reload_keeps_the_routes() {
         let dir = std::env::temp_dir().join(format!("icpt-routes-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
