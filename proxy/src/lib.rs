@@ -396,6 +396,7 @@ impl Proxy {
         if let Some(t) = &takeover {
             // Totals continue the previous process's.
             stats.add_delta(&StatsSnapshot::default(), &t.stats);
+            stats.add_histogram_delta(&[], &t.histograms);
         }
         let mut accept_loops = Vec::with_capacity(listeners.len() + inbound.len());
         for l in listeners {
@@ -490,7 +491,7 @@ impl Proxy {
             if let Some(task) = admin_task.take() {
                 let _ = task.await;
             }
-            s.released(stats.snapshot()).await;
+            s.released(&stats).await;
         }
         tracker.close();
         let open = tracker.len();
@@ -525,7 +526,7 @@ impl Proxy {
         route_watcher.abort();
         let snapshot = stats.snapshot();
         if let Some(s) = &successor {
-            s.exited(snapshot).await;
+            s.exited(&stats).await;
         }
         log_final(&snapshot);
         match failed {

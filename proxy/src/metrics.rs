@@ -71,6 +71,25 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
+    /// Every cell (the buckets, then count and sum), for carrying over to another process.
+    pub fn values(&self) -> impl Iterator<Item = u64> + '_ {
+        self.buckets
+            .iter()
+            .chain([&self.count, &self.sum_nanos])
+            .map(|a| a.load(Relaxed))
+    }
+
+    /// Adds `to - from`, cell by cell (as [`Histogram::values`] lists them).
+    pub fn add_delta(&self, from: &[u64], to: &[u64]) {
+        let cells = self.buckets.iter().chain([&self.count, &self.sum_nanos]);
+        for ((a, f), t) in cells.zip(from).zip(to) {
+            a.fetch_add(t.wrapping_sub(*f), Relaxed);
+        }
+    }
+
+    /// Cells per histogram in [`Histogram::values`].
+    pub const CELLS: usize = BUCKETS.len() + 3;
+
     fn encode(&self, mut enc: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
         // The encoder accumulates the per-bucket counts itself; `count` is their total, so
         // the +Inf bucket and `_count` agree even while observations land meanwhile.

@@ -157,6 +157,35 @@ impl Stats {
         }
     }
 
+    fn histograms(&self) -> [&Histogram; 4] {
+        [
+            &self.outbound.upstream_connect_seconds,
+            &self.outbound.connection_seconds,
+            &self.inbound.upstream_connect_seconds,
+            &self.inbound.connection_seconds,
+        ]
+    }
+
+    /// Every histogram cell, for carrying over to a new process at an upgrade.
+    pub fn histogram_values(&self) -> Vec<u64> {
+        self.histograms().iter().flat_map(|h| h.values()).collect()
+    }
+
+    /// Adds `to - from` to the histograms (both as [`Stats::histogram_values`] gives them);
+    /// nothing when either is not of this layout (e.g. from a proxy without histograms).
+    pub fn add_histogram_delta(&self, from: &[u64], to: &[u64]) {
+        let n = Histogram::CELLS * 4;
+        if to.len() != n || (from.len() != n && !from.is_empty()) {
+            return;
+        }
+        let zeros = vec![0; n];
+        let from = if from.is_empty() { &zeros[..] } else { from };
+        for (i, h) in self.histograms().iter().enumerate() {
+            let r = i * Histogram::CELLS..(i + 1) * Histogram::CELLS;
+            h.add_delta(&from[r.clone()], &to[r]);
+        }
+    }
+
     /// Adds `to - from`, field by field, to the live counters (a gauge may go down). A
     /// process that took over from another one adds the other's counters this way, so
     /// its totals continue the old ones: first `(zero, at hand-off)`, then each later
@@ -385,6 +414,20 @@ mod tests {
         exited.outbound.bytes_client_to_upstream += 10;
         carried.add_delta(&handed, &exited);
         assert_eq!(carried.snapshot(), exited);
+        // Histograms too, cell by cell.
+        s.outbound
+            .connection_seconds
+            .observe(std::time::Duration::from_millis(3));
+        let carried = Stats::default();
+        carried.add_histogram_delta(&[], &s.histogram_values());
+        assert_eq!(carried.histogram_values(), s.histogram_values());
+        assert_eq!(carried.outbound.connection_seconds.count(), 1);
+        carried.add_histogram_delta(&[1, 2, 3], &s.histogram_values());
+        assert_eq!(
+            carried.outbound.connection_seconds.count(),
+            1,
+            "wrong layout ignored"
+        );
         // And back.
         let back: StatsSnapshot = serde_json::from_value(v).unwrap();
         assert_eq!(back, s.snapshot());

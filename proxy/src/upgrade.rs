@@ -115,6 +115,9 @@ enum Message {
         pid: u32,
         ids: Vec<String>,
         stats: StatsSnapshot,
+        /// Histogram cells (`Stats::histogram_values`); absent from older senders.
+        #[serde(default)]
+        histograms: Vec<u64>,
     },
     Refused {
         reason: String,
@@ -122,9 +125,13 @@ enum Message {
     Ready,
     Released {
         stats: StatsSnapshot,
+        #[serde(default)]
+        histograms: Vec<u64>,
     },
     Exited {
         stats: StatsSnapshot,
+        #[serde(default)]
+        histograms: Vec<u64>,
     },
 }
 
@@ -427,6 +434,8 @@ pub struct Takeover {
     pub previous_pid: u32,
     /// Its counters when it sent the listeners.
     pub stats: StatsSnapshot,
+    /// Its histogram cells then (empty from a sender without them).
+    pub histograms: Vec<u64>,
 }
 
 /// `Channel` with a `Debug` that does not dump buffers.
@@ -470,7 +479,12 @@ pub async fn take_over(path: &Path) -> Result<(Takeover, Inherited), UpgradeErro
         })?
         .map_err(|e| protocol(format!("reading its answer: {e}")))?;
     match reply {
-        Some(Message::Listeners { pid, ids, stats }) => {
+        Some(Message::Listeners {
+            pid,
+            ids,
+            stats,
+            histograms,
+        }) => {
             let fds = std::mem::take(&mut chan.fds);
             if fds.len() != ids.len() {
                 return Err(protocol(format!(
@@ -490,6 +504,7 @@ pub async fn take_over(path: &Path) -> Result<(Takeover, Inherited), UpgradeErro
                     chan: ChannelDebug(chan),
                     previous_pid: pid,
                     stats,
+                    histograms,
                 },
                 inherited,
             ))
@@ -518,6 +533,7 @@ impl Takeover {
             chan: ChannelDebug(mut chan),
             previous_pid,
             stats: handed,
+            histograms: handed_hist,
         } = self;
         let protocol = |reason: String| UpgradeError::Protocol {
             path: path.clone(),
@@ -531,8 +547,12 @@ impl Takeover {
             .map_err(|_| protocol(format!("no release within {HANDOFF_TIMEOUT:?}")))?
             .map_err(|e| protocol(format!("waiting for the release: {e}")))?;
         match reply {
-            Some(Message::Released { stats: released }) => {
+            Some(Message::Released {
+                stats: released,
+                histograms,
+            }) => {
                 stats.add_delta(&handed, &released);
+                stats.add_histogram_delta(&handed_hist, &histograms);
                 info!(
                     previous_pid,
                     "upgrade complete: the previous process stopped accepting and drains"
@@ -540,6 +560,7 @@ impl Takeover {
                 Ok(Predecessor {
                     chan,
                     last: released,
+                    last_histograms: histograms,
                     pid: previous_pid,
                 })
             }
@@ -558,6 +579,7 @@ impl Takeover {
 pub struct Predecessor {
     chan: Channel,
     last: StatsSnapshot,
+    last_histograms: Vec<u64>,
     pid: u32,
 }
 
@@ -566,8 +588,12 @@ impl Predecessor {
     pub async fn follow(mut self, stats: Arc<Stats>) {
         loop {
             match self.chan.recv().await {
-                Ok(Some(Message::Exited { stats: last })) => {
+                Ok(Some(Message::Exited {
+                    stats: last,
+                    histograms,
+                })) => {
                     stats.add_delta(&self.last, &last);
+                    stats.add_histogram_delta(&self.last_histograms, &histograms);
                     info!(
                         previous_pid = self.pid,
                         "previous process drained and exited"
@@ -605,15 +631,23 @@ impl Successor {
     }
 
     /// Tells the new process that this one no longer accepts.
-    pub async fn released(&self, stats: StatsSnapshot) {
-        if let Err(e) = self.chan.send(&Message::Released { stats }, &[]).await {
+    pub async fn released(&self, stats: &Stats) {
+        let msg = Message::Released {
+            stats: stats.snapshot(),
+            histograms: stats.histogram_values(),
+        };
+        if let Err(e) = self.chan.send(&msg, &[]).await {
             warn!(error = %e, "telling the new process about the release");
         }
     }
 
     /// Sends the final counters; the new process adds them to its own.
-    pub async fn exited(&self, stats: StatsSnapshot) {
-        if let Err(e) = self.chan.send(&Message::Exited { stats }, &[]).await {
+    pub async fn exited(&self, stats: &Stats) {
+        let msg = Message::Exited {
+            stats: stats.snapshot(),
+            histograms: stats.histogram_values(),
+        };
+        if let Err(e) = self.chan.send(&msg, &[]).await {
             warn!(error = %e, "sending the final counters to the new process");
         }
     }
@@ -750,6 +784,7 @@ async fn session(
                 pid: std::process::id(),
                 ids,
                 stats: stats.snapshot(),
+                histograms: stats.histogram_values(),
             },
             &fds,
         )

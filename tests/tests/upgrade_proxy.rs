@@ -390,6 +390,28 @@ fn ten_upgrades_under_load_lose_nothing() {
     assert_eq!(forwarded + missing, total);
     assert!(missing <= 16, "{missing} connections without a destination");
     assert_eq!(w.proxy_stat("connections_active"), 0);
+    // The histograms carry over too: every forwarded connection was observed once, in the
+    // generation that served it, and the last one's histograms hold them all.
+    let (code, text) = interceptor_tests::http_get_in(
+        &w.ns,
+        ADMIN.parse().unwrap(),
+        "/metrics",
+        Duration::from_secs(10),
+    )
+    .expect("GET /metrics");
+    assert_eq!(code, 200);
+    let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+    let out = [("direction", "outbound")];
+    for h in [
+        "interceptor_proxy_connection_duration_seconds_count",
+        "interceptor_proxy_upstream_connect_duration_seconds_count",
+    ] {
+        assert_eq!(
+            interceptor_tests::openmetrics::sum(&m, h, &out),
+            forwarded as f64,
+            "{h} over all generations"
+        );
+    }
     assert_eq!(
         w.proxy_stat("inbound_connections_total"),
         w.kernel(Counter::InboundRedirected)
