@@ -3,8 +3,10 @@
 //! `attach`, `upgrade` and `detach` read the pinned state and change it in several steps;
 //! two of them interleaved could, for example, stamp maps another one is about to remove. Each
 //! takes an exclusive `flock` on the pin dir's parent directory (the pin dir itself comes and
-//! goes with the first attach and the last detach). The kernel releases the lock when the
-//! process exits, also when it is killed, so a killed loader never blocks the next one.
+//! goes with the first attach and the last detach). `status` and `stats` take it shared, so
+//! they never read a pin dir half way through a change (e.g. maps pinned one by one while an
+//! attach loads the object). The kernel releases the lock when the process exits, also when
+//! it is killed, so a killed loader never blocks the next one.
 use std::{
     fs,
     path::Path,
@@ -32,6 +34,15 @@ pub struct PinLock {
 impl PinLock {
     /// Takes the lock, waiting up to 30 s for another loader.
     pub fn acquire(layout: &PinLayout) -> Result<PinLock> {
+        Self::take(layout, FlockArg::LockExclusiveNonblock)
+    }
+
+    /// Takes the lock shared with other readers, waiting up to 30 s for a loader.
+    pub fn shared(layout: &PinLayout) -> Result<PinLock> {
+        Self::take(layout, FlockArg::LockSharedNonblock)
+    }
+
+    fn take(layout: &PinLayout, how: FlockArg) -> Result<PinLock> {
         let root = layout.root();
         let parent = root.parent().unwrap_or(Path::new("/"));
         let deadline = Instant::now() + WAIT;
@@ -40,7 +51,7 @@ impl PinLock {
             reason: format!("cannot open its parent directory to lock it: {e}"),
         })?;
         loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            match Flock::lock(file, how) {
                 Ok(lock) => return Ok(PinLock { _lock: lock }),
                 Err((f, Errno::EWOULDBLOCK)) | Err((f, Errno::EINTR)) => {
                     if Instant::now() >= deadline {

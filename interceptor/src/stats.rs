@@ -117,9 +117,11 @@ impl prometheus_client::collector::Collector for Collector {
 
 pub fn stats(layout: &PinLayout) -> Result<Stats> {
     system::check_privileges()?;
-    if !system::pin_dir_present(layout.root())
-        || !layout.map(interceptor_common::maps::CONFIG).exists()
-    {
+    if !system::pin_dir_present(layout.root()) {
+        return Ok(Stats::default());
+    }
+    let _lock = crate::lock::PinLock::shared(layout)?;
+    if !layout.map(interceptor_common::maps::CONFIG).exists() {
         return Ok(Stats::default());
     }
     let mut counters = maps::read_counters(layout)?;

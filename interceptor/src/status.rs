@@ -86,9 +86,11 @@ pub fn status(layout: &PinLayout) -> Result<Status> {
         scopes: Vec::new(),
         inbound: Vec::new(),
     };
-    if !system::pin_dir_present(layout.root())
-        || !layout.map(interceptor_common::maps::CONFIG).exists()
-    {
+    if !system::pin_dir_present(layout.root()) {
+        return Ok(out);
+    }
+    let _lock = crate::lock::PinLock::shared(layout)?;
+    if !layout.map(interceptor_common::maps::CONFIG).exists() {
         return Ok(out);
     }
     out.layout_version = maps::stored_layout(layout)?;
