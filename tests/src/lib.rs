@@ -51,7 +51,7 @@ pub use probe::{
     BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError,
     ProbeServer,
 };
-pub use process::{exec_command, run_in, run_in_timeout, spawn_in, Proc};
+pub use process::{exec_command, probe_in, run_in, run_in_timeout, spawn_in, Proc};
 pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
 pub use util::{run_cmd, run_cmd_ok, wait_until};
 

@@ -222,6 +222,12 @@ pub fn exec_command(
     uid: Option<u32>,
     cmd: &[&str],
 ) -> Command {
+    exec_in(ns.map(NetNs::path), cgroup.map(TestCgroup::path), uid, cmd)
+}
+
+/// [`exec_command`] for any cgroup path, also one no [`TestCgroup`] owns (e.g. a
+/// kubelet-named cgroup a test builds).
+fn exec_in(ns: Option<&Path>, cgroup: Option<&Path>, uid: Option<u32>, cmd: &[&str]) -> Command {
     assert!(!cmd.is_empty(), "empty command");
     if ns.is_none() && cgroup.is_none() && uid.is_none() {
         let mut c = Command::new(cmd[0]);
@@ -230,16 +236,40 @@ pub fn exec_command(
     }
     let mut c = Command::new(exec_bin());
     if let Some(cg) = cgroup {
-        c.arg("--cgroup").arg(cg.path());
+        c.arg("--cgroup").arg(cg);
     }
     if let Some(ns) = ns {
-        c.arg("--netns").arg(ns.path());
+        c.arg("--netns").arg(ns);
     }
     if let Some(uid) = uid {
         c.arg("--uid").arg(uid.to_string());
     }
     c.arg("--").args(cmd);
     c
+}
+
+/// Runs `icpt-probe ARGS` inside `ns`, in the cgroup at `cgroup` (if any) and as `uid` (if
+/// any), and returns the JSON of its last output line. Bounded by 300 s; panics with its
+/// output when it prints no JSON.
+pub fn probe_in(
+    ns: &NetNs,
+    cgroup: Option<&Path>,
+    uid: Option<u32>,
+    args: &[&str],
+) -> serde_json::Value {
+    let bin = crate::bins::probe_bin();
+    let mut cmd = vec![bin.to_str().expect("UTF-8 path")];
+    cmd.extend_from_slice(args);
+    let mut c = exec_in(Some(ns.path()), cgroup, uid, &cmd);
+    let out = run_cmd(&mut c, Duration::from_secs(300)).expect("run icpt-probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "icpt-probe {args:?}: not JSON ({e}); stdout {stdout:?} stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 fn label(cmd: &[&str]) -> String {

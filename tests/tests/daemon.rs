@@ -16,7 +16,7 @@ use std::{
 
 use interceptor::PinLayout;
 use interceptor_tests::{
-    exec_bin, interceptor_bin, probe::http_get, probe_bin, run_cmd, start_proxy, wait_until, NetNs,
+    exec_bin, interceptor_bin, probe::http_get, probe_in, run_cmd, start_proxy, wait_until, NetNs,
     PinDir, ProbeServer, Proc, TestCgroup, DEFAULT_ADMIN,
 };
 use nix::sys::signal::Signal;
@@ -69,18 +69,7 @@ fn start_daemon(config: &Path) -> Proc {
 
 /// `icpt-probe hello SERVER` from a process in cgroup `cg` and namespace `ns`: proxied?
 fn hello_from(ns: &NetNs, cg: &Path) -> bool {
-    let mut c = Command::new(exec_bin());
-    c.arg("--cgroup")
-        .arg(cg)
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--")
-        .arg(probe_bin())
-        .args(["hello", SERVER]);
-    let out = run_cmd(&mut c, Duration::from_secs(30)).expect("run icpt-probe");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("icpt-probe: not JSON ({e}): {stdout}"));
+    let v = probe_in(ns, Some(cg), None, &["hello", SERVER]);
     assert!(v.get("error").is_none(), "hello from {}: {v}", cg.display());
     v["proxied"].as_bool().expect("proxied field")
 }

@@ -1,12 +1,11 @@
 //! Inbound interception (sk_lookup on the workload's network namespace), the proxy-down
 //! policies of both directions, and the whole sidecar: real programs, real sockets, the real
 //! proxy, a workload namespace joined to a peer namespace by a veth pair.
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use interceptor::{Counter, InboundSettings, PinLayout, ProxyDown, ScopeSettings, Stats};
 use interceptor_tests::{
-    exec_command, probe_bin, proxy_stats, run_cmd, start_proxy, NetNs, PinDir, ProbeServer, Proc,
-    TestCgroup,
+    probe_in, proxy_stats, start_proxy, NetNs, PinDir, ProbeServer, Proc, TestCgroup,
 };
 use serde_json::Value;
 
@@ -116,41 +115,13 @@ impl Sidecar {
 
     /// `icpt-probe hello ADDR` from the peer namespace.
     fn peer_probe(&self, addr: &str) -> Value {
-        probe(exec_command(
-            Some(&self.peer),
-            None,
-            None,
-            &probe_args(&["hello", addr]),
-        ))
+        probe_in(&self.peer, None, None, &["hello", addr])
     }
 
     /// `icpt-probe ARGS` from the workload (its cgroup and namespace).
     fn app_probe(&self, args: &[&str]) -> Value {
-        probe(exec_command(
-            Some(&self.ns),
-            Some(&self.cg),
-            None,
-            &probe_args(args),
-        ))
+        probe_in(&self.ns, Some(self.cg.path()), None, args)
     }
-}
-
-fn probe_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
-    let bin: &'static str = Box::leak(probe_bin().to_str().unwrap().to_string().into_boxed_str());
-    let mut v = vec![bin];
-    v.extend_from_slice(args);
-    v
-}
-
-fn probe(mut cmd: std::process::Command) -> Value {
-    let out = run_cmd(&mut cmd, Duration::from_secs(120)).expect("run icpt-probe");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
-        panic!(
-            "icpt-probe: not JSON ({e}): {stdout:?} {:?}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 fn ip(v: &Value, field: &str) -> std::net::IpAddr {

@@ -24,7 +24,7 @@ use std::{
 
 use interceptor::PinLayout;
 use interceptor_tests::{
-    exec_bin, interceptor_bin, probe::http_get, probe_bin, proxy_bin, run_cmd, wait_until, NetNs,
+    exec_bin, interceptor_bin, probe::http_get, probe_in, proxy_bin, run_cmd, wait_until, NetNs,
     PinDir, ProbeServer, Proc, TestCgroup,
 };
 use nix::sys::signal::Signal;
@@ -259,18 +259,7 @@ fn spawn_in_cgroup(name: &str, cg: &Path, ns: &NetNs, cmd: &[&str]) -> Proc {
 
 fn hello_from(ns: &NetNs, cg: &Path, addr: &str) -> Value {
     std::fs::create_dir_all(cg).unwrap();
-    let mut c = Command::new(exec_bin());
-    c.arg("--cgroup")
-        .arg(cg)
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--")
-        .arg(probe_bin())
-        .args(["hello", addr]);
-    let out = run_cmd(&mut c, Duration::from_secs(30)).expect("run icpt-probe");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    probe_in(ns, Some(cg), None, &["hello", addr])
 }
 
 fn ino(p: &Path) -> u64 {

@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use interceptor::{Counter, PinLayout, ScopeSettings, Stats};
 use interceptor_tests::{
-    bpftool_cgroup_progs, exec_command, interceptor_bin, probe_bin, proxy_stats, run_cmd, spawn_in,
-    start_proxy, NetNs, PinDir, ProbeServer, Proc, TestCgroup, DEFAULT_ADMIN,
+    bpftool_cgroup_progs, exec_command, interceptor_bin, probe_bin, probe_in, proxy_stats, run_cmd,
+    spawn_in, start_proxy, NetNs, PinDir, ProbeServer, Proc, TestCgroup, DEFAULT_ADMIN,
 };
 use serde_json::Value;
 
@@ -85,19 +85,7 @@ impl World {
     }
 
     fn probe_as(&self, cg: &TestCgroup, uid: Option<u32>, args: &[&str]) -> Value {
-        let bin = probe_bin();
-        let mut cmd = vec![bin.to_str().unwrap()];
-        cmd.extend_from_slice(args);
-        let mut c = exec_command(Some(&self.ns), Some(cg), uid, &cmd);
-        let out = run_cmd(&mut c, Duration::from_secs(300)).expect("run icpt-probe");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(line).unwrap_or_else(|e| {
-            panic!(
-                "icpt-probe {args:?}: not JSON ({e}); stdout {stdout:?} stderr {:?}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        probe_in(&self.ns, Some(cg.path()), uid, args)
     }
 
     /// A HELLO exchange from the workload; returns whether it went through a proxy.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use interceptor::{Counter, InboundSettings, PinLayout, ScopeSettings};
 use interceptor_tests::{
-    exec_command, listen_drops, probe_bin, proxy_bin, proxy_stats, run_cmd, spawn_in, start_proxy,
+    exec_command, listen_drops, probe_bin, probe_in, proxy_bin, proxy_stats, spawn_in, start_proxy,
     Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, TestCgroup, Wrk,
 };
 use nix::sys::signal::Signal;
@@ -187,15 +187,11 @@ impl World {
 
     /// `icpt-probe ARGS` as the workload (its cgroup and namespace), JSON of the last line.
     fn app_probe(&self, args: &[&str]) -> Value {
-        probe(exec_command_strs(
-            &self.ns,
-            Some(&self.cg),
-            &probe_args(args),
-        ))
+        probe_in(&self.ns, Some(self.cg.path()), None, args)
     }
 
     fn peer_probe(&self, args: &[&str]) -> Value {
-        probe(exec_command_strs(&self.peer, None, &probe_args(args)))
+        probe_in(&self.peer, None, None, args)
     }
 
     fn app_outbound(&self) -> String {
@@ -219,18 +215,6 @@ fn probe_args(args: &[&str]) -> Vec<String> {
     let mut v = vec![probe_bin().to_str().unwrap().to_owned()];
     v.extend(args.iter().map(|s| s.to_string()));
     v
-}
-
-fn probe(mut cmd: std::process::Command) -> Value {
-    let out = run_cmd(&mut cmd, Duration::from_secs(300)).expect("run icpt-probe");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "icpt-probe: not JSON ({e}); stdout {stdout:?} stderr {:?}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 fn exec_command_strs(
