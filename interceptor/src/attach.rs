@@ -99,6 +99,15 @@ fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
 pub fn attach(layout: &PinLayout, path: &Path, settings: &ScopeSettings) -> Result<Attached> {
     settings.validate()?;
     let cg = cgroup::resolve(path)?;
+    locked_with_undo(layout, |undo| attach_steps(layout, &cg, settings, undo))
+}
+
+/// Checks what every attach needs, takes the pin dir lock and runs `steps`; when they fail,
+/// undoes what they did, in reverse order.
+fn locked_with_undo<T>(
+    layout: &PinLayout,
+    steps: impl FnOnce(&mut UndoLog) -> Result<T>,
+) -> Result<T> {
     system::check_privileges()?;
     if EBPF_OBJECT.is_empty() {
         return Err(Error::NoObject);
@@ -106,13 +115,7 @@ pub fn attach(layout: &PinLayout, path: &Path, settings: &ScopeSettings) -> Resu
     system::ensure_bpffs(layout.root())?;
     let _lock = PinLock::acquire(layout)?;
     let mut undo = UndoLog::default();
-    match attach_steps(layout, &cg, settings, &mut undo) {
-        Ok(a) => Ok(a),
-        Err(e) => {
-            undo.run(layout);
-            Err(e)
-        }
-    }
+    steps(&mut undo).inspect_err(|_| undo.run(layout))
 }
 
 fn make_dir(p: &Path, undo: &mut UndoLog) -> Result<()> {
@@ -174,20 +177,9 @@ pub fn attach_inbound(
 ) -> Result<AttachedInbound> {
     settings.validate()?;
     let ns = netns::resolve(path)?;
-    system::check_privileges()?;
-    if EBPF_OBJECT.is_empty() {
-        return Err(Error::NoObject);
-    }
-    system::ensure_bpffs(layout.root())?;
-    let _lock = PinLock::acquire(layout)?;
-    let mut undo = UndoLog::default();
-    match attach_inbound_steps(layout, &ns, settings, &mut undo) {
-        Ok(a) => Ok(a),
-        Err(e) => {
-            undo.run(layout);
-            Err(e)
-        }
-    }
+    locked_with_undo(layout, |undo| {
+        attach_inbound_steps(layout, &ns, settings, undo)
+    })
 }
 
 /// What `attach_inbound` did.
