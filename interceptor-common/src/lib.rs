@@ -353,6 +353,41 @@ pub const SO_ICP_WORKLOAD: i32 = 0x4943;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
+/// Defaults of the conventions that the kernel programs, the loader and the proxy share
+/// (DESIGN.md's port and mark table). Each side takes them from here.
+pub mod defaults {
+    /// The proxy's outbound listener port (on 127.0.0.1 and ::1).
+    pub const OUTBOUND_PORT: u16 = 15001;
+    /// The proxy's inbound listener port (on 0.0.0.0 and ::).
+    pub const INBOUND_PORT: u16 = 15006;
+    /// The proxy's admin port (on 127.0.0.1).
+    pub const ADMIN_PORT: u16 = 15000;
+    /// Socket mark that the programs exempt and the proxy sets on its upstream sockets.
+    pub const BYPASS_MARK: u32 = 0x539;
+    /// Uid whose sockets the programs exempt (the proxy's user in sidecar deployments).
+    pub const BYPASS_UID: u32 = 1337;
+    /// Source address of the proxy's inbound hop to the workload (IPv4).
+    pub const INBOUND_SOURCE4: [u8; 4] = [127, 0, 0, 6];
+}
+
+/// Why a socket mark did not parse (see [`parse_mark`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadMark;
+
+/// The accepted spellings of a mark, for error messages.
+pub const MARK_SYNTAX: &str = "a 32-bit number, hex (0x539) or decimal (1337)";
+
+/// Parses a socket mark as the loader and the proxy both accept it: hex (`0x539`, `0X539`)
+/// or decimal (`1337`), surrounding whitespace ignored.
+pub fn parse_mark(s: &str) -> Result<u32, BadMark> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse(),
+    }
+    .map_err(|_| BadMark)
+}
+
 /// Builds the IPv4-mapped form of an IPv4 address given in network order.
 #[inline(always)]
 pub const fn mapped_v4(ip4_be: u32) -> [u32; 4] {
@@ -408,6 +443,18 @@ mod tests {
         assert!(!is_mapped_v4(&[0, 0, 0, u32::to_be(1)]));
         let bytes: [u8; 4] = m[2].to_ne_bytes();
         assert_eq!(bytes, [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn marks_parse_in_hex_and_decimal() {
+        assert_eq!(parse_mark("0x539"), Ok(0x539));
+        assert_eq!(parse_mark(" 0X539 "), Ok(1337));
+        assert_eq!(parse_mark("1337"), Ok(1337));
+        assert_eq!(parse_mark("0"), Ok(0));
+        assert_eq!(parse_mark("0x1_0000_0000"), Err(BadMark));
+        assert_eq!(parse_mark("4294967296"), Err(BadMark));
+        assert_eq!(parse_mark("mark"), Err(BadMark));
+        assert_eq!(parse_mark(""), Err(BadMark));
     }
 
     #[test]

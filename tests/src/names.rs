@@ -30,6 +30,23 @@ pub(crate) const NAME_MAX: usize = 64;
 /// error messages stay readable).
 pub(crate) const NETNS_NAME_MAX: usize = 40;
 
+/// `ICPT_TEST_TAG`, when set, goes between the prefix and the test's name
+/// (`icpt-t-<tag>-<test>`), so two runs of the suite from two checkouts on one machine do
+/// not share a namespace, cgroup or pin dir. Only `[A-Za-z0-9]` of it are kept.
+fn run_tag() -> String {
+    let tag: String = std::env::var("ICPT_TEST_TAG")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    if tag.is_empty() {
+        tag
+    } else {
+        format!("{tag}-")
+    }
+}
+
 /// `icpt-t-<test>`: characters other than `[A-Za-z0-9_.-]` become `-`; a name
 /// longer than 64 characters is cut and given a hash suffix so that two long
 /// test names stay distinct.
@@ -50,7 +67,7 @@ pub(crate) fn bounded_name(test: &str, max: usize) -> String {
         .collect();
     let clean = clean.trim_start_matches('.');
     let clean = clean.strip_prefix(PREFIX).unwrap_or(clean);
-    let full = format!("{PREFIX}{clean}");
+    let full = format!("{PREFIX}{}{clean}", run_tag());
     if full.len() <= max {
         return full;
     }
@@ -70,9 +87,13 @@ mod tests {
 
     #[test]
     fn names_are_prefixed_and_bounded() {
-        assert_eq!(resource_name("outbound_v4"), "icpt-t-outbound_v4");
-        assert_eq!(resource_name("icpt-t-x"), "icpt-t-x");
-        assert_eq!(resource_name("a b/c"), "icpt-t-a-b-c");
+        let tag = run_tag();
+        assert_eq!(
+            resource_name("outbound_v4"),
+            format!("icpt-t-{tag}outbound_v4")
+        );
+        assert_eq!(resource_name("icpt-t-x"), format!("icpt-t-{tag}x"));
+        assert_eq!(resource_name("a b/c"), format!("icpt-t-{tag}a-b-c"));
         let long = "x".repeat(200);
         let a = bounded_name(&long, NETNS_NAME_MAX);
         let b = bounded_name(&format!("{long}y"), NETNS_NAME_MAX);

@@ -54,7 +54,7 @@ fn netns_is_created_and_deleted() {
     {
         let ns = NetNs::new("harness_netns");
         path = ns.path().to_path_buf();
-        assert_eq!(ns.name(), "icpt-t-harness_netns");
+        assert_eq!(ns.name(), resource_name("harness_netns"));
         assert!(path.exists());
         let lo = ns.ip(&["-o", "link", "show", "lo"]);
         assert!(lo.contains("UP"), "lo not up: {lo}");
@@ -87,7 +87,10 @@ fn cgroup_is_created_killed_and_removed() {
         let cg = TestCgroup::new("harness_cgroup");
         path = cg.path().to_path_buf();
         assert!(path.starts_with(cgroup2_root()));
-        assert_eq!(path.file_name().unwrap(), "icpt-t-harness_cgroup");
+        assert_eq!(
+            path.file_name().unwrap().to_str().unwrap(),
+            resource_name("harness_cgroup")
+        );
         assert_eq!(
             cg.id(),
             std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap())
@@ -137,9 +140,10 @@ fn guards_clean_up_when_the_test_panics() {
         panic!("deliberate");
     });
     assert!(res.is_err());
-    assert!(!PathBuf::from("/run/netns/icpt-t-harness_panic").exists());
-    assert!(!cgroup2_root().join("icpt-t-harness_panic").exists());
-    assert!(!PathBuf::from("/sys/fs/bpf/icpt-t-harness_panic").exists());
+    let name = resource_name("harness_panic");
+    assert!(!PathBuf::from("/run/netns").join(&name).exists());
+    assert!(!cgroup2_root().join(&name).exists());
+    assert!(!PathBuf::from("/sys/fs/bpf").join(&name).exists());
 }
 
 #[test]
