@@ -333,10 +333,8 @@ fn spread(
 
 /// Per-thread timer slack of 1 µs, so sleeping to an intended send time wakes on time.
 fn tight_timer_slack() {
-    // SAFETY: PR_SET_TIMERSLACK takes an integer argument and affects only this thread.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0);
-    }
+    // Best effort: without it the rate loop only wakes later.
+    let _ = nix::sys::prctl::set_timerslack(1000);
 }
 
 #[derive(Default)]

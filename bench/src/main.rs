@@ -18,6 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -153,7 +154,7 @@ impl Profile {
     }
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// True once SIGINT or SIGTERM arrived: the bench stops after the current workload and
 /// its guards remove everything.
@@ -161,17 +162,12 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
+fn install_signal_handlers() -> Result<()> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The flag is set from the handler; the bench polls it between workloads.
+        signal_hook::flag::register(sig, Arc::clone(&INTERRUPTED))?;
     }
+    Ok(())
 }
 
 /// Raises RLIMIT_NOFILE for this process and everything it starts (proxy, HAProxy,
@@ -179,35 +175,20 @@ fn install_signal_handlers() {
 /// Without CAP_SYS_RESOURCE the hard limit cannot be raised: the soft limit goes up to
 /// it and the idle workload is sized to fit. Returns the limit in force.
 fn raise_nofile(want: u64) -> Result<u64> {
-    let mut cur = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes a valid rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
-        bail!(
-            "getrlimit(RLIMIT_NOFILE): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    for lim in [
-        libc::rlimit {
-            rlim_cur: want as libc::rlim_t,
-            rlim_max: want.max(cur.rlim_max),
-        },
-        libc::rlimit {
-            rlim_cur: cur.rlim_max,
-            rlim_max: cur.rlim_max,
-        },
-    ] {
-        // SAFETY: setrlimit reads a valid rlimit struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
-            return Ok(lim.rlim_cur);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    // Try the limit wanted first (raising the hard limit needs CAP_SYS_RESOURCE), then the
+    // soft limit up to the hard one.
+    let mut last = None;
+    for (soft, hard) in [(want, want.max(hard)), (hard, hard)] {
+        match setrlimit(Resource::RLIMIT_NOFILE, soft, hard) {
+            Ok(()) => return Ok(soft),
+            Err(e) => last = Some(e),
         }
     }
     bail!(
         "setrlimit(RLIMIT_NOFILE): {}",
-        std::io::Error::last_os_error()
+        last.map_or_else(String::new, |e| e.to_string())
     )
 }
 
@@ -342,13 +323,13 @@ fn main() {
 
 fn bench(cli: &Cli) -> Result<i32> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("must run as root (network namespaces, cgroups, BPF, iptables)");
     }
     check_tools()?;
     let nofile = raise_nofile(131_072)?;
     world::set_nofile(nofile);
-    install_signal_handlers();
+    install_signal_handlers()?;
     let mut profile = Profile::from_cli(cli);
     // A proxy holds two descriptors per proxied connection.
     let idle_max = (nofile.saturating_sub(200) / 2) as u32;

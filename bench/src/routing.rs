@@ -88,7 +88,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 pub fn run(args: RoutingArgs) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("must run as root (network namespaces, cgroups, BPF)");
     }
     let ns = NetNs::new("bench-routing");

@@ -162,7 +162,7 @@ fn mib(b: f64) -> String {
 
 pub fn run(args: StatsArgs) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("must run as root (network namespaces, cgroups, BPF)");
     }
     let (n, churn) = if args.quick {

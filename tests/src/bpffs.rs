@@ -2,23 +2,16 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cgroup::mount_type_at;
 use crate::names::{bounded_name, NAME_MAX};
-use crate::util::{run_cmd, run_cmd_ok};
+use crate::util::{leaked, run_cmd_ok};
 
 /// Where bpffs is (or will be) mounted.
-pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+pub const BPFFS_ROOT: &str = hostops::mounts::BPFFS;
 
-/// Whether a bpf filesystem is mounted at /sys/fs/bpf.
-pub fn bpffs_mounted() -> bool {
-    let mi = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mount_type_at(&mi, Path::new(BPFFS_ROOT)).as_deref() == Some("bpf")
-}
+pub use hostops::mounts::bpffs_mounted;
 
 /// Mounts bpffs at /sys/fs/bpf unless it is already there. Panics on failure.
 pub fn ensure_bpffs() {
@@ -45,9 +38,7 @@ impl PinDir {
         crate::names::hold_run_lock();
         ensure_bpffs();
         let path = Path::new(BPFFS_ROOT).join(bounded_name(test, NAME_MAX));
-        if path.exists() {
-            destroy_pin_dir(&path);
-        }
+        destroy_pin_dir(&path).unwrap_or_else(|e| panic!("stale pin dir of an earlier run: {e}"));
         PinDir { path }
     }
 
@@ -91,41 +82,16 @@ fn collect_files(base: &Path, dir: &Path, out: &mut Vec<PathBuf>, depth: usize) 
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        destroy_pin_dir(&self.path);
+        if let Err(e) = destroy_pin_dir(&self.path) {
+            leaked(e);
+        }
     }
 }
 
-/// Detach everything recorded in `dir` with the interceptor CLI, then remove it.
-pub(crate) fn destroy_pin_dir(dir: &Path) {
-    if !dir.exists() {
-        return;
-    }
-    // Never panic here: this runs in Drop, possibly while a test panics.
-    let bin = crate::bins::try_interceptor_bin();
-    if let Some(bin) = bin {
-        let res = run_cmd(
-            Command::new(&bin)
-                .arg("--pin-dir")
-                .arg(dir)
-                .args(["detach", "--all"]),
-            Duration::from_secs(30),
-        );
-        if let Ok(out) = res {
-            if !out.status.success() {
-                eprintln!(
-                    "note: `{} --pin-dir {} detach --all` failed: {}",
-                    bin.display(),
-                    dir.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
-    }
-    if let Err(e) = fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            eprintln!("warning: cannot remove pin dir {}: {e}", dir.display());
-        }
-    }
+/// Detach everything recorded in `dir` with the interceptor CLI (when it can be found), then
+/// remove it.
+pub(crate) fn destroy_pin_dir(dir: &Path) -> Result<(), hostops::Leftover> {
+    hostops::pins::remove(dir, crate::bins::try_interceptor_bin().as_deref())
 }
 
 /// One program attached to a cgroup, as `bpftool --json cgroup show` reports it.

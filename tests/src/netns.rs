@@ -3,13 +3,12 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use nix::sched::{setns, CloneFlags};
 
 use crate::names::{bounded_name, NETNS_NAME_MAX};
 use crate::process::{spawn_in, Proc};
-use crate::util::{run_cmd, run_cmd_ok, wait_until, CMD_TIMEOUT};
+use crate::util::{leaked, run_cmd, run_cmd_ok, CMD_TIMEOUT};
 
 const CONNTRACK_COUNT: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
 
@@ -37,9 +36,8 @@ impl NetNs {
         crate::names::hold_run_lock();
         let name = bounded_name(test, NETNS_NAME_MAX);
         let path = Path::new("/run/netns").join(&name);
-        if path.exists() {
-            destroy_netns(&name);
-        }
+        hostops::netns::remove(&name)
+            .unwrap_or_else(|e| panic!("stale netns of an earlier run: {e}"));
         run_cmd_ok("ip", &["netns", "add", &name]);
         let ns = NetNs { name, path };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -202,63 +200,12 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        destroy_netns(&self.name);
+        if let Err(e) = hostops::netns::remove(&self.name) {
+            leaked(e);
+        }
     }
 }
 
 fn netns_pids(name: &str) -> Vec<i32> {
-    run_cmd(
-        Command::new("ip").args(["netns", "pids", name]),
-        CMD_TIMEOUT,
-    )
-    .map(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
-/// Kills the namespace's processes and deletes it. Never panics (used in Drop).
-pub(crate) fn destroy_netns(name: &str) {
-    let me = std::process::id() as i32;
-    let pids: Vec<i32> = netns_pids(name).into_iter().filter(|&p| p != me).collect();
-    for &p in &pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    if !pids.is_empty() {
-        let gone = wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-            pids.iter()
-                .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
-        });
-        if !gone {
-            eprintln!("warning: processes of netns {name} survive SIGKILL: {pids:?}");
-        }
-    }
-    match run_cmd(
-        Command::new("ip").args(["netns", "delete", name]),
-        CMD_TIMEOUT,
-    ) {
-        Ok(o) if !o.status.success() && Path::new("/run/netns").join(name).exists() => {
-            eprintln!(
-                "warning: ip netns delete {name}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )
-        }
-        Err(e) => eprintln!("warning: ip netns delete {name}: {e}"),
-        _ => {}
-    }
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
+    hostops::netns::pids(name).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -105,7 +105,10 @@ fn cgroup_is_created_killed_and_removed() {
             || cg.procs().contains(&(p.pid() as i32))
         ));
         let own = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid())).unwrap();
-        assert!(own.contains("0::/icpt-t-harness_cgroup"), "{own}");
+        assert!(
+            own.contains(&format!("0::/{}", resource_name("harness_cgroup"))),
+            "{own}"
+        );
         assert!(cg.kill_all());
         assert!(cg.procs().is_empty());
         assert!(p.wait_timeout(Duration::from_secs(5)).is_some());
@@ -154,7 +157,10 @@ fn pin_dir_on_bpffs() {
         let pin = PinDir::new("harness_pin");
         assert!(bpffs_mounted());
         path = pin.path().to_path_buf();
-        assert_eq!(path, PathBuf::from("/sys/fs/bpf/icpt-t-harness_pin"));
+        assert_eq!(
+            path,
+            PathBuf::from("/sys/fs/bpf").join(resource_name("harness_pin"))
+        );
         assert!(!path.exists());
         pin.create();
         assert!(path.is_dir());

@@ -161,13 +161,15 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
             "interceptor-proxy",
             "-p",
             "interceptor-tests",
+            "-p",
+            "interceptor-hostops",
         ])
         .args(["--", "--test-threads=1"])
         .args(extra)
         .env("INTERCEPTOR_BIN", &interceptor)
         .env("INTERCEPTOR_PROXY_BIN", &proxy);
     println!(
-        "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release -p interceptor-common -p interceptor -p interceptor-proxy -p interceptor-tests -- --test-threads=1 {}",
+        "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release -p interceptor-common -p interceptor -p interceptor-proxy -p interceptor-tests -p interceptor-hostops -- --test-threads=1 {}",
         interceptor.display(),
         proxy.display(),
         extra.join(" ")

@@ -3,10 +3,8 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
-use crate::util::{bpffs_mounted, cgroup2_root, run_capture, wait_until, BPFFS};
+use crate::util::{bpffs_mounted, cgroup2_root, BPFFS};
 
 /// Prefix of every resource the test harness creates.
 pub const TEST_PREFIX: &str = "icpt-t-";
@@ -83,163 +81,40 @@ fn entries_with_prefix(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
     v
 }
 
-/// Names from `ip netns list`.
+/// Names of the named network namespaces (empty if `ip netns list` fails, which is printed).
 pub fn netns_list() -> Vec<String> {
-    run_capture(
-        Command::new("ip").args(["netns", "list"]),
-        Duration::from_secs(30),
-    )
-    .map(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect()
+    hostops::netns::list().unwrap_or_else(|e| {
+        eprintln!("warning: {e}");
+        Vec::new()
     })
-    .unwrap_or_default()
 }
 
-/// SIGKILLs every process of the netns, waits (bounded), deletes it.
+/// SIGKILLs every process of the netns, waits (bounded), deletes it; what is left is printed.
 pub fn remove_netns(name: &str) {
-    let me = std::process::id() as i32;
-    let pids: Vec<i32> = run_capture(
-        Command::new("ip").args(["netns", "pids", name]),
-        Duration::from_secs(30),
-    )
-    .map(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    })
-    .unwrap_or_default();
-    let pids: Vec<i32> = pids.into_iter().filter(|&p| p != me).collect();
-    for &p in &pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-        pids.iter().all(|p| {
-            fs::read_to_string(format!("/proc/{p}/stat"))
-                .map(|s| {
-                    s.rsplit_once(')')
-                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-                })
-                .unwrap_or(true)
-        })
-    });
-    match run_capture(
-        Command::new("ip").args(["netns", "delete", name]),
-        Duration::from_secs(30),
-    ) {
-        Ok(o) if !o.status.success() => {
-            eprintln!(
-                "warning: ip netns delete {name}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )
-        }
-        Err(e) => eprintln!("warning: ip netns delete {name}: {e}"),
-        _ => {}
+    if let Err(e) = hostops::netns::remove(name) {
+        eprintln!("warning: netns {name}: {e}");
     }
 }
 
-fn populated(cg: &Path) -> bool {
-    match fs::read_to_string(cg.join("cgroup.events")) {
-        Ok(ev) => !ev.lines().any(|l| l.trim() == "populated 0"),
-        Err(_) => fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|s| !s.trim().is_empty()),
-    }
-}
-
-/// Kills the cgroup tree's processes (`cgroup.kill`), waits until empty (bounded),
-/// removes child cgroups, then the cgroup.
+/// Kills the cgroup tree's processes (`cgroup.kill`), waits until empty (bounded), removes
+/// child cgroups, then the cgroup; what is left is printed.
 pub fn remove_cgroup(cg: &Path) {
-    if !cg.exists() {
-        return;
-    }
-    if populated(cg) {
-        if fs::write(cg.join("cgroup.kill"), "1").is_err() {
-            for pid in fs::read_to_string(cg.join("cgroup.procs"))
-                .unwrap_or_default()
-                .split_whitespace()
-            {
-                if let Ok(p) = pid.parse() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        if !wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-            !populated(cg)
-        }) {
-            eprintln!("warning: processes survive cgroup.kill in {}", cg.display());
-        }
-    }
-    rmdir_tree(cg, 0);
-}
-
-fn rmdir_tree(p: &Path, depth: usize) {
-    if depth < 16 {
-        for e in fs::read_dir(p).into_iter().flatten().flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                rmdir_tree(&e.path(), depth + 1);
-            }
-        }
-    }
-    let mut last = None;
-    let ok = wait_until(
-        Duration::from_secs(5),
-        Duration::from_millis(20),
-        || match fs::remove_dir(p) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-            Err(e) => {
-                last = Some(e);
-                false
-            }
-        },
-    );
-    if !ok {
-        eprintln!("warning: cannot remove cgroup {}: {last:?}", p.display());
+    if let Err(e) = hostops::cgroup::remove_tree(cg) {
+        eprintln!("warning: {e}");
     }
 }
 
-/// `interceptor --pin-dir DIR detach --all` (if the binary exists; errors printed),
-/// then `rm -r DIR`.
+/// `interceptor --pin-dir DIR detach --all` (if the binary exists), then `rm -r DIR`; what is
+/// left is printed.
 pub fn remove_pin_dir(dir: &Path, interceptor: Option<&Path>) {
-    if !dir.exists() {
-        return;
-    }
-    if let Some(bin) = interceptor {
-        let res = run_capture(
-            Command::new(bin)
-                .arg("--pin-dir")
-                .arg(dir)
-                .args(["detach", "--all"]),
-            Duration::from_secs(30),
-        );
-        match res {
-            Ok(o) if !o.status.success() => eprintln!(
-                "note: {} --pin-dir {} detach --all failed: {}",
-                bin.display(),
-                dir.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => eprintln!("note: cannot run {}: {e}", bin.display()),
-            _ => {}
-        }
-    } else {
+    if interceptor.is_none() && dir.exists() {
         eprintln!(
             "note: interceptor binary not built; removing {} without detaching",
             dir.display()
         );
     }
-    if let Err(e) = fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            eprintln!("warning: cannot remove {}: {e}", dir.display());
-        }
+    if let Err(e) = hostops::pins::remove(dir, interceptor) {
+        eprintln!("warning: {e}");
     }
 }
 
