@@ -11,6 +11,7 @@
 //! | [`PinDir`] | `/sys/fs/bpf/icpt-t-<test>` | `interceptor --pin-dir DIR detach --all`, `rm -r` |
 //! | [`Proc`] | a spawned child (its own process group) | `SIGKILL` to the group, `wait` |
 //! | [`ProbeServer`] | an in-process `icpt-probe` server thread set | stop flag, join |
+//! | [`ScratchDir`] | `$TMPDIR/icpt-t-<test>-<pid>` | `rm -r` |
 //!
 //! Drop order matters: processes and servers should go first, then the pin dir
 //! (detach), then the cgroup, then the namespace. Locals drop in *reverse*
@@ -36,6 +37,7 @@ pub mod openmetrics;
 pub mod probe;
 mod process;
 mod proxy;
+mod scratch;
 mod util;
 
 pub use bins::{exec_bin, interceptor_bin, probe_bin, proxy_bin, set_helper_bins, workspace_dir};
@@ -53,6 +55,7 @@ pub use probe::{
 };
 pub use process::{exec_command, probe_in, run_in, run_in_timeout, spawn_in, Proc};
 pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
+pub use scratch::ScratchDir;
 pub use util::{run_cmd, run_cmd_ok, wait_until};
 
 /// Registers the paths of this package's helper binaries (`icpt-probe`,

@@ -9,7 +9,7 @@
 //! it gives the daemon as `cgroup_root`. All of it is removed by guards, also on failure.
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -17,28 +17,11 @@ use std::{
 use interceptor::PinLayout;
 use interceptor_tests::{
     exec_bin, interceptor_bin, probe::http_get, probe_in, run_cmd, start_proxy, wait_until, NetNs,
-    PinDir, ProbeServer, Proc, TestCgroup, DEFAULT_ADMIN,
+    PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, DEFAULT_ADMIN,
 };
 use nix::sys::signal::Signal;
 
 const SERVER: &str = "127.0.0.1:8080";
-
-/// A scratch directory for the config file, removed even when the test fails.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("icpt-t-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn ino(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
@@ -92,7 +75,7 @@ fn daemon_units_reattach_reload_and_exit() {
     let ns = NetNs::new("daemon");
     let cg = TestCgroup::new("daemon");
     let pin = PinDir::new("daemon");
-    let scratch = Scratch::new("daemon");
+    let scratch = ScratchDir::new("daemon");
     let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
     let _proxy = start_proxy(&ns, &["--admin", DEFAULT_ADMIN]);
     let web = cg.path().join("system.slice/web.service");
@@ -100,7 +83,7 @@ fn daemon_units_reattach_reload_and_exit() {
     std::fs::create_dir_all(&web).unwrap();
     std::fs::create_dir_all(&batch).unwrap();
     let listen: SocketAddr = "127.0.0.1:15931".parse().unwrap();
-    let config = scratch.0.join("config.toml");
+    let config = scratch.join("config.toml");
     let scopes = "[[scope]]\nunit = \"web.service\"\nexclude_ports = [9]\n\n[[scope]]\nname = \"batch\"\nslice = \"app-batch.slice\"\n";
     write_config(&config, &pin, listen, cg.path(), scopes);
 
@@ -277,9 +260,9 @@ fn daemon_detach_on_exit() {
     interceptor_tests::register_helper_bins!();
     let cg = TestCgroup::new("daemon_detach_on_exit");
     let pin = PinDir::new("daemon_detach_on_exit");
-    let scratch = Scratch::new("daemon_detach_on_exit");
+    let scratch = ScratchDir::new("daemon_detach_on_exit");
     let listen: SocketAddr = "127.0.0.1:15932".parse().unwrap();
-    let config = scratch.0.join("config.toml");
+    let config = scratch.join("config.toml");
     let app = cg.child("app");
     write_config(
         &config,
@@ -314,8 +297,8 @@ fn daemon_detach_on_exit() {
 
 #[test]
 fn daemon_config_errors_name_line_and_field() {
-    let scratch = Scratch::new("daemon_config_errors");
-    let config = scratch.0.join("config.toml");
+    let scratch = ScratchDir::new("daemon_config_errors");
+    let config = scratch.join("config.toml");
     for (text, want) in [
         (
             "[[scope]]\nunit = \"web.service\"\nexclude_cidrs = [\"10.1.2.3/8\"]\n",
@@ -373,7 +356,7 @@ fn daemon_runs_with_only_the_units_capabilities() {
     let ns = NetNs::new("daemon_caps");
     let cg = TestCgroup::new("daemon_caps");
     let pin = PinDir::new("daemon_caps");
-    let scratch = Scratch::new("daemon_caps");
+    let scratch = ScratchDir::new("daemon_caps");
     let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
     let app = cg.child("app");
     let proxy = interceptor_tests::proxy_bin();
@@ -387,7 +370,7 @@ fn daemon_runs_with_only_the_units_capabilities() {
     pc.args(["--inbound", "0.0.0.0:15006", "--admin", DEFAULT_ADMIN]);
     let _proxy = Proc::spawn("proxy", pc);
     let listen: SocketAddr = "127.0.0.1:15934".parse().unwrap();
-    let config = scratch.0.join("config.toml");
+    let config = scratch.join("config.toml");
     write_config(
         &config,
         &pin,

@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -25,7 +25,7 @@ use std::{
 use interceptor::PinLayout;
 use interceptor_tests::{
     exec_bin, interceptor_bin, probe::http_get, probe_in, proxy_bin, run_cmd, wait_until, NetNs,
-    PinDir, ProbeServer, Proc, TestCgroup,
+    PinDir, ProbeServer, Proc, ScratchDir, TestCgroup,
 };
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -235,15 +235,6 @@ fn pod(ns: &str, name: &str, uid: &str, node: &str, qos: &str, ann: &[(&str, &st
 // ---------------------------------------------------------------------------------------
 // Pods: cgroups as the kubelet names them, a process in each, in its own network namespace.
 
-/// A scratch directory for the agent's config, removed even when the test fails.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Spawns `cmd` in cgroup `cg` (created if needed) and namespace `ns`.
 fn spawn_in_cgroup(name: &str, cg: &Path, ns: &NetNs, cmd: &[&str]) -> Proc {
     std::fs::create_dir_all(cg).unwrap();
@@ -309,9 +300,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
     );
     let kube = TestCgroup::new("node_agent");
     let pin = PinDir::new("node_agent");
-    let scratch =
-        Scratch(std::env::temp_dir().join(format!("icpt-t-node_agent-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0).unwrap();
+    let scratch = ScratchDir::new("node_agent");
     let api = FakeApi::start();
 
     let uid_a = "6f2c3a1e-1b2c-4d5e-8f90-0123456789ab";
@@ -420,7 +409,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         ),
     );
 
-    let config = scratch.0.join("config.toml");
+    let config = scratch.join("config.toml");
     std::fs::write(&config, format!(
         "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"auto\"\nkubepods_parent = \"{}\"\n",
         pin.as_str(), api.url(), kube.path().display()

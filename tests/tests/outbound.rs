@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use interceptor::{Counter, PinLayout, ScopeSettings, Stats};
 use interceptor_tests::{
     bpftool_cgroup_progs, exec_command, interceptor_bin, probe_bin, probe_in, proxy_stats, run_cmd,
-    spawn_in, start_proxy, NetNs, PinDir, ProbeServer, Proc, TestCgroup, DEFAULT_ADMIN,
+    spawn_in, start_proxy, NetNs, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, DEFAULT_ADMIN,
 };
 use serde_json::Value;
 
@@ -98,23 +98,6 @@ impl World {
             "hello {addr} {extra:?} failed: {v}"
         );
         v["proxied"].as_bool().expect("proxied field")
-    }
-}
-
-/// A scratch directory for a real peer's config and logs, removed even when the test fails.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("icpt-t-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -473,8 +456,8 @@ fn unmodified_haproxy_forwards_to_original_destination() {
     // HAProxy 2.6 asks SO_ORIGINAL_DST only on IPv4 sockets (on IPv6 it takes the local
     // address and would connect to itself), so it listens on IPv4 only.
     let w = World::new("haproxy", &[SERVER]);
-    let scratch = Scratch::new("haproxy");
-    let cfg = scratch.0.join("haproxy.cfg");
+    let scratch = ScratchDir::new("haproxy");
+    let cfg = scratch.join("haproxy.cfg");
     std::fs::write(
         &cfg,
         "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
@@ -510,8 +493,8 @@ fn unmodified_haproxy_forwards_to_original_destination() {
 #[test]
 fn curl_reaches_nginx_through_the_proxy() {
     let w = World::new("nginx", &[]).with_proxy();
-    let scratch = Scratch::new("nginx");
-    let dir = &scratch.0;
+    let scratch = ScratchDir::new("nginx");
+    let dir = scratch.path();
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/index.html"), "hello from nginx\n").unwrap();
     let d = dir.display();

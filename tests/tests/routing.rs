@@ -12,7 +12,8 @@ use std::time::Duration;
 use interceptor::{PinLayout, ScopeSettings};
 use interceptor_tests::openmetrics::{parse_openmetrics, sum};
 use interceptor_tests::{
-    exec_command, run_cmd, spawn_in, start_proxy, wait_until, NetNs, PinDir, Proc, TestCgroup, Wrk,
+    exec_command, run_cmd, spawn_in, start_proxy, wait_until, NetNs, PinDir, Proc, ScratchDir,
+    TestCgroup, Wrk,
 };
 
 const ADMIN: &str = "127.0.0.1:15000";
@@ -24,20 +25,11 @@ const GREETER: &str = "127.0.10.2:8081";
 const SECURE_VIP: &str = "127.0.10.3";
 const SMTP_VIP: &str = "127.0.10.4:2525";
 
-/// Removes a scratch directory when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Fields drop in declaration order: processes, scratch, programs, cgroups, namespace.
 struct World {
     proxy: Option<Proc>,
     servers: Vec<Proc>,
-    dir: Scratch,
+    dir: ScratchDir,
     pin: PinDir,
     other: TestCgroup,
     cg: TestCgroup,
@@ -162,13 +154,11 @@ impl World {
         let cg = TestCgroup::new(test);
         let other = TestCgroup::new(&format!("{test}-o"));
         let pin = PinDir::new(test);
-        let dir = std::env::temp_dir().join(format!("icpt-t-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ScratchDir::new(test);
         let mut w = World {
             proxy: None,
             servers: Vec::new(),
-            dir: Scratch(dir),
+            dir,
             pin,
             other,
             cg,
@@ -192,7 +182,7 @@ impl World {
     }
 
     fn routes_path(&self) -> PathBuf {
-        self.dir.0.join("routes.yaml")
+        self.dir.join("routes.yaml")
     }
 
     fn write_routes(&self, split_v1: u32) {
@@ -205,7 +195,7 @@ impl World {
     }
 
     fn start_nginx(&mut self) {
-        let d = self.dir.0.join("nginx");
+        let d = self.dir.join("nginx");
         std::fs::create_dir_all(&d).unwrap();
         let ds = d.display();
         let mut servers = String::new();
@@ -262,7 +252,7 @@ impl World {
 
     fn start_tls_servers(&mut self) {
         for (site, addr) in [("a", "127.0.20.5"), ("b", "127.0.20.6")] {
-            let d = self.dir.0.join(format!("tls-{site}"));
+            let d = self.dir.join(format!("tls-{site}"));
             std::fs::create_dir_all(&d).unwrap();
             let cn = format!("/CN={site}.test");
             let ok = std::process::Command::new("openssl")
@@ -620,7 +610,7 @@ fn tls_passes_through_by_sni_and_tcp_stays_opaque() {
             ],
         );
         let want = std::process::Command::new("sha256sum")
-            .arg(w.dir.0.join(format!("tls-{site}/blob.bin")))
+            .arg(w.dir.join(format!("tls-{site}/blob.bin")))
             .output()
             .unwrap();
         assert_eq!(

@@ -5,13 +5,13 @@
 //! namespace steered by sk_lookup.
 //!
 //! Run as root, one test at a time: `cargo xtask test -- upgrade_proxy`.
-use std::path::PathBuf;
+
 use std::time::{Duration, Instant};
 
 use interceptor::{Counter, InboundSettings, PinLayout, ScopeSettings};
 use interceptor_tests::{
     exec_command, listen_drops, probe_bin, probe_in, proxy_bin, proxy_stats, spawn_in, start_proxy,
-    Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, TestCgroup, Wrk,
+    Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, Wrk,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -26,24 +26,6 @@ const NGINX: &str = "127.0.0.1:8088";
 /// Long enough that no old process cuts a kept-alive wrk connection during a test.
 const LONG_DRAIN: &str = "120s";
 
-/// Removes a scratch directory (the upgrade socket lives there) when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("icpt-t-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A sidecar world: the workload namespace and cgroup with outbound and inbound
 /// interception, a peer namespace on a veth, the app server, nginx, and every proxy
 /// generation started in it (oldest first). Fields drop in declaration order: processes,
@@ -52,7 +34,7 @@ struct World {
     proxies: Vec<Proc>,
     nginx: Option<Nginx>,
     _servers: Vec<ProbeServer>,
-    scratch: Scratch,
+    scratch: ScratchDir,
     pin: PinDir,
     cg: TestCgroup,
     peer: NetNs,
@@ -73,7 +55,7 @@ impl World {
         );
         let cg = TestCgroup::new(test);
         let pin = PinDir::new(test);
-        let scratch = Scratch::new(test);
+        let scratch = ScratchDir::new(test);
         let app =
             ProbeServer::start_in(ns.path(), &[format!("0.0.0.0:{APP_PORT}").parse().unwrap()])
                 .expect("app server");
@@ -112,7 +94,7 @@ impl World {
     }
 
     fn socket(&self) -> String {
-        self.scratch.0.join("proxy.sock").display().to_string()
+        self.scratch.join("proxy.sock").display().to_string()
     }
 
     fn proxy_args(&self, drain: &str) -> Vec<String> {

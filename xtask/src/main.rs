@@ -7,6 +7,7 @@
 //! | `test [-- ARGS]` | `setup`, `build`, `clean-stale`, then the whole test suite, one thread |
 //! | `bench [ARGS]` | `setup`, `build`, `clean-stale`, then `target/release/interceptor-bench ARGS` (see bench/README.md) |
 //! | `demo` | self-contained demo of interception in a throwaway netns + cgroup |
+//! | `lint` | `setup` and cargo-deny, then `cargo fmt --check`, clippy `-D warnings` (host crates, and the eBPF crate for its target), `cargo deny check licenses bans sources` |
 //! | `check-deploy` | only the deployment checks that `test` runs (manifests, units, configs) |
 //! | `image [--tag T]` | static binaries, then `podman build` of the image (deploy/Containerfile, offline stage) |
 //! | `clean-stale` | removes `icpt-t-*` netns, cgroups and pin dirs left by a crashed test run |
@@ -14,6 +15,7 @@
 mod bench;
 mod demo;
 mod deploy;
+mod lint;
 mod setup;
 mod stale;
 mod util;
@@ -66,6 +68,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup (and cargo-deny), then the lint gate: rustfmt, clippy with warnings as errors
+    /// on the host crates and on the eBPF crate for its target, cargo-deny's licence check.
+    Lint,
     /// Remove netns, cgroups and bpffs pin dirs named `icpt-t-*` left by a crashed test run.
     CleanStale,
     /// Only the deployment checks of `test` (kubernetes-validate, systemd-analyze verify,
@@ -102,6 +107,9 @@ fn main() {
             }
         }
         Cmd::CheckDeploy => check_deploy().map(|code| exit(code)),
+        Cmd::Lint => setup::setup()
+            .and_then(|_| setup::lint_tools())
+            .and_then(|_| lint::lint()),
         Cmd::Image { tag } => setup::setup().and_then(|_| deploy::image(&tag)),
         Cmd::CleanStale => {
             let bins = util::Bins::locate(true);

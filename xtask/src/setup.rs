@@ -92,6 +92,49 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask lint` needs beyond `setup`: cargo-deny (built from crates.io, about
+/// five minutes on two cores; once per machine).
+pub fn lint_tools() -> Result<()> {
+    let mut r = Report { failed: 0 };
+    let version = crate::lint::CARGO_DENY_VERSION;
+    let piece = format!("cargo-deny {version}");
+    let cmd = format!("cargo install cargo-deny --version {version} --locked");
+    let present = || {
+        run_capture(
+            Command::new("cargo").args(["deny", "--version"]),
+            Duration::from_secs(30),
+        )
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).trim().ends_with(version)
+        })
+    };
+    if present() {
+        r.line(&piece, State::Ok);
+    } else {
+        println!("setup: building cargo-deny {version} (about five minutes)");
+        let mut c = Command::new("cargo");
+        c.args(["install", "cargo-deny", "--version", version, "--locked"]);
+        for v in [
+            "CARGO_TARGET_DIR",
+            "RUSTFLAGS",
+            "CARGO_BUILD_TARGET",
+            "RUSTUP_TOOLCHAIN",
+        ] {
+            c.env_remove(v);
+        }
+        c.current_dir(std::env::temp_dir());
+        if c.status().is_ok_and(|s| s.success()) && present() {
+            r.line(&piece, State::Installed);
+        } else {
+            r.line(&piece, State::Failed(cmd));
+        }
+    }
+    if r.failed > 0 {
+        bail!("setup: cargo-deny is missing; run the command above");
+    }
+    Ok(())
+}
+
 fn quiet(cmd: &mut Command, secs: u64) -> bool {
     run_capture(cmd, Duration::from_secs(secs)).is_ok_and(|o| o.status.success())
 }
