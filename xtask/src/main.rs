@@ -159,7 +159,9 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     stale::clean_stale(Some(&interceptor));
     let mut cmd = Command::new(util::cargo());
     cmd.current_dir(util::workspace_root())
-        .args(["test", "--release"])
+        // Every test binary runs even when an earlier one failed: the closing line then counts
+        // the whole suite, not the part before the first failure.
+        .args(["test", "--release", "--no-fail-fast"])
         .args([
             "-p",
             "interceptor-common",
@@ -171,13 +173,15 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
             "interceptor-tests",
             "-p",
             "interceptor-hostops",
+            "-p",
+            "xtask",
         ])
         .args(["--", "--test-threads=1"])
         .args(extra)
         .env("INTERCEPTOR_BIN", &interceptor)
         .env("INTERCEPTOR_PROXY_BIN", &proxy);
     println!(
-        "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release -p interceptor-common -p interceptor -p interceptor-proxy -p interceptor-tests -p interceptor-hostops -- --test-threads=1 {}",
+        "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release --no-fail-fast -p interceptor-common -p interceptor -p interceptor-proxy -p interceptor-tests -p interceptor-hostops -p xtask -- --test-threads=1 {}",
         interceptor.display(),
         proxy.display(),
         extra.join(" ")
