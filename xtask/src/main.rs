@@ -82,8 +82,8 @@ enum Cmd {
         /// Look for newer kernel packages than those cached in target/kernels/.
         #[arg(long)]
         refresh: bool,
-        /// Hard limit per guest, boot to power-off, in seconds.
-        #[arg(long, default_value_t = 900)]
+        /// Hard limit per guest, boot to power-off, in seconds (a guest takes 30-40 s here).
+        #[arg(long, default_value_t = kernels::DEFAULT_TIMEOUT_SECS)]
         timeout: u64,
         /// Guests run at once.
         #[arg(long, default_value_t = 1)]
@@ -262,6 +262,23 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     if extra.is_empty() {
         println!("\ntest: deployment checks (deploy/)");
         let (p, f) = deploy::checks(&interceptor, &proxy);
+        passed += p;
+        failed += f;
+        if f > 0 && code == 0 {
+            code = 1;
+        }
+    }
+    // The kernel matrix (QEMU guests, about 2 minutes), also whole-suite only: one check per
+    // kernel x check.
+    if extra.is_empty() {
+        println!("\ntest: kernel matrix (cargo xtask test-kernels)");
+        let (p, f) = match kernels::run(&kernels::Options::default()) {
+            Ok(s) => (s.passed, s.failed),
+            Err(e) => {
+                println!("test: kernel matrix FAILED: {e:#}");
+                (0, 1)
+            }
+        };
         passed += p;
         failed += f;
         if f > 0 && code == 0 {

@@ -236,6 +236,10 @@ pub fn choose(pick: Pick, names: &[String]) -> Option<String> {
 fn read_meta(dir: &Path) -> Option<Kernel> {
     let text = fs::read_to_string(dir.join("kernel.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    // An archive staged for another module list is rebuilt (from the kept .deb files).
+    if v["modules"].as_str()? != MODULES.join(" ") {
+        return None;
+    }
     let k = Kernel {
         release: v["release"].as_str()?.to_string(),
         package: v["package"].as_str()?.to_string(),
@@ -282,9 +286,29 @@ pub fn kernel(label: &str, pick: Pick, refresh: bool) -> Result<Kernel> {
         }
     }
     let debs = root.join("debs").join(label);
-    let _ = fs::remove_dir_all(&debs);
-    apt.download(&pkgs, &debs)?;
+    if !have_debs(&debs, &pkgs) {
+        let _ = fs::remove_dir_all(&debs);
+        apt.download(&pkgs, &debs)?;
+    }
     unpack(label, &pkg, &version, &debs, &dir)
+}
+
+/// Whether `dir` holds the .deb of every `name=version` in `pkgs` (apt writes an epoch's `:`
+/// as `%3a` in file names).
+fn have_debs(dir: &Path, pkgs: &[String]) -> bool {
+    let files: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    pkgs.iter().all(|p| {
+        let (name, version) = p.split_once('=').unwrap_or((p, ""));
+        let prefix = format!("{name}_{}_", version.replace(':', "%3a"));
+        files
+            .iter()
+            .any(|f| f.starts_with(&prefix) && f.ends_with(".deb"))
+    })
 }
 
 /// `dpkg -x` of every .deb in `debs`, then the kernel image and the modules' archive into `dir`.
@@ -343,6 +367,7 @@ fn unpack(label: &str, pkg: &str, version: &str, debs: &Path, dir: &Path) -> Res
         "package": pkg,
         "version": version,
         "release": release,
+        "modules": MODULES.join(" "),
     });
     fs::write(
         dir.join("kernel.json"),
