@@ -153,11 +153,13 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let root = fetch::cache_root();
     std::fs::create_dir_all(&root)?;
     let base = root.join("base.cpio");
+    let t = Instant::now();
     initramfs::build_base(&payload, &base)?;
     println!(
-        "kernels: initramfs {} ({} MiB)",
+        "kernels: initramfs {} ({} MiB, written in {:.1} s)",
         base.display(),
-        std::fs::metadata(&base)?.len() >> 20
+        std::fs::metadata(&base)?.len() >> 20,
+        t.elapsed().as_secs_f64()
     );
 
     let mut kernels = Vec::new();
