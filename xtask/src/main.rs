@@ -11,10 +11,12 @@
 //! | `check-deploy` | only the deployment checks that `test` runs (manifests, units, configs) |
 //! | `image [--tag T]` | static binaries, then `podman build` of the image (deploy/Containerfile, offline stage) |
 //! | `clean-stale` | removes `icpt-t-*` netns, cgroups and pin dirs left by a crashed test run |
+//! | `test-kernels` | the kernel matrix: the data-path suite in QEMU on Debian's 6.1 and newest kernels |
 
 mod bench;
 mod demo;
 mod deploy;
+mod kernels;
 mod lint;
 mod setup;
 mod stale;
@@ -73,6 +75,28 @@ enum Cmd {
     Lint,
     /// Remove netns, cgroups and bpffs pin dirs named `icpt-t-*` left by a crashed test run.
     CleanStale,
+    /// The kernel matrix: boot Debian's 6.1 and newest kernels in QEMU (TCG) and run the
+    /// data-path suite (icpt-kcheck) in each; prints kernel x check and verified instructions.
+    TestKernels {
+        /// Skip setup and build; use the binaries already in target/release.
+        #[arg(long)]
+        no_build: bool,
+        /// Only this kernel (debian12, debian13, newest; debian11 only when named); repeatable.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Look for newer kernel packages than those cached in target/kernels/.
+        #[arg(long)]
+        refresh: bool,
+        /// Hard limit per guest, boot to power-off, in seconds (a guest takes 30-40 s here).
+        #[arg(long, default_value_t = kernels::DEFAULT_TIMEOUT_SECS)]
+        timeout: u64,
+        /// Guests run at once.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Virtual CPUs per guest.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
     /// Only the deployment checks of `test` (kubernetes-validate, systemd-analyze verify,
     /// the example configs), with the binaries already in target/release.
     CheckDeploy,
@@ -111,6 +135,29 @@ fn main() {
             .and_then(|_| setup::lint_tools())
             .and_then(|_| lint::lint()),
         Cmd::Image { tag } => setup::setup().and_then(|_| deploy::image(&tag)),
+        Cmd::TestKernels {
+            no_build,
+            kernels,
+            refresh,
+            timeout,
+            jobs,
+            cpus,
+        } => {
+            let opts = kernels::Options {
+                only: kernels,
+                refresh,
+                timeout: std::time::Duration::from_secs(timeout),
+                jobs,
+                cpus,
+            };
+            let prep = if no_build {
+                Ok(())
+            } else {
+                setup::setup().and_then(|_| build())
+            };
+            prep.and_then(|_| kernels::run(&opts))
+                .map(|s| exit(i32::from(s.failed > 0)))
+        }
         Cmd::CleanStale => {
             let bins = util::Bins::locate(true);
             stale::clean_stale(bins.interceptor_if_built().as_deref());
@@ -229,6 +276,23 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     if extra.is_empty() {
         println!("\ntest: deployment checks (deploy/)");
         let (p, f) = deploy::checks(&interceptor, &proxy);
+        passed += p;
+        failed += f;
+        if f > 0 && code == 0 {
+            code = 1;
+        }
+    }
+    // The kernel matrix (QEMU guests, about 2 minutes), also whole-suite only: one check per
+    // kernel x check.
+    if extra.is_empty() {
+        println!("\ntest: kernel matrix (cargo xtask test-kernels)");
+        let (p, f) = match kernels::run(&kernels::Options::default()) {
+            Ok(s) => (s.passed, s.failed),
+            Err(e) => {
+                println!("test: kernel matrix FAILED: {e:#}");
+                (0, 1)
+            }
+        };
         passed += p;
         failed += f;
         if f > 0 && code == 0 {

@@ -40,6 +40,10 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "wrk",
     "iperf3",
     "linux-perf",
+    // `cargo xtask test-kernels`: QEMU (TCG) and the guests' busybox; xz unpacks modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
