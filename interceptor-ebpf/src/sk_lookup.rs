@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use interceptor_common::{
-    is_mapped_v4, mapped_v4, Counter, ScopedValue, SockKey, AF_INET, AF_INET6, FLAG_FAIL_OPEN,
-    FLAG_INCLUDE_PORTS, IN_PORT_EXCLUDED, IN_PORT_INCLUDED,
+    defaults, is_mapped_v4, mapped_v4, Counter, ScopedValue, SockKey, AF_INET, AF_INET6,
+    FLAG_FAIL_OPEN, FLAG_INCLUDE_PORTS, IN_PORT_EXCLUDED, IN_PORT_INCLUDED,
 };
 
 use crate::{
@@ -24,6 +24,12 @@ use crate::{
 /// destination the peer dialled. Connections from loopback sources (the proxy forwarding from
 /// 127.0.0.6 or ::1, or the workload itself), to the proxy's own port, to excluded ports or to
 /// ports outside the include list go where they were going.
+// The proxy's hop to the workload passes because its source is a loopback address.
+const _: () = assert!(
+    defaults::INBOUND_SOURCE4[0] == 127,
+    "the proxy's inbound source must be in 127.0.0.0/8, which steer_inbound lets through"
+);
+
 #[sk_lookup]
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     let l: *mut bpf_sk_lookup = ctx.lookup;
