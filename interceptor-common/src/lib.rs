@@ -1,4 +1,6 @@
-//! Types shared by the kernel programs (`interceptor-ebpf`) and the loader (`interceptor`).
+//! The contract between the kernel programs (`interceptor-ebpf`), the loader (`interceptor`)
+//! and the proxy, written once: map and program names, map keys and values, counters, the
+//! layout version, socket option numbers, the shared defaults and mark parsing.
 //!
 //! Every type is `#[repr(C)]`, `Copy` and free of implicit padding: where a field exists only
 //! to fill a hole it is named `_pad` and the comment says so. Addresses are kept as four
@@ -133,7 +135,8 @@ pub struct ScopeConfig {
 /// Longest cgroup path kept for `status`.
 pub const META_PATH_LEN: usize = 504;
 
-/// What the loader remembers of a scope for `status`; the kernel never reads it.
+/// What the loader remembers of a scope, for `status`; the kernel reads it only to answer
+/// `SO_ICP_WORKLOAD` with the path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ScopeMeta {
@@ -141,7 +144,8 @@ pub struct ScopeMeta {
     pub path_len: u32,
     /// Fills the hole before `path`.
     pub _pad: u32,
-    /// The cgroup path as given at attach time, made absolute (UTF-8, not NUL-terminated).
+    /// The cgroup (or network namespace) path as given at attach time, made absolute (UTF-8,
+    /// not NUL-terminated).
     pub path: [u8; META_PATH_LEN],
 }
 

@@ -17,22 +17,23 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd as _, OwnedFd};
 
-use aya::{programs::Program, Ebpf, EbpfLoader};
-use interceptor_common::{programs as progs, SCOPE_ID_GLOBAL};
+use aya::Ebpf;
+use interceptor_common::programs as progs;
 
 use crate::{
     cgroup::{self, Cgroup},
     error::{Error, Result},
+    links::{self, LinkUpgrade, Outcome},
     lock::PinLock,
     maps, netns,
     object::EBPF_OBJECT,
     paths::{PinLayout, INBOUND_LINK, ROOT_LINKS, SCOPE_LINKS},
+    programs,
     settings::{InboundSettings, ScopeSettings},
     sys::{self, AttachType},
-    system,
-    upgrade::{self, LinkUpgrade, Outcome},
+    system, test_hook,
 };
 
 /// What `attach` did.
@@ -132,25 +133,13 @@ fn make_dir(p: &Path, undo: &mut UndoLog) -> Result<()> {
     }
 }
 
-/// Loads the object for `scope`, reusing the pinned maps (creating and pinning them the first
-/// time). Programs are verified and loaded later, one by one, by [`program_fd`].
-pub(crate) fn load(layout: &PinLayout, scope: u64) -> Result<Ebpf> {
-    let log_level = crate::kernel_log::level();
-    EbpfLoader::new()
-        .default_map_pin_directory(layout.maps_dir())
-        .override_global(SCOPE_ID_GLOBAL, &scope, true)
-        .override_global(crate::kernel_log::LEVEL_GLOBAL, &log_level, true)
-        .load(EBPF_OBJECT)
-        .map_err(|e| Error::bpf("loading the kernel programs", e))
-}
-
 /// Creates the pin dir and maps if needed (refusing maps of another layout) and loads the
 /// object for `scope`.
 fn prepare(layout: &PinLayout, scope: u64, undo: &mut UndoLog) -> Result<Ebpf> {
     make_dir(layout.root(), undo)?;
     make_dir(&layout.maps_dir(), undo)?;
     maps::check_layout(layout)?;
-    if maps::stored_layout(layout)? == Some(0) && !upgrade::any_link_pinned(layout) {
+    if maps::stored_layout(layout)? == Some(0) && !links::any_link_pinned(layout) {
         // Maps created by a loader that was killed before it stamped them, and nothing uses
         // them: start afresh rather than trust maps whose layout nobody recorded.
         tracing::info!(maps = %layout.maps_dir().display(), "removing unstamped maps left by an interrupted attach");
@@ -158,12 +147,12 @@ fn prepare(layout: &PinLayout, scope: u64, undo: &mut UndoLog) -> Result<Ebpf> {
         make_dir(&layout.maps_dir(), undo)?;
     }
     let maps_existed = layout.map(interceptor_common::maps::LAYOUT).exists();
-    let ebpf = load(layout, scope)?;
+    let ebpf = programs::load(layout, scope)?;
     if !maps_existed {
         undo.0.push(Undo::RemoveMaps);
     }
     maps::stamp_layout(layout)?;
-    upgrade::test_pause();
+    test_hook::test_pause();
     Ok(ebpf)
 }
 
@@ -211,13 +200,13 @@ fn attach_inbound_steps(
         None => Undo::RemoveScope(scope),
     });
     maps::write_inbound_scope(layout, scope, &ns.path, settings)?;
-    upgrade::test_pause();
+    test_hook::test_pause();
     make_dir(&layout.scopes_dir(), undo)?;
     make_dir(&layout.scope_dir(scope), undo)?;
     let mut new_links = Vec::new();
     let mut updated_links = Vec::new();
     let pin = layout.scope_link(scope, INBOUND_LINK);
-    if link_is_pinned(&pin) {
+    if links::link_is_pinned(&pin) {
         updated_links.push(bring_up_to_date(
             &mut ebpf,
             INBOUND_LINK,
@@ -260,7 +249,7 @@ fn attach_steps(
         None => Undo::RemoveScope(cg.id),
     });
     maps::write_scope(layout, cg.id, &cg.path, settings)?;
-    upgrade::test_pause();
+    test_hook::test_pause();
 
     let mut new_links = Vec::new();
     let mut updated_links = Vec::new();
@@ -277,7 +266,7 @@ fn attach_steps(
     ];
     for (name, (prog, kind)) in ROOT_LINKS.iter().zip(root_progs) {
         let pin = layout.root_link(name);
-        if link_is_pinned(&pin) {
+        if links::link_is_pinned(&pin) {
             updated_links.push(bring_up_to_date(&mut ebpf, name, &pin, None)?);
             continue;
         }
@@ -307,7 +296,7 @@ fn attach_steps(
     debug_assert!(scope_progs.iter().all(|(n, _, _)| SCOPE_LINKS.contains(n)));
     for (name, prog, kind) in scope_progs {
         let pin = layout.scope_link(cg.id, name);
-        if link_is_pinned(&pin) {
+        if links::link_is_pinned(&pin) {
             updated_links.push(bring_up_to_date(&mut ebpf, name, &pin, Some(cg.id))?);
             continue;
         }
@@ -331,9 +320,9 @@ fn bring_up_to_date(
     pin: &Path,
     scope: Option<u64>,
 ) -> Result<LinkUpgrade> {
-    let fd = program_fd(ebpf, upgrade::program_for_link(name), pin)?;
-    let r = upgrade::replace_program(name, pin, scope, fd);
-    upgrade::test_pause();
+    let fd = programs::program_fd(ebpf, programs::program_for_link(name), pin)?;
+    let r = links::replace_program(name, pin, scope, fd);
+    test_hook::test_pause();
     match &r.outcome {
         Outcome::Upgraded => Ok(r),
         Outcome::TargetGone => Err(Error::PinDir {
@@ -347,49 +336,13 @@ fn bring_up_to_date(
     }
 }
 
-/// Whether a live link is pinned at `pin`.
-pub(crate) fn link_is_pinned(pin: &Path) -> bool {
-    aya::programs::links::PinnedLink::from_pin(pin).is_ok()
-}
-
 fn pin_link(link: OwnedFd, pin: &Path, undo: &mut UndoLog) -> Result<()> {
     // On failure the link's fd is dropped, which detaches the program again.
     sys::obj_pin(link.as_fd(), pin)
         .map_err(|e| Error::io(format!("pinning link {}", pin.display()), e))?;
     undo.0.push(Undo::Unpin(pin.into()));
-    upgrade::test_pause();
+    test_hook::test_pause();
     Ok(())
-}
-
-/// The fd of program `name` of this load, loading (verifying) it the first time.
-pub(crate) fn program_fd<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-    for_what: &Path,
-) -> Result<BorrowedFd<'a>> {
-    let err = |e: aya::programs::ProgramError| {
-        Error::bpf(format!("loading {name} for {}", for_what.display()), e)
-    };
-    let prog = ebpf.program_mut(name).ok_or_else(|| {
-        Error::bpf(
-            "finding program",
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("program {name} is not in the embedded object"),
-            ),
-        )
-    })?;
-    if prog.fd().is_err() {
-        match prog {
-            Program::CgroupSockAddr(p) => p.load().map_err(err)?,
-            Program::SockOps(p) => p.load().map_err(err)?,
-            Program::CgroupSockopt(p) => p.load().map_err(err)?,
-            Program::SkLookup(p) => p.load().map_err(err)?,
-            _ => unreachable!("the object holds only these program types"),
-        }
-    }
-    let prog = ebpf.program(name).expect("found above");
-    Ok(prog.fd().map_err(err)?.as_fd())
 }
 
 /// Loads program `name` (once) and links it to `target` (a cgroup or a network namespace).
@@ -400,7 +353,7 @@ fn link_program(
     target: &fs::File,
     target_path: &Path,
 ) -> Result<OwnedFd> {
-    let fd = program_fd(ebpf, name, target_path)?;
+    let fd = programs::program_fd(ebpf, name, target_path)?;
     sys::link_create(fd, target.as_fd(), kind)
         .map_err(|e| Error::io(format!("attaching {name} to {}", target_path.display()), e))
 }

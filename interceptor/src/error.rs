@@ -41,20 +41,6 @@ pub enum Error {
         expected: u32,
     },
 
-    /// A daemon config file error: where it is, which field, what is wrong, what to do.
-    #[error("{file}: line {line}, column {column}: {field}: {problem}; {fix}")]
-    Config {
-        file: PathBuf,
-        line: usize,
-        column: usize,
-        field: String,
-        problem: String,
-        fix: String,
-    },
-
-    #[error("Kubernetes API: {context}: {cause}")]
-    Kubernetes { context: String, cause: String },
-
     #[error("{path} is not attached (see `interceptor status`)")]
     NotAttached { path: PathBuf },
 

@@ -19,11 +19,11 @@ use aya::programs::ProgramInfo;
 use crate::error::{Error, Result};
 use crate::paths::PinLayout;
 
-/// Name of aya-log's level global in the object.
-pub(crate) const LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
-/// aya-log's levels: off, or up to debug.
+/// Name of aya-log's level global in the object (aya-log-ebpf defines it, aya-log names it).
+pub(crate) const LEVEL_GLOBAL: &str = aya_log::LEVEL;
+/// aya-log's levels: off (0), or up to debug.
 const OFF: u8 = 0;
-const DEBUG: u8 = 4;
+const DEBUG: u8 = aya_log::Level::Debug as u8;
 
 static LEVEL: AtomicU8 = AtomicU8::new(OFF);
 

@@ -1,23 +1,26 @@
 //! Loader library of the interceptor: loads the kernel programs, keeps them pinned, attaches
-//! them per cgroup and reads their state back. The `interceptor` CLI is a thin layer over it.
+//! them per cgroup and network namespace, and reads their state back. The `interceptor` CLI
+//! (`interceptor-cli`) and the daemon (`interceptor-daemon`) are layers over it.
 #![deny(unsafe_code)]
 pub mod attach;
 pub mod cgroup;
-pub mod daemon;
 pub mod detach;
 pub mod error;
 pub mod kernel_log;
+mod links;
 mod lock;
 pub mod maps;
 pub mod netns;
 pub mod object;
 pub mod paths;
+mod programs;
 pub mod register;
 pub mod settings;
 pub mod stats;
 pub mod status;
 mod sys;
 pub mod system;
+mod test_hook;
 pub mod upgrade;
 
 pub use attach::{attach, attach_inbound, Attached, AttachedInbound};

@@ -60,12 +60,13 @@ impl PinLayout {
         self.root.join("scopes")
     }
 
-    pub fn scope_dir(&self, cgroup_id: u64) -> PathBuf {
-        self.scopes_dir().join(cgroup_id.to_string())
+    /// The directory of a scope's links: a cgroup id, or a network namespace's scope id.
+    pub fn scope_dir(&self, scope: u64) -> PathBuf {
+        self.scopes_dir().join(scope.to_string())
     }
 
-    pub fn scope_link(&self, cgroup_id: u64, name: &str) -> PathBuf {
-        self.scope_dir(cgroup_id).join(name)
+    pub fn scope_link(&self, scope: u64, name: &str) -> PathBuf {
+        self.scope_dir(scope).join(name)
     }
 }
 

@@ -1,19 +1,22 @@
 //! A scope's settings: what the user asks for at attach time, validated in one place.
 use std::{collections::BTreeSet, fmt, net::IpAddr, str::FromStr};
 
+use interceptor_common::{defaults, MARK_SYNTAX};
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+// The defaults are the contract's (`interceptor_common::defaults`), shared with the kernel
+// programs and the proxy; these names are the loader's for them.
 /// Default port of the proxy's outbound listener.
-pub const DEFAULT_PROXY_PORT: u16 = 15001;
+pub const DEFAULT_PROXY_PORT: u16 = defaults::OUTBOUND_PORT;
 /// Default bypass socket mark (the proxy marks its upstream sockets with it).
-pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
+pub const DEFAULT_BYPASS_MARK: u32 = defaults::BYPASS_MARK;
 /// Default bypass uid (the proxy's user in sidecar deployments).
-pub const DEFAULT_BYPASS_UID: u32 = 1337;
+pub const DEFAULT_BYPASS_UID: u32 = defaults::BYPASS_UID;
 /// Default port of the proxy's inbound listener.
-pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+pub const DEFAULT_INBOUND_PORT: u16 = defaults::INBOUND_PORT;
 
 /// What happens to a scope's traffic while no proxy listens.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -167,20 +170,11 @@ pub fn parse_port(s: &str) -> Result<u16> {
     Ok(v as u16)
 }
 
-/// Parses a socket mark, in hex (`0x539`) or decimal (`1337`).
+/// Parses a socket mark, in hex (`0x539`) or decimal (`1337`), as the proxy does
+/// (`interceptor_common::parse_mark`).
 pub fn parse_mark(s: &str) -> Result<u32> {
-    let t = s.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    parsed.map_err(|_| {
-        invalid(
-            "mark",
-            s,
-            "expected a 32-bit number, hex (0x539) or decimal (1337)",
-        )
-    })
+    interceptor_common::parse_mark(s)
+        .map_err(|_| invalid("mark", s, &format!("expected {MARK_SYNTAX}")))
 }
 
 /// Parses a uid.
@@ -222,6 +216,7 @@ pub fn parse_cidr(s: &str) -> Result<IpNet> {
 }
 
 /// Shows a mark the way operators write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mark(pub u32);
 
 impl fmt::Display for Mark {
@@ -249,10 +244,11 @@ mod tests {
         assert_eq!(parse_mark("0x539").unwrap(), 1337);
         assert_eq!(parse_mark("1337").unwrap(), 1337);
         assert!(parse_mark("0xfffffffff").is_err());
-        assert!(parse_mark("mark")
-            .unwrap_err()
-            .to_string()
-            .contains("mark \"mark\""));
+        let e = parse_mark("mark").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "mark \"mark\": expected a 32-bit number, hex (0x539) or decimal (1337)"
+        );
     }
 
     #[test]

@@ -263,7 +263,7 @@ pub fn image(tag: &str) -> Result<()> {
             "--target",
             "x86_64-unknown-linux-gnu",
             "-p",
-            "interceptor",
+            "interceptor-cli",
             "-p",
             "interceptor-proxy",
         ])

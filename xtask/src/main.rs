@@ -194,6 +194,19 @@ fn check_deploy() -> Result<i32> {
     Ok(i32::from(failed > 0))
 }
 
+/// The packages whose tests `cargo xtask test` runs (every workspace member but the eBPF
+/// crate, which builds only for its own target, and the bench, whose smoke runs apart).
+const TEST_PACKAGES: [&str; 8] = [
+    "interceptor-common",
+    "interceptor",
+    "interceptor-daemon",
+    "interceptor-cli",
+    "interceptor-proxy",
+    "interceptor-tests",
+    "interceptor-hostops",
+    "xtask",
+];
+
 /// Runs the suite; returns the test exit code.
 fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     if !no_build {
@@ -209,28 +222,16 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
         // Every test binary runs even when an earlier one failed: the closing line then counts
         // the whole suite, not the part before the first failure.
         .args(["test", "--release", "--no-fail-fast"])
-        .args([
-            "-p",
-            "interceptor-common",
-            "-p",
-            "interceptor",
-            "-p",
-            "interceptor-proxy",
-            "-p",
-            "interceptor-tests",
-            "-p",
-            "interceptor-hostops",
-            "-p",
-            "xtask",
-        ])
+        .args(TEST_PACKAGES.iter().flat_map(|p| ["-p", p]))
         .args(["--", "--test-threads=1"])
         .args(extra)
         .env("INTERCEPTOR_BIN", &interceptor)
         .env("INTERCEPTOR_PROXY_BIN", &proxy);
     println!(
-        "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release --no-fail-fast -p interceptor-common -p interceptor -p interceptor-proxy -p interceptor-tests -p interceptor-hostops -p xtask -- --test-threads=1 {}",
+        "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release --no-fail-fast {} -- --test-threads=1 {}",
         interceptor.display(),
         proxy.display(),
+        TEST_PACKAGES.map(|p| format!("-p {p}")).join(" "),
         extra.join(" ")
     );
     // Stream cargo's output and add up its per-binary results: the suite ends with one plain

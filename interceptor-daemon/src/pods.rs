@@ -9,7 +9,7 @@ use super::{
     engine::{InboundSpec, ScopeSpec, SpecTarget},
     resolve::Qos,
 };
-use crate::settings::{self, InboundSettings, ScopeSettings};
+use interceptor::settings::{self, InboundSettings, ScopeSettings};
 
 /// The project's opt-in annotation (or label): `"true"` intercepts the pod.
 pub const INJECT: &str = "interceptor.io/inject";

@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use super::engine::Shared;
-use crate::paths::PinLayout;
+use interceptor::paths::PinLayout;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -113,7 +113,7 @@ async fn route(path: &str, shared: &Shared, layout: &PinLayout, agent: bool) -> 
         },
         "/metrics" => {
             let layout = layout.clone();
-            let stats = tokio::task::spawn_blocking(move || crate::stats(&layout)).await;
+            let stats = tokio::task::spawn_blocking(move || interceptor::stats(&layout)).await;
             match stats {
                 Ok(Ok(s)) => Reply {
                     status: 200,

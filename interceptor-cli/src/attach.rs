@@ -34,8 +34,8 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = settings::DEFAULT_PROXY_PORT, value_parser = port)]
     proxy_port: u16,
     /// Sockets with this SO_MARK go direct (hex or decimal; 0 disables the check).
-    #[arg(long, default_value = "0x539", value_parser = mark)]
-    bypass_mark: u32,
+    #[arg(long, default_value_t = Mark(settings::DEFAULT_BYPASS_MARK), value_parser = mark)]
+    bypass_mark: Mark,
     /// Sockets of this uid go direct (repeatable; default 1337).
     #[arg(long = "bypass-uid", value_parser = uid)]
     bypass_uids: Vec<u32>,
@@ -56,8 +56,8 @@ pub struct AttachArgs {
 fn port(s: &str) -> Result<u16, String> {
     settings::parse_port(s).map_err(|e| e.to_string())
 }
-fn mark(s: &str) -> Result<u32, String> {
-    settings::parse_mark(s).map_err(|e| e.to_string())
+fn mark(s: &str) -> Result<Mark, String> {
+    settings::parse_mark(s).map(Mark).map_err(|e| e.to_string())
 }
 fn uid(s: &str) -> Result<u32, String> {
     settings::parse_uid(s).map_err(|e| e.to_string())
@@ -78,7 +78,7 @@ pub fn run(layout: &PinLayout, a: AttachArgs) -> Result<()> {
     };
     let mut s = ScopeSettings {
         proxy_port: a.proxy_port,
-        bypass_mark: a.bypass_mark,
+        bypass_mark: a.bypass_mark.0,
         exclude_ports: a.exclude_ports.iter().copied().collect(),
         exclude_cidrs: a.exclude_cidrs.iter().copied().collect(),
         include_cidrs: a.include_cidrs.iter().copied().collect(),

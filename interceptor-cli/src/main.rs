@@ -1,10 +1,19 @@
-//! `interceptor`: attach, detach and inspect the eBPF interception per cgroup.
+//! `interceptor`: attach, detach, inspect and upgrade the eBPF interception, and run the
+//! daemon. One module per verb; each parses its arguments and calls the loader library
+//! (`interceptor`) or the daemon (`interceptor-daemon`).
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use interceptor::paths::{PinLayout, DEFAULT_PIN_DIR};
 
-mod cli;
+mod attach;
+mod detach;
+mod logs;
+mod register;
+mod run;
+mod stats;
+mod status;
+mod upgrade;
 
 #[derive(Parser)]
 #[command(
@@ -43,29 +52,29 @@ enum LogFormat {
 enum Command {
     /// Intercept a cgroup's outbound or a network namespace's inbound TCP connections
     /// (updates an attached scope in place).
-    Attach(cli::attach::AttachArgs),
+    Attach(attach::AttachArgs),
     /// Put the proxy's inbound listener into an attached network namespace's map (again after
     /// a proxy restart).
-    Register(cli::register::RegisterArgs),
+    Register(register::RegisterArgs),
     /// Stop intercepting a cgroup or a network namespace.
-    Detach(cli::detach::DetachArgs),
+    Detach(detach::DetachArgs),
     /// Show attached cgroups, their settings and pinned links.
-    Status(cli::status::StatusArgs),
+    Status(status::StatusArgs),
     /// Show the kernel programs' decision counters.
-    Stats(cli::stats::StatsArgs),
+    Stats(stats::StatsArgs),
     /// Replace the programs on every pinned link with the ones built into this binary, in
     /// place (BPF_LINK_UPDATE), keeping the links, maps and settings.
-    Upgrade(cli::upgrade::UpgradeArgs),
+    Upgrade(upgrade::UpgradeArgs),
     /// Print the log lines of the kernel programs (loaded with --kernel-log debug).
-    Logs(cli::logs::LogsArgs),
+    Logs(logs::LogsArgs),
     /// Run the daemon: keep the scopes of a config file attached (systemd units, slices,
     /// cgroups; pods of this node in node agent mode), serve health and metrics over HTTP.
-    Run(cli::run::RunArgs),
+    Run(run::RunArgs),
     /// Wait until a URL answers 200 (the readiness gate: an init container polls the node
     /// agent's /pods/NS/NAME/ready before the application starts).
-    WaitReady(cli::run::WaitReadyArgs),
+    WaitReady(run::WaitReadyArgs),
     /// Mount bpffs at /sys/fs/bpf unless it is mounted (the DaemonSet's init step).
-    MountBpffs(cli::run::MountBpffsArgs),
+    MountBpffs(run::MountBpffsArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -86,16 +95,16 @@ fn main() -> ExitCode {
     let layout = PinLayout::new(args.pin_dir);
     interceptor::kernel_log::set_kernel_log(args.kernel_log == KernelLog::Debug);
     let result = match args.command {
-        Command::Attach(a) => cli::attach::run(&layout, a),
-        Command::Detach(a) => cli::detach::run(&layout, a),
-        Command::Register(a) => cli::register::run(&layout, a),
-        Command::Status(a) => cli::status::run(&layout, a),
-        Command::Stats(a) => cli::stats::run(&layout, a),
-        Command::Upgrade(a) => cli::upgrade::run(&layout, a),
-        Command::Logs(a) => cli::logs::run(&layout, a),
-        Command::Run(a) => cli::run::run(a),
-        Command::WaitReady(a) => cli::run::wait_ready(a),
-        Command::MountBpffs(a) => cli::run::mount_bpffs(a),
+        Command::Attach(a) => attach::run(&layout, a),
+        Command::Detach(a) => detach::run(&layout, a),
+        Command::Register(a) => register::run(&layout, a),
+        Command::Status(a) => status::run(&layout, a),
+        Command::Stats(a) => stats::run(&layout, a),
+        Command::Upgrade(a) => upgrade::run(&layout, a),
+        Command::Logs(a) => logs::run(&layout, a),
+        Command::Run(a) => run::run(a),
+        Command::WaitReady(a) => run::wait_ready(a),
+        Command::MountBpffs(a) => run::mount_bpffs(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,7 @@
-//! `interceptor run --config FILE`: the long-running daemon over the library.
+//! `interceptor run --config FILE`: the long-running daemon over the loader library
+//! (`interceptor`), and its node agent mode. A crate of its own so that the loader library,
+//! which every embedder and test links, carries no async runtime, Kubernetes client or TOML
+//! parser (ARCHITECTURE.md, "Where the daemon lives").
 //!
 //! It keeps the config's scopes (cgroup paths, systemd units and slices) attached, attaches
 //! again when a scope's cgroup is recreated (a unit restart), detaches scopes dropped from the
@@ -6,9 +9,11 @@
 //! readiness and the kernel counters over HTTP, and in node agent mode (`[kubernetes]`) does
 //! the same for the pods of its node that opt in. On SIGTERM or SIGINT it exits and leaves the
 //! interception in place (the links are pinned), unless `detach_on_exit = true`.
+#![deny(unsafe_code)]
 pub mod agent;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod http;
 pub mod pods;
 pub mod resolve;
@@ -21,10 +26,9 @@ use self::{
     config::Config,
     engine::{Resolver, ScopeSpec, Shared, SpecTarget},
 };
-use crate::{
-    error::{Error, Result},
-    paths::PinLayout,
-};
+use interceptor::paths::PinLayout;
+
+pub use crate::error::{Error, Result};
 
 /// The engine's scopes for the config's `[[scope]]`s.
 pub fn config_specs(cfg: &Config) -> Vec<ScopeSpec> {
@@ -46,11 +50,11 @@ pub fn config_specs(cfg: &Config) -> Vec<ScopeSpec> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
-    crate::system::check_privileges()?;
+    interceptor::system::check_privileges()?;
     if let Some(m) = &cfg.cgroup2_mount {
-        crate::cgroup::set_cgroup2_mount(m.clone());
+        interceptor::cgroup::set_cgroup2_mount(m.clone());
     }
-    let mount = crate::cgroup::cgroup2_mount()?;
+    let mount = interceptor::cgroup::cgroup2_mount()?;
     let resolver = Resolver {
         cgroup_root: cfg.cgroup_root.clone().unwrap_or_else(|| mount.clone()),
         kubepods_parent: cfg

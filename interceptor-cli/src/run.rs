@@ -15,7 +15,7 @@ pub struct RunArgs {
 
 pub fn run(a: RunArgs) -> Result<()> {
     if a.check {
-        let c = interceptor::daemon::config::load(&a.config)?;
+        let c = interceptor_daemon::config::load(&a.config)?;
         println!(
             "{}: ok: {} scope(s), listen {}, pin dir {}{}",
             a.config.display(),
@@ -28,7 +28,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         );
         return Ok(());
     }
-    interceptor::daemon::run(&a.config)?;
+    interceptor_daemon::run(&a.config)?;
     Ok(())
 }
 
@@ -45,7 +45,7 @@ pub struct WaitReadyArgs {
 }
 
 pub fn wait_ready(a: WaitReadyArgs) -> Result<()> {
-    match interceptor::daemon::http::wait_ready(
+    match interceptor_daemon::http::wait_ready(
         &a.url,
         Duration::from_secs(a.timeout_secs),
         Duration::from_millis(a.interval_ms),

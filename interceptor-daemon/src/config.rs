@@ -45,11 +45,12 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{
-    error::{Error, Result},
+use interceptor::{
     paths::DEFAULT_PIN_DIR,
     settings::{self, InboundSettings, ProxyDown, ScopeSettings},
 };
+
+use crate::error::{Error, Result};
 
 /// Default address of the daemon's HTTP endpoints.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15030";

@@ -29,7 +29,7 @@ use super::{
     config::{CgroupDriver, Target},
     resolve::{self, Qos},
 };
-use crate::{
+use interceptor::{
     maps,
     netns::scope_id,
     paths::PinLayout,
@@ -293,7 +293,7 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
 }
 
 fn detach_quietly(layout: &PinLayout, id: u64, key: &str) {
-    if let Err(e) = crate::detach_id(layout, id) {
+    if let Err(e) = interceptor::detach_id(layout, id) {
         tracing::warn!(scope = %key, id, error = %e, "detaching");
     }
 }
@@ -356,7 +356,7 @@ fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool) {
     let noticed = Instant::now();
     let recreated = l.out.as_ref().is_some_and(|(id, _)| *id != ino);
     if l.out.is_none() || recreated || changed {
-        match crate::attach(layout, &path, &l.spec.settings) {
+        match interceptor::attach(layout, &path, &l.spec.settings) {
             Ok(done) => {
                 let ms = noticed.elapsed().as_secs_f64() * 1000.0;
                 if let Some((old, _)) = l.out.take().filter(|(old, _)| *old != done.cgroup.id) {
@@ -410,7 +410,7 @@ fn inbound_pass(layout: &PinLayout, l: &mut Live, cgroup: &Path, ib: &InboundSpe
     let id = scope_id(ino);
     l.state.netns = Some(ns_path.clone());
     if l.inb.as_ref().map(|i| i.0) != Some(id) || changed {
-        match crate::attach_inbound(layout, &ns_path, &ib.settings) {
+        match interceptor::attach_inbound(layout, &ns_path, &ib.settings) {
             Ok(done) => {
                 if let Some((old, _)) = l.inb.take().filter(|(old, _)| *old != done.scope_id) {
                     detach_quietly(layout, old, &key);
@@ -432,7 +432,7 @@ fn inbound_pass(layout: &PinLayout, l: &mut Live, cgroup: &Path, ib: &InboundSpe
     if !l.registered && Instant::now() >= l.next_register {
         l.next_register = Instant::now() + REGISTER_EVERY;
         for pid in resolve::cgroup_pids(cgroup).into_iter().take(64) {
-            if let Ok(done) = crate::register(layout, &ns_path, pid) {
+            if let Ok(done) = interceptor::register(layout, &ns_path, pid) {
                 tracing::info!(scope = %key, pid, listeners = done.len(), "registered the proxy's inbound listener");
                 l.registered = true;
                 break;

@@ -1,0 +1,281 @@
+//! Outbound interception at `connect()`: `redirect_connect4` and `redirect_connect6`, attached
+//! to the workload's cgroup, and the decision they share. A connect is left alone when it is
+//! exempt (bypass mark or uid, the proxy itself, an excluded port or CIDR, outside the include
+//! list); otherwise it is rewritten to the proxy's outbound listener and its original
+//! destination recorded under the socket's cookie, or, with no proxy listening, the scope's
+//! policy decides (refuse or go direct).
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
+    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use interceptor_common::{
+    is_mapped_v4, mapped_v4, Counter, OrigDst, ScopeConfig, ScopedV4, ScopedV6, ScopedValue,
+    AF_INET, AF_INET6, FLAG_FAIL_OPEN, FLAG_INCLUDE4, FLAG_INCLUDE6, LPM_SCOPE_BITS,
+};
+
+use crate::{
+    counters::count,
+    ctx::{is_loopback4, rd, ALLOW, LOOPBACK4, LOOPBACK6, SOCK_STREAM},
+    maps::{
+        scope_id, ICP_CONFIG, ICP_EXCL4, ICP_EXCL6, ICP_INCL4, ICP_INCL6, ICP_PENDING, ICP_PORTS,
+        ICP_UIDS,
+    },
+};
+
+/// Why a connect is left alone, or `None` to redirect it.
+#[inline(always)]
+fn exemption(
+    scope: u64,
+    cfg: &ScopeConfig,
+    sk: *mut bpf_sock,
+    family: u16,
+    addr: &[u32; 4],
+    port: u16,
+) -> Option<Counter> {
+    if cfg.bypass_mark != 0 && !sk.is_null() {
+        // SAFETY: `sk` is the kernel's full socket for this connect (checked non-null).
+        let mark = unsafe { (*sk).mark };
+        if mark == cfg.bypass_mark {
+            return Some(Counter::BypassMark);
+        }
+    }
+    let uid = bpf_get_current_uid_gid() as u32;
+    let uid_key = ScopedValue {
+        scope,
+        value: uid,
+        _pad: 0,
+    };
+    if ICP_UIDS.get_ptr(uid_key).is_some() {
+        return Some(Counter::BypassUid);
+    }
+    let loopback = if family == AF_INET {
+        is_loopback4(addr[3])
+    } else {
+        *addr == LOOPBACK6
+    };
+    if loopback && port == cfg.proxy_port {
+        return Some(Counter::ToProxy);
+    }
+    let port_key = ScopedValue {
+        scope,
+        value: port as u32,
+        _pad: 0,
+    };
+    if ICP_PORTS.get_ptr(port_key).is_some() {
+        return Some(Counter::ExcludedPort);
+    }
+    let scope_be = scope.to_be_bytes();
+    if family == AF_INET {
+        let key = Key::new(
+            LPM_SCOPE_BITS + 32,
+            ScopedV4 {
+                scope: scope_be,
+                addr: addr[3].to_ne_bytes(),
+            },
+        );
+        if ICP_EXCL4.get(&key).is_some() {
+            return Some(Counter::ExcludedCidr);
+        }
+        if cfg.flags & FLAG_INCLUDE4 != 0 && ICP_INCL4.get(&key).is_none() {
+            return Some(Counter::NotIncluded);
+        }
+    } else {
+        let mut bytes = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let w = addr[i].to_ne_bytes();
+            bytes[i * 4] = w[0];
+            bytes[i * 4 + 1] = w[1];
+            bytes[i * 4 + 2] = w[2];
+            bytes[i * 4 + 3] = w[3];
+            i += 1;
+        }
+        let key = Key::new(
+            LPM_SCOPE_BITS + 128,
+            ScopedV6 {
+                scope: scope_be,
+                addr: bytes,
+            },
+        );
+        if ICP_EXCL6.get(&key).is_some() {
+            return Some(Counter::ExcludedCidr);
+        }
+        if cfg.flags & FLAG_INCLUDE6 != 0 && ICP_INCL6.get(&key).is_none() {
+            return Some(Counter::NotIncluded);
+        }
+    }
+    None
+}
+
+/// Whether a TCP socket listens on the proxy's port, on 127.0.0.1 (`v6` false) or ::1, in the
+/// network namespace of the connecting socket.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+    // SAFETY: a zeroed tuple is valid; the helper gets its exact size for the family, and a
+    // socket it returns is released before returning.
+    unsafe {
+        let mut tuple: bpf_sock_tuple = core::mem::zeroed();
+        let size = if v6 {
+            tuple.__bindgen_anon_1.ipv6.daddr = LOOPBACK6;
+            tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv6)
+        } else {
+            tuple.__bindgen_anon_1.ipv4.daddr = LOOPBACK4;
+            tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4)
+        };
+        let sk = bpf_sk_lookup_tcp(
+            ctx.sock_addr.cast(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+        true
+    }
+}
+
+/// What to do with a connect while no proxy listens.
+enum ProxyDown {
+    /// A proxy listens: redirect and record as usual.
+    No,
+    /// Fail open: leave the connect alone.
+    Direct,
+    /// Fail closed: send it to the proxy's port, where it is refused; nothing to record.
+    Refuse,
+}
+
+/// With no proxy listening, the scope's policy decides.
+#[inline(always)]
+fn proxy_down(ctx: &SockAddrContext, cfg: &ScopeConfig, v6: bool) -> ProxyDown {
+    if proxy_listening(ctx, v6, cfg.proxy_port) {
+        ProxyDown::No
+    } else if cfg.flags & FLAG_FAIL_OPEN != 0 {
+        ProxyDown::Direct
+    } else {
+        ProxyDown::Refuse
+    }
+}
+
+/// Records the original destination under the socket's cookie. False if it could not.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, scope: u64, family: u16, addr: [u32; 4], port: u16) -> bool {
+    // SAFETY: the helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let dst = OrigDst {
+        addr,
+        port,
+        family,
+        _pad: 0,
+        scope,
+    };
+    ICP_PENDING.insert(cookie, dst, 0).is_ok()
+}
+
+/// The whole decision for one connect, shared by both families: `None` when the connect is
+/// left alone (its reason already counted), else the counter of the rewrite to the proxy's
+/// port (`Redirected` with a record stored, or `ProxyDownRefused` without one).
+#[inline(always)]
+fn decide(
+    ctx: &SockAddrContext,
+    scope: u64,
+    cfg: &ScopeConfig,
+    sk: *mut bpf_sock,
+    family: u16,
+    addr: [u32; 4],
+    port: u16,
+) -> Option<Counter> {
+    if let Some(why) = exemption(scope, cfg, sk, family, &addr, port) {
+        count(scope, why);
+        return None;
+    }
+    match proxy_down(ctx, cfg, family == AF_INET6) {
+        ProxyDown::Direct => {
+            count(scope, Counter::ProxyDownDirect);
+            None
+        }
+        ProxyDown::Refuse => Some(Counter::ProxyDownRefused),
+        ProxyDown::No if record(ctx, scope, family, addr, port) => Some(Counter::Redirected),
+        ProxyDown::No => {
+            count(scope, Counter::RecordFailed);
+            None
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the context the kernel passed; fields are read and written whole.
+    unsafe {
+        if (*sa).type_ != SOCK_STREAM {
+            return ALLOW;
+        }
+        let scope = scope_id();
+        let Some(cfg) = ICP_CONFIG.get(scope) else {
+            return ALLOW;
+        };
+        let ip = (*sa).user_ip4;
+        let port = u16::from_be((*sa).user_port as u16);
+        let addr = mapped_v4(ip);
+        let sk = (*sa).__bindgen_anon_1.sk;
+        let Some(outcome) = decide(&ctx, scope, cfg, sk, AF_INET, addr, port) else {
+            return ALLOW;
+        };
+        (*sa).user_ip4 = LOOPBACK4;
+        (*sa).user_port = u16::to_be(cfg.proxy_port) as u32;
+        count(scope, outcome);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as in `redirect_connect4`; `user_ip6` is read and written one word at a time.
+    unsafe {
+        if (*sa).type_ != SOCK_STREAM {
+            return ALLOW;
+        }
+        let scope = scope_id();
+        let Some(cfg) = ICP_CONFIG.get(scope) else {
+            return ALLOW;
+        };
+        let addr = [
+            rd(&(*sa).user_ip6[0]),
+            rd(&(*sa).user_ip6[1]),
+            rd(&(*sa).user_ip6[2]),
+            rd(&(*sa).user_ip6[3]),
+        ];
+        let port = u16::from_be((*sa).user_port as u16);
+        let family = if is_mapped_v4(&addr) {
+            AF_INET
+        } else {
+            AF_INET6
+        };
+        let sk = (*sa).__bindgen_anon_1.sk;
+        let Some(outcome) = decide(&ctx, scope, cfg, sk, family, addr, port) else {
+            return ALLOW;
+        };
+        if family == AF_INET {
+            // An IPv4-mapped destination stays IPv4 on the wire: send it to 127.0.0.1.
+            (*sa).user_ip6[2] = u32::to_be(0x0000_ffff);
+            (*sa).user_ip6[3] = LOOPBACK4;
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = 0;
+            (*sa).user_ip6[3] = LOOPBACK6[3];
+        }
+        (*sa).user_port = u16::to_be(cfg.proxy_port) as u32;
+        count(scope, outcome);
+    }
+    ALLOW
+}

@@ -1,0 +1,191 @@
+//! The proxy's questions about an accepted socket: `answer_getsockopt`, attached once at the
+//! cgroup2 root, answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)`,
+//! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` and `getsockopt(SOL_IP, SO_ICP_WORKLOAD)`
+//! from the connection's record in `ICP_HANDOFF`, so a proxy that works behind iptables
+//! REDIRECT works unchanged. Sockets without a record get the kernel's own answer.
+use aya_ebpf::{
+    bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
+use interceptor_common::{
+    mapped_v4, Counter, OrigDst, TupleKey, AF_INET, AF_INET6, META_PATH_LEN, SOL_IP, SOL_IPV6,
+    SO_ICP_WORKLOAD, SO_ORIGINAL_DST,
+};
+
+use crate::{
+    counters::count,
+    ctx::{rd, SOCK_STREAM},
+    maps::{ICP_HANDOFF, ICP_META},
+};
+
+/// Writes `sockaddr_in` (16 bytes) or `sockaddr_in6` (28 bytes) for `dst` into the option
+/// buffer and reports success, or leaves everything as it was and returns false.
+#[inline(always)]
+fn write_sockaddr(sopt: *mut bpf_sockopt, dst: &OrigDst, as_v6: bool) -> bool {
+    // SAFETY: every store is bounds-checked against `optval_end` first, as the verifier requires.
+    unsafe {
+        let start = (*sopt).__bindgen_anon_2.optval as *mut u8;
+        let end = (*sopt).__bindgen_anon_3.optval_end as *mut u8;
+        let port = dst.port.to_be_bytes();
+        if !as_v6 {
+            if start.add(16) > end || (*sopt).optlen < 16 {
+                return false;
+            }
+            let family = AF_INET.to_ne_bytes();
+            *start = family[0];
+            *start.add(1) = family[1];
+            *start.add(2) = port[0];
+            *start.add(3) = port[1];
+            let a = dst.addr[3].to_ne_bytes();
+            *start.add(4) = a[0];
+            *start.add(5) = a[1];
+            *start.add(6) = a[2];
+            *start.add(7) = a[3];
+            let mut i = 8;
+            while i < 16 {
+                *start.add(i) = 0;
+                i += 1;
+            }
+            write_result(sopt, 16);
+        } else {
+            if start.add(28) > end || (*sopt).optlen < 28 {
+                return false;
+            }
+            let family = AF_INET6.to_ne_bytes();
+            *start = family[0];
+            *start.add(1) = family[1];
+            *start.add(2) = port[0];
+            *start.add(3) = port[1];
+            // sin6_flowinfo
+            *start.add(4) = 0;
+            *start.add(5) = 0;
+            *start.add(6) = 0;
+            *start.add(7) = 0;
+            let mut w = 0;
+            while w < 4 {
+                let b = dst.addr[w].to_ne_bytes();
+                *start.add(8 + w * 4) = b[0];
+                *start.add(9 + w * 4) = b[1];
+                *start.add(10 + w * 4) = b[2];
+                *start.add(11 + w * 4) = b[3];
+                w += 1;
+            }
+            // sin6_scope_id
+            *start.add(24) = 0;
+            *start.add(25) = 0;
+            *start.add(26) = 0;
+            *start.add(27) = 0;
+            write_result(sopt, 28);
+        }
+    }
+    true
+}
+
+/// Answers `SO_ICP_WORKLOAD` with the scope's cgroup path (as many bytes as fit), or leaves
+/// the kernel's answer when the scope has no metadata.
+#[inline(always)]
+fn write_workload(sopt: *mut bpf_sockopt, scope: u64) {
+    let Some(meta) = (unsafe { ICP_META.get(scope) }) else {
+        return;
+    };
+    // SAFETY: every store is bounds-checked against `optval_end` first.
+    unsafe {
+        let start = (*sopt).__bindgen_anon_2.optval as *mut u8;
+        let end = (*sopt).__bindgen_anon_3.optval_end as *mut u8;
+        let want = meta.path_len as usize;
+        let mut i = 0usize;
+        while i < META_PATH_LEN && i < want {
+            if start.add(i + 1) > end {
+                break;
+            }
+            *start.add(i) = meta.path[i];
+            i += 1;
+        }
+        write_result(sopt, i as i32);
+    }
+}
+
+/// `optlen` and `retval` are written with two separate 4-byte stores: LLVM would otherwise
+/// merge them into one 8-byte store, which the verifier rejects.
+#[inline(always)]
+fn write_result(sopt: *mut bpf_sockopt, len: i32) {
+    // SAFETY: both fields are writable in cgroup/getsockopt programs.
+    unsafe {
+        core::ptr::write_volatile(&mut (*sopt).optlen, len);
+        core::ptr::write_volatile(&mut (*sopt).retval, 0);
+    }
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
+    let sopt: *mut bpf_sockopt = ctx.sockopt;
+    // SAFETY: reads of the kernel-provided context; `sk` is checked before use.
+    unsafe {
+        let level = (*sopt).level;
+        let optname = (*sopt).optname;
+        let workload = optname == SO_ICP_WORKLOAD && level == SOL_IP;
+        if !workload && (optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6)) {
+            return 1;
+        }
+        let sk = (*sopt).__bindgen_anon_1.sk;
+        if sk.is_null() || (*sk).type_ != SOCK_STREAM {
+            return 1;
+        }
+        // Every field is read before the family is looked at (see `ctx::rd`).
+        let family = rd(&(*sk).family);
+        let src4 = rd(&(*sk).src_ip4);
+        let dst4 = rd(&(*sk).dst_ip4);
+        let src6 = [
+            rd(&(*sk).src_ip6[0]),
+            rd(&(*sk).src_ip6[1]),
+            rd(&(*sk).src_ip6[2]),
+            rd(&(*sk).src_ip6[3]),
+        ];
+        let dst6 = [
+            rd(&(*sk).dst_ip6[0]),
+            rd(&(*sk).dst_ip6[1]),
+            rd(&(*sk).dst_ip6[2]),
+            rd(&(*sk).dst_ip6[3]),
+        ];
+        let src_port = rd(&(*sk).src_port);
+        let dst_port = core::ptr::read_volatile(&(*sk).dst_port);
+        let (local, remote) = if family == AF_INET as u32 {
+            (mapped_v4(src4), mapped_v4(dst4))
+        } else if family == AF_INET6 as u32 {
+            (src6, dst6)
+        } else {
+            return 1;
+        };
+        let key = TupleKey {
+            netns: bpf_get_netns_cookie(sopt.cast()),
+            client_addr: remote,
+            proxy_addr: local,
+            client_port: u16::from_be(dst_port),
+            proxy_port: src_port as u16,
+            _pad: 0,
+        };
+        let Some(dst) = ICP_HANDOFF.get_ptr(key) else {
+            count(0, Counter::OrigDstMissing);
+            return 1;
+        };
+        let dst = *dst;
+        if workload {
+            write_workload(sopt, dst.scope);
+            return 1;
+        }
+        // SOL_IP on an AF_INET socket: sockaddr_in. SOL_IPV6: sockaddr_in6 (IPv4-mapped for
+        // an IPv4 destination). SOL_IP on an AF_INET6 socket (HAProxy asks this way):
+        // sockaddr_in for an IPv4 destination, sockaddr_in6 for an IPv6 one.
+        let as_v6 = level == SOL_IPV6 || dst.family == AF_INET6;
+        if level == SOL_IP && family == AF_INET as u32 && dst.family == AF_INET6 {
+            count(dst.scope, Counter::OrigDstMissing);
+            return 1;
+        }
+        if write_sockaddr(sopt, &dst, as_v6) {
+            count(dst.scope, Counter::OrigDstAnswered);
+        } else {
+            count(dst.scope, Counter::OrigDstMissing);
+        }
+    }
+    1
+}

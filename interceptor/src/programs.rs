@@ -1,0 +1,74 @@
+//! The kernel programs of this binary: the embedded object loaded for a scope (reusing the
+//! pinned maps), its programs verified and loaded one by one, and which program each pinned
+//! link runs. `attach` and `upgrade` both load through here.
+use std::{
+    os::fd::{AsFd as _, BorrowedFd},
+    path::Path,
+};
+
+use aya::{programs::Program, Ebpf, EbpfLoader};
+use interceptor_common::SCOPE_ID_GLOBAL;
+
+use crate::{
+    error::{Error, Result},
+    object::EBPF_OBJECT,
+    paths::{PinLayout, INBOUND_LINK},
+};
+
+/// Loads the object for `scope`, reusing the pinned maps (creating and pinning them the first
+/// time). Programs are verified and loaded later, one by one, by [`program_fd`].
+pub(crate) fn load(layout: &PinLayout, scope: u64) -> Result<Ebpf> {
+    let log_level = crate::kernel_log::level();
+    EbpfLoader::new()
+        .default_map_pin_directory(layout.maps_dir())
+        .override_global(SCOPE_ID_GLOBAL, &scope, true)
+        .override_global(crate::kernel_log::LEVEL_GLOBAL, &log_level, true)
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::bpf("loading the kernel programs", e))
+}
+
+/// The fd of program `name` of this load, loading (verifying) it the first time.
+pub(crate) fn program_fd<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    for_what: &Path,
+) -> Result<BorrowedFd<'a>> {
+    let err = |e: aya::programs::ProgramError| {
+        Error::bpf(format!("loading {name} for {}", for_what.display()), e)
+    };
+    let prog = ebpf.program_mut(name).ok_or_else(|| {
+        Error::bpf(
+            "finding program",
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("program {name} is not in the embedded object"),
+            ),
+        )
+    })?;
+    if prog.fd().is_err() {
+        match prog {
+            Program::CgroupSockAddr(p) => p.load().map_err(err)?,
+            Program::SockOps(p) => p.load().map_err(err)?,
+            Program::CgroupSockopt(p) => p.load().map_err(err)?,
+            Program::SkLookup(p) => p.load().map_err(err)?,
+            _ => unreachable!("the object holds only these program types"),
+        }
+    }
+    let prog = ebpf.program(name).expect("found above");
+    Ok(prog.fd().map_err(err)?.as_fd())
+}
+
+/// The kernel program each pinned link runs.
+pub(crate) fn program_for_link(link: &str) -> &'static str {
+    use interceptor_common::programs as p;
+    match link {
+        "connect4" => p::CONNECT4,
+        "connect6" => p::CONNECT6,
+        "getpeername4" => p::GETPEERNAME4,
+        "getpeername6" => p::GETPEERNAME6,
+        "sock_ops" => p::SOCK_OPS,
+        "getsockopt" => p::GETSOCKOPT,
+        INBOUND_LINK => p::SK_LOOKUP,
+        other => unreachable!("no program for link {other}"),
+    }
+}
