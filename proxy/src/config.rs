@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
-use crate::metrics::DestinationLimits;
+use crate::stats::DestinationLimits;
 use std::time::Duration;
 
 use clap::Parser;

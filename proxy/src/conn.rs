@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::forward::{forward, reset_on_close};
-use crate::metrics::Direction;
+use crate::stats::Direction;
 use crate::stats::{ConnectErrorKind, Stats};
 
 /// Listen backlog of the proxy's listeners (capped by net.core.somaxconn).

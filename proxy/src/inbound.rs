@@ -18,7 +18,7 @@ use tracing::warn;
 
 use crate::conn::{connect_and_forward, Handler, UpstreamOptions};
 use crate::forward::reset_on_close;
-use crate::metrics::Direction;
+use crate::stats::Direction;
 use crate::stats::{ActiveGuard, Stats};
 
 /// What every inbound connection needs; shared by all inbound listeners of one proxy.

@@ -248,7 +248,7 @@ impl Proxy {
         };
         inherited.close_rest();
         let stats = Arc::new(Stats {
-            destinations: metrics::Destinations::new(
+            destinations: stats::Destinations::new(
                 config.destination_stats,
                 config.destination_limits,
             ),
@@ -430,7 +430,10 @@ impl Proxy {
             );
             tokio::spawn(admin::serve(l, state, stop_admin.clone()))
         });
-        let evictor = tokio::spawn(metrics::evict_idle_loop(stats.clone()));
+        let evictor = {
+            let stats = stats.clone();
+            tokio::spawn(async move { stats.destinations.evict_idle_loop().await })
+        };
         ready.set(Readiness::Ready);
         info!(
             outbound = ?outbound_addrs,

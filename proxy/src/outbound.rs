@@ -11,8 +11,8 @@ use tracing::warn;
 
 use crate::conn::{connect_and_forward, Handler, UpstreamOptions};
 use crate::forward::reset_on_close;
-use crate::metrics::Direction;
 use crate::original_dst::{original_dst, OriginalDstError};
+use crate::stats::Direction;
 use crate::stats::{ActiveGuard, Stats};
 
 /// How the original destination of an accepted connection is found. The default is

@@ -24,7 +24,7 @@ use tracing::debug;
 use super::detect::{self, Detected};
 use super::{pick_weighted, Cluster, HeaderOps, PortPlan, Protocol, Route, Routing};
 use crate::conn::{connect_and_forward, connect_upstream, UpstreamOptions};
-use crate::metrics::Direction;
+use crate::stats::Direction;
 use crate::stats::Stats;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
