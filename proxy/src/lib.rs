@@ -351,8 +351,8 @@ impl Proxy {
                 })?)
             }
         };
-        let http = routing.path().is_some().then(|| {
-            Arc::new(routing::http::HttpProxy::new(
+        let routes = routing.path().is_some().then(|| {
+            Arc::new(routing::RouteServer::new(
                 routing.clone(),
                 stats.clone(),
                 conn::UpstreamOptions {
@@ -368,7 +368,7 @@ impl Proxy {
             connect_timeout: config.connect_timeout,
             stats: stats.clone(),
             lookup,
-            http,
+            routes,
         });
         let route_watcher = tokio::spawn(routing::watch(routing.clone()));
         let mut own_ports: Vec<u16> = outbound_addrs

@@ -38,7 +38,7 @@ pub struct Outbound {
     /// Original destination lookup.
     pub lookup: OriginalDstLookup,
     /// Routing of connections to service ports (with `--routes`).
-    pub http: Option<Arc<crate::routing::http::HttpProxy>>,
+    pub routes: Option<Arc<crate::routing::RouteServer>>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -72,12 +72,17 @@ impl Handler for Outbound {
             reset_on_close(&client);
             return;
         }
-        if let Some(http) = &self.http {
-            let plan = http.routing.current().plan(orig_dst).cloned();
+        if let Some(routes) = &self.routes {
+            let plan = routes.routing.current().plan(orig_dst).cloned();
             if let Some(plan) = plan {
                 let workload = crate::original_dst::calling_workload(&client);
                 // Boxed: only routed connections pay for the routing state.
-                Box::pin(http.clone().handle(client, peer, orig_dst, plan, workload)).await;
+                Box::pin(
+                    routes
+                        .clone()
+                        .handle(client, peer, orig_dst, plan, workload),
+                )
+                .await;
                 return;
             }
         }
@@ -178,7 +183,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             stats: Arc::default(),
             lookup: getsockopt_lookup(),
-            http: None,
+            routes: None,
         });
         let task = connection_task(ctx, s, peer, CancellationToken::new());
         let size = std::mem::size_of_val(&task);
