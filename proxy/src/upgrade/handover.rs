@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::control::{check_peer, ControlSocket};
 use super::wire::{Channel, Message, CONTROL_ID};
+use crate::drain::DrainWatch;
 use crate::stats::Stats;
 
 /// How long the running process waits for the new one to become ready.
@@ -75,14 +75,14 @@ impl Successor {
     }
 }
 
-/// Serves upgrades on `control` until `stop` is cancelled or a new process is ready; the
-/// ready one is sent on `release`. Closes the offered copies and the control socket
+/// Serves upgrades on `control` until the drain starts (this process stops accepting: a
+/// shutdown, or a new process is ready); the ready one is sent on `release`. Closes the offered copies and the control socket
 /// before it returns.
 pub async fn serve(
     control: ControlSocket,
     offer: Offer,
     stats: Arc<Stats>,
-    stop: CancellationToken,
+    stop: DrainWatch,
     release: oneshot::Sender<Successor>,
 ) {
     let mut offer = offer;
@@ -98,7 +98,7 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = stop.signaled() => break,
             r = control.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -140,12 +140,12 @@ async fn session(
     stats: Arc<Stats>,
     busy: Arc<AtomicBool>,
     release: Arc<Mutex<Option<oneshot::Sender<Successor>>>>,
-    stop: CancellationToken,
+    stop: DrainWatch,
 ) {
     let peer = check_peer(&stream);
     let mut chan = Channel::new(stream);
     let hello = tokio::select! {
-        _ = stop.cancelled() => return,
+        _ = stop.signaled() => return,
         r = tokio::time::timeout(HELLO_TIMEOUT, chan.recv()) => r,
     };
     match hello {
@@ -201,7 +201,7 @@ async fn session(
         return;
     }
     let answer = tokio::select! {
-        _ = stop.cancelled() => return,
+        _ = stop.signaled() => return,
         r = tokio::time::timeout(READY_TIMEOUT, chan.recv()) => r,
     };
     match answer {

@@ -22,11 +22,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conn::{connect_upstream, UpstreamOptions};
 use crate::routing::balance::{pick_weighted, Cluster};
 use crate::routing::file::Protocol;
 use crate::routing::reload::Routing;
 use crate::routing::table::{HeaderOps, PortPlan, Route};
+use crate::upstream::{connect_upstream, UpstreamOptions};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.

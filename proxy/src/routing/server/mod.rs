@@ -23,8 +23,8 @@ use super::detect::{self, Detected};
 use super::file::Protocol;
 use super::reload::Routing;
 use super::table::PortPlan;
-use crate::conn::UpstreamOptions;
 use crate::stats::Stats;
+use crate::upstream::UpstreamOptions;
 
 /// Serves connections to routed service ports; shared by every such connection of one
 /// proxy.

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use crate::conn::{connect_and_forward, UpstreamOptions};
 use crate::routing::reload::Routing;
 use crate::routing::table::PortPlan;
 use crate::stats::{Direction, Stats};
+use crate::upstream::{connect_and_forward, UpstreamOptions};
 
 /// Picks one of the service's endpoints and forwards the connection there.
 pub async fn serve(

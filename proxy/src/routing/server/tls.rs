@@ -7,12 +7,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conn::{connect_and_forward, UpstreamOptions};
 use crate::routing::balance::pick_weighted;
 use crate::routing::detect;
 use crate::routing::reload::Routing;
 use crate::routing::table::PortPlan;
 use crate::stats::{Direction, Stats};
+use crate::upstream::{connect_and_forward, UpstreamOptions};
 
 /// Peeks at the SNI, picks the upstream and forwards the connection there untouched.
 pub async fn serve(
