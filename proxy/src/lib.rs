@@ -26,8 +26,8 @@
 //! Use [`Proxy::bind`] then [`Proxy::serve`], or [`run`] which does both and stops on
 //! SIGTERM/SIGINT. Counters are in [`stats`], rendered for Prometheus by [`metrics`] and
 //! served with the rest of the admin API by [`admin`]; the command line is [`config`].
-// One system call has no safe wrapper: the getsockopt of the calling workload
-// (`original_dst::calling_workload`).
+// One system call has no safe wrapper: getsockopt with the kernel programs' own options
+// (`original_dst::getsockopt`, for SO_ORIGINAL_DST and SO_ICP_WORKLOAD).
 #![deny(unsafe_code)]
 
 pub mod admin;

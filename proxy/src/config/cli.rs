@@ -2,7 +2,9 @@
 
 use clap::Parser;
 
-use super::settings::DEFAULT_ADMIN;
+use super::settings::{
+    DEFAULT_ADMIN, DEFAULT_BYPASS_MARK, DEFAULT_INBOUND_SOURCE, DEFAULT_INBOUND_SOURCE6,
+};
 
 /// Command line of `interceptor-proxy`. Values are kept as text here and validated by
 /// [`Config::from_cli`], so every error has the same shape.
@@ -30,17 +32,25 @@ pub struct Cli {
     #[arg(
         long = "inbound-source",
         value_name = "ADDR4",
-        default_value = "127.0.0.6"
+        default_value_t = DEFAULT_INBOUND_SOURCE.to_string()
     )]
     pub inbound_source: String,
 
     /// Source address bound before connecting to the workload for IPv6 inbound connections.
-    #[arg(long = "inbound-source6", value_name = "ADDR6", default_value = "::1")]
+    #[arg(
+        long = "inbound-source6",
+        value_name = "ADDR6",
+        default_value_t = DEFAULT_INBOUND_SOURCE6.to_string()
+    )]
     pub inbound_source6: String,
 
     /// SO_MARK set on upstream sockets so interception lets them through
     /// (hex 0x539 or decimal 1337; 0 = set no mark).
-    #[arg(long = "bypass-mark", value_name = "MARK", default_value = "0x539")]
+    #[arg(
+        long = "bypass-mark",
+        value_name = "MARK",
+        default_value_t = format!("{DEFAULT_BYPASS_MARK:#x}")
+    )]
     pub bypass_mark: String,
 
     /// Upstream connect timeout (e.g. 5s, 500ms, 1m; a bare number is seconds).
@@ -52,7 +62,7 @@ pub struct Cli {
     pub connect_timeout: String,
 
     /// Admin HTTP listener (GET /ready, /stats, /metrics); "" or "off" disables it.
-    #[arg(long = "admin", value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+    #[arg(long = "admin", value_name = "ADDR", default_value_t = DEFAULT_ADMIN.to_string())]
     pub admin: String,
 
     /// Tokio worker threads (default: number of CPUs; 1 = single-threaded runtime).

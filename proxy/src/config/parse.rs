@@ -5,6 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use interceptor_common::MARK_SYNTAX;
+
 use super::error::ConfigError;
 use super::settings::LogFormat;
 
@@ -75,20 +77,15 @@ pub(super) fn parse_source6(s: &str) -> Result<Ipv6Addr, ConfigError> {
     Ok(ip)
 }
 
-/// Parses a socket mark: `0x539` (hex) or `1337` (decimal). 0 means "set no mark".
+/// Parses a socket mark as the loader does (`interceptor_common::parse_mark`): `0x539`
+/// (hex) or `1337` (decimal). 0 means "set no mark".
 pub fn parse_mark(s: &str) -> Result<u32, ConfigError> {
-    let t = s.trim();
-    let parsed = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        u32::from_str_radix(hex, 16)
-    } else {
-        t.parse::<u32>()
-    };
-    parsed.map_err(|e| {
+    interceptor_common::parse_mark(s).map_err(|_| {
         ConfigError::new(
             "--bypass-mark",
             s,
-            format!("not a 32-bit mark ({e})"),
-            "write it as hex (0x539) or decimal (1337), matching the mark the interception programs exempt; 0 sets no mark",
+            format!("not {MARK_SYNTAX}"),
+            "give the mark the interception programs exempt (interceptor attach --bypass-mark); 0 sets no mark",
         )
     })
 }

@@ -1,20 +1,40 @@
 //! The validated configuration, its defaults, and how `GET /config` shows it.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use interceptor_common::defaults;
+
 use crate::stats::DestinationLimits;
 
-/// Default outbound listeners (the workload's `connect()` is redirected here).
-pub const DEFAULT_OUTBOUND: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
+/// Default outbound listeners (the workload's `connect()` is redirected here): the port the
+/// kernel programs redirect to by default, on 127.0.0.1 and [::1].
+pub const DEFAULT_OUTBOUND: [SocketAddr; 2] = [
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::LOCALHOST,
+        defaults::OUTBOUND_PORT,
+    )),
+    SocketAddr::V6(SocketAddrV6::new(
+        Ipv6Addr::LOCALHOST,
+        defaults::OUTBOUND_PORT,
+        0,
+        0,
+    )),
+];
 /// Default admin listener (`/ready`, `/stats`, `/metrics`).
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, defaults::ADMIN_PORT));
 /// Default bypass mark: the kernel programs let sockets carrying it through.
-pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
+pub const DEFAULT_BYPASS_MARK: u32 = defaults::BYPASS_MARK;
 /// Default source address of forwarded inbound connections to IPv4 destinations.
-pub const DEFAULT_INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+pub const DEFAULT_INBOUND_SOURCE: Ipv4Addr = {
+    let [a, b, c, d] = defaults::INBOUND_SOURCE4;
+    Ipv4Addr::new(a, b, c, d)
+};
 /// Default source address of forwarded inbound connections to IPv6 destinations.
+// TODO(common): `defaults::INBOUND_SOURCE6` (::1), next to `INBOUND_SOURCE4`; the kernel
+// programs let every loopback source through, so ::1 is what they expect today.
 pub const DEFAULT_INBOUND_SOURCE6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 
 /// Log output format.
@@ -72,17 +92,14 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            outbound: DEFAULT_OUTBOUND
-                .iter()
-                .map(|a| a.parse().expect("default outbound address parses"))
-                .collect(),
+            outbound: DEFAULT_OUTBOUND.to_vec(),
             outbound_ipv6_optional: true,
             inbound: Vec::new(),
             inbound_source: DEFAULT_INBOUND_SOURCE,
             inbound_source6: DEFAULT_INBOUND_SOURCE6,
             bypass_mark: DEFAULT_BYPASS_MARK,
             connect_timeout: Duration::from_secs(5),
-            admin: Some(DEFAULT_ADMIN.parse().expect("default admin address parses")),
+            admin: Some(DEFAULT_ADMIN),
             workers: default_workers(),
             log_format: LogFormat::Text,
             drain_timeout: Duration::from_secs(5),
