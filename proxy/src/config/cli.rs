@@ -61,7 +61,8 @@ pub struct Cli {
     )]
     pub connect_timeout: String,
 
-    /// Admin HTTP listener (GET /ready, /stats, /metrics); "" or "off" disables it.
+    /// Admin HTTP listener (GET /ready, /stats, /metrics, /listeners, /config, /runtime,
+    /// /routes); "" or "off" disables it.
     #[arg(long = "admin", value_name = "ADDR", default_value_t = DEFAULT_ADMIN.to_string())]
     pub admin: String,
 
