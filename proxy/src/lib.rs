@@ -1,7 +1,7 @@
 //! `interceptor-proxy`: the companion proxy of the eBPF interception programs.
 //!
 //! The kernel programs redirect a workload's `connect()` to the outbound listener
-//! (default 127.0.0.1:15001 and [::1]:15001) and answer `getsockopt(SO_ORIGINAL_DST)` on
+//! (default 127.0.0.1:15001 and \[::1\]:15001) and answer `getsockopt(SO_ORIGINAL_DST)` on
 //! the accepted socket. For each accepted connection this proxy:
 //!
 //! 1. asks for the original destination with that ordinary getsockopt ([`original_dst`]);

@@ -7,7 +7,7 @@ use super::settings::{
 };
 
 /// Command line of `interceptor-proxy`. Values are kept as text here and validated by
-/// [`Config::from_cli`], so every error has the same shape.
+/// [`Config::from_cli`](super::Config::from_cli), so every error has the same shape.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "interceptor-proxy",

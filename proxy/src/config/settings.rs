@@ -9,7 +9,7 @@ use interceptor_common::defaults;
 use crate::stats::DestinationLimits;
 
 /// Default outbound listeners (the workload's `connect()` is redirected here): the port the
-/// kernel programs redirect to by default, on 127.0.0.1 and [::1].
+/// kernel programs redirect to by default, on 127.0.0.1 and \[::1\].
 pub const DEFAULT_OUTBOUND: [SocketAddr; 2] = [
     SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::LOCALHOST,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A point-in-time copy of [`DirectionStats`].
+/// A point-in-time copy of [`DirectionStats`](super::DirectionStats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DirectionSnapshot {
     pub connections_total: u64,
@@ -21,7 +21,7 @@ pub struct DirectionSnapshot {
     pub bytes_upstream_to_client: u64,
 }
 
-/// A point-in-time copy of [`Stats`]; serialized, this is the flat `/stats` JSON object
+/// A point-in-time copy of [`Stats`](super::Stats); serialized, this is the flat `/stats` JSON object
 /// (outbound counters unprefixed, then `inbound_*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
