@@ -372,6 +372,9 @@ pub mod defaults {
     pub const BYPASS_UID: u32 = 1337;
     /// Source address of the proxy's inbound hop to the workload (IPv4).
     pub const INBOUND_SOURCE4: [u8; 4] = [127, 0, 0, 6];
+    /// Source address of the proxy's inbound hop to the workload (IPv6): ::1, which the
+    /// inbound program lets through like every loopback source.
+    pub const INBOUND_SOURCE6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 }
 
 /// Why a socket mark did not parse (see [`parse_mark`]).

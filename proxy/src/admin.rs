@@ -1,7 +1,14 @@
-//! Admin HTTP/1.1 server: `GET /ready`, `GET /stats` (JSON), `GET /metrics` (OpenMetrics
-//! text, see [`crate::metrics`]), `GET /listeners` (JSON: the bound outbound and inbound
-//! addresses), `GET /config` (JSON: the running configuration), `GET /runtime` and
-//! `POST /runtime?destination_stats=on|off` (run-time switches, JSON).
+//! Admin HTTP/1.1 server:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /ready` | 200 `ready`, or 503 `starting` / `draining` |
+//! | `GET /stats` | the counters, one flat JSON object ([`crate::stats::StatsSnapshot`]) |
+//! | `GET /metrics` | OpenMetrics text ([`crate::metrics`]) |
+//! | `GET /listeners` | JSON: the bound outbound and inbound addresses |
+//! | `GET /config` | JSON: the running configuration |
+//! | `GET /runtime`, `POST /runtime?destination_stats=on\|off` | JSON: the run-time switches |
+//! | `GET /routes`, `POST /routes/reload` | JSON: the routing file in force, its version and reloads |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -220,7 +227,7 @@ fn route(
     if method != Method::GET && method != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is supported here (and POST /runtime)\n",
+            "only GET is supported here (and POST /runtime, POST /routes/reload)\n",
         );
         r.headers_mut()
             .insert("allow", HeaderValue::from_static("GET, HEAD"));
@@ -252,7 +259,7 @@ fn route(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready, /stats, /metrics, /listeners, /config or /runtime\n",
+            "not found; try /ready, /stats, /metrics, /listeners, /config, /runtime or /routes\n",
         ),
     }
 }
@@ -293,7 +300,7 @@ mod tests {
                     "[::]:15006".parse().unwrap(),
                 ],
             },
-            crate::Config::default().to_json(),
+            crate::config::Config::default().to_json(),
             Arc::new(crate::routing::Routing::none()),
         );
         assert_eq!(route(&Method::GET, "/ready", None, &state).status(), 503);

@@ -9,11 +9,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use crate::conn::{connect_and_forward, Handler, UpstreamOptions};
 use crate::forward::reset_on_close;
-use crate::metrics::Direction;
+use crate::listener::Handler;
 use crate::original_dst::{original_dst, OriginalDstError};
+use crate::stats::Direction;
 use crate::stats::{ActiveGuard, Stats};
+use crate::upstream::{connect_and_forward, UpstreamOptions};
 
 /// How the original destination of an accepted connection is found. The default is
 /// [`original_dst`] (getsockopt); tests and embedders may substitute their own.
@@ -38,7 +39,7 @@ pub struct Outbound {
     /// Original destination lookup.
     pub lookup: OriginalDstLookup,
     /// Routing of connections to service ports (with `--routes`).
-    pub http: Option<Arc<crate::routing::http::HttpProxy>>,
+    pub routes: Option<Arc<crate::routing::RouteServer>>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -72,12 +73,17 @@ impl Handler for Outbound {
             reset_on_close(&client);
             return;
         }
-        if let Some(http) = &self.http {
-            let plan = http.routing.current().plan(orig_dst).cloned();
+        if let Some(routes) = &self.routes {
+            let plan = routes.routing.current().plan(orig_dst).cloned();
             if let Some(plan) = plan {
                 let workload = crate::original_dst::calling_workload(&client);
                 // Boxed: only routed connections pay for the routing state.
-                Box::pin(http.clone().handle(client, peer, orig_dst, plan, workload)).await;
+                Box::pin(
+                    routes
+                        .clone()
+                        .handle(client, peer, orig_dst, plan, workload),
+                )
+                .await;
                 return;
             }
         }
@@ -161,28 +167,5 @@ mod tests {
         let wild = [a("0.0.0.0:15001")];
         assert!(is_own_listener(a("127.0.0.1:15001"), &wild));
         assert!(!is_own_listener(a("198.51.100.7:15001"), &wild));
-    }
-
-    /// Every open connection costs one of these futures (plus its two sockets); keep it small.
-    #[tokio::test]
-    async fn connection_future_is_small() {
-        use crate::conn::connection_task;
-        use tokio::net::TcpListener;
-        use tokio_util::sync::CancellationToken;
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, peer) = l.accept().await.unwrap();
-        let ctx = Arc::new(Outbound {
-            listeners: vec![],
-            bypass_mark: 0,
-            connect_timeout: Duration::from_secs(1),
-            stats: Arc::default(),
-            lookup: getsockopt_lookup(),
-            http: None,
-        });
-        let task = connection_task(ctx, s, peer, CancellationToken::new());
-        let size = std::mem::size_of_val(&task);
-        println!("connection task future: {size} bytes");
-        assert!(size < 1024, "connection task future is {size} bytes");
     }
 }

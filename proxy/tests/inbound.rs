@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use interceptor_proxy::conn::{connect_upstream, connection_task, UpstreamOptions};
+use interceptor_proxy::drain::Deadline;
 use interceptor_proxy::inbound::Inbound;
+use interceptor_proxy::listener::connection_task;
 use interceptor_proxy::stats::ConnectErrorKind;
+use interceptor_proxy::upstream::{connect_upstream, UpstreamOptions};
 use interceptor_proxy::Stats;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const SOURCE4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
@@ -70,12 +71,7 @@ async fn steer(
     }
     let client = sock.connect(addr).await.unwrap();
     let (accepted, peer) = workload.accept().await.unwrap();
-    let task = tokio::spawn(connection_task(
-        ctx,
-        accepted,
-        peer,
-        CancellationToken::new(),
-    ));
+    let task = tokio::spawn(connection_task(ctx, accepted, peer, Deadline::never()));
     (client, task)
 }
 
@@ -175,12 +171,7 @@ async fn ipv4_mapped_destination_is_forwarded_as_ipv4() {
         accepted.local_addr().unwrap(),
         format!("[::ffff:127.0.0.1]:{port}").parse().unwrap()
     );
-    let task = tokio::spawn(connection_task(
-        ctx,
-        accepted,
-        peer,
-        CancellationToken::new(),
-    ));
+    let task = tokio::spawn(connection_task(ctx, accepted, peer, Deadline::never()));
     let (upstream, from) = tokio::time::timeout(Duration::from_secs(2), workload.accept())
         .await
         .expect("the proxy connects")
@@ -207,7 +198,7 @@ async fn upstream_refused_resets_the_client() {
         inbound(&stats, Duration::from_secs(2)),
         accepted,
         peer,
-        CancellationToken::new(),
+        Deadline::never(),
     ));
     let err = read_outcome(&mut client, Duration::from_secs(2))
         .await
@@ -252,7 +243,7 @@ async fn upstream_timeout_resets_the_client() {
         inbound(&stats, Duration::from_millis(300)),
         accepted,
         peer,
-        CancellationToken::new(),
+        Deadline::never(),
     ));
     let err = read_outcome(&mut client, Duration::from_secs(3))
         .await

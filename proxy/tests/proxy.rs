@@ -10,7 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use interceptor_proxy::drain::Deadline;
+use interceptor_proxy::inbound::Inbound;
+use interceptor_proxy::listener::connection_task;
 use interceptor_proxy::original_dst::OriginalDstError;
+use interceptor_proxy::outbound::{getsockopt_lookup, Outbound};
 use interceptor_proxy::{Config, OriginalDstLookup, Proxy, ProxyError, Stats, StatsSnapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -596,5 +600,50 @@ async fn inbound_bind_errors_name_the_listener_and_the_cause() {
         err.starts_with("inbound listener 192.0.2.1:15006: address not available")
             && err.contains("--inbound ADDR"),
         "{err}"
+    );
+}
+
+/// Every open connection costs one of these futures (plus its two sockets); keep it small,
+/// in both directions.
+#[tokio::test]
+async fn connection_future_is_small() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let accepted = || async {
+        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        l.accept().await.unwrap()
+    };
+    let stats = Arc::new(Stats::default());
+    let (s, peer) = accepted().await;
+    let outbound = Arc::new(Outbound {
+        listeners: vec![],
+        bypass_mark: 0,
+        connect_timeout: Duration::from_secs(1),
+        stats: stats.clone(),
+        lookup: getsockopt_lookup(),
+        routes: None,
+    });
+    let task = connection_task(outbound, s, peer, Deadline::never());
+    let outbound_size = std::mem::size_of_val(&task);
+    let (s, peer) = accepted().await;
+    let inbound = Arc::new(Inbound {
+        own_ports: vec![],
+        source_v4: "127.0.0.6".parse().unwrap(),
+        source_v6: std::net::Ipv6Addr::LOCALHOST,
+        bypass_mark: 0,
+        connect_timeout: Duration::from_secs(1),
+        stats,
+    });
+    let task = connection_task(inbound, s, peer, Deadline::never());
+    let inbound_size = std::mem::size_of_val(&task);
+    println!(
+        "connection task future: outbound {outbound_size} bytes, inbound {inbound_size} bytes"
+    );
+    assert!(
+        outbound_size < 1024,
+        "outbound connection task future is {outbound_size} bytes"
+    );
+    assert!(
+        inbound_size < 1024,
+        "inbound connection task future is {inbound_size} bytes"
     );
 }

@@ -1,5 +1,6 @@
-//! Routed connections: HTTP/1.1 and HTTP/2 served by hyper and routed per request, TLS by
-//! SNI, TCP opaque to the service's endpoints.
+//! HTTP/1.1 and HTTP/2 (gRPC) connections to a routed service port: served by hyper, each
+//! request routed on its own (first matching route, weighted cluster, endpoint by the
+//! cluster's load balancing) and sent on a pooled upstream connection with the bypass mark.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,11 +22,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::detect::{self, Detected};
-use super::{pick_weighted, Cluster, HeaderOps, PortPlan, Protocol, Route, Routing};
-use crate::conn::{connect_and_forward, connect_upstream, UpstreamOptions};
-use crate::metrics::Direction;
-use crate::stats::Stats;
+use crate::routing::balance::{pick_weighted, Cluster};
+use crate::routing::file::Protocol;
+use crate::routing::reload::Routing;
+use crate::routing::table::{HeaderOps, PortPlan, Route};
+use crate::upstream::{connect_upstream, UpstreamOptions};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -66,23 +67,23 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// What routed connections share: the routes and the upstream connection pools.
-pub struct HttpProxy {
-    pub routing: Arc<Routing>,
-    pub stats: Arc<Stats>,
-    pub opts: UpstreamOptions,
+/// Routes HTTP requests: the routes in force and the upstream connection pools (HTTP/1.1
+/// and HTTP/2), shared by every routed connection of one proxy.
+pub struct HttpRouter {
+    routing: Arc<Routing>,
     h1: Client<Connector, Body>,
     h2: Client<Connector, Body>,
 }
 
-impl std::fmt::Debug for HttpProxy {
+impl std::fmt::Debug for HttpRouter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpProxy").finish_non_exhaustive()
+        f.debug_struct("HttpRouter").finish_non_exhaustive()
     }
 }
 
-impl HttpProxy {
-    pub fn new(routing: Arc<Routing>, stats: Arc<Stats>, opts: UpstreamOptions) -> Self {
+impl HttpRouter {
+    /// A router over `routing` whose upstream connections are made with `opts`.
+    pub fn new(routing: Arc<Routing>, opts: UpstreamOptions) -> Self {
         let connector = Connector { opts };
         let h1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -91,96 +92,12 @@ impl HttpProxy {
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        HttpProxy {
-            routing,
-            stats,
-            opts,
-            h1,
-            h2,
-        }
+        HttpRouter { routing, h1, h2 }
     }
 
-    /// Handles a connection to a routed service port, by the port's protocol.
-    pub async fn handle(
-        self: Arc<Self>,
-        client: TcpStream,
-        peer: SocketAddr,
-        orig_dst: SocketAddr,
-        plan: PortPlan,
-        workload: Option<String>,
-    ) {
-        let proto = match plan.protocol {
-            Protocol::Auto => {
-                let mut buf = [0u8; 32];
-                match detect::detect(&client, self.routing.detection_timeout, &mut buf)
-                    .await
-                    .0
-                {
-                    Detected::Http1 | Detected::Http2 => Protocol::Http,
-                    Detected::Tls => Protocol::Tls,
-                    Detected::Opaque => Protocol::Tcp,
-                }
-            }
-            p => p,
-        };
-        match proto {
-            Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
-                self.stats.outbound.forwarded_total.fetch_add(1, Relaxed);
-                self.serve_http(client, peer, orig_dst, plan, workload)
-                    .await
-            }
-            Protocol::Tls => {
-                let sni = detect::peek_sni(&client, Duration::from_secs(10)).await;
-                let table = self.routing.current();
-                let rule = sni.as_deref().and_then(|s| {
-                    table
-                        .tls_rules(&plan)
-                        .iter()
-                        .find(|r| r.sni.iter().any(|h| h == s))
-                });
-                let dst = match rule {
-                    Some(r) => pick_weighted(&r.clusters, r.total_weight)
-                        .pick(&[])
-                        .map_or(orig_dst, |e| e.addr),
-                    None => self.default_endpoint(&plan, orig_dst),
-                };
-                debug!(client = %peer, sni = ?sni, upstream = %dst, "TLS passthrough");
-                connect_and_forward(
-                    client,
-                    peer,
-                    dst,
-                    &self.opts,
-                    &self.stats,
-                    Direction::Outbound,
-                )
-                .await
-            }
-            Protocol::Tcp | Protocol::Auto => {
-                let dst = self.default_endpoint(&plan, orig_dst);
-                connect_and_forward(
-                    client,
-                    peer,
-                    dst,
-                    &self.opts,
-                    &self.stats,
-                    Direction::Outbound,
-                )
-                .await
-            }
-        }
-    }
-
-    /// An endpoint of the service's own cluster, or the original destination when the
-    /// service lists none.
-    fn default_endpoint(&self, plan: &PortPlan, orig_dst: SocketAddr) -> SocketAddr {
-        self.routing
-            .current()
-            .default_cluster(&plan.service, plan.port)
-            .and_then(|c| c.pick(&[]))
-            .map_or(orig_dst, |e| e.addr)
-    }
-
-    async fn serve_http(
+    /// Serves an HTTP/1.1 or HTTP/2 connection to a routed service port, routing each
+    /// request on its own.
+    pub async fn serve(
         self: Arc<Self>,
         client: TcpStream,
         peer: SocketAddr,

@@ -1,103 +1,18 @@
-//! What outbound and inbound listeners share: binding, the accept loop, the per-connection
-//! task with its drain deadline, the upstream connect and the forward to it.
-//!
-//! A direction only decides where an accepted connection goes (or that it must be
-//! refused); [`connect_and_forward`] does the rest the same way for both.
+//! The upstream side of a connection, the same for both directions: a socket carrying the
+//! bypass mark (and, inbound, the inbound source address), the connect, and the forward
+//! between the client and it with its counters.
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::forward::{forward, reset_on_close};
-use crate::metrics::Direction;
-use crate::stats::{ConnectErrorKind, Stats};
-
-/// Listen backlog of the proxy's listeners (capped by net.core.somaxconn).
-const BACKLOG: i32 = 1024;
-
-/// Binds one listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so that
-/// `0.0.0.0:P` and `[::]:P` can both be bound and IPv4 goes to the IPv4 one). TCP_NODELAY
-/// is set here once: accepted sockets inherit it from the listener.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-    }
-    sock.set_reuse_address(true)?;
-    sock.set_tcp_nodelay(true)?;
-    sock.bind(&addr.into())?;
-    sock.listen(BACKLOG)?;
-    sock.set_nonblocking(true)?;
-    Ok(sock.into())
-}
-
-/// What a direction does with an accepted connection.
-pub trait Handler: Send + Sync + 'static {
-    /// Handles one accepted connection from start to close.
-    fn handle(&self, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send;
-}
-
-/// Accepts until `stop` is cancelled, running each connection on `tracker` until it ends
-/// or `kill` is cancelled (drain deadline).
-pub async fn accept_loop<H: Handler>(
-    listener: TcpListener,
-    ctx: Arc<H>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    kill: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                tracker.spawn(connection_task(ctx.clone(), stream, peer, kill.clone()));
-            }
-            Err(e) if is_transient_accept_error(&e) => {}
-            Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; queued clients wait.
-                warn!(listener = ?listener.local_addr().ok(), error = %e, "accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    )
-}
-
-/// The task of one accepted connection: runs it to the end, or until `kill` (the drain
-/// deadline) is cancelled, which closes both sockets.
-pub async fn connection_task<H: Handler>(
-    ctx: Arc<H>,
-    client: TcpStream,
-    peer: SocketAddr,
-    kill: CancellationToken,
-) {
-    tokio::select! {
-        biased;
-        _ = kill.cancelled() => {}
-        _ = ctx.handle(client, peer) => {}
-    }
-}
+use crate::stats::{ConnectErrorKind, Direction, Stats};
 
 /// How upstream sockets are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,133 @@
+//! The command line of `interceptor-proxy`, as clap parses it.
+
+use clap::Parser;
+
+use super::settings::{
+    DEFAULT_ADMIN, DEFAULT_BYPASS_MARK, DEFAULT_INBOUND_SOURCE, DEFAULT_INBOUND_SOURCE6,
+};
+
+/// Command line of `interceptor-proxy`. Values are kept as text here and validated by
+/// [`Config::from_cli`](super::Config::from_cli), so every error has the same shape.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "interceptor-proxy",
+    version,
+    about = "Proxy behind the eBPF interception programs: outbound, learns each connection's \
+             original destination with getsockopt(SO_ORIGINAL_DST) and forwards to it; \
+             inbound, forwards each steered connection to its local address."
+)]
+pub struct Cli {
+    /// Outbound listener address (repeatable). Default: 127.0.0.1:15001 and [::1]:15001.
+    #[arg(long = "outbound", value_name = "ADDR")]
+    pub outbound: Vec<String>,
+
+    /// Inbound listener address (repeatable; default: none). Connections the kernel's
+    /// sk_lookup program steers here are forwarded to their (unchanged) local address.
+    /// Typically 0.0.0.0:15006 and [::]:15006.
+    #[arg(long = "inbound", value_name = "ADDR")]
+    pub inbound: Vec<String>,
+
+    /// Source address bound before connecting to the workload for IPv4 inbound
+    /// connections; interception must let it through (loopback sources are).
+    #[arg(
+        long = "inbound-source",
+        value_name = "ADDR4",
+        default_value_t = DEFAULT_INBOUND_SOURCE.to_string()
+    )]
+    pub inbound_source: String,
+
+    /// Source address bound before connecting to the workload for IPv6 inbound connections.
+    #[arg(
+        long = "inbound-source6",
+        value_name = "ADDR6",
+        default_value_t = DEFAULT_INBOUND_SOURCE6.to_string()
+    )]
+    pub inbound_source6: String,
+
+    /// SO_MARK set on upstream sockets so interception lets them through
+    /// (hex 0x539 or decimal 1337; 0 = set no mark).
+    #[arg(
+        long = "bypass-mark",
+        value_name = "MARK",
+        default_value_t = format!("{DEFAULT_BYPASS_MARK:#x}")
+    )]
+    pub bypass_mark: String,
+
+    /// Upstream connect timeout (e.g. 5s, 500ms, 1m; a bare number is seconds).
+    #[arg(
+        long = "connect-timeout",
+        value_name = "DURATION",
+        default_value = "5s"
+    )]
+    pub connect_timeout: String,
+
+    /// Admin HTTP listener (GET /ready, /stats, /metrics, /listeners, /config, /runtime,
+    /// /routes); "" or "off" disables it.
+    #[arg(long = "admin", value_name = "ADDR", default_value_t = DEFAULT_ADMIN.to_string())]
+    pub admin: String,
+
+    /// Tokio worker threads (default: number of CPUs; 1 = single-threaded runtime).
+    #[arg(long = "workers", value_name = "N")]
+    pub workers: Option<String>,
+
+    /// Log output format: text or json. The filter comes from RUST_LOG (default info).
+    #[arg(long = "log-format", value_name = "FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// On SIGTERM/SIGINT, or after handing the listeners to a new process, how long open
+    /// connections may finish before they are closed.
+    #[arg(long = "drain-timeout", value_name = "DURATION", default_value = "5s")]
+    pub drain_timeout: String,
+
+    /// Unix socket on which this proxy hands its listening sockets to a new process
+    /// (hot upgrade), e.g. /run/interceptor/proxy.sock; created mode 0600. Default: off.
+    #[arg(long = "upgrade-socket", value_name = "PATH")]
+    pub upgrade_socket: Option<String>,
+
+    /// Per-destination counters (destination IP and port) at start: on or off. Switch at
+    /// run time with `POST /runtime?destination_stats=on|off` on the admin listener.
+    #[arg(
+        long = "destination-stats",
+        value_name = "on|off",
+        default_value = "off"
+    )]
+    pub destination_stats: String,
+
+    /// Most destinations tracked at once by per-destination stats; more count in the
+    /// `destination="other"` series.
+    #[arg(
+        long = "destination-stats-cap",
+        value_name = "N",
+        default_value = "10000"
+    )]
+    pub destination_stats_cap: String,
+
+    /// A destination without traffic for this long leaves the per-destination series (its
+    /// counts move to `destination="other"`).
+    #[arg(
+        long = "destination-stats-idle",
+        value_name = "DURATION",
+        default_value = "5m"
+    )]
+    pub destination_stats_idle: String,
+
+    /// Routing file (YAML: serviceEntries, virtualServices, destinationRules). Connections to
+    /// its service addresses are routed per request (HTTP, gRPC) or by SNI (TLS); it is
+    /// reloaded when it changes. Default: none (every connection opaque TCP).
+    #[arg(long = "routes", value_name = "FILE")]
+    pub routes: Option<String>,
+
+    /// How long an AUTO port waits for the client's first bytes before it treats the
+    /// connection as opaque TCP (server-first protocols).
+    #[arg(
+        long = "protocol-detection-timeout",
+        value_name = "DURATION",
+        default_value = "100ms"
+    )]
+    pub protocol_detection_timeout: String,
+
+    /// Take over the listening sockets and counters of the proxy serving --upgrade-socket,
+    /// become ready, then let it drain and exit. Nothing is refused meanwhile.
+    #[arg(long = "upgrade", requires = "upgrade_socket")]
+    pub upgrade: bool,
+}

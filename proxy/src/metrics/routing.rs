@@ -1,0 +1,107 @@
+//! The route and cluster counters, read from [`RoutingStats`] at scrape time.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use crate::routing::RoutingStats;
+
+/// Reads the route and cluster counters at scrape time.
+#[derive(Debug)]
+pub(super) struct RoutingCollector(pub(super) Arc<RoutingStats>);
+
+impl Collector for RoutingCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = &self.0;
+        let routes = r.routes();
+        let clusters = r.clusters();
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_route_requests",
+            "HTTP requests that matched a route.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((vs, name), s) in &routes {
+            let labels = [("virtual_service", vs.as_str()), ("route", name.as_str())];
+            m.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&s.requests.load(Relaxed), None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_requests",
+            "HTTP requests sent to a cluster (service, port and subset).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            m.encode_family(&[("cluster", name.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&s.requests.load(Relaxed), None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_responses",
+            "Upstream responses by status class.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let labels = [("cluster", name.as_str()), ("class", *class)];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(
+                        &s.responses[i + 1].load(Relaxed),
+                        None,
+                    )?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_upstream_errors",
+            "Requests that got no upstream response, by kind (connect, timeout, other).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            for (kind, v) in [
+                ("connect", &s.connect_errors),
+                ("timeout", &s.timeouts),
+                ("other", &s.other_errors),
+            ] {
+                let labels = [("cluster", name.as_str()), ("kind", kind)];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_cluster_retries",
+            "Requests retried on another endpoint after a connect failure.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &clusters {
+            m.encode_family(&[("cluster", name.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&s.retries.load(Relaxed), None)?;
+        }
+        for (name, help, v) in [
+            (
+                "interceptor_proxy_no_route_requests",
+                "HTTP requests that matched no route (404).",
+                &r.no_route,
+            ),
+            (
+                "interceptor_proxy_route_reloads",
+                "Routing files loaded.",
+                &r.reloads,
+            ),
+            (
+                "interceptor_proxy_route_reload_errors",
+                "Routing files refused (the previous routes stayed).",
+                &r.reload_errors,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            m.encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+        }
+        Ok(())
+    }
+}

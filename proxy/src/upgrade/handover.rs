@@ -1,0 +1,239 @@
+//! The running process's side of an upgrade: offer copies of the listening sockets to one
+//! new process at a time, wait until it is ready, then hand it the release; while this
+//! process drains, report its counters to the new one.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::control::{check_peer, ControlSocket};
+use super::wire::{Channel, Message, CONTROL_ID};
+use crate::drain::DrainWatch;
+use crate::stats::Stats;
+
+/// How long the running process waits for the new one to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the running process waits for `hello` after a connect.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the running process offers a new one: a copy of each listening socket.
+pub struct Offer {
+    listeners: Vec<(String, OwnedFd)>,
+}
+
+impl Offer {
+    /// Copies (dup) `listeners`; the copies are closed when serving upgrades ends.
+    pub fn new<'a>(
+        listeners: impl IntoIterator<Item = (String, BorrowedFd<'a>)>,
+    ) -> io::Result<Offer> {
+        let listeners = listeners
+            .into_iter()
+            .map(|(id, fd)| fd.try_clone_to_owned().map(|fd| (id, fd)))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Offer { listeners })
+    }
+}
+
+/// A new process that is ready: the old one sends it `released` and, after draining,
+/// `exited`.
+pub struct Successor {
+    chan: Channel,
+    pid: i32,
+}
+
+impl Successor {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Tells the new process that this one no longer accepts.
+    pub async fn released(&self, stats: &Stats) {
+        let msg = Message::Released {
+            stats: stats.snapshot(),
+            histograms: stats.histogram_values(),
+        };
+        if let Err(e) = self.chan.send(&msg, &[]).await {
+            warn!(error = %e, "telling the new process about the release");
+        }
+    }
+
+    /// Sends the final counters; the new process adds them to its own.
+    pub async fn exited(&self, stats: &Stats) {
+        let msg = Message::Exited {
+            stats: stats.snapshot(),
+            histograms: stats.histogram_values(),
+        };
+        if let Err(e) = self.chan.send(&msg, &[]).await {
+            warn!(error = %e, "sending the final counters to the new process");
+        }
+    }
+}
+
+/// Serves upgrades on `control` until the drain starts (this process stops accepting: a
+/// shutdown, or a new process is ready); the ready one is sent on `release`. Closes the offered copies and the control socket
+/// before it returns.
+pub async fn serve(
+    control: ControlSocket,
+    offer: Offer,
+    stats: Arc<Stats>,
+    stop: DrainWatch,
+    release: oneshot::Sender<Successor>,
+) {
+    let mut offer = offer;
+    match control.dup() {
+        Ok(fd) => offer.listeners.push((CONTROL_ID.to_owned(), fd)),
+        Err(e) => warn!(error = %e, "cannot offer the upgrade socket itself"),
+    }
+    let offer = Arc::new(offer);
+    let busy = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(Mutex::new(Some(release)));
+    let sessions = tokio_util::task::TaskTracker::new();
+    info!(path = %control.path().display(), "serving upgrades");
+    loop {
+        let stream = tokio::select! {
+            biased;
+            _ = stop.signaled() => break,
+            r = control.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "accepting on the upgrade socket");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        sessions.spawn(session(
+            stream,
+            offer.clone(),
+            stats.clone(),
+            busy.clone(),
+            release.clone(),
+            stop.clone(),
+        ));
+    }
+    drop(offer);
+    sessions.close();
+    sessions.wait().await;
+    drop(control);
+}
+
+/// Clears the busy flag when a session ends.
+struct Busy(Arc<AtomicBool>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// One connection on the upgrade socket: `hello`, the listeners, `ready`; then the new
+/// process is handed to `serve`'s caller as the [`Successor`].
+async fn session(
+    stream: UnixStream,
+    offer: Arc<Offer>,
+    stats: Arc<Stats>,
+    busy: Arc<AtomicBool>,
+    release: Arc<Mutex<Option<oneshot::Sender<Successor>>>>,
+    stop: DrainWatch,
+) {
+    let peer = check_peer(&stream);
+    let mut chan = Channel::new(stream);
+    let hello = tokio::select! {
+        _ = stop.signaled() => return,
+        r = tokio::time::timeout(HELLO_TIMEOUT, chan.recv()) => r,
+    };
+    match hello {
+        Ok(Ok(Some(Message::Hello { .. }))) => {}
+        // A connect without hello: e.g. a starting proxy checking whether one runs here.
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(other))) => {
+            warn!(message = other.name(), "upgrade socket: expected hello");
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "upgrade socket: reading hello");
+            return;
+        }
+        Err(_) => {
+            warn!("upgrade socket: no hello within {HELLO_TIMEOUT:?}");
+            return;
+        }
+    }
+    let refuse = |reason: String| async {
+        warn!(reason = %reason, "upgrade refused");
+        let _ = chan.send(&Message::Refused { reason }, &[]).await;
+    };
+    let pid = match peer {
+        Ok(pid) => pid,
+        Err(reason) => return refuse(reason).await,
+    };
+    if busy.swap(true, Ordering::AcqRel) {
+        return refuse("another upgrade is in progress; retry when it has finished".to_owned())
+            .await;
+    }
+    let _busy = Busy(busy);
+    info!(
+        new_pid = pid,
+        "upgrade requested; handing over the listening sockets"
+    );
+    let ids = offer.listeners.iter().map(|(id, _)| id.clone()).collect();
+    let fds: Vec<BorrowedFd<'_>> = offer.listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
+    let sent = chan
+        .send(
+            &Message::Listeners {
+                pid: std::process::id(),
+                ids,
+                stats: stats.snapshot(),
+                histograms: stats.histogram_values(),
+            },
+            &fds,
+        )
+        .await;
+    drop(fds);
+    if let Err(e) = sent {
+        warn!(new_pid = pid, error = %e, "sending the listeners; upgrade aborted, still serving");
+        return;
+    }
+    let answer = tokio::select! {
+        _ = stop.signaled() => return,
+        r = tokio::time::timeout(READY_TIMEOUT, chan.recv()) => r,
+    };
+    match answer {
+        Ok(Ok(Some(Message::Ready))) => {}
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            warn!(
+                new_pid = pid,
+                "the new process exited before it was ready; upgrade aborted, still serving"
+            );
+            return;
+        }
+        Ok(Ok(Some(other))) => {
+            warn!(
+                new_pid = pid,
+                message = other.name(),
+                "expected ready; upgrade aborted, still serving"
+            );
+            return;
+        }
+        Err(_) => {
+            warn!(new_pid = pid, "the new process was not ready within {READY_TIMEOUT:?}; upgrade aborted, still serving");
+            return;
+        }
+    }
+    // Our copies must be closed before this process reports the release.
+    drop(offer);
+    let tx = release.lock().expect("release lock").take();
+    if let Some(tx) = tx {
+        info!(
+            new_pid = pid,
+            "the new process is ready; stopping accepting"
+        );
+        let _ = tx.send(Successor { chan, pid });
+    }
+}

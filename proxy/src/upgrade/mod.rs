@@ -1,0 +1,46 @@
+//! Hot upgrade: a new process takes over the listening sockets of the running one.
+//!
+//! A proxy started with `--upgrade-socket PATH` serves upgrades on that Unix socket
+//! (mode 0600). A new proxy started with the same `--upgrade-socket PATH --upgrade`:
+//!
+//! 1. connects and says `hello`; each side checks the other's credentials (SO_PEERCRED:
+//!    the same user, or root). The running proxy serves one upgrade at a time: a second
+//!    one meanwhile is refused;
+//! 2. receives every listening socket over SCM_RIGHTS, each under a stable listener id
+//!    (`outbound.0`, `inbound.1`, `admin`, `upgrade`: the role and the position in the
+//!    configuration, never the address), plus the counters so far;
+//! 3. binds what it does not inherit, wraps everything, starts accepting (both processes
+//!    now accept from the same kernel queues), and says `ready`;
+//! 4. the old process stops accepting and closes its copies (close, never `shutdown`,
+//!    which would break the shared socket), answers `released` with its counters, drains
+//!    its open connections until they end or `--drain-timeout`, sends `exited` with its
+//!    final counters and exits. The new process adds each report to its own counters, so
+//!    totals continue across upgrades.
+//!
+//! If the new process fails before `ready` (a bad setting, a crash, a kill), the old one
+//! sees the connection close and keeps serving as if nothing happened: it never stopped.
+//! The new process serves upgrades on the inherited Unix socket once it is the only one
+//! accepting, so the next upgrade works the same way.
+//!
+//! Messages are JSON lines over a stream socket; file descriptors travel with the first
+//! byte of the `listeners` line.
+//!
+//! | file | what |
+//! |---|---|
+//! | `wire.rs` | the messages, their encoding, SCM_RIGHTS framing, the listener ids |
+//! | `control.rs` | the Unix socket upgrades are served on, and who may connect to it |
+//! | `takeover.rs` | the new process's side: receive the listeners, say ready, follow the old process until it exits |
+//! | `handover.rs` | the running process's side: offer the listeners, wait for ready, report while draining |
+//! | `error.rs` | [`UpgradeError`] |
+
+mod control;
+mod error;
+mod handover;
+mod takeover;
+mod wire;
+
+pub use control::ControlSocket;
+pub use error::UpgradeError;
+pub use handover::{serve, Offer, Successor, READY_TIMEOUT};
+pub use takeover::{take_over, Inherited, Predecessor, Takeover, HANDOFF_TIMEOUT};
+pub use wire::{inbound_id, outbound_id, ADMIN_ID, CONTROL_ID};

@@ -1,0 +1,262 @@
+//! The new process's side of an upgrade: receive the listening sockets and the counters,
+//! say `ready` once it accepts, then follow the previous process until it exits and add
+//! what it counted meanwhile.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::Socket;
+use tokio::net::UnixStream;
+use tracing::{debug, info, warn};
+
+use super::control::{check_peer, ControlSocket};
+use super::error::UpgradeError;
+use super::wire::{Channel, Message, CONTROL_ID};
+use crate::stats::{Stats, StatsSnapshot};
+
+/// How long a new process waits for the running one's answers.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Listening sockets received from the previous process, by listener id.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    fds: HashMap<String, OwnedFd>,
+    path: Option<PathBuf>,
+}
+
+impl Inherited {
+    /// The inherited TCP listener `id` if it is listening on `want` (port 0: any port on
+    /// that address); `None` when there is none or it does not match (it is then closed,
+    /// and a fresh listener is bound).
+    pub fn tcp_listener(&mut self, id: &str, want: SocketAddr) -> Option<std::net::TcpListener> {
+        let fd = self.fds.remove(id)?;
+        let sock = Socket::from(fd);
+        let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+        let listening = sock.is_listener().unwrap_or(false);
+        let matches = local
+            .is_some_and(|l| l.ip() == want.ip() && (want.port() == 0 || l.port() == want.port()));
+        if !(listening && matches) {
+            warn!(listener = id, inherited = ?local, configured = %want,
+                "inherited listener does not match the configuration; binding a new one");
+            return None;
+        }
+        if let Err(e) = sock.set_nonblocking(true) {
+            warn!(listener = id, error = %e, "inherited listener unusable; binding a new one");
+            return None;
+        }
+        debug!(listener = id, addr = ?local, "listener inherited");
+        Some(sock.into())
+    }
+
+    /// The inherited control socket, if the previous process passed one.
+    pub fn control(&mut self, path: &Path) -> Result<Option<ControlSocket>, UpgradeError> {
+        match self.fds.remove(CONTROL_ID) {
+            Some(fd) => ControlSocket::adopt(path, fd).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Closes what the configuration no longer has (the listening socket goes away once
+    /// the previous process closes its copy too).
+    pub fn close_rest(&mut self) {
+        for (id, _) in self.fds.drain() {
+            info!(
+                listener = id,
+                "inherited listener is not in the configuration; closing it"
+            );
+        }
+    }
+
+    /// Whether listeners were inherited (this process is an upgrade).
+    pub fn is_upgrade(&self) -> bool {
+        self.path.is_some()
+    }
+}
+
+/// A hand-off in progress, on the new process's side.
+#[derive(Debug)]
+pub struct Takeover {
+    path: PathBuf,
+    chan: Channel,
+    /// The previous process's pid.
+    pub previous_pid: u32,
+    /// Its counters when it sent the listeners.
+    pub stats: StatsSnapshot,
+    /// Its histogram cells then (empty from a sender without them).
+    pub histograms: Vec<u64>,
+}
+
+/// Connects to the running proxy at `path` and receives its listeners.
+pub async fn take_over(path: &Path) -> Result<(Takeover, Inherited), UpgradeError> {
+    let protocol = |reason: String| UpgradeError::Protocol {
+        path: path.to_owned(),
+        reason,
+    };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|error| UpgradeError::NoPredecessor {
+            path: path.to_owned(),
+            error,
+        })?;
+    check_peer(&stream).map_err(protocol)?;
+    let mut chan = Channel::new(stream);
+    chan.send(
+        &Message::Hello {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+        &[],
+    )
+    .await
+    .map_err(|e| protocol(format!("sending hello: {e}")))?;
+    let reply = tokio::time::timeout(HANDOFF_TIMEOUT, chan.recv())
+        .await
+        .map_err(|_| {
+            protocol(format!(
+                "no answer within {HANDOFF_TIMEOUT:?}; the running proxy may be stopped or busy"
+            ))
+        })?
+        .map_err(|e| protocol(format!("reading its answer: {e}")))?;
+    match reply {
+        Some(Message::Listeners {
+            pid,
+            ids,
+            stats,
+            histograms,
+        }) => {
+            let fds = std::mem::take(&mut chan.fds);
+            if fds.len() != ids.len() {
+                return Err(protocol(format!(
+                    "received {} descriptors for {} listeners",
+                    fds.len(),
+                    ids.len()
+                )));
+            }
+            info!(previous_pid = pid, listeners = ?ids, "received the listening sockets");
+            let inherited = Inherited {
+                fds: ids.into_iter().zip(fds).collect(),
+                path: Some(path.to_owned()),
+            };
+            Ok((
+                Takeover {
+                    path: path.to_owned(),
+                    chan,
+                    previous_pid: pid,
+                    stats,
+                    histograms,
+                },
+                inherited,
+            ))
+        }
+        Some(Message::Refused { reason }) => Err(UpgradeError::Refused {
+            path: path.to_owned(),
+            reason,
+        }),
+        Some(other) => Err(protocol(format!(
+            "unexpected {} message instead of the listeners",
+            other.name()
+        ))),
+        None => Err(protocol(
+            "the running proxy closed the connection without sending its listeners".to_owned(),
+        )),
+    }
+}
+
+impl Takeover {
+    /// Called once this process accepts on every listener: tells the previous process,
+    /// which stops accepting and answers with its counters (added to `stats`). Returns
+    /// what follows the previous process until it exits.
+    pub async fn complete(self, stats: &Stats) -> Result<Predecessor, UpgradeError> {
+        let Takeover {
+            path,
+            mut chan,
+            previous_pid,
+            stats: handed,
+            histograms: handed_hist,
+        } = self;
+        let protocol = |reason: String| UpgradeError::Protocol {
+            path: path.clone(),
+            reason,
+        };
+        chan.send(&Message::Ready, &[])
+            .await
+            .map_err(|e| protocol(format!("sending ready: {e}")))?;
+        let reply = tokio::time::timeout(HANDOFF_TIMEOUT, chan.recv())
+            .await
+            .map_err(|_| protocol(format!("no release within {HANDOFF_TIMEOUT:?}")))?
+            .map_err(|e| protocol(format!("waiting for the release: {e}")))?;
+        match reply {
+            Some(Message::Released {
+                stats: released,
+                histograms,
+            }) => {
+                stats.add_delta(&handed, &released);
+                stats.add_histogram_delta(&handed_hist, &histograms);
+                info!(
+                    previous_pid,
+                    "upgrade complete: the previous process stopped accepting and drains"
+                );
+                Ok(Predecessor {
+                    chan,
+                    last: released,
+                    last_histograms: histograms,
+                    pid: previous_pid,
+                })
+            }
+            Some(other) => Err(protocol(format!(
+                "unexpected {} message instead of released",
+                other.name()
+            ))),
+            None => Err(protocol(
+                "the previous process closed the connection before releasing".to_owned(),
+            )),
+        }
+    }
+}
+
+/// The previous process while it drains.
+pub struct Predecessor {
+    chan: Channel,
+    last: StatsSnapshot,
+    last_histograms: Vec<u64>,
+    pid: u32,
+}
+
+impl Predecessor {
+    /// Waits until the previous process exits and adds what it counted while draining.
+    pub async fn follow(mut self, stats: Arc<Stats>) {
+        loop {
+            match self.chan.recv().await {
+                Ok(Some(Message::Exited {
+                    stats: last,
+                    histograms,
+                })) => {
+                    stats.add_delta(&self.last, &last);
+                    stats.add_histogram_delta(&self.last_histograms, &histograms);
+                    info!(
+                        previous_pid = self.pid,
+                        "previous process drained and exited"
+                    );
+                    return;
+                }
+                Ok(Some(other)) => {
+                    debug!(
+                        message = other.name(),
+                        "ignoring message from the previous process"
+                    )
+                }
+                Ok(None) | Err(_) => {
+                    warn!(
+                        previous_pid = self.pid,
+                        "previous process went away without its final counters"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}

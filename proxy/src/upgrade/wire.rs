@@ -1,0 +1,201 @@
+//! The upgrade conversation on the wire: JSON lines over a Unix stream socket, listening
+//! sockets passed alongside with SCM_RIGHTS, each under a stable listener id.
+//!
+//! | message | from | carries |
+//! |---|---|---|
+//! | `hello` | new process | its pid and version |
+//! | `listeners` | running process | the listener ids, the counters so far; one descriptor per id with the line's first byte |
+//! | `refused` | running process | why (another upgrade is in progress, a peer of another user) |
+//! | `ready` | new process | nothing: it accepts on every listener |
+//! | `released` | running process | its counters when it stopped accepting |
+//! | `exited` | running process | its final counters, at the end of its drain |
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use crate::stats::StatsSnapshot;
+
+/// Most descriptors one message carries (listeners of a proxy: a handful).
+const MAX_FDS: usize = 64;
+/// Longest message accepted.
+const MAX_LINE: usize = 1 << 20;
+
+/// Listener id of the Unix socket that serves upgrades.
+pub const CONTROL_ID: &str = "upgrade";
+/// Listener id of the admin listener.
+pub const ADMIN_ID: &str = "admin";
+
+/// Listener id of the `index`-th outbound listener of the configuration.
+pub fn outbound_id(index: usize) -> String {
+    format!("outbound.{index}")
+}
+
+/// Listener id of the `index`-th inbound listener of the configuration.
+pub fn inbound_id(index: usize) -> String {
+    format!("inbound.{index}")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(super) enum Message {
+    Hello {
+        pid: u32,
+        version: String,
+    },
+    /// Followed by one descriptor per id, in this order.
+    Listeners {
+        pid: u32,
+        ids: Vec<String>,
+        stats: StatsSnapshot,
+        /// Histogram cells (`Stats::histogram_values`); absent from older senders.
+        #[serde(default)]
+        histograms: Vec<u64>,
+    },
+    Refused {
+        reason: String,
+    },
+    Ready,
+    Released {
+        stats: StatsSnapshot,
+        #[serde(default)]
+        histograms: Vec<u64>,
+    },
+    Exited {
+        stats: StatsSnapshot,
+        #[serde(default)]
+        histograms: Vec<u64>,
+    },
+}
+
+impl Message {
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Listeners { .. } => "listeners",
+            Message::Refused { .. } => "refused",
+            Message::Ready => "ready",
+            Message::Released { .. } => "released",
+            Message::Exited { .. } => "exited",
+        }
+    }
+}
+
+/// One end of an upgrade conversation: JSON lines, descriptors alongside.
+pub(super) struct Channel {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Descriptors received so far, in arrival order.
+    pub(super) fds: Vec<OwnedFd>,
+}
+
+/// Says which it is without dumping buffers.
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Channel")
+    }
+}
+
+fn cmsg_space() -> Vec<MaybeUninit<u8>> {
+    vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))]
+}
+
+impl Channel {
+    pub(super) fn new(stream: UnixStream) -> Self {
+        Channel {
+            stream,
+            buf: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
+    pub(super) async fn send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        assert!(fds.len() <= MAX_FDS, "too many descriptors for one message");
+        let mut line = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let mut sent = 0;
+        while sent < line.len() {
+            let n = self
+                .stream
+                .async_io(Interest::WRITABLE, || {
+                    let mut space = cmsg_space();
+                    let mut control = SendAncillaryBuffer::new(&mut space);
+                    if sent == 0 && !fds.is_empty() {
+                        control.push(SendAncillaryMessage::ScmRights(fds));
+                    }
+                    rustix::net::sendmsg(
+                        &self.stream,
+                        &[IoSlice::new(&line[sent..])],
+                        &mut control,
+                        SendFlags::NOSIGNAL,
+                    )
+                    .map_err(io::Error::from)
+                })
+                .await?;
+            sent += n;
+        }
+        Ok(())
+    }
+
+    /// The next message; `None` when the peer closed the connection between messages.
+    pub(super) async fn recv(&mut self) -> io::Result<Option<Message>> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return serde_json::from_slice(&line[..end])
+                    .map(Some)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "message longer than 1 MiB",
+                ));
+            }
+            let mut chunk = [0u8; 4096];
+            let (n, fds) = self
+                .stream
+                .async_io(Interest::READABLE, || {
+                    let mut space = cmsg_space();
+                    let mut control = RecvAncillaryBuffer::new(&mut space);
+                    let r = rustix::net::recvmsg(
+                        &self.stream,
+                        &mut [IoSliceMut::new(&mut chunk)],
+                        &mut control,
+                        RecvFlags::CMSG_CLOEXEC,
+                    )?;
+                    let mut fds = Vec::new();
+                    for m in control.drain() {
+                        if let RecvAncillaryMessage::ScmRights(received) = m {
+                            fds.extend(received);
+                        }
+                    }
+                    if r.flags.contains(ReturnFlags::CTRUNC) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "more descriptors than expected (control data truncated)",
+                        ));
+                    }
+                    Ok((r.bytes, fds))
+                })
+                .await?;
+            self.fds.extend(fds);
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                };
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
