@@ -407,20 +407,36 @@ pub const fn is_mapped_v4(a: &[u32; 4]) -> bool {
     a[0] == 0 && a[1] == 0 && a[2] == u32::to_be(0x0000_ffff)
 }
 
+/// `aya::Pod` for the map types, so the loader can read and write them (feature `user`).
 #[cfg(feature = "user")]
+#[allow(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe trait: it promises a plain, fully initialised byte layout"
+)]
 mod pod {
     use super::*;
-    // SAFETY: all these are #[repr(C)], Copy, and have no implicit padding.
-    unsafe impl aya::Pod for ScopeConfig {}
-    unsafe impl aya::Pod for ScopeMeta {}
-    unsafe impl aya::Pod for ScopedValue {}
-    unsafe impl aya::Pod for ScopedV4 {}
-    unsafe impl aya::Pod for ScopedV6 {}
-    unsafe impl aya::Pod for OrigDst {}
-    unsafe impl aya::Pod for TupleKey {}
-    unsafe impl aya::Pod for CounterKey {}
-    unsafe impl aya::Pod for InboundConfig {}
-    unsafe impl aya::Pod for SockKey {}
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: the type is #[repr(C)] and Copy, of integers and integer arrays only,
+            // with no implicit padding (explicit `_pad` fields where needed; the test
+            // `sizes_have_no_implicit_padding` checks every size).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        ScopeConfig,
+        ScopeMeta,
+        ScopedValue,
+        ScopedV4,
+        ScopedV6,
+        OrigDst,
+        TupleKey,
+        CounterKey,
+        InboundConfig,
+        SockKey,
+    );
 }
 
 #[cfg(test)]

@@ -321,7 +321,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config> {
     })
 }
 
-fn toml_error(src: &Source, e: &toml::de::Error) -> Error {
+fn toml_error(src: &Source<'_>, e: &toml::de::Error) -> Error {
     let offset = e.span().map_or(0, |s| s.start);
     // The field is the key on the line of the error (or the table header there).
     let line_start = src.text[..offset.min(src.text.len())]
@@ -344,7 +344,7 @@ fn toml_error(src: &Source, e: &toml::de::Error) -> Error {
     src.err_at(offset, &field, &problem, fix)
 }
 
-fn scope(src: &Source, at: usize, i: usize, s: RawScope) -> Result<ScopeConfig> {
+fn scope(src: &Source<'_>, at: usize, i: usize, s: RawScope) -> Result<ScopeConfig> {
     let label = s
         .name
         .clone()
@@ -516,7 +516,7 @@ fn cidrs(v: &Option<Vec<String>>) -> std::result::Result<BTreeSet<IpNet>, String
     Ok(out)
 }
 
-fn kube(src: &Source, at: usize, k: RawKube) -> Result<KubeConfig> {
+fn kube(src: &Source<'_>, at: usize, k: RawKube) -> Result<KubeConfig> {
     let err = |key: &str, problem: String, fix: &str| {
         src.err_at(
             src.key_offset(at, key),

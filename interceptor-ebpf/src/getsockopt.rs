@@ -85,6 +85,7 @@ fn write_sockaddr(sopt: *mut bpf_sockopt, dst: &OrigDst, as_v6: bool) -> bool {
 /// the kernel's answer when the scope has no metadata.
 #[inline(always)]
 fn write_workload(sopt: *mut bpf_sockopt, scope: u64) {
+    // SAFETY: a read-only use of the map value for this program run.
     let Some(meta) = (unsafe { ICP_META.get(scope) }) else {
         return;
     };

@@ -29,6 +29,10 @@
 // For the atomic add on counters: the bpf target's `AtomicU64` has no `fetch_add`.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Kernel programs read and write the kernel's context structures through raw pointers, call
+// BPF helpers (all `unsafe fn`) and export symbols (`no_mangle`, `link_section`): unsafe is
+// their medium, so it is allowed in this crate; each block says why it is sound.
+#![allow(unsafe_code)]
 
 mod connect;
 mod counters;
@@ -41,7 +45,7 @@ mod sockops;
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

@@ -65,7 +65,7 @@ struct Collector(Stats);
 impl prometheus_client::collector::Collector for Collector {
     fn encode(
         &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
     ) -> std::result::Result<(), std::fmt::Error> {
         use prometheus_client::encoding::NoLabelSet;
         use prometheus_client::metrics::MetricType;

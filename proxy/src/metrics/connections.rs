@@ -21,7 +21,7 @@ fn dir_label(d: Direction) -> [(&'static str, &'static str); 1] {
 }
 
 impl Collector for StatsCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let snap = self.0.snapshot();
         let dirs = [
             (Direction::Outbound, &snap.outbound, &self.0.outbound),

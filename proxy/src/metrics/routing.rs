@@ -14,7 +14,7 @@ use crate::routing::RoutingStats;
 pub(super) struct RoutingCollector(pub(super) Arc<RoutingStats>);
 
 impl Collector for RoutingCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let r = &self.0;
         let routes = r.routes();
         let clusters = r.clusters();
