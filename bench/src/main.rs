@@ -248,8 +248,10 @@ fn short(r: &RunResult) -> String {
     parts.join(", ")
 }
 
-/// The checks that hold whatever the noise: conntrack zero without NAT and non-zero
-/// with it, and the proxied modes went through their proxy.
+/// The checks that hold whatever the noise: iptables modes pay conntrack entries, and the
+/// proxied modes went through their proxy. (D, E and EH show 0 entries only because no rule
+/// makes conntrack run in their namespaces: that proves nothing, so it is not checked here;
+/// the kernel matrix runs the eBPF data path with nf_conntrack never loaded.)
 fn violations(runs: &[RunResult]) -> Vec<String> {
     let mut v = Vec::new();
     for r in runs {
@@ -259,14 +261,10 @@ fn violations(runs: &[RunResult]) -> Vec<String> {
             v.push(format!("{id}: workload failed: {e}"));
         }
         let ct = c("conntrack_max").unwrap_or(0);
-        match r.mode.as_str() {
-            "D" | "E" | "EH" if ct != 0 => v.push(format!(
-                "{id}: {ct} conntrack entries (must be 0 without NAT)"
-            )),
-            "I" | "H" if ct == 0 => v.push(format!(
+        if matches!(r.mode.as_str(), "I" | "H") && ct == 0 {
+            v.push(format!(
                 "{id}: no conntrack entry although iptables NAT is in use"
-            )),
-            _ => {}
+            ));
         }
         let conns = c("close_requests").unwrap_or(0);
         if matches!(r.mode.as_str(), "I" | "H") && c("iptables_redirect_packets").unwrap_or(0) == 0
@@ -462,7 +460,7 @@ fn bench(cli: &Cli) -> Result<i32> {
     text.push('\n');
     if viol.is_empty() {
         text.push_str(
-            "checks: conntrack 0 for D/E/EH and > 0 for I/H; E/EH redirected by eBPF; I/E forwarded by interceptor-proxy: ok\n",
+            "checks: conntrack entries > 0 for I/H; E/EH redirected by eBPF; I/E forwarded by interceptor-proxy: ok\n",
         );
     } else {
         text.push_str(&format!("checks: {} violation(s):\n", viol.len()));
@@ -568,7 +566,7 @@ mod tests {
     }
 
     #[test]
-    fn checks_catch_conntrack_and_bypassed_proxy() {
+    fn checks_catch_a_missing_nat_cost_and_a_bypassed_proxy() {
         let good = vec![
             run("D", &[("conntrack_max", 0), ("close_requests", 10)]),
             run(
@@ -623,6 +621,8 @@ mod tests {
             run("H", &[("conntrack_max", 0), ("close_requests", 10)]),
         ];
         let v = violations(&bad);
-        assert_eq!(v.len(), 5, "{v:?}");
+        // E: too few redirected, too few forwarded (its conntrack count is no check); H: no
+        // conntrack entry, no REDIRECT packet.
+        assert_eq!(v.len(), 4, "{v:?}");
     }
 }

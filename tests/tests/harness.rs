@@ -380,10 +380,27 @@ fn veth_between_namespaces_v4_and_v6() {
 }
 
 #[test]
-fn conntrack_count_is_readable() {
+fn conntrack_is_read_once_a_stateful_rule_makes_it_active() {
     setup();
     let ns = NetNs::new("harness_conntrack");
+    let _srv = ProbeServer::start_in(ns.path(), &["127.0.0.1:8080".parse().unwrap()]).unwrap();
+    let hello = || {
+        let out = run_in(&ns, None, &[&probe(), "hello", "127.0.0.1:8080"]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    // No rule needs conntrack: it does not run, and a connection leaves no entry.
+    hello();
     assert_eq!(ns.conntrack_count(), 0);
+    ns.enable_stateful_filter();
+    hello();
+    assert_eq!(ns.conntrack_count(), 1);
+    let entries = ns.conntrack_entries(false);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].contains("dport=8080"), "{entries:?}");
+    assert!(
+        ns.conntrack_entries(true).is_empty(),
+        "no NAT rule, no NAT entry"
+    );
 }
 
 #[test]
