@@ -9,6 +9,7 @@ pub mod cmd;
 pub mod mounts;
 pub mod netns;
 pub mod pins;
+pub mod skip;
 
 use std::time::{Duration, Instant};
 

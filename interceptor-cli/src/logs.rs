@@ -12,11 +12,13 @@ pub struct LogsArgs {
 }
 
 /// Prints each log line of the kernel programs under the pin dir as it comes. Only programs
-/// loaded with `--kernel-log debug` write any.
+/// loaded with `--kernel-log debug` write any. Once it reads them, it says so on stderr
+/// (`interceptor logs: following N program(s)`).
 pub fn run(layout: &PinLayout, a: LogsArgs) -> Result<()> {
     let limit = a.for_secs.map(std::time::Duration::from_secs);
     let mut out = std::io::stdout().lock();
-    interceptor::kernel_log::follow(layout, limit, |line| {
+    let ready = |n| eprintln!("interceptor logs: following {n} program(s)");
+    interceptor::kernel_log::follow(layout, limit, ready, |line| {
         writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
     })?;
     Ok(())

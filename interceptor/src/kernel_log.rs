@@ -92,12 +92,15 @@ fn programs(layout: &PinLayout) -> Result<Vec<u32>> {
 
 /// Reads the log lines of every program pinned under `layout` and passes each to `line`,
 /// until `line` returns false or `limit` has passed (`None`: no limit). Programs attached
-/// meanwhile are picked up within a second.
+/// meanwhile are picked up within a second. `ready` is called once, with the number of
+/// programs followed, when the first scan is done: lines logged from then on are read.
 pub fn follow(
     layout: &PinLayout,
     limit: Option<Duration>,
+    ready: impl FnOnce(usize),
     mut line: impl FnMut(&str) -> bool,
 ) -> Result<()> {
+    let mut ready = Some(ready);
     crate::system::check_privileges()?;
     let start = Instant::now();
     let lines = Arc::new(Mutex::new(Vec::new()));
@@ -116,6 +119,9 @@ pub fn follow(
                             })?;
                     loggers.push(logger);
                 }
+            }
+            if let Some(ready) = ready.take() {
+                ready(loggers.len());
             }
         }
         for l in &mut loggers {

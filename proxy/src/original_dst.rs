@@ -179,9 +179,12 @@ mod tests {
     #[test]
     fn plain_sockets_have_no_original_dst() {
         for bind in ["127.0.0.1:0", "[::1]:0"] {
-            let Ok(l) = std::net::TcpListener::bind(bind) else {
+            if bind.starts_with('[')
+                && !hostops::skip::ipv6("plain_sockets_have_no_original_dst: its IPv6 socket")
+            {
                 continue;
-            };
+            }
+            let l = std::net::TcpListener::bind(bind).unwrap();
             let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (a, _) = l.accept().unwrap();
             assert!(

@@ -72,7 +72,7 @@ fn outbound_port_in_use_is_a_clear_error() {
 }
 
 #[tokio::test]
-async fn serves_admin_then_drains_and_exits_0_on_sigterm() {
+async fn serves_admin_then_exits_0_on_sigterm_with_its_final_counters() {
     let admin = free_port();
     let mut child = Command::new(BIN)
         .args([

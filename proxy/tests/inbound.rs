@@ -29,16 +29,15 @@ use tokio::task::JoinHandle;
 const SOURCE4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 fn mark() -> u32 {
-    // SO_MARK needs CAP_NET_ADMIN; exercise it when we have it.
-    if nix::unistd::geteuid().is_root() {
-        0x539
-    } else {
-        0
-    }
-}
-
-fn has_ipv6() -> bool {
-    std::net::TcpListener::bind("[::1]:0").is_ok()
+    // SO_MARK needs CAP_NET_ADMIN; exercised when we have it, a reported skip otherwise.
+    static MARK: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| {
+        if hostops::skip::root("proxy inbound tests: the bypass mark (SO_MARK)") {
+            0x539
+        } else {
+            0
+        }
+    });
+    *MARK
 }
 
 fn inbound(stats: &Arc<Stats>, connect_timeout: Duration) -> Arc<Inbound> {
@@ -150,8 +149,7 @@ async fn forwards_to_the_local_address_from_the_inbound_source() {
 /// forward must go to the IPv4 address, from the IPv4 inbound source.
 #[tokio::test]
 async fn ipv4_mapped_destination_is_forwarded_as_ipv4() {
-    if !has_ipv6() {
-        eprintln!("skipped: no IPv6 on this host");
+    if !hostops::skip::ipv6("ipv4_mapped_destination_is_forwarded_as_ipv4") {
         return;
     }
     let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
@@ -283,7 +281,7 @@ async fn connection_from_the_inbound_source_is_a_loop() {
         (1, 0, 1)
     );
 
-    if has_ipv6() {
+    if hostops::skip::ipv6("connection_from_the_inbound_source_is_a_loop: its IPv6 half") {
         // ::1 is the default IPv6 source, so any ::1 client is "us".
         let workload = TcpListener::bind("[::1]:0").await.unwrap();
         let (mut client, task) =
@@ -343,7 +341,7 @@ async fn connect_upstream_binds_the_source_address() {
         streams.push(s);
     }
 
-    if has_ipv6() {
+    if hostops::skip::ipv6("connect_upstream_binds_the_source_address: its IPv6 half") {
         let server = TcpListener::bind("[::1]:0").await.unwrap();
         let opts = UpstreamOptions {
             source: Some(Ipv6Addr::LOCALHOST.into()),

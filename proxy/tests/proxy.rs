@@ -57,8 +57,8 @@ fn config() -> Config {
         inbound: vec![],
         inbound_source: "127.0.0.6".parse().unwrap(),
         inbound_source6: std::net::Ipv6Addr::LOCALHOST,
-        // SO_MARK needs CAP_NET_ADMIN; exercise it when we have it.
-        bypass_mark: if nix::unistd::geteuid().is_root() {
+        // SO_MARK needs CAP_NET_ADMIN; exercised when we have it, a reported skip otherwise.
+        bypass_mark: if hostops::skip::root("proxy tests: the bypass mark (SO_MARK)") {
             0x539
         } else {
             0
@@ -460,10 +460,6 @@ async fn bind_errors_name_the_listener_and_the_cause() {
     );
 }
 
-fn has_ipv6() -> bool {
-    std::net::TcpListener::bind("[::1]:0").is_ok()
-}
-
 /// Without the kernel's sk_lookup steering, a connection to the inbound listener has the
 /// listener's own address as its local address: it must be refused as a loop, never
 /// forwarded to the proxy itself.
@@ -471,11 +467,13 @@ fn has_ipv6() -> bool {
 async fn inbound_connection_to_its_own_listener_is_a_loop() {
     let mut cfg = config();
     cfg.inbound = vec!["127.0.0.1:0".parse().unwrap()];
-    if has_ipv6() {
+    let v6 =
+        hostops::skip::ipv6("inbound_connection_to_its_own_listener_is_a_loop: its IPv6 listener");
+    if v6 {
         cfg.inbound.push("[::1]:0".parse().unwrap());
     }
     let p = start(cfg, None).await;
-    assert_eq!(p.inbound.len(), if has_ipv6() { 2 } else { 1 });
+    assert_eq!(p.inbound.len(), if v6 { 2 } else { 1 });
     let mut expected = 0u64;
     for &addr in &p.inbound {
         assert_ne!(addr.port(), 0);
@@ -534,7 +532,7 @@ async fn inbound_connection_to_its_own_listener_is_a_loop() {
 async fn listeners_endpoint_lists_bound_addresses() {
     let mut cfg = config();
     cfg.inbound = vec!["127.0.0.1:0".parse().unwrap()];
-    if has_ipv6() {
+    if hostops::skip::ipv6("listeners_endpoint_lists_bound_addresses: its IPv6 listener") {
         cfg.inbound.push("[::1]:0".parse().unwrap());
     }
     let p = start(cfg, None).await;

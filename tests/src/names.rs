@@ -9,18 +9,20 @@ pub const PREFIX: &str = "icpt-t-";
 /// non-blocking: it cleans nothing while a test run is alive).
 pub const RUN_LOCK: &str = "/run/icpt-t.lock";
 
-/// Takes the shared run lock once per process (blocks while clean-stale runs).
+/// Takes the shared run lock once per process (blocks while clean-stale runs). Panics if it
+/// cannot: without it, `cargo xtask clean-stale` could remove this run's live resources.
 pub(crate) fn hold_run_lock() {
     use nix::fcntl::{Flock, FlockArg};
-    static LOCK: std::sync::OnceLock<Option<Flock<std::fs::File>>> = std::sync::OnceLock::new();
+    static LOCK: std::sync::OnceLock<Flock<std::fs::File>> = std::sync::OnceLock::new();
     LOCK.get_or_init(|| {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(RUN_LOCK)
-            .ok()?;
-        Flock::lock(f, FlockArg::LockShared).ok()
+            .unwrap_or_else(|e| panic!("open the run lock {RUN_LOCK}: {e}"));
+        Flock::lock(f, FlockArg::LockShared)
+            .unwrap_or_else(|(_, e)| panic!("take the run lock {RUN_LOCK} shared: {e}"))
     });
 }
 

@@ -77,14 +77,15 @@ impl Proc {
         &self.name
     }
 
-    /// Everything written to stdout so far.
+    /// Everything written to stdout so far (panics if the log cannot be read: an empty
+    /// string would pass for "printed nothing").
     pub fn stdout(&self) -> String {
-        fs::read_to_string(self.stdout_path()).unwrap_or_default()
+        read_log(&self.stdout_path())
     }
 
-    /// Everything written to stderr so far.
+    /// Everything written to stderr so far (panics if the log cannot be read).
     pub fn stderr(&self) -> String {
-        fs::read_to_string(self.stderr_path()).unwrap_or_default()
+        read_log(&self.stderr_path())
     }
 
     pub fn stdout_path(&self) -> PathBuf {
@@ -98,7 +99,11 @@ impl Proc {
     /// Exit status if it has exited (reaps it).
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
+            // An error here is no "still running": it means the child cannot be waited for.
+            self.status = self
+                .child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.name));
         }
         self.status
     }
@@ -200,6 +205,11 @@ impl Drop for Proc {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+fn read_log(path: &Path) -> String {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn tail(s: &str, n: usize) -> &str {

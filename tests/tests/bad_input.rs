@@ -82,7 +82,9 @@ fn bad_input_is_refused_clearly_and_attaches_nothing() {
         ("--bypass-mark", "0xnope", "hex"),
     ] {
         let o = attach(p, &["--cgroup", cgs, flag, value]);
-        assert_refused(&o, &[value, words], &cg, &pin);
+        // The value quoted as the error quotes it, not a bare "0" that any message contains.
+        let quoted = format!("{value:?}");
+        assert_refused(&o, &[flag, &quoted, words], &cg, &pin);
     }
 
     // Inbound: a namespace path that does not exist, and a file that is not a namespace.

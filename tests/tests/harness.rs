@@ -174,7 +174,17 @@ fn bpftool_lists_nothing_on_a_fresh_cgroup() {
     setup();
     let cg = TestCgroup::new("harness_bpftool");
     assert_eq!(bpftool_cgroup_progs(cg.path()), Vec::<AttachedProg>::new());
-    let _ = bpftool_cgroup_progs_effective(cg.path());
+    // Effective = what the cgroup inherits: only programs attached at the cgroup2 root (read
+    // before and after, as another test run may attach there meanwhile).
+    let root_before = bpftool_cgroup_progs(&cgroup2_root());
+    let effective = bpftool_cgroup_progs_effective(cg.path());
+    let root_after = bpftool_cgroup_progs(&cgroup2_root());
+    for p in &effective {
+        assert!(
+            root_before.iter().chain(&root_after).any(|r| r.id == p.id),
+            "{p:?} is inherited from the root: {root_before:?} {root_after:?}"
+        );
+    }
 }
 
 #[test]

@@ -144,10 +144,10 @@ fn metrics_parse_and_match_what_the_clients_did() {
         ),
         0.0
     );
-    assert_eq!(
-        sum(&m, "interceptor_proxy_upstream_connect_errors_total", &[]),
-        0.0
-    );
+    // Zero errors, read from a family that is there (a missing family also sums to 0).
+    let errors = samples(&m, "interceptor_proxy_upstream_connect_errors_total", &[]);
+    assert!(!errors.is_empty(), "the connect-error family is exposed");
+    assert!(errors.iter().all(|s| s.value == 0.0), "{errors:?}");
     // Histograms: one observation per forwarded connection, cumulative buckets.
     for h in [
         "interceptor_proxy_upstream_connect_duration_seconds",
@@ -366,7 +366,7 @@ fn destination_stats_switch_cap_and_eviction_under_traffic() {
 
 /// `interceptor logs` for `secs` seconds while `during` runs; its output.
 fn kernel_log_lines(w: &World, secs: u64, during: impl FnOnce()) -> String {
-    let child = std::process::Command::new(interceptor_bin())
+    let mut child = std::process::Command::new(interceptor_bin())
         .args([
             "--pin-dir",
             w.pin.as_str(),
@@ -378,14 +378,19 @@ fn kernel_log_lines(w: &World, secs: u64, during: impl FnOnce()) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run interceptor logs");
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until it reads the programs' logs (its first line on stderr), not a guessed time.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut first).expect("read interceptor logs' stderr");
+    assert!(
+        first.starts_with("interceptor logs: following"),
+        "interceptor logs did not start: {first}"
+    );
     during();
     let out = child.wait_with_output().expect("interceptor logs ends");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).expect("read interceptor logs' stderr");
+    assert!(out.status.success(), "{first}{rest}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

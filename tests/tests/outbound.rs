@@ -356,8 +356,13 @@ fn sibling_cgroups_behave_independently() {
     interceptor::attach(&layout, a.path(), &sa).unwrap();
     interceptor::attach(&layout, b.path(), &sb).unwrap();
 
-    let hello =
-        |cg: &TestCgroup, addr: &str| w.probe_as(cg, None, &["hello", addr])["proxied"] == true;
+    // A HELLO that must succeed; whether it went through a proxy. (A failed probe is a
+    // failure, never "not proxied".)
+    let hello = |cg: &TestCgroup, addr: &str| {
+        let v = w.probe_as(cg, None, &["hello", addr]);
+        assert!(v.get("error").is_none(), "hello {addr} failed: {v}");
+        v["proxied"].as_bool().expect("proxied field")
+    };
     assert!(hello(&a, SERVER));
     assert!(!hello(&a, "127.0.0.1:8081"));
     assert!(!hello(&b, SERVER));
@@ -378,6 +383,19 @@ fn sibling_cgroups_behave_independently() {
     interceptor::detach(&layout, a.path()).unwrap();
     assert!(!hello(&a, SERVER), "A detached");
     assert!(hello(&b, "127.0.0.1:8081"), "B still attached");
+    assert_eq!(
+        fwd("127.0.0.1:15000"),
+        1,
+        "A's connection went direct, not through proxy A"
+    );
+    assert_eq!(fwd("127.0.0.1:15010"), 2, "B's went through proxy B");
+    let st = w.stats();
+    assert_eq!(st.get(b.id(), Counter::Redirected), 2);
+    assert_eq!(
+        st.get(a.id(), Counter::Redirected),
+        0,
+        "A has no counters once detached"
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ mod util;
 
 use std::process::{exit, Command};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -217,7 +217,12 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     let interceptor = bins.require(&bins.interceptor)?;
     let proxy = bins.require(&bins.proxy)?;
     stale::clean_stale(Some(&interceptor));
+    // Tests that cannot run a part here (no IPv6, not root) write it to this log, so the
+    // closing line counts it as skipped instead of passed (hostops::skip).
+    let skip_log = util::target_dir().join(format!("icpt-skips-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&skip_log);
     let mut cmd = Command::new(util::cargo());
+    cmd.env(hostops::skip::SKIP_LOG_ENV, &skip_log);
     cmd.current_dir(util::workspace_root())
         // Every test binary runs even when an earlier one failed: the closing line then counts
         // the whole suite, not the part before the first failure.
@@ -239,12 +244,16 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     cmd.stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let (mut passed, mut failed, mut ignored, mut filtered) = (0u64, 0u64, 0u64, 0u64);
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line?;
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
+                if let Some(n) = part.trim().strip_suffix(" filtered out") {
+                    filtered += n.trim().parse::<u64>().unwrap_or(0);
+                    continue;
+                }
                 let mut words = part.split_whitespace().rev();
                 let (Some(what), Some(n)) = (words.next(), words.next()) else {
                     continue;
@@ -261,6 +270,32 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     }
     let st = child.wait()?;
     let mut code = st.code().unwrap_or(1);
+    if !st.success() && failed == 0 {
+        // cargo failed without a failing test: the tests did not build or a binary crashed.
+        println!("\ntest: cargo test failed ({st}) without a failing test (see the errors above)");
+        failed += 1;
+    }
+    let skips = hostops::skip::read_log(&skip_log)
+        .with_context(|| format!("reading the skip log {}", skip_log.display()))?;
+    let _ = std::fs::remove_file(&skip_log);
+    if !skips.is_empty() {
+        println!(
+            "
+test: {} part(s) could not run here and are counted as skipped:",
+            skips.len()
+        );
+        for s in &skips {
+            println!("  skipped: {s}");
+        }
+        ignored += skips.len() as u64;
+    }
+    if !extra.is_empty() {
+        println!(
+            "
+test: a filtered run ({}): left out the bench smoke, the deployment checks, the kernel matrix, and {filtered} test(s) that did not match",
+            extra.join(" ")
+        );
+    }
     // The bench smoke (orderings and conntrack zeros only) is part of the whole suite; a
     // filtered run (extra arguments) skips it.
     if extra.is_empty() {

@@ -73,7 +73,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_at_encode() {
+    fn each_observation_lands_in_its_own_bucket() {
         let h = Histogram::default();
         h.observe(Duration::from_micros(10));
         h.observe(Duration::from_millis(3));
