@@ -53,11 +53,29 @@ pub struct DrainWatch {
 #[derive(Debug, Clone, Default)]
 pub struct Deadline(CancellationToken);
 
+tokio::task_local! {
+    /// The deadline of the connection the current task serves.
+    static CONNECTION_DEADLINE: Deadline;
+}
+
 impl Deadline {
     /// A deadline that passes only if a drain says so; a fresh one never does (for a
     /// connection served outside any drain).
     pub fn never() -> Deadline {
         Deadline::default()
+    }
+
+    /// Runs `connection` with this as its deadline, for [`Deadline::current`] within it.
+    pub async fn scope<F: Future>(self, connection: F) -> F::Output {
+        CONNECTION_DEADLINE.scope(self, connection).await
+    }
+
+    /// The deadline of the connection the calling task serves (see [`Deadline::scope`]);
+    /// outside one, a deadline that never passes.
+    pub fn current() -> Deadline {
+        CONNECTION_DEADLINE
+            .try_with(Deadline::clone)
+            .unwrap_or_default()
     }
 
     /// Completes when the deadline has passed.

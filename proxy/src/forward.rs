@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use crate::drain::Deadline;
 use crate::stats::DirectionStats;
 
 /// Size of one copy buffer.
@@ -98,12 +99,16 @@ pub struct ForwardReport {
     pub client_to_upstream: u64,
     /// Bytes copied from the upstream to the client.
     pub upstream_to_client: u64,
-    /// `Ok` when both directions ended with EOF; the first error otherwise.
+    /// `Ok` when both directions ended with EOF, or when the drain's deadline cut it
+    /// (`cut`); the first error otherwise.
     pub result: Result<(), ForwardError>,
+    /// Closed (reset both ways) because the drain's deadline passed while it was open.
+    pub cut: bool,
 }
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
-/// fails), then closes both sockets. Adds the bytes to `stats` as they flow.
+/// fails, or the connection's drain deadline passes: [`Deadline::current`]), then closes
+/// both sockets. Adds the bytes to `stats` as they flow.
 pub async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -120,10 +125,14 @@ pub async fn forward(
         c2u: Direction::default(),
         u2c: Direction::default(),
     };
-    let result = (&mut copy).await;
+    let deadline = Deadline::current();
+    let (result, cut) = tokio::select! {
+        r = &mut copy => (r, false),
+        _ = deadline.passed() => (Ok(()), true),
+    };
     let (client_to_upstream, upstream_to_client) = (copy.c2u.copied, copy.u2c.copied);
     drop(copy);
-    if result.is_err() {
+    if result.is_err() || cut {
         reset_on_close(&client);
         reset_on_close(&upstream);
     }
@@ -133,6 +142,7 @@ pub async fn forward(
         client_to_upstream,
         upstream_to_client,
         result,
+        cut,
     }
 }
 

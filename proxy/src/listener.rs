@@ -83,6 +83,11 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
+/// How long a connection's handler may take to wind up once its deadline passed. The
+/// opaque forwarder watches the deadline itself ([`Deadline::current`]) and ends at once,
+/// with its connection counted; any other handler is dropped after this.
+const DEADLINE_GRACE: Duration = Duration::from_millis(100);
+
 /// The task of one accepted connection: runs it to the end, or until `deadline` (the
 /// drain's) passes, which closes both sockets.
 pub async fn connection_task<H: Handler>(
@@ -91,9 +96,12 @@ pub async fn connection_task<H: Handler>(
     peer: SocketAddr,
     deadline: Deadline,
 ) {
+    let handle = deadline.clone().scope(ctx.handle(client, peer));
+    tokio::pin!(handle);
     tokio::select! {
-        biased;
-        _ = deadline.passed() => {}
-        _ = ctx.handle(client, peer) => {}
+        _ = &mut handle => {}
+        _ = deadline.passed() => {
+            let _ = tokio::time::timeout(DEADLINE_GRACE, handle).await;
+        }
     }
 }

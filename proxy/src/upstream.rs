@@ -138,6 +138,7 @@ pub async fn connect_and_forward(
         bytes_upstream_to_client = report.upstream_to_client,
         duration_ms = started.elapsed().as_millis() as u64,
         error = report.result.as_ref().err().map(tracing::field::display),
+        cut_at_drain_deadline = report.cut,
         "connection closed"
     );
 }

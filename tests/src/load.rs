@@ -276,6 +276,21 @@ impl Nginx {
     /// `[::1]:8088`) and waits (up to 10 s) until the first one accepts. Keep-alive
     /// connections are never closed by nginx for their number of requests.
     pub fn start(ns: &NetNs, listen: &[&str]) -> Nginx {
+        Nginx::start_with(
+            ns,
+            listen,
+            "keepalive_requests 100000000; keepalive_timeout 300s;",
+        )
+    }
+
+    /// Like [`Nginx::start`], with nginx's stock keep-alive settings (a connection is
+    /// closed after 1,000 requests or 75 s idle), as users run it: a kept-alive client
+    /// opens new connections all along.
+    pub fn start_stock(ns: &NetNs, listen: &[&str]) -> Nginx {
+        Nginx::start_with(ns, listen, "")
+    }
+
+    fn start_with(ns: &NetNs, listen: &[&str], keepalive: &str) -> Nginx {
         static N: AtomicU64 = AtomicU64::new(0);
         assert!(!listen.is_empty(), "nginx needs an address");
         let dir = std::env::temp_dir().join(format!(
@@ -295,7 +310,7 @@ impl Nginx {
                 "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
                  worker_rlimit_nofile 16384;\n\
                  events {{ worker_connections 8192; }}\n\
-                 http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 300s;\n\
+                 http {{ access_log off; {keepalive}\n\
                  client_body_temp_path {d}; proxy_temp_path {d};\n\
                  fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
                  server {{ {listens} root {d}/www; }} }}\n"
