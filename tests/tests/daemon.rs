@@ -8,6 +8,7 @@
 //! have (`system.slice/web.service`, `app.slice/app-batch.slice`) under its own cgroup, which
 //! it gives the daemon as `cgroup_root`. All of it is removed by guards, also on failure.
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::Path,
     process::Command,
@@ -16,8 +17,8 @@ use std::{
 
 use interceptor::PinLayout;
 use interceptor_tests::{
-    exec_bin, interceptor_bin, probe::http_get, probe_in, run_cmd, start_proxy, wait_until, NetNs,
-    PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, DEFAULT_ADMIN,
+    exec_bin, interceptor_bin, probe::http_get, probe_in, run_cmd, run_cmd_ok, start_proxy,
+    wait_until, NetNs, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, DEFAULT_ADMIN,
 };
 use nix::sys::signal::Signal;
 
@@ -234,9 +235,15 @@ fn daemon_units_reattach_reload_and_exit() {
         "the removed slice is still intercepted"
     );
     let st = interceptor::status(&PinLayout::new(pin.path())).unwrap();
+    assert_eq!(st.scopes.len(), 1, "only the unit's scope is left: {st:?}");
+    let web_scope = st
+        .scopes
+        .iter()
+        .find(|s| s.cgroup_id == ino(&web))
+        .expect("the unit's scope");
     assert!(
-        st.scopes[0].settings.exclude_ports.is_empty(),
-        "settings not updated on reload"
+        web_scope.settings.exclude_ports.is_empty(),
+        "settings not updated on reload: {web_scope:?}"
     );
 
     // SIGTERM: the daemon exits, interception stays in place.
@@ -415,10 +422,22 @@ fn daemon_runs_with_only_the_units_capabilities() {
         .unwrap()
         .to_string();
     println!("daemon {eff}");
-    assert_ne!(
-        eff.split_whitespace().nth(1),
-        Some("000001ffffffffff"),
-        "not restricted"
+    // Exactly the unit's capabilities are effective: no more (the bounding set held), and
+    // no fewer (what attached and registered above did it with these).
+    let hex = eff.split_whitespace().nth(1).expect("CapEff value");
+    let decoded = run_cmd_ok("capsh", &[&format!("--decode={hex}")]);
+    let effective: BTreeSet<String> = decoded
+        .trim()
+        .split_once('=')
+        .map(|(_, names)| names.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let unit: BTreeSet<String> = caps
+        .split(',')
+        .map(|c| format!("cap_{}", c.trim_start_matches('+')))
+        .collect();
+    assert_eq!(
+        effective, unit,
+        "the daemon's effective capabilities ({hex})"
     );
     assert!(hello_from(&ns, &app), "outbound from the scope not proxied");
     assert!(daemon.is_running(), "{}", daemon.stderr());

@@ -563,16 +563,49 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         &ns_e,
         &["sleep", "300"],
     );
-    let st = gate
-        .wait_timeout(Duration::from_secs(30))
-        .expect("gate never opened");
+    // Both moments, watched together: when pod E's interception is first seen in place,
+    // and when the gate is seen open. Each round reads the gate first and the interception
+    // after it, so a gate seen open with no interception in place is a gate that opened
+    // before the interception (never the other way round).
+    let attached_e = || {
+        interceptor::status(&layout)
+            .unwrap()
+            .scopes
+            .iter()
+            .any(|s| s.cgroup_id == ino(&pod_e_cg) && s.links.iter().all(|l| l.link_id.is_some()))
+    };
+    let watch = Instant::now();
+    let mut seen_attached: Option<Duration> = None;
+    let opened = loop {
+        let open = !gate.is_running();
+        let attached = attached_e();
+        if attached && seen_attached.is_none() {
+            seen_attached = Some(watch.elapsed());
+        }
+        if open {
+            assert!(
+                attached,
+                "the gate opened while pod E's interception was not in place: {}{}",
+                gate.stdout(),
+                gate.stderr()
+            );
+            break watch.elapsed();
+        }
+        assert!(
+            watch.elapsed() < Duration::from_secs(30),
+            "gate never opened: {}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let st = gate.try_status().expect("the gate exited");
     assert!(st.success(), "gate: {}{}", gate.stdout(), gate.stderr());
-    // When the gate opened, the interception was in place.
-    assert!(interceptor::status(&layout)
-        .unwrap()
-        .scopes
-        .iter()
-        .any(|s| s.cgroup_id == ino(&pod_e_cg) && s.links.iter().all(|l| l.link_id.is_some())));
+    let seen_attached = seen_attached.expect("seen attached by the time the gate opened");
+    println!(
+        "pod E: interception first seen in place {seen_attached:?}, gate seen open {opened:?} \
+         after the cgroup was made"
+    );
+    assert!(seen_attached <= opened);
 
     // Pod A deleted: both its scopes are detached.
     let a_id = ino(&pod_a_cg);

@@ -276,9 +276,12 @@ fn ten_upgrades_under_load_without_a_client_error() {
     let red0 = w.redirected(&w.cg);
     let (drops0, overflows0) = listen_drops(&w.ns);
 
-    // Each upgrade runs inside its own load segment: wrk keep-alive (8 connections) and a
-    // churn of new connections start, the upgrade runs 300 ms later, then both are waited
-    // for and added up. No segment has to outlast a fixed number of upgrades.
+    // Each upgrade runs inside its own load segment: wrk with a new connection per request
+    // (8 at a time) and a churn of new connections start, the upgrade runs 300 ms later,
+    // then both are waited for and added up. Every request of wrk runs the connect
+    // programs, before, while and after the links move to new programs (a kept-alive
+    // connection would run them once, before). No segment has to outlast a fixed number of
+    // upgrades.
     let segment = Duration::from_secs(2);
     let mut report = interceptor_tests::WrkReport::default();
     let mut churned = interceptor_tests::ChurnReport::default();
@@ -292,7 +295,7 @@ fn ten_upgrades_under_load_without_a_client_error() {
             &format!("http://{HTTP}/"),
             8,
             segment,
-            false,
+            true,
         );
         let churn = Churn::start(&w.ns, Some(&w.cg), SERVER, 2, segment);
         std::thread::sleep(Duration::from_millis(300));
@@ -328,7 +331,8 @@ fn ten_upgrades_under_load_without_a_client_error() {
         let wr = wrk.finish();
         assert_eq!(wr.errors(), 0, "upgrade {i}: wrk saw errors: {wr:?}");
         report.requests += wr.requests;
-        wrk_conns += 8;
+        // One connection per request, each counted once it completed.
+        wrk_conns += wr.requests;
         let cr = churn.finish();
         assert_eq!(cr.failed, 0, "upgrade {i}: churn saw errors: {cr:?}");
         churned.ok += cr.ok;
@@ -351,7 +355,7 @@ fn ten_upgrades_under_load_without_a_client_error() {
         churned.proxied, churned.ok,
         "every new connection was proxied: {churned:?}"
     );
-    // Every connection of the cgroup (churn plus wrk's 8 per segment) was redirected, counted
+    // Every connection of the cgroup (churn plus one per wrk request) was redirected, counted
     // in the same maps by old and new programs, and forwarded by the proxy.
     let red = w.redirected(&w.cg) - red0;
     let fwd = w.proxy_forwarded() - fwd0;
@@ -376,6 +380,12 @@ fn ten_upgrades_under_load_without_a_client_error() {
         "listen drops during the run: {} drops, {} overflows",
         drops - drops0,
         overflows - overflows0
+    );
+    // No connection was dropped at the proxy's listener while its programs were replaced.
+    assert_eq!(
+        (drops, overflows),
+        (drops0, overflows0),
+        "ListenDrops/ListenOverflows grew during the upgrades"
     );
 
     drop(w);
