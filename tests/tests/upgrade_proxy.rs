@@ -719,11 +719,20 @@ fn a_new_process_that_fails_before_ready_changes_nothing() {
 
     let wrk = wrk.finish();
     let churn = churn.finish();
+    // The winner's hand-off is the only one: the first generation drained for 2 s, and a
+    // kept-alive connection still open then was cut (its own log line says how many).
+    w.wait_old_exited(Duration::from_secs(30));
+    let cut = cut_at_deadline(&w.proxies[0].stderr());
     println!(
-        "failed upgrades under load: wrk {} requests, churn {}",
-        wrk.requests, churn.ok
+        "failed upgrades under load: wrk {} requests ({} errors), churn {}; cut at the \
+         deadline: {cut}",
+        wrk.requests,
+        wrk.errors(),
+        churn.ok
     );
-    assert_eq!(wrk.errors(), 0, "{}", wrk.output);
+    // The failed attempts cost nothing; the one hand-off at most the requests in flight on
+    // the connections it cut.
+    assert!(wrk.errors() <= cut, "{cut} cut: {}", wrk.output);
     w.churn_clean("churn", &churn);
     assert_eq!(listen_drops(&w.ns), drops_before);
     let old_log = w.proxies[0].stderr();
