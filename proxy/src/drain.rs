@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::task::futures::TaskLocalFuture;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
@@ -66,16 +67,18 @@ impl Deadline {
     }
 
     /// Runs `connection` with this as its deadline, for [`Deadline::current`] within it.
-    pub async fn scope<F: Future>(self, connection: F) -> F::Output {
-        CONNECTION_DEADLINE.scope(self, connection).await
+    pub fn scope<F: Future>(self, connection: F) -> TaskLocalFuture<Deadline, F> {
+        CONNECTION_DEADLINE.scope(self, connection)
     }
 
-    /// The deadline of the connection the calling task serves (see [`Deadline::scope`]);
-    /// outside one, a deadline that never passes.
-    pub fn current() -> Deadline {
+    /// Whether the deadline of the connection the calling task serves has passed (see
+    /// [`Deadline::scope`]); false outside one. It registers no waker: the connection's
+    /// task is woken at the deadline by [`crate::listener::connection_task`], which polls
+    /// its handler first, so a handler that checks this on every poll sees it then.
+    pub fn current_has_passed() -> bool {
         CONNECTION_DEADLINE
-            .try_with(Deadline::clone)
-            .unwrap_or_default()
+            .try_with(|d| d.0.is_cancelled())
+            .unwrap_or(false)
     }
 
     /// Completes when the deadline has passed.

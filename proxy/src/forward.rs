@@ -107,8 +107,8 @@ pub struct ForwardReport {
 }
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
-/// fails, or the connection's drain deadline passes: [`Deadline::current`]), then closes
-/// both sockets. Adds the bytes to `stats` as they flow.
+/// fails, or the connection's drain deadline passes: [`Deadline::current_has_passed`]),
+/// then closes both sockets. Adds the bytes to `stats` as they flow.
 pub async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -125,11 +125,15 @@ pub async fn forward(
         c2u: Direction::default(),
         u2c: Direction::default(),
     };
-    let deadline = Deadline::current();
-    let (result, cut) = tokio::select! {
-        r = &mut copy => (r, false),
-        _ = deadline.passed() => (Ok(()), true),
-    };
+    // Checked before each poll of the copy (no future of its own: every open connection
+    // holds this state).
+    let (result, cut) = std::future::poll_fn(|cx| {
+        if Deadline::current_has_passed() {
+            return Poll::Ready((Ok(()), true));
+        }
+        Pin::new(&mut copy).poll(cx).map(|r| (r, false))
+    })
+    .await;
     let (client_to_upstream, upstream_to_client) = (copy.c2u.copied, copy.u2c.copied);
     drop(copy);
     if result.is_err() || cut {

@@ -83,11 +83,6 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
-/// How long a connection's handler may take to wind up once its deadline passed. The
-/// opaque forwarder watches the deadline itself ([`Deadline::current`]) and ends at once,
-/// with its connection counted; any other handler is dropped after this.
-const DEADLINE_GRACE: Duration = Duration::from_millis(100);
-
 /// The task of one accepted connection: runs it to the end, or until `deadline` (the
 /// drain's) passes, which closes both sockets.
 pub async fn connection_task<H: Handler>(
@@ -96,12 +91,12 @@ pub async fn connection_task<H: Handler>(
     peer: SocketAddr,
     deadline: Deadline,
 ) {
-    let handle = deadline.clone().scope(ctx.handle(client, peer));
-    tokio::pin!(handle);
+    // The handler is polled first: the opaque forwarder watches the same deadline
+    // ([`Deadline::current_has_passed`]), so once it has passed the forwarder ends on that poll with
+    // its connection counted; any other handler is dropped right after.
     tokio::select! {
-        _ = &mut handle => {}
-        _ = deadline.passed() => {
-            let _ = tokio::time::timeout(DEADLINE_GRACE, handle).await;
-        }
+        biased;
+        _ = deadline.clone().scope(ctx.handle(client, peer)) => {}
+        _ = deadline.passed() => {}
     }
 }
