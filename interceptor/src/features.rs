@@ -301,6 +301,12 @@ pub fn probe() -> &'static Features {
 }
 
 fn probe_now() -> Features {
+    // Before 5.11 every probe program and map is charged to RLIMIT_MEMLOCK until the kernel
+    // frees it (after an RCU grace period): with the 64 KiB default the later probes fail
+    // with EPERM and a present feature reads as missing (seen on 5.10 in the kernel matrix).
+    if let Err(e) = sys::raise_memlock() {
+        tracing::debug!(error = %e, "cannot raise RLIMIT_MEMLOCK");
+    }
     let mut features = Vec::new();
     let mut push = |kind, name: String, used_by, required, r: Result<(), String>| {
         features.push(Feature {

@@ -11,6 +11,8 @@
 //!   BPF_LINK_UPDATE of no link: `interceptor check` (`features.rs`) asks the kernel for each
 //!   hook, helper and link kind by its exact program type and expected attach type, which
 //!   aya's probes do not take.
+//! - setrlimit(RLIMIT_MEMLOCK): kernels before 5.11 charge bpf programs and maps to it (a
+//!   64 KiB default), so probes and loads fail with EPERM once a few are alive.
 //! - pidfd_open / pidfd_getfd: to take a copy of the proxy's inbound listening socket from
 //!   its process, so the proxy itself needs no access to bpf.
 //! - ioctl NS_GET_NSTYPE and SIOCGSKNS: to check that a path is a network namespace and which
@@ -243,6 +245,22 @@ pub fn link_update_probe() -> io::Result<()> {
     attr.0[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
     attr.0[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Raises RLIMIT_MEMLOCK to unlimited (what libbpf does on kernels that still charge bpf
+/// memory to it). Harmless where the kernel accounts bpf memory to the cgroup instead (5.11+).
+pub fn raise_memlock() -> io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `ioctl(NS_GET_NSTYPE)`: the `CLONE_NEW*` type of a namespace file.
