@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use interceptor::paths::{PinLayout, DEFAULT_PIN_DIR};
 
 mod attach;
+mod check;
 mod detach;
 mod logs;
 mod register;
@@ -53,6 +54,9 @@ enum Command {
     /// Intercept a cgroup's outbound or a network namespace's inbound TCP connections
     /// (updates an attached scope in place).
     Attach(attach::AttachArgs),
+    /// Probe the running kernel for every hook, helper, map type and link kind the programs
+    /// use: what is there, what is missing (exit 1 when a required one is).
+    Check(check::CheckArgs),
     /// Put the proxy's inbound listener into an attached network namespace's map (again after
     /// a proxy restart).
     Register(register::RegisterArgs),
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
     interceptor::kernel_log::set_kernel_log(args.kernel_log == KernelLog::Debug);
     let result = match args.command {
         Command::Attach(a) => attach::run(&layout, a),
+        Command::Check(a) => check::run(a),
         Command::Detach(a) => detach::run(&layout, a),
         Command::Register(a) => register::run(&layout, a),
         Command::Status(a) => status::run(&layout, a),

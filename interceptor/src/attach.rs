@@ -113,6 +113,9 @@ fn locked_with_undo<T>(
     if EBPF_OBJECT.is_empty() {
         return Err(Error::NoObject);
     }
+    // Before anything changes: a kernel without a required hook, helper or map type is
+    // refused here, naming what it lacks, instead of half way through by the verifier.
+    crate::features::require()?;
     system::ensure_bpffs(layout.root())?;
     let _lock = PinLock::acquire(layout)?;
     let mut undo = UndoLog::default();

@@ -31,6 +31,13 @@ pub enum Error {
     #[error("not privileged: loading and attaching eBPF programs needs root (or CAP_BPF with CAP_NET_ADMIN, or CAP_SYS_ADMIN); run `interceptor` as root")]
     NotPrivileged,
 
+    #[error("this kernel ({kernel}) lacks what the interception needs: {missing}. It needs Linux {minimum} or newer (Debian 12's kernel or later); nothing was attached. `interceptor check` lists every feature")]
+    KernelLacks {
+        kernel: String,
+        missing: String,
+        minimum: &'static str,
+    },
+
     #[error("pin directory {path}: {reason}")]
     PinDir { path: PathBuf, reason: String },
 

@@ -6,6 +6,7 @@ pub mod attach;
 pub mod cgroup;
 pub mod detach;
 pub mod error;
+pub mod features;
 pub mod kernel_log;
 mod links;
 mod lock;

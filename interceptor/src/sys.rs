@@ -7,6 +7,12 @@
 //! - BPF_LINK_UPDATE, BPF_OBJ_GET, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD: `upgrade`
 //!   swaps the program of a pinned link in place, which aya 0.14 does not offer (its `FdLink`
 //!   does not lend its fd), and it needs the old program's fd to make the swap conditional.
+//! - BPF_PROG_LOAD of tiny probe programs, BPF_LINK_CREATE against no target and
+//!   BPF_LINK_UPDATE of no link: `interceptor check` (`features.rs`) asks the kernel for each
+//!   hook, helper and link kind by its exact program type and expected attach type, which
+//!   aya's probes do not take.
+//! - setrlimit(RLIMIT_MEMLOCK): kernels before 5.11 charge bpf programs and maps to it (a
+//!   64 KiB default), so probes and loads fail with EPERM once a few are alive.
 //! - pidfd_open / pidfd_getfd: to take a copy of the proxy's inbound listening socket from
 //!   its process, so the proxy itself needs no access to bpf.
 //! - ioctl NS_GET_NSTYPE and SIOCGSKNS: to check that a path is a network namespace and which
@@ -21,6 +27,7 @@ use std::{
     path::Path,
 };
 
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -41,6 +48,17 @@ pub enum AttachType {
     Inet4Getpeername = 29,
     Inet6Getpeername = 30,
     SkLookup = 36,
+}
+
+/// `enum bpf_prog_type` values of the programs we load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ProgType {
+    SockOps = 13,
+    SkMsg = 16,
+    CgroupSockAddr = 18,
+    CgroupSockopt = 25,
+    SkLookup = 30,
 }
 
 /// Large enough for every `union bpf_attr` member we use; the kernel checks that the bytes
@@ -179,6 +197,70 @@ pub fn link_update(
     attr.0[8..12].copy_from_slice(&BPF_F_REPLACE.to_ne_bytes());
     attr.0[12..16].copy_from_slice(&(old_prog.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// BPF_PROG_LOAD of `insns` (raw 8-byte instructions) as a GPL program of `prog_type`
+/// expecting `attach` (0 for types that take none), with the verifier's log in `log`.
+/// The program is unloaded when the returned fd is dropped; nothing is attached.
+pub fn prog_load(
+    prog_type: ProgType,
+    attach: u32,
+    insns: &[u64],
+    log: &mut [u8],
+) -> io::Result<OwnedFd> {
+    const LICENSE: &[u8] = b"GPL\0";
+    let mut attr = Attr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(prog_type as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr.0[16..24].copy_from_slice(&(LICENSE.as_ptr() as u64).to_ne_bytes());
+    if !log.is_empty() {
+        attr.0[24..28].copy_from_slice(&1u32.to_ne_bytes());
+        attr.0[28..32].copy_from_slice(&(log.len() as u32).to_ne_bytes());
+        attr.0[32..40].copy_from_slice(&(log.as_mut_ptr() as u64).to_ne_bytes());
+    }
+    attr.0[68..72].copy_from_slice(&attach.to_ne_bytes());
+    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: on success the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_CREATE of `prog` with attach type `attach` on target fd -1: a kernel that can
+/// make such a link looks the target up and fails with EBADF; one that cannot fails earlier
+/// (EINVAL). Never attaches anything (should a link come back, it is closed at once).
+pub fn link_create_probe(prog: BorrowedFd<'_>, attach: u32) -> io::Result<()> {
+    let mut attr = Attr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    attr.0[8..12].copy_from_slice(&attach.to_ne_bytes());
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: a new fd that nothing else owns; dropping it releases the link.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    Ok(())
+}
+
+/// BPF_LINK_UPDATE of link fd -1: EBADF when the kernel knows the command, EINVAL when not.
+pub fn link_update_probe() -> io::Result<()> {
+    let mut attr = Attr([0; 128]);
+    attr.0[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Raises RLIMIT_MEMLOCK to unlimited (what libbpf does on kernels that still charge bpf
+/// memory to it). Harmless where the kernel accounts bpf memory to the cgroup instead (5.11+).
+pub fn raise_memlock() -> io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `ioctl(NS_GET_NSTYPE)`: the `CLONE_NEW*` type of a namespace file.

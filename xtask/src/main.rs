@@ -11,11 +11,13 @@
 //! | `check-deploy` | only the deployment checks that `test` runs (manifests, units, configs) |
 //! | `image [--tag T]` | static binaries, then `podman build` of the image (deploy/Containerfile, offline stage) |
 //! | `clean-stale` | removes `icpt-t-*` netns, cgroups and pin dirs left by a crashed test run |
-//! | `test-kernels` | the kernel matrix: the data-path suite in QEMU on Debian's 6.1 and newest kernels |
+//! | `test-kernels` | the kernel matrix: the data-path suite in QEMU on Debian's 6.1, 6.12 and newest kernels, the refusal on 5.10 |
+//! | `fuzz [--time SECS] [TARGET...]` | cargo-fuzz (installed if missing), builds the fuzz targets of `fuzz/` and runs each for SECS seconds |
 
 mod bench;
 mod demo;
 mod deploy;
+mod fuzz;
 mod kernels;
 mod lint;
 mod setup;
@@ -75,13 +77,13 @@ enum Cmd {
     Lint,
     /// Remove netns, cgroups and bpffs pin dirs named `icpt-t-*` left by a crashed test run.
     CleanStale,
-    /// The kernel matrix: boot Debian's 6.1 and newest kernels in QEMU (TCG) and run the
+    /// The kernel matrix: boot Debian's 5.10, 6.1, 6.12 and newest kernels in QEMU (TCG) and run the
     /// data-path suite (icpt-kcheck) in each; prints kernel x check and verified instructions.
     TestKernels {
         /// Skip setup and build; use the binaries already in target/release.
         #[arg(long)]
         no_build: bool,
-        /// Only this kernel (debian12, debian13, newest; debian11 only when named); repeatable.
+        /// Only this kernel (debian12, debian13, newest, debian11); repeatable.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
         /// Look for newer kernel packages than those cached in target/kernels/.
@@ -96,6 +98,15 @@ enum Cmd {
         /// Virtual CPUs per guest.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+    },
+    /// Build the cargo-fuzz targets (fuzz/, nightly; cargo-fuzz installed if missing) and run
+    /// each for --time seconds from its seeds; a crash fails it and keeps the input.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only these targets (tls_sni, detect, routes_yaml, daemon_toml, upgrade_wire).
+        targets: Vec<String>,
     },
     /// Only the deployment checks of `test` (kubernetes-validate, systemd-analyze verify,
     /// the example configs), with the binaries already in target/release.
@@ -131,6 +142,9 @@ fn main() {
             }
         }
         Cmd::CheckDeploy => check_deploy().map(|code| exit(code)),
+        Cmd::Fuzz { time, targets } => {
+            fuzz::fuzz(time, &targets).map(|s| exit(i32::from(s.failed > 0)))
+        }
         Cmd::Lint => setup::setup()
             .and_then(|_| setup::lint_tools())
             .and_then(|_| lint::lint()),
@@ -206,6 +220,9 @@ const TEST_PACKAGES: [&str; 8] = [
     "interceptor-hostops",
     "xtask",
 ];
+
+/// Seconds each fuzz target runs in the whole suite.
+const FUZZ_SMOKE_SECS: u64 = 30;
 
 /// Runs the suite; returns the test exit code.
 fn test(no_build: bool, extra: &[String]) -> Result<i32> {
@@ -292,7 +309,7 @@ test: {} part(s) could not run here and are counted as skipped:",
     if !extra.is_empty() {
         println!(
             "
-test: a filtered run ({}): left out the bench smoke, the deployment checks, the kernel matrix, and {filtered} test(s) that did not match",
+test: a filtered run ({}): left out the bench smoke, the deployment checks, the kernel matrix, the fuzz smoke, and {filtered} test(s) that did not match",
             extra.join(" ")
         );
     }
@@ -326,6 +343,23 @@ test: a filtered run ({}): left out the bench smoke, the deployment checks, the 
             Ok(s) => (s.passed, s.failed),
             Err(e) => {
                 println!("test: kernel matrix FAILED: {e:#}");
+                (0, 1)
+            }
+        };
+        passed += p;
+        failed += f;
+        if f > 0 && code == 0 {
+            code = 1;
+        }
+    }
+    // The fuzz targets, 30 s each (about 2.5 minutes plus their build), also whole-suite
+    // only: one check per target.
+    if extra.is_empty() {
+        println!("\ntest: fuzz smoke (cargo xtask fuzz --time {FUZZ_SMOKE_SECS})");
+        let (p, f) = match fuzz::fuzz(FUZZ_SMOKE_SECS, &[]) {
+            Ok(s) => (s.passed, s.failed),
+            Err(e) => {
+                println!("test: fuzz smoke FAILED: {e:#}");
                 (0, 1)
             }
         };

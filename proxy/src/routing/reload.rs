@@ -35,6 +35,14 @@ pub enum RoutesProblem {
     Invalid(CompileError),
 }
 
+/// Parses and compiles the text of a routing file (what `reload` does with the file it
+/// read; also the entry point of the routes fuzz target). The error names the field.
+pub fn parse(text: &str, stats: &RoutingStats) -> Result<Table, RoutesProblem> {
+    let file = serde_saphyr::from_str::<RoutingFile>(text)
+        .map_err(|e| RoutesProblem::Parse(e.to_string()))?;
+    compile(&file, stats).map_err(RoutesProblem::Invalid)
+}
+
 /// The routes in force, reloadable.
 #[derive(Debug)]
 pub struct Routing {
@@ -91,11 +99,7 @@ impl Routing {
         };
         let meta = std::fs::metadata(path).map_err(|e| err(RoutesProblem::Read(e)))?;
         let text = std::fs::read_to_string(path).map_err(|e| err(RoutesProblem::Read(e)))?;
-        let result = serde_saphyr::from_str::<RoutingFile>(&text)
-            .map_err(|e| err(RoutesProblem::Parse(e.to_string())))
-            .and_then(|file| {
-                compile(&file, &self.stats).map_err(|e| err(RoutesProblem::Invalid(e)))
-            });
+        let result = parse(&text, &self.stats).map_err(err);
         *self.seen.lock().expect("seen") = Some((
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             meta.len(),

@@ -43,4 +43,6 @@ pub use control::ControlSocket;
 pub use error::UpgradeError;
 pub use handover::{serve, Offer, Successor, READY_TIMEOUT};
 pub use takeover::{take_over, Inherited, Predecessor, Takeover, HANDOFF_TIMEOUT};
+#[cfg(feature = "fuzzing")]
+pub use wire::fuzz_receive;
 pub use wire::{inbound_id, outbound_id, ADMIN_ID, CONTROL_ID};

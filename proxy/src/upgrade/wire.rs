@@ -89,6 +89,32 @@ impl Message {
     }
 }
 
+/// The first whole message in `buf` (a JSON line), removed from it; `None` while no line
+/// is complete. An error for a line that is not a message, or for more than 1 MiB without
+/// a line end.
+pub(super) fn take_message(buf: &mut Vec<u8>) -> io::Result<Option<Message>> {
+    if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=end).collect();
+        return serde_json::from_slice(&line[..end])
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+    }
+    if buf.len() > MAX_LINE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message longer than 1 MiB",
+        ));
+    }
+    Ok(None)
+}
+
+/// Encodes `msg` as its line (JSON and the line end), as `Channel::send` sends it.
+pub(super) fn encode(msg: &Message) -> io::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 /// One end of an upgrade conversation: JSON lines, descriptors alongside.
 pub(super) struct Channel {
     stream: UnixStream,
@@ -119,8 +145,7 @@ impl Channel {
 
     pub(super) async fn send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         assert!(fds.len() <= MAX_FDS, "too many descriptors for one message");
-        let mut line = serde_json::to_vec(msg).map_err(io::Error::other)?;
-        line.push(b'\n');
+        let line = encode(msg)?;
         let mut sent = 0;
         while sent < line.len() {
             let n = self
@@ -148,17 +173,8 @@ impl Channel {
     /// The next message; `None` when the peer closed the connection between messages.
     pub(super) async fn recv(&mut self) -> io::Result<Option<Message>> {
         loop {
-            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=end).collect();
-                return serde_json::from_slice(&line[..end])
-                    .map(Some)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
-            }
-            if self.buf.len() > MAX_LINE {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "message longer than 1 MiB",
-                ));
+            if let Some(msg) = take_message(&mut self.buf)? {
+                return Ok(Some(msg));
             }
             let mut chunk = [0u8; 4096];
             let (n, fds) = self
@@ -196,6 +212,37 @@ impl Channel {
                 };
             }
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The fuzz target's entry (`fuzz/fuzz_targets/upgrade_wire.rs`): `data` arrives as the
+/// receiving side reads it, in chunks of up to 4096 bytes; every message decoded must
+/// encode to a line that decodes to the same message (the same encoding again).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_receive(data: &[u8]) {
+    let mut buf = Vec::new();
+    for chunk in data.chunks(4096) {
+        buf.extend_from_slice(chunk);
+        loop {
+            match take_message(&mut buf) {
+                Ok(Some(msg)) => {
+                    let line = encode(&msg).expect("a decoded message encodes");
+                    let mut again = line.clone();
+                    let back = take_message(&mut again)
+                        .expect("an encoded message decodes")
+                        .expect("an encoded message is one whole line");
+                    assert!(again.is_empty(), "encoding left bytes after the line");
+                    assert_eq!(
+                        encode(&back).expect("encodes"),
+                        line,
+                        "{} changed on a round trip",
+                        msg.name()
+                    );
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
         }
     }
 }

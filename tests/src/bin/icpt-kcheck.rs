@@ -15,6 +15,11 @@
 //! KC end 11 1 0                           passed, failed, skipped
 //! ```
 //!
+//! A kernel below the minimum (the xtask boots it with `icpt.below_minimum` on the kernel
+//! command line: Debian 11's 5.10) runs another plan, [`BELOW_MINIMUM`]: `interceptor check`
+//! must name what it lacks, and `attach` must refuse naming it and the minimum kernel,
+//! leaving nothing attached and traffic direct.
+//!
 //! Every connection goes to 127.0.0.0/8, ::1 or an address of the veth pair inside the guest's
 //! own namespaces. The program exits 0 when every check passed.
 
@@ -82,6 +87,11 @@ const CHECKS: &[Check] = &[
         run: boot,
     },
     Check {
+        name: "features",
+        needs: &["boot"],
+        run: features,
+    },
+    Check {
         name: "attach",
         needs: &["boot"],
         run: attach,
@@ -138,6 +148,36 @@ const CHECKS: &[Check] = &[
     },
 ];
 
+/// The plan on a kernel below the minimum: the probe names what is missing, `attach` refuses.
+const BELOW_MINIMUM: &[Check] = &[
+    Check {
+        name: "boot",
+        needs: &[],
+        run: boot,
+    },
+    Check {
+        name: "features",
+        needs: &["boot"],
+        run: features_below_minimum,
+    },
+    Check {
+        name: "refusal",
+        needs: &["boot"],
+        run: refusal,
+    },
+    Check {
+        name: "no-conntrack",
+        needs: &["boot"],
+        run: no_conntrack,
+    },
+];
+
+/// Whether the xtask booted this guest as a kernel below the minimum.
+fn below_minimum() -> bool {
+    fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "icpt.below_minimum"))
+}
+
 /// The guest's world: two namespaces joined by a veth pair, the workload's cgroups, a pin dir,
 /// the servers and the proxies. Fields drop in declaration order: processes first, then the
 /// programs (pin dir), the cgroups, the namespaces.
@@ -176,6 +216,8 @@ struct Suite {
     haproxy_bin: PathBuf,
     /// Link name -> (program name, verified instructions), from the first attach.
     insns: BTreeMap<String, (String, Option<u32>)>,
+    /// The features `interceptor check` found missing (required or optional).
+    missing: Vec<String>,
     /// When nf_conntrack was first seen loaded: after which check.
     conntrack_seen_after: Option<String>,
     conntrack_at_start: Option<String>,
@@ -207,9 +249,14 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot write the report: {e}"));
         eprintln!("kcheck: {line}");
     };
+    let checks = if below_minimum() {
+        BELOW_MINIMUM
+    } else {
+        CHECKS
+    };
     say(format!(
         "KC plan {}",
-        CHECKS.iter().map(|c| c.name).collect::<Vec<_>>().join(" ")
+        checks.iter().map(|c| c.name).collect::<Vec<_>>().join(" ")
     ));
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     say(format!("KC info release {}", release.trim()));
@@ -219,12 +266,13 @@ fn main() {
         expected: Expected::default(),
         haproxy_bin: cli.haproxy.clone(),
         insns: BTreeMap::new(),
+        missing: Vec::new(),
         conntrack_seen_after: None,
         conntrack_at_start: conntrack_loaded(),
     };
     let mut results: BTreeMap<&str, bool> = BTreeMap::new();
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-    for check in CHECKS {
+    for check in checks {
         if let Some(missing) = check.needs.iter().find(|n| results.get(*n) != Some(&true)) {
             say(format!("KC check {} skip 0.00 needs {missing}", check.name));
             skipped += 1;
@@ -259,6 +307,9 @@ fn main() {
             }
         }
         results.insert(check.name, res.is_ok());
+        if check.name == "features" && !suite.missing.is_empty() {
+            say(format!("KC info missing {}", suite.missing.join(", ")));
+        }
         if check.name == "attach" {
             for (link, (prog, n)) in &suite.insns {
                 let n = n.map_or("-".to_string(), |n| n.to_string());
@@ -568,6 +619,203 @@ fn attach(s: &mut Suite) -> Outcome {
             .entry(name)
             .or_insert((prog, verified.get(&id).copied().flatten()));
     }
+    Ok(())
+}
+
+/// `interceptor check --json`, started with RLIMIT_MEMLOCK at the kernel's 64 KiB default
+/// (which kernels before 5.11 charge bpf memory to): (exit status success, the JSON report,
+/// stderr).
+fn check_report(pin: &Path) -> Result<(bool, Value, String), String> {
+    let bin = interceptor_bin();
+    let out = run_cmd(
+        Command::new("sh")
+            .args(["-c", "ulimit -l 64 && exec \"$0\" \"$@\""])
+            .arg(&bin)
+            .arg("--pin-dir")
+            .arg(pin)
+            .args(["check", "--json"]),
+        Duration::from_secs(60),
+    )
+    .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let json: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "`interceptor check --json` printed no JSON ({e}): {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let features = json["features"].as_array().map_or(0, Vec::len);
+    ensure!(
+        features >= 30,
+        "`interceptor check` probed {features} features: {json}"
+    );
+    Ok((
+        out.status.success(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// (label, required, how the probe answered) of each feature the report shows missing.
+fn missing_features(json: &Value) -> Vec<(String, bool, String)> {
+    json["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["present"] == Value::Bool(false))
+        .map(|f| {
+            (
+                format!(
+                    "{} {}",
+                    f["kind"].as_str().unwrap_or("?"),
+                    f["name"].as_str().unwrap_or("?")
+                ),
+                f["required"] == Value::Bool(true),
+                f["detail"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `label [detail]` per missing feature, `(optional)` marked, for the `KC info missing` line.
+fn describe_missing(missing: &[(String, bool, String)]) -> Vec<String> {
+    missing
+        .iter()
+        .map(|(l, r, d)| format!("{l}{} [{d}]", if *r { "" } else { " (optional)" }))
+        .collect()
+}
+
+/// `interceptor check` on a supported kernel: exit 0, every required hook, helper, map type
+/// and link kind present (the optional ones it lacks are reported as info).
+fn features(s: &mut Suite) -> Outcome {
+    let pin = s.w().pin.path().to_path_buf();
+    let (ok, json, stderr) = check_report(&pin)?;
+    let missing = missing_features(&json);
+    s.missing = describe_missing(&missing);
+    let required: Vec<&String> = missing.iter().filter(|m| m.1).map(|m| &m.0).collect();
+    ensure!(
+        missing.iter().all(|m| !m.2.contains("os error")),
+        "a probe failed for another reason than the feature: {:?}",
+        describe_missing(&missing)
+    );
+    ensure!(
+        ok && required.is_empty(),
+        "`interceptor check` on a supported kernel: exit ok={ok}, required missing {required:?}: {}",
+        stderr.trim()
+    );
+    let text = icpt(&pin, &["check"])?;
+    ensure!(
+        text.contains("every required feature is present"),
+        "`interceptor check` text: {text}"
+    );
+    Ok(())
+}
+
+/// `interceptor check` below the minimum: exit 1, naming bpf_get_netns_cookie in sock_ops (the
+/// helper 5.10 does not offer there) as missing and the minimum kernel; the hooks themselves
+/// are there.
+fn features_below_minimum(s: &mut Suite) -> Outcome {
+    let pin = s.w().pin.path().to_path_buf();
+    let (ok, json, stderr) = check_report(&pin)?;
+    let missing = missing_features(&json);
+    s.missing = describe_missing(&missing);
+    ensure!(
+        !ok,
+        "`interceptor check` exited 0 below the minimum: {json}"
+    );
+    // Exactly what 5.10 lacks, each for the kernel's own reason: a probe failing for another
+    // one (EPERM of an exhausted RLIMIT_MEMLOCK) would read as a missing feature.
+    let required: BTreeSet<&str> = missing
+        .iter()
+        .filter(|m| m.1)
+        .map(|m| m.0.as_str())
+        .collect();
+    ensure!(
+        required
+            == BTreeSet::from([
+                "helper bpf_get_netns_cookie in sock_ops",
+                "helper bpf_get_netns_cookie in cgroup/getsockopt"
+            ]),
+        "required features missing below the minimum: {:?}",
+        describe_missing(&missing)
+    );
+    ensure!(
+        missing.iter().all(|m| !m.2.contains("os error")),
+        "a probe failed for another reason than the feature: {:?}",
+        describe_missing(&missing)
+    );
+    let want = "helper bpf_get_netns_cookie in sock_ops";
+    ensure!(
+        missing.iter().any(|(l, r, _)| l == want && *r),
+        "`interceptor check` does not name {want:?} missing: {missing:?}"
+    );
+    ensure!(
+        stderr.contains("bpf_get_netns_cookie in sock_ops") && stderr.contains("Linux 6.1"),
+        "`interceptor check`'s error does not name the helper and Linux 6.1: {}",
+        stderr.trim()
+    );
+    ensure!(
+        !missing.iter().any(|(l, _, _)| l == "hook sock_ops"),
+        "the sock_ops hook itself reported missing: {missing:?}"
+    );
+    Ok(())
+}
+
+/// `attach` below the minimum: both kinds refused before anything changed, the message naming
+/// the missing helper and Linux 6.1; no pin, no link, no program, no map of ours in the kernel,
+/// and outbound goes direct.
+fn refusal(s: &mut Suite) -> Outcome {
+    let w = s.w();
+    let pin = w.pin.path().to_path_buf();
+    let cg = w.cg.path().to_str().expect("UTF-8").to_string();
+    let ns = w.app.path_str().to_string();
+    for args in [["attach", "--cgroup", &cg], ["attach", "--netns", &ns]] {
+        match icpt(&pin, &args) {
+            Ok(out) => {
+                return Err(format!(
+                    "`{}` succeeded below the minimum: {out}",
+                    args.join(" ")
+                ))
+            }
+            Err(e) => ensure!(
+                e.contains("bpf_get_netns_cookie in sock_ops")
+                    && e.contains("Linux 6.1")
+                    && e.contains("nothing was attached"),
+                "`{}` refused without naming the helper and Linux 6.1: {e}",
+                args.join(" ")
+            ),
+        }
+    }
+    ensure!(
+        !pin.exists(),
+        "pins after the refused attach: {}",
+        run_cmd_ok("find", &[pin.to_str().expect("UTF-8")]).trim()
+    );
+    // The guest runs nothing else with bpf: any link, program or ICP_ map is ours (the probe
+    // programs of `check` are freed after their last reference goes, RCU: bounded wait).
+    let mut left = String::new();
+    let clean = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        left.clear();
+        for l in aya::programs::loaded_links().filter_map(Result::ok) {
+            let _ = write!(left, "link {} (prog {}) ", l.id(), l.program_id());
+        }
+        for p in aya::programs::loaded_programs().filter_map(Result::ok) {
+            let _ = write!(left, "prog {} {} ", p.id(), p.name_as_str().unwrap_or("?"));
+        }
+        for m in aya::maps::loaded_maps().filter_map(Result::ok) {
+            if m.name_as_str().is_some_and(|n| n.starts_with("ICP_")) {
+                let _ = write!(left, "map {} {} ", m.id(), m.name_as_str().unwrap_or("?"));
+            }
+        }
+        left.is_empty()
+    });
+    ensure!(clean, "in the kernel 10 s after the refused attach: {left}");
+    let target = addr(PEER4, 8080);
+    let v = ok_reply("hello", from_cgroup(w, &w.cg, &["hello", &target]))?;
+    ensure!(
+        v["proxied"] == Value::Bool(false),
+        "after the refused attach, outbound was proxied: {v}"
+    );
     Ok(())
 }
 
