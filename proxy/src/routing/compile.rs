@@ -639,9 +639,7 @@ destinationRules:
             .replacen("weight: 90}", "weight: 4294967206}", 1)
             .replacen("weight: 10}", "weight: 190}", 1);
         assert_ne!(bad, GOOD);
-        let e = compile_text(&bad)
-            .err()
-            .expect("overflowing weights accepted");
+        let e = compile_text(&bad).expect_err("overflowing weights accepted");
         assert!(
             e.contains("virtualServices[0].http[1].route: weights add up to 4294967396, not 100"),
             "{e}"
