@@ -89,6 +89,21 @@ pub enum Role {
     Stats(crate::stats::StatsArgs),
     /// HTTP routing against opaque passthrough, keep-alive (see bench/README.md).
     Routing(crate::routing::RoutingArgs),
+    /// Proxy CPU while clients stay silent in protocol detection (see bench/README.md).
+    DetectIdle(crate::detect::DetectArgs),
+    /// Opens COUNT connections, writes PREFIX (may be empty) on each, prints `ready`, then
+    /// holds them without another byte until killed (at most HOLD_S seconds).
+    #[command(hide = true)]
+    Silent {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 300)]
+        hold_s: u64,
+    },
     /// Idle server: accepts, writes one byte, holds the connection (never reads);
     /// exits after LIFETIME_S seconds.
     #[command(hide = true)]
@@ -122,6 +137,13 @@ pub fn run(role: Role) -> Result<()> {
         } => spread(first, port, count, distinct, threads),
         Role::Stats(args) => return crate::stats::run(args),
         Role::Routing(args) => return crate::routing::run(args),
+        Role::DetectIdle(args) => return crate::detect::run(args),
+        Role::Silent {
+            addr,
+            count,
+            prefix,
+            hold_s,
+        } => return silent(addr, count, prefix.as_bytes(), Duration::from_secs(hold_s)),
         Role::Idle {
             addr,
             count,
@@ -488,6 +510,28 @@ fn idle(addr: SocketAddr, count: u32, hold: Duration) -> Result<()> {
     io::stdout().flush().context("flush stdout")?;
     std::thread::sleep(hold);
     drop(ready);
+    Ok(())
+}
+
+/// Opens `count` connections, writes `prefix` on each, then holds them silent.
+fn silent(addr: SocketAddr, count: u32, prefix: &[u8], hold: Duration) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut socks = Vec::with_capacity(count as usize);
+    let mut failed = 0u64;
+    for _ in 0..count {
+        if Instant::now() > deadline {
+            failed += 1;
+            continue;
+        }
+        match connect(addr).and_then(|mut s| s.write_all(prefix).map(|_| s)) {
+            Ok(s) => socks.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("{}", json!({"ready": socks.len(), "failed": failed}));
+    io::stdout().flush().context("flush stdout")?;
+    std::thread::sleep(hold);
+    drop(socks);
     Ok(())
 }
 

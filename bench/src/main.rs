@@ -7,6 +7,7 @@
 //! hidden subcommands inside a world), `report` (statistics, tables, targets, JSON).
 
 mod client;
+mod detect;
 mod report;
 mod routing;
 mod stats;

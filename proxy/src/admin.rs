@@ -9,9 +9,15 @@
 //! | `GET /config` | JSON: the running configuration |
 //! | `GET /runtime`, `POST /runtime?destination_stats=on\|off` | JSON: the run-time switches |
 //! | `GET /routes`, `POST /routes/reload` | JSON: the routing file in force, its version and reloads |
+//!
+//! The POST endpoints change the proxy, so they answer only a client on a loopback address
+//! that names a loopback host (`127.0.0.1`, `[::1]`, `localhost`, with or without a port)
+//! in `Host` and, when it sends one, in `Origin`; anything else gets 403. A web page in a
+//! browser on the node can then neither post to them across sites nor through a DNS name
+//! rebound to 127.0.0.1 (both carry a foreign `Host` or `Origin`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,7 +131,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &state)) }
+                async move { Ok::<_, Infallible>(handle(&req, peer, &state)) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
@@ -136,9 +142,62 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
     }
 }
 
-/// Routes one request.
-pub fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+/// Routes one request from `peer`.
+pub fn handle(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    state: &AdminState,
+) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST {
+        if let Err(why) = post_allowed(peer, req.headers()) {
+            warn!(client = %peer, path = req.uri().path(), reason = why, "admin POST refused");
+            return owned_text(
+                StatusCode::FORBIDDEN,
+                format!("{why}; POST to the admin endpoints only from the node itself, to http://127.0.0.1:<port>\n"),
+            );
+        }
+    }
     route(req.method(), req.uri().path(), req.uri().query(), state)
+}
+
+/// Whether a POST may change the proxy: a loopback client, a loopback `Host`, and no
+/// `Origin` other than a loopback one.
+pub fn post_allowed(peer: SocketAddr, headers: &hyper::HeaderMap) -> Result<(), &'static str> {
+    if !peer.ip().to_canonical().is_loopback() {
+        return Err("client is not on a loopback address");
+    }
+    let host = headers
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .ok_or("no Host header")?;
+    if !is_loopback_host(host) {
+        return Err("Host is not a loopback name or address");
+    }
+    if let Some(origin) = headers.get(hyper::header::ORIGIN) {
+        let origin = origin.to_str().map_err(|_| "Origin is not text")?;
+        let host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .ok_or("Origin is not a loopback http origin")?;
+        if !is_loopback_host(host) {
+            return Err("Origin is not a loopback origin");
+        }
+    }
+    Ok(())
+}
+
+/// `localhost`, `127.x.y.z`, `[::1]` (IPv4-mapped too), each with an optional port.
+fn is_loopback_host(host: &str) -> bool {
+    let Ok(authority) = host.trim().parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let name = authority.host();
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let ip = name.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
@@ -331,5 +390,57 @@ mod tests {
             state.stats.destinations.enabled(),
             "a bad request changes nothing"
         );
+    }
+
+    #[test]
+    fn post_only_from_loopback_with_a_loopback_host() {
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        for host in [
+            "127.0.0.1:15000",
+            "127.0.0.1",
+            "localhost:15000",
+            "LOCALHOST",
+            "[::1]:15000",
+            "127.1.2.3",
+        ] {
+            let h = headers(&[("host", host)]);
+            assert_eq!(post_allowed(local, &h), Ok(()), "{host}");
+        }
+        assert_eq!(
+            post_allowed(
+                "[::1]:4000".parse().unwrap(),
+                &headers(&[("host", "[::1]")])
+            ),
+            Ok(())
+        );
+        for host in [
+            "evil.example",
+            "evil.example:15000",
+            "localhost.evil.example",
+            "10.0.0.1:15000",
+            "",
+        ] {
+            let h = headers(&[("host", host)]);
+            assert!(post_allowed(local, &h).is_err(), "{host}");
+        }
+        assert!(post_allowed(local, &headers(&[])).is_err());
+        for origin in ["https://evil.example", "null", "http://evil.example:15000"] {
+            let h = headers(&[("host", "127.0.0.1:15000"), ("origin", origin)]);
+            assert!(post_allowed(local, &h).is_err(), "{origin}");
+        }
+        let h = headers(&[
+            ("host", "127.0.0.1:15000"),
+            ("origin", "http://127.0.0.1:15000"),
+        ]);
+        assert_eq!(post_allowed(local, &h), Ok(()));
+        let h = headers(&[("host", "127.0.0.1:15000")]);
+        assert!(post_allowed("10.1.2.3:5000".parse().unwrap(), &h).is_err());
     }
 }

@@ -17,6 +17,9 @@
 //!   tokio's `poll_read`/`poll_write`, which clear the readiness after a short read or
 //!   write: a message costs one `read` and one `write`, not a third call that only returns
 //!   EAGAIN. Polls use tokio's cooperative budget, so a busy connection yields to others.
+//! - Idle timeout (`--tcp-idle-timeout`, default 1 h as in Envoy): a connection with no
+//!   byte in either direction for that long is closed (FIN both ways). The timer is armed
+//!   once and only moved when it fires early, so traffic costs a clock read per wake-up.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -25,12 +28,13 @@ use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::drain::Deadline;
 use crate::stats::DirectionStats;
@@ -99,20 +103,25 @@ pub struct ForwardReport {
     pub client_to_upstream: u64,
     /// Bytes copied from the upstream to the client.
     pub upstream_to_client: u64,
-    /// `Ok` when both directions ended with EOF, or when the drain's deadline cut it
-    /// (`cut`); the first error otherwise.
+    /// `Ok` when both directions ended with EOF, when the idle timeout closed the
+    /// connection (`idle_timed_out`) or when the drain's deadline cut it (`cut`); the first
+    /// error otherwise.
     pub result: Result<(), ForwardError>,
+    /// The idle timeout closed the connection.
+    pub idle_timed_out: bool,
     /// Closed (reset both ways) because the drain's deadline passed while it was open.
     pub cut: bool,
 }
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
-/// fails, or the connection's drain deadline passes: [`Deadline::current_has_passed`]),
-/// then closes both sockets. Adds the bytes to `stats` as they flow.
+/// fails, or nothing flowed for `idle`, or the connection's drain deadline passes:
+/// [`Deadline::current_has_passed`]), then closes both sockets. Adds the bytes to `stats`
+/// as they flow.
 pub async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
     stats: &DirectionStats,
+    idle: Option<Duration>,
 ) -> ForwardReport {
     let (client_rd, client_wr) = client.split();
     let (upstream_rd, upstream_wr) = upstream.split();
@@ -124,6 +133,13 @@ pub async fn forward(
         stats,
         c2u: Direction::default(),
         u2c: Direction::default(),
+        // Boxed: the timer is larger than the rest of the copy state.
+        idle: idle.map(|after| IdleTimer {
+            after,
+            last: Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(after)),
+        }),
+        idle_timed_out: false,
     };
     // Checked before each poll of the copy (no future of its own: every open connection
     // holds this state).
@@ -135,6 +151,7 @@ pub async fn forward(
     })
     .await;
     let (client_to_upstream, upstream_to_client) = (copy.c2u.copied, copy.u2c.copied);
+    let idle_timed_out = copy.idle_timed_out;
     drop(copy);
     if result.is_err() || cut {
         reset_on_close(&client);
@@ -146,8 +163,17 @@ pub async fn forward(
         client_to_upstream,
         upstream_to_client,
         result,
+        idle_timed_out,
         cut,
     }
+}
+
+/// The idle timeout of one connection: `sleep` fires at `last + after` at the earliest.
+struct IdleTimer {
+    after: Duration,
+    /// When a byte last moved.
+    last: Instant,
+    sleep: Pin<Box<Sleep>>,
 }
 
 /// Makes the coming close send an RST instead of a FIN (SO_LINGER 0). Best effort.
@@ -164,6 +190,8 @@ struct Bidirectional<'a> {
     stats: &'a DirectionStats,
     c2u: Direction,
     u2c: Direction,
+    idle: Option<IdleTimer>,
+    idle_timed_out: bool,
 }
 
 impl Future for Bidirectional<'_> {
@@ -171,6 +199,7 @@ impl Future for Bidirectional<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let moved_before = this.c2u.copied + this.u2c.copied;
         let c2u = this.c2u.poll_copy(
             cx,
             (&mut this.client_rd, Side::Client),
@@ -183,10 +212,25 @@ impl Future for Bidirectional<'_> {
             (&mut this.client_wr, Side::Client),
             &this.stats.bytes_upstream_to_client,
         )?;
-        match (c2u, u2c) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
+        if let (Poll::Ready(()), Poll::Ready(())) = (c2u, u2c) {
+            return Poll::Ready(Ok(()));
         }
+        let Some(idle) = &mut this.idle else {
+            return Poll::Pending;
+        };
+        if this.c2u.copied + this.u2c.copied != moved_before {
+            idle.last = Instant::now();
+        }
+        while idle.sleep.as_mut().poll(cx).is_ready() {
+            let due = idle.last + idle.after;
+            if Instant::now() >= due {
+                this.idle_timed_out = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Bytes moved since it was armed: arm it again for the new due time.
+            idle.sleep.as_mut().reset(due.into());
+        }
+        Poll::Pending
     }
 }
 

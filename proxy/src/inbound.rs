@@ -36,6 +36,8 @@ pub struct Inbound {
     pub bypass_mark: u32,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
+    /// Idle timeout of forwarded connections; `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// Counters (this direction uses `stats.inbound`).
     pub stats: Arc<Stats>,
 }
@@ -121,6 +123,7 @@ impl Handler for Inbound {
             bypass_mark: self.bypass_mark,
             source: Some(self.source_for(orig_dst)),
             connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
         };
         connect_and_forward(
             client,
@@ -197,6 +200,7 @@ mod tests {
             source_v6: Ipv6Addr::LOCALHOST,
             bypass_mark: 0,
             connect_timeout: Duration::from_secs(1),
+            idle_timeout: None,
             stats: Arc::default(),
         };
         assert_eq!(

@@ -35,6 +35,7 @@ pub mod config;
 pub mod drain;
 pub mod forward;
 pub mod inbound;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod original_dst;

@@ -1,21 +1,122 @@
 //! Listening sockets and the one accept loop that outbound and inbound listeners share: a
 //! direction ([`Handler`]) only decides what happens to an accepted connection.
+//!
+//! The loop never stalls the proxy:
+//! - at most `--max-connections` are open at once over all listeners ([`ConnectionLimit`]);
+//!   one more is accepted and closed at once (a reset), counted in
+//!   `connections_refused_limit`, while the open ones keep being served;
+//! - when accept fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+//!   it counts the failure (`accept_errors_resources`), logs at most once a second, and
+//!   waits until a connection closes or [`RESOURCE_BACKOFF`] passes, never spinning;
+//! - accepted sockets inherit TCP keepalive from the listener ([`KEEPALIVE`]), so a peer
+//!   that vanished without a FIN or RST is found and closed.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::drain::{Deadline, DrainWatch};
+use crate::forward::reset_on_close;
+use crate::stats::Stats;
 
 /// Listen backlog of the proxy's listeners (capped by net.core.somaxconn).
 const BACKLOG: i32 = 1024;
+
+/// TCP keepalive of every client socket (inherited from the listener) and every upstream
+/// socket: first probe after 5 minutes idle, then every 75 s, 9 unanswered probes close the
+/// connection. A peer that disappeared without a FIN or RST then costs at most ~16 minutes
+/// of a descriptor instead of forever.
+pub const KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(300), Duration::from_secs(75), 9);
+
+/// How long the accept loop waits after EMFILE/ENFILE/ENOBUFS/ENOMEM when no connection
+/// closes meanwhile.
+pub const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Applies [`KEEPALIVE`] to a socket.
+pub fn set_keepalive(sock: &Socket) -> io::Result<()> {
+    let (time, interval, retries) = KEEPALIVE;
+    sock.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(time)
+            .with_interval(interval)
+            .with_retries(retries),
+    )
+}
+
+/// The most connections open at once over all listeners of one proxy, and the wake-up of
+/// an accept loop that backs off after running out of descriptors.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: usize,
+    open: AtomicUsize,
+    closed: Notify,
+    last_warning: std::sync::Mutex<Option<Instant>>,
+    warnings_suppressed: AtomicU64,
+}
+
+/// One open connection's place under the [`ConnectionLimit`]; given back on drop.
+#[derive(Debug)]
+pub struct ConnectionPermit(Arc<ConnectionLimit>);
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+        self.0.closed.notify_waiters();
+    }
+}
+
+impl ConnectionLimit {
+    /// At most `max` connections at once.
+    pub fn new(max: usize) -> Arc<ConnectionLimit> {
+        Arc::new(ConnectionLimit {
+            max,
+            open: AtomicUsize::new(0),
+            closed: Notify::new(),
+            last_warning: std::sync::Mutex::new(None),
+            warnings_suppressed: AtomicU64::new(0),
+        })
+    }
+
+    /// The limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+
+    /// A place for one more connection, or `None` when `max` are open.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionPermit> {
+        self.open
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.max).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionPermit(self.clone()))
+    }
+
+    /// Runs `log` at most once a second; the calls skipped meanwhile are passed to it.
+    fn rate_limited(&self, log: impl FnOnce(u64)) {
+        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.warnings_suppressed.fetch_add(1, Relaxed);
+            return;
+        }
+        *last = Some(now);
+        log(self.warnings_suppressed.swap(0, Relaxed));
+    }
+}
 
 /// Binds one listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so that
 /// `0.0.0.0:P` and `[::]:P` can both be bound and IPv4 goes to the IPv4 one). TCP_NODELAY
@@ -27,6 +128,7 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     }
     sock.set_reuse_address(true)?;
     sock.set_tcp_nodelay(true)?;
+    set_keepalive(&sock)?;
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
     sock.set_nonblocking(true)?;
@@ -39,21 +141,36 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send;
 }
 
+/// What every accept loop of one proxy shares: the connection limit and the counters.
+#[derive(Debug, Clone)]
+pub struct AcceptShared {
+    pub limit: Arc<ConnectionLimit>,
+    pub stats: Arc<Stats>,
+}
+
 /// Spawns an accept loop per listener, every one with the same handler.
 pub fn spawn_accept_loops<H: Handler>(
     listeners: Vec<TcpListener>,
     ctx: Arc<H>,
+    shared: &AcceptShared,
     drain: &DrainWatch,
 ) -> Vec<JoinHandle<()>> {
     listeners
         .into_iter()
-        .map(|l| tokio::spawn(accept_loop(l, ctx.clone(), drain.clone())))
+        .map(|l| tokio::spawn(accept_loop(l, ctx.clone(), shared.clone(), drain.clone())))
         .collect()
 }
 
 /// Accepts until the drain starts, each connection running (tracked by the drain) until it
-/// ends or the drain's deadline passes.
-pub async fn accept_loop<H: Handler>(listener: TcpListener, ctx: Arc<H>, drain: DrainWatch) {
+/// ends or the drain's deadline passes. Over the limit, a connection is closed at once
+/// with a reset; out of descriptors, the loop waits for a close (see the module).
+pub async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    ctx: Arc<H>,
+    shared: AcceptShared,
+    drain: DrainWatch,
+) {
+    let AcceptShared { limit, stats } = shared;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -61,14 +178,43 @@ pub async fn accept_loop<H: Handler>(listener: TcpListener, ctx: Arc<H>, drain: 
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                drain.track(connection_task(ctx.clone(), stream, peer, drain.deadline()));
-            }
+            Ok((stream, peer)) => match limit.try_acquire() {
+                Some(permit) => {
+                    let task = connection_task(ctx.clone(), stream, peer, drain.deadline());
+                    drain.track(async move {
+                        task.await;
+                        drop(permit);
+                    });
+                }
+                None => {
+                    stats.connections_refused_limit.fetch_add(1, Relaxed);
+                    reset_on_close(&stream);
+                    drop(stream);
+                    limit.rate_limited(|suppressed| {
+                        warn!(listener = ?listener.local_addr().ok(), client = %peer,
+                            max_connections = limit.max(), similar_suppressed = suppressed,
+                            "connection limit reached; refusing new connections (--max-connections)");
+                    });
+                }
+            },
             Err(e) if is_transient_accept_error(&e) => {}
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; queued clients wait.
-                warn!(listener = ?listener.local_addr().ok(), error = %e, "accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE/ENFILE/ENOBUFS/ENOMEM: the connection stays queued in the kernel;
+                // wait until one of ours closes (a descriptor is free again) or a short
+                // while, instead of spinning on the same error.
+                stats.accept_errors_resources.fetch_add(1, Relaxed);
+                limit.rate_limited(|suppressed| {
+                    warn!(listener = ?listener.local_addr().ok(), error = %e,
+                        open_connections = limit.open(), similar_suppressed = suppressed,
+                        "accept failed; waiting for a connection to close (raise the open-file limit or lower --max-connections)");
+                });
+                let closed = limit.closed.notified();
+                tokio::select! {
+                    biased;
+                    _ = drain.signaled() => break,
+                    _ = closed => {}
+                    _ = tokio::time::sleep(RESOURCE_BACKOFF) => {}
+                }
             }
         }
     }

@@ -14,6 +14,8 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init_logging(config.log_format);
+    // Process-wide: raised once at start, before any connection.
+    interceptor_proxy::limits::raise_open_file_limit();
     let runtime = match interceptor_proxy::runtime(config.workers) {
         Ok(rt) => rt,
         Err(e) => {

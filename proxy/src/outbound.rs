@@ -34,6 +34,8 @@ pub struct Outbound {
     pub bypass_mark: u32,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
+    /// Idle timeout of forwarded connections; `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// Counters (this direction uses `stats.outbound` and `stats.orig_dst_missing`).
     pub stats: Arc<Stats>,
     /// Original destination lookup.
@@ -91,6 +93,7 @@ impl Handler for Outbound {
             bypass_mark: self.bypass_mark,
             source: None,
             connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
         };
         connect_and_forward(
             client,

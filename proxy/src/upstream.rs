@@ -23,10 +23,12 @@ pub struct UpstreamOptions {
     pub source: Option<IpAddr>,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Opaque TCP: close after this long without a byte either way; `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Connects to `dst` from a fresh nonblocking socket carrying the bypass mark, bound to
-/// `opts.source` if given, with TCP_NODELAY.
+/// `opts.source` if given, with TCP_NODELAY and keepalive ([`crate::listener::KEEPALIVE`]).
 pub async fn connect_upstream(
     dst: SocketAddr,
     opts: &UpstreamOptions,
@@ -65,6 +67,7 @@ pub async fn connect_upstream(
         })?;
     }
     sock.set_tcp_nodelay(true).map_err(other)?;
+    crate::listener::set_keepalive(&sock).map_err(other)?;
     let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
     match tokio::time::timeout(opts.connect_timeout, sock.connect(dst)).await {
         Ok(Ok(s)) => Ok(s),
@@ -122,7 +125,7 @@ pub async fn connect_and_forward(
         stats.upstream_connect_seconds.observe(now - started);
         now
     };
-    let report = forward(client, upstream, stats).await;
+    let report = forward(client, upstream, stats, opts.idle_timeout).await;
     stats.connection_seconds.observe(started.elapsed());
     all.destinations.closed(
         dir,
@@ -138,6 +141,7 @@ pub async fn connect_and_forward(
         bytes_upstream_to_client = report.upstream_to_client,
         duration_ms = started.elapsed().as_millis() as u64,
         error = report.result.as_ref().err().map(tracing::field::display),
+        idle_timed_out = report.idle_timed_out,
         cut_at_drain_deadline = report.cut,
         "connection closed"
     );

@@ -25,7 +25,7 @@ async fn setup() -> (
     let (proxy_upstream, server_app) = pair().await;
     let stats = Arc::new(DirectionStats::default());
     let s = stats.clone();
-    let fwd = tokio::spawn(async move { forward(proxy_client, proxy_upstream, &s).await });
+    let fwd = tokio::spawn(async move { forward(proxy_client, proxy_upstream, &s, None).await });
     (client_app, server_app, fwd, stats)
 }
 

@@ -48,6 +48,7 @@ fn inbound(stats: &Arc<Stats>, connect_timeout: Duration) -> Arc<Inbound> {
         source_v6: Ipv6Addr::LOCALHOST,
         bypass_mark: mark(),
         connect_timeout,
+        idle_timeout: None,
         stats: stats.clone(),
     })
 }
@@ -303,6 +304,7 @@ async fn connection_to_an_own_port_is_a_loop() {
         source_v6: Ipv6Addr::LOCALHOST,
         bypass_mark: mark(),
         connect_timeout: Duration::from_secs(2),
+        idle_timeout: None,
         stats: stats.clone(),
     };
     let (mut client, task) = steer(&workload, None, Arc::new(ctx)).await;
@@ -326,6 +328,7 @@ async fn connect_upstream_binds_the_source_address() {
         bypass_mark: mark(),
         source: Some(SOURCE4.into()),
         connect_timeout: Duration::from_secs(2),
+        idle_timeout: None,
     };
     // Many at once: the source port is chosen per 4-tuple at connect time.
     let mut streams = Vec::new();

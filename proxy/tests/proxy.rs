@@ -616,6 +616,7 @@ async fn connection_future_is_small() {
         listeners: vec![],
         bypass_mark: 0,
         connect_timeout: Duration::from_secs(1),
+        idle_timeout: None,
         stats: stats.clone(),
         lookup: getsockopt_lookup(),
         routes: None,
@@ -629,6 +630,7 @@ async fn connection_future_is_small() {
         source_v6: std::net::Ipv6Addr::LOCALHOST,
         bypass_mark: 0,
         connect_timeout: Duration::from_secs(1),
+        idle_timeout: None,
         stats,
     });
     let task = connection_task(inbound, s, peer, Deadline::never());

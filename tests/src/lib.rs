@@ -48,7 +48,7 @@ pub use bpffs::{
 pub use cgroup::{cgroup2_root, TestCgroup};
 pub use load::{listen_drops, netstat_section, Churn, Nginx, Wrk, WrkReport, NGINX_BODY};
 pub use names::{resource_name, PREFIX, RUN_LOCK};
-pub use netns::NetNs;
+pub use netns::{enter_netns_current_thread, NetNs};
 pub use probe::{
     BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError,
     ProbeServer,

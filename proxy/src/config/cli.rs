@@ -126,6 +126,40 @@ pub struct Cli {
     )]
     pub protocol_detection_timeout: String,
 
+    /// Most connections open at once over all listeners (both directions). One more is
+    /// accepted and closed at once (a reset) and counted in `connections_refused_limit`;
+    /// the open ones keep being served. Lowered at start when the open-file limit cannot
+    /// hold two descriptors per connection.
+    #[arg(long = "max-connections", value_name = "N", default_value = "100000")]
+    pub max_connections: String,
+
+    /// An opaque TCP connection with no byte in either direction for this long is closed
+    /// (Envoy's default: 1h). 0 = never.
+    #[arg(
+        long = "tcp-idle-timeout",
+        value_name = "DURATION",
+        default_value = "1h"
+    )]
+    pub tcp_idle_timeout: String,
+
+    /// Routed HTTP: how long a client may take to send a request's headers; a slower one
+    /// (slowloris) is disconnected.
+    #[arg(
+        long = "http-header-timeout",
+        value_name = "DURATION",
+        default_value = "10s"
+    )]
+    pub http_header_timeout: String,
+
+    /// Routed HTTP: a connection with no request in progress for this long is closed
+    /// (Envoy's default: 1h). 0 = never.
+    #[arg(
+        long = "http-idle-timeout",
+        value_name = "DURATION",
+        default_value = "1h"
+    )]
+    pub http_idle_timeout: String,
+
     /// Take over the listening sockets and counters of the proxy serving --upgrade-socket,
     /// become ready, then let it drain and exit. Nothing is refused meanwhile.
     #[arg(long = "upgrade", requires = "upgrade_socket")]

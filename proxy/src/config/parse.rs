@@ -249,3 +249,39 @@ pub(super) fn parse_destination_idle(s: &str) -> Result<Duration, ConfigError> {
     }
     Ok(d)
 }
+
+/// `--max-connections`: 1 to 10,000,000.
+pub(super) fn parse_max_connections(s: &str) -> Result<usize, ConfigError> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
+        _ => Err(ConfigError::new(
+            "--max-connections",
+            s,
+            "not a whole number from 1 to 10000000",
+            "give the most connections open at once over all listeners, e.g. 100000",
+        )),
+    }
+}
+
+/// A timeout where 0 means none (`--tcp-idle-timeout`, `--http-idle-timeout`).
+pub(super) fn parse_optional_timeout(
+    setting: &'static str,
+    s: &str,
+) -> Result<Option<Duration>, ConfigError> {
+    let d = parse_duration(setting, s)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+/// `--http-header-timeout`: a duration greater than zero.
+pub(super) fn parse_header_timeout(s: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration("--http-header-timeout", s)?;
+    if d.is_zero() {
+        return Err(ConfigError::new(
+            "--http-header-timeout",
+            s,
+            "must be greater than zero",
+            "give how long a client may take to send a request's headers, e.g. 10s",
+        ));
+    }
+    Ok(d)
+}

@@ -85,7 +85,22 @@ pub struct Config {
     pub routes: Option<PathBuf>,
     /// Detection time of AUTO ports.
     pub protocol_detection_timeout: Duration,
+    /// Most connections open at once (before fitting to the open-file limit).
+    pub max_connections: usize,
+    /// Idle timeout of opaque TCP connections; `None`: never.
+    pub tcp_idle_timeout: Option<Duration>,
+    /// Routed HTTP: time allowed for a request's headers.
+    pub http_header_timeout: Duration,
+    /// Routed HTTP: idle timeout of a connection without a request in progress.
+    pub http_idle_timeout: Option<Duration>,
 }
+
+/// Default `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Default `--tcp-idle-timeout` and `--http-idle-timeout` (Envoy's).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `--http-header-timeout`.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for Config {
     fn default() -> Self {
@@ -107,6 +122,10 @@ impl Default for Config {
             destination_limits: DestinationLimits::default(),
             routes: None,
             protocol_detection_timeout: Duration::from_millis(100),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            tcp_idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            http_idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -132,6 +151,10 @@ impl Config {
             "destination_stats": self.destination_stats,
             "destination_stats_cap": self.destination_limits.cap,
             "destination_stats_idle_ms": ms(self.destination_limits.idle),
+            "max_connections": self.max_connections,
+            "tcp_idle_timeout_ms": self.tcp_idle_timeout.map(ms),
+            "http_header_timeout_ms": ms(self.http_header_timeout),
+            "http_idle_timeout_ms": self.http_idle_timeout.map(ms),
         })
     }
 }

@@ -10,8 +10,9 @@ use super::cli::Cli;
 use super::error::ConfigError;
 use super::parse::{
     parse_addr, parse_admin, parse_connect_timeout, parse_destination_cap, parse_destination_idle,
-    parse_duration, parse_log_format, parse_mark, parse_source4, parse_source6, parse_switch,
-    parse_upgrade_socket, parse_workers,
+    parse_duration, parse_header_timeout, parse_log_format, parse_mark, parse_max_connections,
+    parse_optional_timeout, parse_source4, parse_source6, parse_switch, parse_upgrade_socket,
+    parse_workers,
 };
 use super::settings::{default_workers, Config};
 use crate::stats::DestinationLimits;
@@ -104,6 +105,13 @@ impl Config {
                 cap: parse_destination_cap(&cli.destination_stats_cap)?,
                 idle: parse_destination_idle(&cli.destination_stats_idle)?,
             },
+            max_connections: parse_max_connections(&cli.max_connections)?,
+            tcp_idle_timeout: parse_optional_timeout("--tcp-idle-timeout", &cli.tcp_idle_timeout)?,
+            http_header_timeout: parse_header_timeout(&cli.http_header_timeout)?,
+            http_idle_timeout: parse_optional_timeout(
+                "--http-idle-timeout",
+                &cli.http_idle_timeout,
+            )?,
         })
     }
 }
@@ -380,6 +388,42 @@ mod tests {
         let e = invalid(&["--drain-timeout", "soon"]);
         assert_eq!(e.setting, "--drain-timeout");
         assert!(e.to_string().contains("\"soon\""));
+    }
+
+    #[test]
+    fn connection_limit_and_timeouts() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!(c.tcp_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        let c = parse(&[
+            "--max-connections",
+            "5",
+            "--tcp-idle-timeout",
+            "0",
+            "--http-idle-timeout",
+            "30s",
+            "--http-header-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(c.max_connections, 5);
+        assert_eq!(c.tcp_idle_timeout, None);
+        assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.http_header_timeout, Duration::from_millis(500));
+        for bad in ["0", "-1", "many", "10000001"] {
+            let e = invalid(&[&format!("--max-connections={bad}")]);
+            assert_eq!((e.setting, e.value.as_str()), ("--max-connections", bad));
+        }
+        assert_eq!(
+            invalid(&["--http-header-timeout", "0"]).setting,
+            "--http-header-timeout"
+        );
+        assert_eq!(
+            invalid(&["--tcp-idle-timeout", "soon"]).setting,
+            "--tcp-idle-timeout"
+        );
     }
 
     #[test]

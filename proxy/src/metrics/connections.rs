@@ -87,6 +87,20 @@ impl Collector for StatsCollector {
         )?;
         m.encode_counter::<NoLabelSet, _, u64>(&snap.orig_dst_missing, None)?;
         let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_refused_connections",
+            "Connections accepted and closed at once because --max-connections were open.",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, u64>(&snap.connections_refused_limit, None)?;
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_accept_errors",
+            "Accepts that failed for want of file descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); each was followed by a back-off.",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, u64>(&snap.accept_errors_resources, None)?;
+        let mut m = encoder.encode_descriptor(
             "interceptor_proxy_upstream_connect_errors",
             "Failed upstream connects, by kind.",
             None,

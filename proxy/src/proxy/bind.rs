@@ -55,12 +55,17 @@ impl Proxy {
         check_bypass_mark(&config)?;
         let admin = match config.admin {
             None => None,
-            Some(addr) => Some(listener(
-                &mut inherited,
-                upgrade::ADMIN_ID,
-                addr,
-                "admin listener",
-            )?),
+            Some(addr) => Some({
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        admin = %addr,
+                        "the admin listener is not on a loopback address: other hosts can read \
+                         its counters and configuration (its POST endpoints still answer only \
+                         loopback clients); use --admin 127.0.0.1:15000 unless that is intended"
+                    );
+                }
+                listener(&mut inherited, upgrade::ADMIN_ID, addr, "admin listener")?
+            }),
         };
         inherited.close_rest();
         let stats = Arc::new(Stats {

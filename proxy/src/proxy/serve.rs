@@ -16,7 +16,7 @@ use super::{Proxy, ProxyError};
 use crate::admin::{self, AdminState, ListenerAddrs, Readiness};
 use crate::drain::{self, DrainWatch};
 use crate::inbound::Inbound;
-use crate::listener::spawn_accept_loops;
+use crate::listener::{spawn_accept_loops, AcceptShared, ConnectionLimit};
 use crate::outbound::Outbound;
 use crate::routing::{self, RouteServer};
 use crate::stats::{Stats, StatsSnapshot};
@@ -158,6 +158,11 @@ impl Proxy {
                     bypass_mark: config.bypass_mark,
                     source: None,
                     connect_timeout: config.connect_timeout,
+                    idle_timeout: config.tcp_idle_timeout,
+                },
+                routing::HttpTimeouts {
+                    header: config.http_header_timeout,
+                    idle: config.http_idle_timeout,
                 },
             ))
         });
@@ -165,6 +170,7 @@ impl Proxy {
             listeners: outbound_addrs.clone(),
             bypass_mark: config.bypass_mark,
             connect_timeout: config.connect_timeout,
+            idle_timeout: config.tcp_idle_timeout,
             stats: stats.clone(),
             lookup,
             routes,
@@ -175,6 +181,7 @@ impl Proxy {
             source_v6: config.inbound_source6,
             bypass_mark: config.bypass_mark,
             connect_timeout: config.connect_timeout,
+            idle_timeout: config.tcp_idle_timeout,
             stats: stats.clone(),
         });
         let route_watcher = tokio::spawn(routing::watch(routing.clone()));
@@ -184,8 +191,15 @@ impl Proxy {
             stats.add_delta(&StatsSnapshot::default(), &t.stats);
             stats.add_histogram_delta(&[], &t.histograms);
         }
-        let mut accept_loops = spawn_accept_loops(outbound, outbound_ctx, drain);
-        accept_loops.extend(spawn_accept_loops(inbound, inbound_ctx, drain));
+        let shared = AcceptShared {
+            limit: ConnectionLimit::new(crate::limits::effective_max_connections(
+                config.max_connections,
+            )),
+            stats: stats.clone(),
+        };
+        let max_connections = shared.limit.max();
+        let mut accept_loops = spawn_accept_loops(outbound, outbound_ctx, &shared, drain);
+        accept_loops.extend(spawn_accept_loops(inbound, inbound_ctx, &shared, drain));
         let stop_admin = CancellationToken::new();
         let admin_task = admin.map(|l| {
             let state = AdminState::new(
@@ -214,6 +228,7 @@ impl Proxy {
             upgrade_socket = %control.as_ref().map_or_else(|| "off".to_owned(), |c| c.path().display().to_string()),
             bypass_mark = %format_args!("{:#x}", config.bypass_mark),
             connect_timeout_ms = config.connect_timeout.as_millis() as u64,
+            max_connections,
             "proxy ready"
         );
         let running = Running {

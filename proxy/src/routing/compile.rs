@@ -63,7 +63,7 @@ pub enum Problem {
     #[error("weights add up to 0")]
     ZeroWeight,
     #[error("weights add up to {0}, not 100")]
-    WeightsNot100(u32),
+    WeightsNot100(u64),
     #[error("{0:?} is in two virtual services")]
     HostInTwoVirtualServices(String),
     #[error("{regex:?} is not a valid regular expression: {error}")]
@@ -315,7 +315,8 @@ impl Compiler<'_, '_> {
         if !given.is_empty() && given.len() != dests.len() {
             return Err(at(format!("{field}.route"), Problem::SomeWeightsMissing));
         }
-        let mut total = 0;
+        // Added in u64: u32 weights could otherwise wrap around to exactly 100.
+        let mut total: u64 = 0;
         for (k, d) in dests.iter().enumerate() {
             let f = format!("{field}.route[{k}].destination");
             let c = self.cluster(
@@ -325,7 +326,7 @@ impl Compiler<'_, '_> {
                 &f,
             )?;
             let w = d.weight.unwrap_or(1);
-            total += w;
+            total += u64::from(w);
             out.push(WeightedCluster {
                 cluster: c,
                 weight: w,
@@ -337,6 +338,9 @@ impl Compiler<'_, '_> {
         if !given.is_empty() && total != 100 {
             return Err(at(format!("{field}.route"), Problem::WeightsNot100(total)));
         }
+        // 100 when weights are given; else one per destination, far below u32::MAX.
+        let total = u32::try_from(total)
+            .map_err(|_| at(format!("{field}.route"), Problem::WeightsNot100(total)))?;
         Ok((out, total))
     }
 
@@ -625,5 +629,20 @@ destinationRules:
             let e = compile_text(&bad).err().unwrap_or_else(|| panic!("{to} accepted"));
             assert!(e.contains(want), "{to}: {e}");
         }
+    }
+
+    /// Weights that overflow `u32` when added must not wrap around to a valid sum.
+    #[test]
+    fn weights_that_overflow_u32_are_refused() {
+        // 4294967206 + 190 = 2^32 + 100.
+        let bad = GOOD
+            .replacen("weight: 90}", "weight: 4294967206}", 1)
+            .replacen("weight: 10}", "weight: 190}", 1);
+        assert_ne!(bad, GOOD);
+        let e = compile_text(&bad).expect_err("overflowing weights accepted");
+        assert!(
+            e.contains("virtualServices[0].http[1].route: weights add up to 4294967396, not 100"),
+            "{e}"
+        );
     }
 }

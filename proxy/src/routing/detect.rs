@@ -1,8 +1,11 @@
 //! What a client speaks, from its first bytes (peeked, never consumed), and the SNI of a
 //! TLS ClientHello.
 
-use std::time::{Duration, Instant};
+use std::io;
+use std::time::Duration;
 
+use rustix::net::RecvFlags;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// The protocol a connection's first bytes show.
@@ -64,14 +67,18 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
 }
 
 /// Peeks at the client's first bytes for up to `wait` (the data stays in the socket).
-/// Returns what they show and how many bytes were seen.
+/// Returns what they show and how many bytes were seen. Between peeks it waits for the
+/// socket to become readable again (new bytes, EOF or an error), never on a clock: a
+/// client that sent part of a preface and went silent costs nothing until it sends more
+/// or the time is up.
 pub async fn detect(stream: &TcpStream, wait: Duration, buf: &mut [u8]) -> (Detected, usize) {
-    let deadline = Instant::now() + wait;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut seen = 0;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let n = match tokio::time::timeout(left, stream.peek(buf)).await {
+        let n = match tokio::time::timeout_at(deadline, peek_more(stream, buf, seen)).await {
             Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) => return (Detected::Opaque, 0),
+            Ok(Err(_)) => return (Detected::Opaque, 0),
+            Err(_) => return (Detected::Opaque, seen),
         };
         if n == 0 {
             return (Detected::Opaque, 0);
@@ -79,38 +86,54 @@ pub async fn detect(stream: &TcpStream, wait: Duration, buf: &mut [u8]) -> (Dete
         if let Some(d) = classify(&buf[..n]) {
             return (d, n);
         }
-        if n == buf.len() || Instant::now() >= deadline {
+        if n == buf.len() {
             return (Detected::Opaque, n);
         }
         // Not enough to tell yet: the rest of the first segment is on its way.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        seen = n;
     }
 }
 
 /// Peeks until a whole TLS record is there (or `wait` passes) and returns the ClientHello's
-/// server name, if any.
+/// server name, if any. Waits for readiness between peeks, as [`detect`] does.
 pub async fn peek_sni(stream: &TcpStream, wait: Duration) -> Option<String> {
     let mut buf = vec![0u8; 16 * 1024 + 5];
-    let deadline = Instant::now() + wait;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut seen = 0;
     loop {
-        let n = tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            stream.peek(&mut buf),
-        )
-        .await
-        .ok()?
-        .ok()?;
+        let n = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen))
+            .await
+            .ok()?
+            .ok()?;
         if n >= 5 {
             let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
             if n >= 5 + len || n == buf.len() {
                 return client_hello_sni(&buf[..n]);
             }
         }
-        if n == 0 || Instant::now() >= deadline {
+        if n == 0 || n == buf.len() {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        seen = n;
     }
+}
+
+/// Peeks into `buf` as soon as more than `seen` bytes are queued, or at EOF (0) or an
+/// error. While no more have come it waits for the next readiness event: a peek that
+/// finds nothing new counts as "would block", which clears tokio's readiness, so the
+/// task sleeps until the kernel reports new data.
+async fn peek_more(stream: &TcpStream, buf: &mut [u8], seen: usize) -> io::Result<usize> {
+    stream
+        .async_io(Interest::READABLE, || {
+            let (n, _) =
+                rustix::net::recv(stream, &mut *buf, RecvFlags::PEEK | RecvFlags::DONTWAIT)?;
+            if n == 0 || n > seen {
+                Ok(n)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        })
+        .await
 }
 
 /// The `server_name` of a ClientHello in its first TLS record (RFC 8446 4.1.2, RFC 6066 3).

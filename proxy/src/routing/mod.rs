@@ -37,6 +37,7 @@ pub use balance::{pick_weighted, Cluster, Endpoint, WeightedCluster};
 pub use compile::{compile, CompileError, Problem};
 pub use file::{Lb, Protocol, RoutingFile};
 pub use reload::{watch, RoutesError, RoutesProblem, Routing};
+pub use server::http::HttpTimeouts;
 pub use server::RouteServer;
 pub use stats::{ClusterStats, RouteStats, RoutingStats};
 pub use table::{is_service_address, HeaderOps, Match, Matcher, PortPlan, Route, Table, TlsRule};

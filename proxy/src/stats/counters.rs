@@ -43,6 +43,11 @@ pub struct Stats {
     pub orig_dst_missing: AtomicU64,
     /// Connections steered to the inbound listeners.
     pub inbound: DirectionStats,
+    /// Connections accepted and closed at once because `--max-connections` were open.
+    pub connections_refused_limit: AtomicU64,
+    /// Accepts that failed for want of file descriptors (EMFILE/ENFILE) or kernel memory
+    /// (ENOBUFS/ENOMEM); the accept loop backed off after each.
+    pub accept_errors_resources: AtomicU64,
     /// Per-destination counters (off unless switched on).
     pub destinations: Destinations,
 }
@@ -125,6 +130,8 @@ impl Stats {
             outbound: self.outbound.snapshot(),
             orig_dst_missing: self.orig_dst_missing.load(Relaxed),
             inbound: self.inbound.snapshot(),
+            connections_refused_limit: self.connections_refused_limit.load(Relaxed),
+            accept_errors_resources: self.accept_errors_resources.load(Relaxed),
         }
     }
 
@@ -179,6 +186,16 @@ impl Stats {
             &self.orig_dst_missing,
             from.orig_dst_missing,
             to.orig_dst_missing,
+        );
+        add(
+            &self.connections_refused_limit,
+            from.connections_refused_limit,
+            to.connections_refused_limit,
+        );
+        add(
+            &self.accept_errors_resources,
+            from.accept_errors_resources,
+            to.accept_errors_resources,
         );
     }
 }

@@ -149,15 +149,22 @@ impl Destinations {
     }
 
     /// Turns the family on (empty) or off (dropped, memory freed). Returns the old state.
+    ///
+    /// `tracked` is kept exact under concurrent counting and eviction: an entry is added
+    /// and counted, or removed and uncounted, under its shard's lock, and [`Self::update`]
+    /// looks at the switch again under that lock; so switching off subtracts exactly what
+    /// it removed (never a blind reset to 0, which a racing insert or eviction would turn
+    /// into a count below the entries, or below zero).
     pub fn set_enabled(&self, on: bool) -> bool {
         let was = self.enabled.swap(on, Relaxed);
         if was && !on {
             for shard in &self.shards {
                 let mut m = shard.lock().expect("shard lock");
+                let removed = m.len();
                 *m = HashMap::new();
+                self.tracked.fetch_sub(removed, Relaxed);
             }
             *self.other.lock().expect("other lock") = Default::default();
-            self.tracked.store(0, Relaxed);
         }
         was
     }
@@ -177,6 +184,10 @@ impl Destinations {
         let key = DestKey::new(dir, dst);
         let now = self.now();
         let mut shard = self.shard(&key).lock().expect("shard lock");
+        // Switched off since the check above: this shard may be cleared already.
+        if !self.enabled() {
+            return;
+        }
         if let Some(e) = shard.get_mut(&key) {
             e.add(&delta);
             e.last_seen = now;
@@ -198,7 +209,10 @@ impl Destinations {
             );
         } else {
             drop(shard);
-            self.other.lock().expect("other lock")[key.inbound as usize].add(&delta);
+            let mut other = self.other.lock().expect("other lock");
+            if self.enabled() {
+                other[key.inbound as usize].add(&delta);
+            }
         }
     }
 
@@ -242,6 +256,7 @@ impl Destinations {
         let mut n = 0;
         for shard in &self.shards {
             let mut m = shard.lock().expect("shard lock");
+            let before = n;
             m.retain(|k, v| {
                 if now.saturating_sub(v.last_seen) >= idle {
                     moved[k.inbound as usize].add(v);
@@ -251,6 +266,8 @@ impl Destinations {
                     true
                 }
             });
+            // Uncounted under the lock that removed them (see `set_enabled`).
+            self.tracked.fetch_sub(n - before, Relaxed);
             // Give memory back once the table has mostly emptied.
             if m.capacity() > 64 && m.len() < m.capacity() / 4 {
                 m.shrink_to_fit();
@@ -258,9 +275,11 @@ impl Destinations {
         }
         if n > 0 {
             let mut other = self.other.lock().expect("other lock");
-            other[0].add(&moved[0]);
-            other[1].add(&moved[1]);
-            self.tracked.fetch_sub(n, Relaxed);
+            // Switched off meanwhile: `other` was reset, and these belong to the old family.
+            if self.enabled() {
+                other[0].add(&moved[0]);
+                other[1].add(&moved[1]);
+            }
             self.evicted.fetch_add(n as u64, Relaxed);
         }
         n
@@ -396,5 +415,80 @@ mod tests {
         assert_eq!(sums(&d), before, "evicted counts live on in other");
         d.connection(Direction::Outbound, a("10.1.0.1:80"));
         assert_eq!(d.tracked(), 1, "an evicted destination can come back");
+    }
+
+    /// Switching off while connections are counted and idle ones evicted on other
+    /// threads: once they have stopped, an off family holds nothing and counts nothing,
+    /// and switched on again `tracked` equals the entries (series) that exist.
+    #[test]
+    fn tracked_equals_live_series_after_switching_under_traffic() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let live =
+            |d: &Destinations| -> usize { d.shards.iter().map(|s| s.lock().unwrap().len()).sum() };
+        let d = Arc::new(Destinations::new(
+            true,
+            DestinationLimits {
+                cap: 1_000_000,
+                idle: Duration::ZERO, // the eviction moves everything to `other`
+            },
+        ));
+        let mut bad = Vec::new();
+        for round in 0..300 {
+            d.set_enabled(true);
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut threads: Vec<_> = (0..2u8)
+                .map(|t| {
+                    let (d, stop) = (d.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        let mut i = 0u16;
+                        while !stop.load(Relaxed) {
+                            let [hi, lo] = i.to_be_bytes();
+                            d.connection(
+                                Direction::Outbound,
+                                SocketAddr::from(([10, t, hi, lo], 80)),
+                            );
+                            i = i.wrapping_add(1);
+                        }
+                    })
+                })
+                .collect();
+            threads.push({
+                let (d, stop) = (d.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        d.evict_idle();
+                    }
+                })
+            });
+            while d.tracked() == 0 {
+                std::thread::yield_now();
+            }
+            d.set_enabled(false);
+            std::thread::yield_now();
+            stop.store(true, Relaxed);
+            for t in threads {
+                t.join().unwrap();
+            }
+            if (d.tracked(), live(&d)) != (0, 0) {
+                bad.push((round, d.tracked(), live(&d)));
+            }
+        }
+        assert!(bad.is_empty(), "off yet (round, tracked, entries): {bad:?}");
+        d.set_enabled(true);
+        d.set_limits(DestinationLimits {
+            cap: 1_000_000,
+            idle: Duration::from_secs(600),
+        });
+        for i in 0..10u8 {
+            d.connection(Direction::Inbound, SocketAddr::from(([10, 9, 9, i], 80)));
+        }
+        assert_eq!(
+            d.tracked(),
+            live(&d),
+            "tracked equals the entries that exist"
+        );
+        assert_eq!(d.series().len(), d.tracked() + 2);
+        assert_eq!(d.tracked(), 10);
     }
 }

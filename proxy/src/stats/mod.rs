@@ -47,7 +47,7 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(s.snapshot()).unwrap();
         let obj = v.as_object().unwrap();
         let names: Vec<_> = s.snapshot().fields().into_iter().map(|f| f.0).collect();
-        assert_eq!(names.len(), 19);
+        assert_eq!(names.len(), 21);
         assert_eq!(obj.len(), names.len());
         for n in &names {
             assert!(obj.contains_key(n.as_ref()), "{n}");
@@ -69,7 +69,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            names[10..],
+            names[10..19],
             [
                 "inbound_connections_total",
                 "inbound_connections_active",
@@ -82,6 +82,10 @@ mod tests {
                 "inbound_bytes_upstream_to_client",
             ]
         );
+        assert_eq!(
+            names[19..],
+            ["connections_refused_limit", "accept_errors_resources"]
+        );
         assert_eq!(obj["upstream_connect_errors_timeout"], 1);
         assert_eq!(obj["connections_total"], 1);
         assert_eq!(obj["connections_active"], 0);
@@ -93,6 +97,8 @@ mod tests {
         let carried = Stats::default();
         let mut handed = s.snapshot();
         handed.outbound.connections_active = 3;
+        handed.connections_refused_limit = 4;
+        handed.accept_errors_resources = 5;
         carried.add_delta(&StatsSnapshot::default(), &handed);
         assert_eq!(carried.snapshot(), handed);
         let mut exited = handed;

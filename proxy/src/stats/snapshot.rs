@@ -28,6 +28,8 @@ pub struct StatsSnapshot {
     pub outbound: DirectionSnapshot,
     pub orig_dst_missing: u64,
     pub inbound: DirectionSnapshot,
+    pub connections_refused_limit: u64,
+    pub accept_errors_resources: u64,
 }
 
 impl DirectionSnapshot {
@@ -104,6 +106,16 @@ impl StatsSnapshot {
         for (name, value, gauge) in self.inbound.fields() {
             out.push((Cow::Owned(format!("{INBOUND_PREFIX}{name}")), value, gauge));
         }
+        out.push((
+            Cow::Borrowed("connections_refused_limit"),
+            self.connections_refused_limit,
+            false,
+        ));
+        out.push((
+            Cow::Borrowed("accept_errors_resources"),
+            self.accept_errors_resources,
+            false,
+        ));
         out
     }
 }
@@ -128,6 +140,10 @@ impl<'de> Deserialize<'de> for StatsSnapshot {
         for (name, value) in map {
             let slot = if name == "orig_dst_missing" {
                 Some(&mut s.orig_dst_missing)
+            } else if name == "connections_refused_limit" {
+                Some(&mut s.connections_refused_limit)
+            } else if name == "accept_errors_resources" {
+                Some(&mut s.accept_errors_resources)
             } else if let Some(rest) = name.strip_prefix(INBOUND_PREFIX) {
                 s.inbound.field_mut(rest)
             } else {

@@ -1,24 +1,35 @@
 //! HTTP/1.1 and HTTP/2 (gRPC) connections to a routed service port: served by hyper, each
 //! request routed on its own (first matching route, weighted cluster, endpoint by the
 //! cluster's load balancing) and sent on a pooled upstream connection with the bypass mark.
+//!
+//! Bounds per downstream connection, so that a client cannot hold the proxy's memory or
+//! descriptors for free:
+//! - `--http-header-timeout`: an HTTP/1 request's headers must arrive within it (hyper's
+//!   header read timeout; hyper starts that clock when it waits for a request head, so it
+//!   also bounds the wait for the next request on a keep-alive connection);
+//! - `--http-idle-timeout`: a connection with no request in progress (a response still being
+//!   sent counts as in progress) for that long is shut down gracefully;
+//! - bodies kept for retries: at most [`RETRY_BODY_LIMIT`] per request and
+//!   [`RETRY_BUDGET_PER_CONNECTION`] over all streams of a connection at once; a request
+//!   beyond either is answered 413.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -33,7 +44,77 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest request body buffered so that a request can be retried on another endpoint.
-const RETRY_BODY_LIMIT: usize = 1 << 20;
+pub const RETRY_BODY_LIMIT: usize = 1 << 20;
+/// Most bytes of request bodies kept for retries at once over all streams of one
+/// downstream connection (HTTP/2 multiplexes many).
+pub const RETRY_BUDGET_PER_CONNECTION: usize = 4 << 20;
+
+/// Timeouts of downstream HTTP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// `--http-header-timeout`.
+    pub header: Duration,
+    /// `--http-idle-timeout`; `None`: never.
+    pub idle: Option<Duration>,
+}
+
+/// What one downstream connection shares among its requests.
+#[derive(Debug)]
+struct ConnState {
+    /// Requests in progress (until their response body has been sent or dropped).
+    active: AtomicUsize,
+    /// When the last request ended (or the connection started).
+    last_end: Mutex<tokio::time::Instant>,
+    /// Bytes of request bodies kept for retries now.
+    retry_bytes: AtomicUsize,
+}
+
+/// One request in progress; ends it on drop.
+struct InProgress(Arc<ConnState>);
+
+impl InProgress {
+    fn start(conn: &Arc<ConnState>) -> Self {
+        conn.active.fetch_add(1, Relaxed);
+        InProgress(conn.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Bytes taken from a connection's retry budget; given back on drop.
+struct RetryReservation<'a> {
+    conn: &'a ConnState,
+    held: usize,
+}
+
+impl RetryReservation<'_> {
+    /// Takes `n` more bytes, or fails (taking nothing) when the budget would be exceeded.
+    fn take(&mut self, n: usize) -> bool {
+        let ok = self
+            .conn
+            .retry_bytes
+            .fetch_update(Relaxed, Relaxed, |held| {
+                let after = held.checked_add(n)?;
+                (after <= RETRY_BUDGET_PER_CONNECTION).then_some(after)
+            })
+            .is_ok();
+        if ok {
+            self.held += n;
+        }
+        ok
+    }
+}
+
+impl Drop for RetryReservation<'_> {
+    fn drop(&mut self) {
+        self.conn.retry_bytes.fetch_sub(self.held, Relaxed);
+    }
+}
 
 /// Connects to the endpoint named by a URI's authority, with the bypass mark.
 #[derive(Clone, Debug)]
@@ -73,6 +154,7 @@ pub struct HttpRouter {
     routing: Arc<Routing>,
     h1: Client<Connector, Body>,
     h2: Client<Connector, Body>,
+    timeouts: HttpTimeouts,
 }
 
 impl std::fmt::Debug for HttpRouter {
@@ -83,7 +165,7 @@ impl std::fmt::Debug for HttpRouter {
 
 impl HttpRouter {
     /// A router over `routing` whose upstream connections are made with `opts`.
-    pub fn new(routing: Arc<Routing>, opts: UpstreamOptions) -> Self {
+    pub fn new(routing: Arc<Routing>, opts: UpstreamOptions, timeouts: HttpTimeouts) -> Self {
         let connector = Connector { opts };
         let h1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -92,7 +174,12 @@ impl HttpRouter {
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        HttpRouter { routing, h1, h2 }
+        HttpRouter {
+            routing,
+            h1,
+            h2,
+            timeouts,
+        }
     }
 
     /// Serves an HTTP/1.1 or HTTP/2 connection to a routed service port, routing each
@@ -107,17 +194,68 @@ impl HttpRouter {
     ) {
         let plan = Arc::new(plan);
         let workload = Arc::new(workload);
+        let conn_state = Arc::new(ConnState {
+            active: AtomicUsize::new(0),
+            last_end: Mutex::new(tokio::time::Instant::now()),
+            retry_bytes: AtomicUsize::new(0),
+        });
         let this = self.clone();
+        let state = conn_state.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let plan = plan.clone();
             let workload = workload.clone();
+            let state = state.clone();
             async move {
-                Ok::<_, Infallible>(this.route(req, orig_dst, &plan, workload.as_deref()).await)
+                let in_progress = InProgress::start(&state);
+                let resp = this
+                    .route(req, orig_dst, &plan, workload.as_deref(), &state)
+                    .await;
+                // The request is in progress until its response body is done with.
+                let (parts, body) = resp.into_parts();
+                let body = body
+                    .map_frame(move |f| {
+                        let _ = &in_progress;
+                        f
+                    })
+                    .boxed_unsync();
+                Ok::<_, Infallible>(Response::from_parts(parts, body))
             }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection(TokioIo::new(client), svc).await {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.timeouts.header);
+        builder.http2().timer(TokioTimer::new());
+        let conn = builder.serve_connection(TokioIo::new(client), svc);
+        tokio::pin!(conn);
+        let result = match self.timeouts.idle {
+            None => conn.await,
+            Some(idle) => loop {
+                let due = *conn_state
+                    .last_end
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    + idle;
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = tokio::time::sleep_until(due) => {
+                        let last = *conn_state.last_end.lock().unwrap_or_else(|e| e.into_inner());
+                        if conn_state.active.load(Relaxed) == 0 && last + idle <= tokio::time::Instant::now() {
+                            debug!(client = %peer, idle_ms = idle.as_millis() as u64, "HTTP connection idle; closing");
+                            conn.as_mut().graceful_shutdown();
+                            break conn.await;
+                        }
+                        if conn_state.active.load(Relaxed) > 0 {
+                            // Busy: look again one idle period from now at the latest.
+                            *conn_state.last_end.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+                        }
+                    }
+                }
+            },
+        };
+        if let Err(e) = result {
             debug!(client = %peer, error = %e, "HTTP connection ended with an error");
         }
     }
@@ -128,6 +266,7 @@ impl HttpRouter {
         orig_dst: SocketAddr,
         plan: &PortPlan,
         workload: Option<&str>,
+        conn: &ConnState,
     ) -> Response<Body> {
         let table = self.routing.current();
         let host = request_host(&req);
@@ -166,15 +305,11 @@ impl HttpRouter {
         let (parts, body) = req.into_parts();
         let mut kept: Option<Bytes> = None;
         let mut streamed: Option<Body> = None;
+        let mut reservation = RetryReservation { conn, held: 0 };
         if retries > 0 {
-            match Limited::new(body, RETRY_BODY_LIMIT).collect().await {
-                Ok(b) => kept = Some(b.to_bytes()),
-                Err(_) => {
-                    return plain(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body too large to retry\n",
-                    )
-                }
+            match keep_for_retry(body, &mut reservation).await {
+                Ok(b) => kept = Some(b),
+                Err(problem) => return plain(StatusCode::PAYLOAD_TOO_LARGE, problem),
             }
         } else {
             streamed = Some(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
@@ -250,6 +385,32 @@ impl HttpRouter {
             }
         }
     }
+}
+
+/// Reads a whole request body to keep it for retries, within [`RETRY_BODY_LIMIT`] and the
+/// connection's [`RETRY_BUDGET_PER_CONNECTION`] (taken as the bytes arrive).
+async fn keep_for_retry(
+    mut body: Incoming,
+    reservation: &mut RetryReservation<'_>,
+) -> Result<Bytes, &'static str> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err("request body could not be read\n");
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > RETRY_BODY_LIMIT {
+                return Err("request body too large to retry\n");
+            }
+            if !reservation.take(data.len()) {
+                return Err(
+                    "request bodies kept for retries on this connection exceed its budget\n",
+                );
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// The request's host (Host header, or the :authority of HTTP/2), lower case, no port.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use self::http::HttpRouter;
+use self::http::{HttpRouter, HttpTimeouts};
 use super::detect::{self, Detected};
 use super::file::Protocol;
 use super::reload::Routing;
@@ -45,9 +45,14 @@ impl std::fmt::Debug for RouteServer {
 }
 
 impl RouteServer {
-    pub fn new(routing: Arc<Routing>, stats: Arc<Stats>, opts: UpstreamOptions) -> Self {
+    pub fn new(
+        routing: Arc<Routing>,
+        stats: Arc<Stats>,
+        opts: UpstreamOptions,
+        http: HttpTimeouts,
+    ) -> Self {
         RouteServer {
-            http: Arc::new(HttpRouter::new(routing.clone(), opts)),
+            http: Arc::new(HttpRouter::new(routing.clone(), opts, http)),
             routing,
             stats,
             opts,
