@@ -272,3 +272,51 @@ fn handoff_map_full_is_counted_and_never_bypasses() {
     assert_eq!(v["proxied"], true, "with room again: {v}");
     assert_eq!(w.stats().get(w.a.id(), Counter::HandoffFailed), 1);
 }
+
+/// No socket storage for a record (the namespace's `net.core.optmem_max` set to 0, which the
+/// storage is charged against): the scope's policy decides, counted as `record_failed`. Under
+/// `closed` (A) the connect fails with `EPERM` and nothing reaches the server; under `open`
+/// (B, re-attached so) it goes direct. Never redirected without a record.
+#[test]
+fn no_record_storage_follows_the_scopes_policy() {
+    let w = World::new("esc-optmem");
+    let open = ScopeSettings {
+        on_proxy_down: interceptor::ProxyDown::Open,
+        ..ScopeSettings::default()
+    };
+    interceptor::attach(&w.layout(), w.b.path(), &open).expect("re-attach B fail-open");
+    const OPTMEM: &str = "/proc/sys/net/core/optmem_max";
+    let saved = w.ns.run_ok(&["cat", OPTMEM]);
+    w.ns.run_ok(&["sh", "-c", &format!("echo 0 > {OPTMEM}")]);
+    let accepted = w.server.accepted();
+    let closed = w.probe(&w.a, &["hello", SERVER]);
+    let opened = w.probe(&w.b, &["hello", SERVER]);
+    w.ns.run_ok(&["sh", "-c", &format!("echo {} > {OPTMEM}", saved.trim())]);
+
+    let err = closed["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("Operation not permitted"),
+        "closed: the connect fails with EPERM: {closed}"
+    );
+    assert_eq!(
+        opened["proxied"], false,
+        "open: the connect goes direct: {opened}"
+    );
+    assert_eq!(
+        w.server.accepted(),
+        accepted + 1,
+        "only the open scope's connection reached the server"
+    );
+    let st = w.stats();
+    for cg in [&w.a, &w.b] {
+        assert_eq!(st.get(cg.id(), Counter::RecordFailed), 1, "record_failed");
+        assert_eq!(st.get(cg.id(), Counter::Redirected), 0, "redirected");
+    }
+    assert_eq!(w.forwarded(), 0, "the proxy forwarded nothing");
+
+    // With the memory back, both scopes are proxied again.
+    for cg in [&w.a, &w.b] {
+        let v = w.probe(cg, &["hello", SERVER]);
+        assert_eq!(v["proxied"], true, "{v}");
+    }
+}
