@@ -277,10 +277,13 @@ pub enum Counter {
     /// (`ICP_HANDOFF` full, or no storage on the accepted socket): the proxy gets no original
     /// destination and closes the connection.
     HandoffFailed = 18,
+    /// getsockopt(SO_ORIGINAL_DST or SO_ICP_WORKLOAD) on a redirected connection by a process
+    /// that is not the proxy (neither root nor a bypass uid of the scope): not answered.
+    OrigDstNotProxy = 19,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 20] = [
         Counter::Redirected,
         Counter::BypassMark,
         Counter::BypassUid,
@@ -300,10 +303,11 @@ impl Counter {
         Counter::InboundProxyDownRefused,
         Counter::InboundProxyDownDirect,
         Counter::HandoffFailed,
+        Counter::OrigDstNotProxy,
     ];
 
     /// The counters of an outbound (cgroup) scope.
-    pub const OUTBOUND: [Counter; 13] = [
+    pub const OUTBOUND: [Counter; 14] = [
         Counter::Redirected,
         Counter::BypassMark,
         Counter::BypassUid,
@@ -317,6 +321,7 @@ impl Counter {
         Counter::ProxyDownRefused,
         Counter::ProxyDownDirect,
         Counter::HandoffFailed,
+        Counter::OrigDstNotProxy,
     ];
 
     /// The counters of an inbound (network namespace) scope.
@@ -351,6 +356,7 @@ impl Counter {
             Counter::InboundProxyDownRefused => "inbound_proxy_down_refused",
             Counter::InboundProxyDownDirect => "inbound_proxy_down_direct",
             Counter::HandoffFailed => "handoff_failed",
+            Counter::OrigDstNotProxy => "orig_dst_not_proxy",
         }
     }
 

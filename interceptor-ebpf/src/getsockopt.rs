@@ -4,16 +4,19 @@
 //! from the accepted socket's record (`ICP_ACCEPTED`, put there when the connection was
 //! established), so a proxy that works behind iptables REDIRECT works unchanged. Sockets
 //! without a record get the kernel's own answer.
-use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
+use aya_ebpf::{
+    bindings::bpf_sockopt, helpers::bpf_get_current_uid_gid, macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
 use interceptor_common::{
-    Counter, OrigDst, AF_INET, AF_INET6, META_PATH_LEN, SOL_IP, SOL_IPV6, SO_ICP_WORKLOAD,
-    SO_ORIGINAL_DST,
+    Counter, OrigDst, ScopedValue, AF_INET, AF_INET6, META_PATH_LEN, SOL_IP, SOL_IPV6,
+    SO_ICP_WORKLOAD, SO_ORIGINAL_DST,
 };
 
 use crate::{
     counters::count,
     ctx::{rd, SOCK_STREAM},
-    maps::{ICP_ACCEPTED, ICP_META},
+    maps::{ICP_ACCEPTED, ICP_META, ICP_UIDS},
 };
 
 /// Writes `sockaddr_in` (16 bytes) or `sockaddr_in6` (28 bytes) for `dst` into the option
@@ -104,6 +107,23 @@ fn write_workload(sopt: *mut bpf_sockopt, scope: u64) {
     }
 }
 
+/// Whether the calling process may learn a connection's destination and workload: root, or a
+/// bypass uid of the scope that redirected it (the proxy's user, 1337 by default). Any other
+/// process that accepted the connection (a listener started on the proxy's port while no
+/// proxy ran) gets the kernel's own answer, as for a socket without a record.
+#[inline(always)]
+fn caller_is_proxy(scope: u64) -> bool {
+    let uid = bpf_get_current_uid_gid() as u32;
+    uid == 0
+        || ICP_UIDS
+            .get_ptr(ScopedValue {
+                scope,
+                value: uid,
+                _pad: 0,
+            })
+            .is_some()
+}
+
 /// `optlen` and `retval` are written with two separate 4-byte stores: LLVM would otherwise
 /// merge them into one 8-byte store, which the verifier rejects.
 #[inline(always)]
@@ -140,6 +160,10 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
             return 1;
         }
         let dst = *dst;
+        if !caller_is_proxy(dst.scope) {
+            count(dst.scope, Counter::OrigDstNotProxy);
+            return 1;
+        }
         if workload {
             write_workload(sopt, dst.scope);
             return 1;

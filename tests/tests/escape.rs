@@ -320,3 +320,81 @@ fn no_record_storage_follows_the_scopes_policy() {
         assert_eq!(v["proxied"], true, "{v}");
     }
 }
+
+/// A stand-in listener on the proxy's outbound port (127.0.0.1:15001) while no proxy runs:
+/// it accepts one connection, asks `SO_ORIGINAL_DST` and `SO_ICP_WORKLOAD` and prints what
+/// it got (`orig=IP:PORT` or `orig=errno N`, `workload=PATH` or `workload=errno N`).
+fn stand_in_listener(w: &World, uid: Option<u32>) -> Proc {
+    let script = "import socket, struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', 15001))\n\
+         s.listen(8)\n\
+         print('listening', flush=True)\n\
+         c, _ = s.accept()\n\
+         try:\n    \
+             b = c.getsockopt(socket.SOL_IP, 80, 16)\n    \
+             print('orig=%s:%d' % (socket.inet_ntoa(b[4:8]), struct.unpack('!H', b[2:4])[0]), flush=True)\n\
+         except OSError as e:\n    \
+             print('orig=errno %d' % e.errno, flush=True)\n\
+         try:\n    \
+             print('workload=%s' % c.getsockopt(socket.SOL_IP, 0x4943, 256).decode(), flush=True)\n\
+         except OSError as e:\n    \
+             print('workload=errno %d' % e.errno, flush=True)\n\
+         c.close()\n";
+    let cmd = interceptor_tests::exec_command(
+        Some(&w.ns),
+        None,
+        uid,
+        &["/usr/bin/python3", "-c", script],
+    );
+    let mut p = Proc::spawn("stand-in-listener", cmd);
+    assert!(
+        p.wait_for_stdout("listening", Duration::from_secs(10)),
+        "stand-in listener did not start: {}",
+        p.stderr()
+    );
+    p
+}
+
+/// Only the proxy learns where a connection was going (issue 13, item 2, the kernel's
+/// answers): with the proxy stopped, a listener on its port run by root (the control) is
+/// answered `SO_ORIGINAL_DST` and `SO_ICP_WORKLOAD`; the same listener run as `nobody` gets
+/// neither (the kernel's own error), counted as `orig_dst_not_proxy`.
+#[test]
+fn only_root_or_the_proxy_uid_is_told_the_original_destination() {
+    let mut w = World::new("esc-impostor");
+    w.proxy.kill();
+    for (uid, answered) in [(None, true), (Some(65534), false)] {
+        let mut l = stand_in_listener(&w, uid);
+        let _ = w.probe(&w.a, &["hello", SERVER]);
+        assert!(
+            l.wait_for_stdout("workload=", Duration::from_secs(10)),
+            "the listener (uid {uid:?}) got no connection: {} {}",
+            l.stdout(),
+            l.stderr()
+        );
+        let out = l.stdout();
+        l.kill();
+        if answered {
+            assert!(
+                out.contains(&format!("orig={SERVER}")),
+                "root is answered: {out}"
+            );
+            assert!(
+                out.contains(&format!("workload={}", w.a.path().display())),
+                "root is told the workload: {out}"
+            );
+        } else {
+            assert!(
+                out.contains("orig=errno") && out.contains("workload=errno"),
+                "nobody is told nothing: {out}"
+            );
+        }
+    }
+    assert_eq!(
+        w.stats().get(w.a.id(), Counter::OrigDstNotProxy),
+        2,
+        "orig_dst_not_proxy: both of nobody's questions"
+    );
+}
