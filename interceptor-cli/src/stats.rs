@@ -58,9 +58,6 @@ pub fn run(layout: &PinLayout, a: StatsArgs) -> Result<()> {
             println!("  {name:<18} {v}");
         }
     }
-    println!(
-        "records: {} pending, {} handed off",
-        st.pending_records, st.handoff_records
-    );
+    println!("records: {} awaiting the proxy's side", st.handoff_records);
     Ok(())
 }

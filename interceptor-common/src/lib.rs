@@ -11,7 +11,7 @@
 
 /// Version of the map layout below. Bump it whenever a key, a value or a map's meaning
 /// changes: a loader refuses to reuse pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as pinned under `<pin dir>/maps/`.
 pub mod maps {
@@ -24,7 +24,10 @@ pub mod maps {
     pub const EXCL6: &str = "ICP_EXCL6";
     pub const INCL4: &str = "ICP_INCL4";
     pub const INCL6: &str = "ICP_INCL6";
-    pub const PENDING: &str = "ICP_PENDING";
+    /// Socket storage: the client socket's record.
+    pub const CONN: &str = "ICP_CONN";
+    /// Socket storage: the proxy's accepted socket's record.
+    pub const ACCEPTED: &str = "ICP_ACCEPTED";
     pub const HANDOFF: &str = "ICP_HANDOFF";
     pub const COUNTERS: &str = "ICP_COUNTERS";
     pub const IN_CONFIG: &str = "ICP_IN_CONFIG";
@@ -32,8 +35,8 @@ pub mod maps {
     pub const IN_SOCKS: &str = "ICP_IN_SOCKS";
     /// All pinned maps, for listing and removal.
     pub const ALL: &[&str] = &[
-        LAYOUT, CONFIG, META, PORTS, UIDS, EXCL4, EXCL6, INCL4, INCL6, PENDING, HANDOFF, COUNTERS,
-        IN_CONFIG, IN_PORTS, IN_SOCKS,
+        LAYOUT, CONFIG, META, PORTS, UIDS, EXCL4, EXCL6, INCL4, INCL6, CONN, ACCEPTED, HANDOFF,
+        COUNTERS, IN_CONFIG, IN_PORTS, IN_SOCKS,
     ];
 }
 
@@ -63,10 +66,10 @@ pub mod capacity {
     pub const PORTS: u32 = 16384;
     pub const UIDS: u32 = 4096;
     pub const CIDRS: u32 = 16384;
-    /// Sockets between `connect()` and the established hand-off. When full, a connect is
-    /// left alone and counted as `record_failed`.
-    pub const PENDING: u32 = 65536;
-    /// Live intercepted connections; records are removed when the client socket closes.
+    /// Connections between the client's established callback and the proxy's (entries move
+    /// into the accepted socket's storage then, or go with the client socket's close). When
+    /// full, the connection reaches the proxy without a record and is closed there, counted
+    /// as `handoff_failed`.
     pub const HANDOFF: u32 = 262144;
     pub const COUNTERS: u32 = 16384;
     /// Inbound listener sockets: one per family per inbound scope.
@@ -250,7 +253,8 @@ pub enum Counter {
     OrigDstAnswered = 7,
     /// getsockopt(SO_ORIGINAL_DST) asked for a socket without a record (left as the kernel said).
     OrigDstMissing = 8,
-    /// A record could not be stored; the connection was left alone.
+    /// A record could not be stored; the scope's policy decided (closed: the connect failed
+    /// with `EPERM`; open: it went direct).
     RecordFailed = 9,
     /// No proxy listened on the outbound port: connect refused (fail closed).
     ProxyDownRefused = 10,
@@ -269,10 +273,17 @@ pub enum Counter {
     InboundProxyDownRefused = 16,
     /// No inbound listener registered: connection went to the workload directly (fail open).
     InboundProxyDownDirect = 17,
+    /// A redirected connection's record could not be handed to the proxy's side
+    /// (`ICP_HANDOFF` full, or no storage on the accepted socket): the proxy gets no original
+    /// destination and closes the connection.
+    HandoffFailed = 18,
+    /// getsockopt(SO_ORIGINAL_DST or SO_ICP_WORKLOAD) on a redirected connection by a process
+    /// that is not the proxy (neither root nor a bypass uid of the scope): not answered.
+    OrigDstNotProxy = 19,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 18] = [
+    pub const ALL: [Counter; 20] = [
         Counter::Redirected,
         Counter::BypassMark,
         Counter::BypassUid,
@@ -291,10 +302,12 @@ impl Counter {
         Counter::InboundNotIncluded,
         Counter::InboundProxyDownRefused,
         Counter::InboundProxyDownDirect,
+        Counter::HandoffFailed,
+        Counter::OrigDstNotProxy,
     ];
 
     /// The counters of an outbound (cgroup) scope.
-    pub const OUTBOUND: [Counter; 12] = [
+    pub const OUTBOUND: [Counter; 14] = [
         Counter::Redirected,
         Counter::BypassMark,
         Counter::BypassUid,
@@ -307,6 +320,8 @@ impl Counter {
         Counter::RecordFailed,
         Counter::ProxyDownRefused,
         Counter::ProxyDownDirect,
+        Counter::HandoffFailed,
+        Counter::OrigDstNotProxy,
     ];
 
     /// The counters of an inbound (network namespace) scope.
@@ -340,6 +355,8 @@ impl Counter {
             Counter::InboundNotIncluded => "inbound_not_included",
             Counter::InboundProxyDownRefused => "inbound_proxy_down_refused",
             Counter::InboundProxyDownDirect => "inbound_proxy_down_direct",
+            Counter::HandoffFailed => "handoff_failed",
+            Counter::OrigDstNotProxy => "orig_dst_not_proxy",
         }
     }
 

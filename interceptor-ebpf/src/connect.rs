@@ -2,11 +2,12 @@
 //! to the workload's cgroup, and the decision they share. A connect is left alone when it is
 //! exempt (bypass mark or uid, the proxy itself, an excluded port or CIDR, outside the include
 //! list); otherwise it is rewritten to the proxy's outbound listener and its original
-//! destination recorded under the socket's cookie, or, with no proxy listening, the scope's
-//! policy decides (refuse or go direct).
+//! destination recorded in the socket's own storage (`ICP_CONN`), or, with no proxy listening
+//! or no record possible, the scope's policy decides (refuse or go direct). Only TCP sockets
+//! are considered.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::{bpf_get_current_uid_gid, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
@@ -18,9 +19,9 @@ use interceptor_common::{
 
 use crate::{
     counters::count,
-    ctx::{is_loopback4, rd, ALLOW, LOOPBACK4, LOOPBACK6, SOCK_STREAM},
+    ctx::{is_loopback4, rd, ALLOW, IPPROTO_TCP, LOOPBACK4, LOOPBACK6, REFUSE, SOCK_STREAM},
     maps::{
-        scope_id, ICP_CONFIG, ICP_EXCL4, ICP_EXCL6, ICP_INCL4, ICP_INCL6, ICP_PENDING, ICP_PORTS,
+        scope_id, ICP_CONFIG, ICP_CONN, ICP_EXCL4, ICP_EXCL6, ICP_INCL4, ICP_INCL6, ICP_PORTS,
         ICP_UIDS,
     },
 };
@@ -164,24 +165,42 @@ fn proxy_down(ctx: &SockAddrContext, cfg: &ScopeConfig, v6: bool) -> ProxyDown {
     }
 }
 
-/// Records the original destination under the socket's cookie. False if it could not.
+/// Records the original destination in the socket's own storage (`ICP_CONN`), which the
+/// kernel frees with the socket. False if it could not.
 #[inline(always)]
-fn record(ctx: &SockAddrContext, scope: u64, family: u16, addr: [u32; 4], port: u16) -> bool {
-    // SAFETY: the helper takes the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let dst = OrigDst {
-        addr,
-        port,
-        family,
-        _pad: 0,
-        scope,
-    };
-    ICP_PENDING.insert(cookie, dst, 0).is_ok()
+fn record(sk: *mut bpf_sock, scope: u64, family: u16, addr: [u32; 4], port: u16) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the connecting socket, checked non-null.
+    let rec = unsafe { ICP_CONN.get(sk, true) };
+    if rec.is_null() {
+        return false;
+    }
+    // SAFETY: a valid pointer to this socket's record for this program run.
+    unsafe {
+        *rec = OrigDst {
+            addr,
+            port,
+            family,
+            _pad: 0,
+            scope,
+        };
+    }
+    true
 }
 
-/// The whole decision for one connect, shared by both families: `None` when the connect is
-/// left alone (its reason already counted), else the counter of the rewrite to the proxy's
-/// port (`Redirected` with a record stored, or `ProxyDownRefused` without one).
+/// What the connect programs do with one connect.
+enum Verdict {
+    /// Leave the address alone (the reason is counted).
+    Leave,
+    /// Rewrite the address to the proxy's port, counting this.
+    ToProxy(Counter),
+    /// Fail the connect (`EPERM`): no record could be kept and the scope is fail-closed.
+    Refuse,
+}
+
+/// The whole decision for one connect, shared by both families.
 #[inline(always)]
 fn decide(
     ctx: &SockAddrContext,
@@ -191,23 +210,61 @@ fn decide(
     family: u16,
     addr: [u32; 4],
     port: u16,
-) -> Option<Counter> {
+) -> Verdict {
+    let verdict = decide_inner(ctx, scope, cfg, sk, family, addr, port);
+    if !matches!(verdict, Verdict::ToProxy(Counter::Redirected)) && !sk.is_null() {
+        // A TCP socket may connect again after a failed connect: a record of an earlier
+        // redirected attempt must not outlive this decision.
+        // SAFETY: `sk` is the connecting socket, checked non-null.
+        unsafe { ICP_CONN.delete(sk) };
+    }
+    verdict
+}
+
+#[inline(always)]
+fn decide_inner(
+    ctx: &SockAddrContext,
+    scope: u64,
+    cfg: &ScopeConfig,
+    sk: *mut bpf_sock,
+    family: u16,
+    addr: [u32; 4],
+    port: u16,
+) -> Verdict {
     if let Some(why) = exemption(scope, cfg, sk, family, &addr, port) {
         count(scope, why);
-        return None;
+        return Verdict::Leave;
     }
     match proxy_down(ctx, cfg, family == AF_INET6) {
         ProxyDown::Direct => {
             count(scope, Counter::ProxyDownDirect);
-            None
+            Verdict::Leave
         }
-        ProxyDown::Refuse => Some(Counter::ProxyDownRefused),
-        ProxyDown::No if record(ctx, scope, family, addr, port) => Some(Counter::Redirected),
+        ProxyDown::Refuse => Verdict::ToProxy(Counter::ProxyDownRefused),
+        ProxyDown::No if record(sk, scope, family, addr, port) => {
+            Verdict::ToProxy(Counter::Redirected)
+        }
         ProxyDown::No => {
+            // No record, no silent bypass: the scope's policy decides.
             count(scope, Counter::RecordFailed);
-            None
+            if cfg.flags & FLAG_FAIL_OPEN != 0 {
+                Verdict::Leave
+            } else {
+                Verdict::Refuse
+            }
         }
     }
+}
+
+/// Whether the outbound programs consider this socket at all: TCP only (a `SOCK_STREAM`
+/// socket may be SCTP or another protocol, which the proxy cannot take).
+///
+/// # Safety
+/// `sa` is the program's context.
+#[inline(always)]
+unsafe fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
+    // SAFETY: per the contract above.
+    unsafe { (*sa).type_ == SOCK_STREAM && (*sa).protocol == IPPROTO_TCP }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -215,7 +272,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: `sa` is the context the kernel passed; fields are read and written whole.
     unsafe {
-        if (*sa).type_ != SOCK_STREAM {
+        if !is_tcp(sa) {
             return ALLOW;
         }
         let scope = scope_id();
@@ -226,8 +283,10 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
         let port = u16::from_be((*sa).user_port as u16);
         let addr = mapped_v4(ip);
         let sk = (*sa).__bindgen_anon_1.sk;
-        let Some(outcome) = decide(&ctx, scope, cfg, sk, AF_INET, addr, port) else {
-            return ALLOW;
+        let outcome = match decide(&ctx, scope, cfg, sk, AF_INET, addr, port) {
+            Verdict::Leave => return ALLOW,
+            Verdict::Refuse => return REFUSE,
+            Verdict::ToProxy(c) => c,
         };
         (*sa).user_ip4 = LOOPBACK4;
         (*sa).user_port = u16::to_be(cfg.proxy_port) as u32;
@@ -241,7 +300,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: as in `redirect_connect4`; `user_ip6` is read and written one word at a time.
     unsafe {
-        if (*sa).type_ != SOCK_STREAM {
+        if !is_tcp(sa) {
             return ALLOW;
         }
         let scope = scope_id();
@@ -261,8 +320,10 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             AF_INET6
         };
         let sk = (*sa).__bindgen_anon_1.sk;
-        let Some(outcome) = decide(&ctx, scope, cfg, sk, family, addr, port) else {
-            return ALLOW;
+        let outcome = match decide(&ctx, scope, cfg, sk, family, addr, port) {
+            Verdict::Leave => return ALLOW,
+            Verdict::Refuse => return REFUSE,
+            Verdict::ToProxy(c) => c,
         };
         if family == AF_INET {
             // An IPv4-mapped destination stays IPv4 on the wire: send it to 127.0.0.1.

@@ -3,11 +3,13 @@
 
 /// `SOCK_STREAM`: only TCP sockets are intercepted.
 pub(crate) const SOCK_STREAM: u32 = 1;
-/// `IPPROTO_TCP`, as `bpf_sk_lookup::protocol` gives it.
+/// `IPPROTO_TCP`, as `bpf_sk_lookup::protocol` and `bpf_sock_addr::protocol` give it.
 pub(crate) const IPPROTO_TCP: u32 = 6;
 /// A `cgroup_sock_addr` program's verdict: let the call go on (with or without a rewritten
 /// address).
 pub(crate) const ALLOW: i32 = 1;
+/// A `cgroup_sock_addr` program's verdict: fail the call with `EPERM`.
+pub(crate) const REFUSE: i32 = 0;
 
 /// 127.0.0.1 in network order, as the context structs hold addresses.
 pub(crate) const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

@@ -1,21 +1,22 @@
 //! The proxy's questions about an accepted socket: `answer_getsockopt`, attached once at the
 //! cgroup2 root, answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)`,
 //! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` and `getsockopt(SOL_IP, SO_ICP_WORKLOAD)`
-//! from the connection's record in `ICP_HANDOFF`, so a proxy that works behind iptables
-//! REDIRECT works unchanged. Sockets without a record get the kernel's own answer.
+//! from the accepted socket's record (`ICP_ACCEPTED`, put there when the connection was
+//! established), so a proxy that works behind iptables REDIRECT works unchanged. Sockets
+//! without a record get the kernel's own answer.
 use aya_ebpf::{
-    bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
+    bindings::bpf_sockopt, helpers::bpf_get_current_uid_gid, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
 use interceptor_common::{
-    mapped_v4, Counter, OrigDst, TupleKey, AF_INET, AF_INET6, META_PATH_LEN, SOL_IP, SOL_IPV6,
+    Counter, OrigDst, ScopedValue, AF_INET, AF_INET6, META_PATH_LEN, SOL_IP, SOL_IPV6,
     SO_ICP_WORKLOAD, SO_ORIGINAL_DST,
 };
 
 use crate::{
     counters::count,
     ctx::{rd, SOCK_STREAM},
-    maps::{ICP_HANDOFF, ICP_META},
+    maps::{ICP_ACCEPTED, ICP_META, ICP_UIDS},
 };
 
 /// Writes `sockaddr_in` (16 bytes) or `sockaddr_in6` (28 bytes) for `dst` into the option
@@ -106,6 +107,23 @@ fn write_workload(sopt: *mut bpf_sockopt, scope: u64) {
     }
 }
 
+/// Whether the calling process may learn a connection's destination and workload: root, or a
+/// bypass uid of the scope that redirected it (the proxy's user, 1337 by default). Any other
+/// process that accepted the connection (a listener started on the proxy's port while no
+/// proxy ran) gets the kernel's own answer, as for a socket without a record.
+#[inline(always)]
+fn caller_is_proxy(scope: u64) -> bool {
+    let uid = bpf_get_current_uid_gid() as u32;
+    uid == 0
+        || ICP_UIDS
+            .get_ptr(ScopedValue {
+                scope,
+                value: uid,
+                _pad: 0,
+            })
+            .is_some()
+}
+
 /// `optlen` and `retval` are written with two separate 4-byte stores: LLVM would otherwise
 /// merge them into one 8-byte store, which the verifier rejects.
 #[inline(always)]
@@ -132,44 +150,20 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
         if sk.is_null() || (*sk).type_ != SOCK_STREAM {
             return 1;
         }
-        // Every field is read before the family is looked at (see `ctx::rd`).
         let family = rd(&(*sk).family);
-        let src4 = rd(&(*sk).src_ip4);
-        let dst4 = rd(&(*sk).dst_ip4);
-        let src6 = [
-            rd(&(*sk).src_ip6[0]),
-            rd(&(*sk).src_ip6[1]),
-            rd(&(*sk).src_ip6[2]),
-            rd(&(*sk).src_ip6[3]),
-        ];
-        let dst6 = [
-            rd(&(*sk).dst_ip6[0]),
-            rd(&(*sk).dst_ip6[1]),
-            rd(&(*sk).dst_ip6[2]),
-            rd(&(*sk).dst_ip6[3]),
-        ];
-        let src_port = rd(&(*sk).src_port);
-        let dst_port = core::ptr::read_volatile(&(*sk).dst_port);
-        let (local, remote) = if family == AF_INET as u32 {
-            (mapped_v4(src4), mapped_v4(dst4))
-        } else if family == AF_INET6 as u32 {
-            (src6, dst6)
-        } else {
+        if family != AF_INET as u32 && family != AF_INET6 as u32 {
             return 1;
-        };
-        let key = TupleKey {
-            netns: bpf_get_netns_cookie(sopt.cast()),
-            client_addr: remote,
-            proxy_addr: local,
-            client_port: u16::from_be(dst_port),
-            proxy_port: src_port as u16,
-            _pad: 0,
-        };
-        let Some(dst) = ICP_HANDOFF.get_ptr(key) else {
+        }
+        let dst = ICP_ACCEPTED.get(sk, false);
+        if dst.is_null() {
             count(0, Counter::OrigDstMissing);
             return 1;
-        };
+        }
         let dst = *dst;
+        if !caller_is_proxy(dst.scope) {
+            count(dst.scope, Counter::OrigDstNotProxy);
+            return 1;
+        }
         if workload {
             write_workload(sopt, dst.scope);
             return 1;

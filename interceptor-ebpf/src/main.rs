@@ -5,15 +5,15 @@
 //! Outbound, per scope (a workload cgroup):
 //! * `redirect_connect4` / `redirect_connect6` ([`connect`]) decide, per `connect()`, whether
 //!   to send the socket to the proxy's outbound listener, and record the original destination
-//!   under the socket's cookie (`ICP_PENDING`).
+//!   in the socket's own storage (`ICP_CONN`).
 //! * `restore_getpeername4` / `restore_getpeername6` ([`getpeername`]) make `getpeername()` on
 //!   a redirected socket report the original destination, so the workload never sees the
 //!   proxy's address.
 //!
 //! Outbound, once at the cgroup2 root (the proxy usually runs outside the workload's cgroup):
-//! * `track_sockops` ([`sockops`]) moves a record from the socket's cookie to the connection's
-//!   4-tuple (`ICP_HANDOFF`) when the client's connection is established, and removes it when
-//!   the client socket closes.
+//! * `track_sockops` ([`sockops`]) puts a record under the connection's 4-tuple
+//!   (`ICP_HANDOFF`) when the client's connection is established, and moves it into the
+//!   proxy's accepted socket's storage (`ICP_ACCEPTED`) when that side is.
 //! * `answer_getsockopt` ([`getsockopt`]) answers `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`
 //!   and `SO_ICP_WORKLOAD` on the proxy's accepted socket from that record.
 //!

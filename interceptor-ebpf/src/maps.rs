@@ -3,7 +3,12 @@
 //! `interceptor-common`); pins made by an earlier build of the same layout are reused as they
 //! are, so none of them changes without a version bump.
 use aya_ebpf::{
-    macros::map,
+    bindings::{
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, BPF_F_NO_PREALLOC,
+        BPF_SK_STORAGE_GET_F_CREATE,
+    },
+    helpers::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuHashMap, SockHash},
 };
 use interceptor_common::{
@@ -45,14 +50,21 @@ pub(crate) static ICP_INCL4: LpmTrie<ScopedV4, u8> = LpmTrie::pinned(capacity::C
 #[map(name = "ICP_INCL6")]
 pub(crate) static ICP_INCL6: LpmTrie<ScopedV6, u8> = LpmTrie::pinned(capacity::CIDRS, 0);
 
-// Records of redirected connections. Plain (preallocated) hashes, not LRU: an LRU map may
-// evict a live record under churn before it is full, and a connection would then reach the
-// proxy without its original destination. Records are removed explicitly when the client
-// socket closes.
-/// Socket cookie -> original destination, from `connect()` to the established hand-off.
-#[map(name = "ICP_PENDING")]
-pub(crate) static ICP_PENDING: HashMap<u64, OrigDst> = HashMap::pinned(capacity::PENDING, 0);
-/// Connection 4-tuple -> original destination, until the client socket closes.
+// Records of redirected connections. A record lives in the socket's own storage
+// (`BPF_MAP_TYPE_SK_STORAGE`): the kernel frees it with the socket, so no failing path of
+// `connect()` (unreachable, no port left, a 4-tuple in use, ...) can leave one behind, and
+// there is no capacity one scope could use up for another. Only the short step from the
+// client's established callback to the proxy's goes through a keyed map, `ICP_HANDOFF`.
+/// The client (workload) socket's record: its original destination, from `connect()` on.
+#[btf_map(name = "ICP_CONN")]
+pub(crate) static ICP_CONN: SkStorage<OrigDst> = SkStorage::new();
+/// The proxy's accepted socket's record, moved here from `ICP_HANDOFF` when it is
+/// established; `SO_ORIGINAL_DST` and `SO_ICP_WORKLOAD` are answered from it.
+#[btf_map(name = "ICP_ACCEPTED")]
+pub(crate) static ICP_ACCEPTED: SkStorage<OrigDst> = SkStorage::new();
+/// Connection 4-tuple -> original destination, from the client's established callback to the
+/// proxy's (or the client's close, if the proxy's side never completes). A plain
+/// (preallocated) hash, not LRU: an LRU map may evict a live entry under churn.
 #[map(name = "ICP_HANDOFF")]
 pub(crate) static ICP_HANDOFF: HashMap<TupleKey, OrigDst> = HashMap::pinned(capacity::HANDOFF, 0);
 /// Decision counters per scope (see `counters`).
@@ -68,3 +80,69 @@ pub(crate) static ICP_IN_PORTS: HashMap<ScopedValue, u8> = HashMap::pinned(capac
 /// The proxy's inbound listener per scope and family, put in by `interceptor register`.
 #[map(name = "ICP_IN_SOCKS")]
 pub(crate) static ICP_IN_SOCKS: SockHash<SockKey> = SockHash::pinned(capacity::IN_SOCKS, 0);
+
+/// A `BPF_MAP_TYPE_SK_STORAGE` map, declared with BTF (the kernel requires BTF for its key and
+/// value) and pinned by name like the others. The fields are never read: the loader takes the
+/// map's type, key, value, flags and pinning from their BTF types.
+#[repr(C)]
+pub(crate) struct SkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// `LIBBPF_PIN_BY_NAME`.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are null placeholders the loader reads as BTF; nothing dereferences them.
+unsafe impl<T> Sync for SkStorage<T> {}
+
+impl<T> SkStorage<T> {
+    pub(crate) const fn new() -> Self {
+        SkStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The record of `sk`, created (zeroed) when `create` and it has none. Null when there is
+    /// none, or it could not be created.
+    ///
+    /// # Safety
+    /// `sk` must be a full socket the program's context gave it (checked non-null).
+    #[inline(always)]
+    pub(crate) unsafe fn get(&self, sk: *mut bpf_sock, create: bool) -> *mut T {
+        let flags = if create {
+            BPF_SK_STORAGE_GET_F_CREATE as u64
+        } else {
+            0
+        };
+        // SAFETY: per the contract above; the map pointer is this map's definition.
+        unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                flags,
+            )
+            .cast()
+        }
+    }
+
+    /// Removes the record of `sk`, if it has one.
+    ///
+    /// # Safety
+    /// As for [`SkStorage::get`].
+    #[inline(always)]
+    pub(crate) unsafe fn delete(&self, sk: *mut bpf_sock) {
+        // SAFETY: per the contract above.
+        unsafe {
+            bpf_sk_storage_delete(core::ptr::from_ref(self).cast_mut().cast(), sk.cast());
+        }
+    }
+}

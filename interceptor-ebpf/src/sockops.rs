@@ -1,30 +1,36 @@
 //! The established hand-off: `track_sockops`, attached once at the cgroup2 root. When a
-//! redirected client socket (one with a record in `ICP_PENDING`) is established, its record
-//! moves to the connection's 4-tuple in `ICP_HANDOFF`, where the proxy's side finds it; when
-//! the client socket closes, its records are removed.
+//! redirected client socket (one with a record in its storage, `ICP_CONN`) is established,
+//! its record is put under the connection's 4-tuple in `ICP_HANDOFF`; when the proxy's side
+//! of that connection is established (before the proxy can accept it), the record moves into
+//! the accepted socket's storage (`ICP_ACCEPTED`) and leaves `ICP_HANDOFF`. A client socket
+//! that closes first takes its `ICP_HANDOFF` entry with it. Records in socket storage go with
+//! their socket.
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use interceptor_common::{mapped_v4, TupleKey, AF_INET};
+use interceptor_common::{mapped_v4, Counter, TupleKey, AF_INET};
 
 use crate::{
+    counters::count,
     ctx::rd,
-    maps::{ICP_HANDOFF, ICP_PENDING},
+    maps::{ICP_ACCEPTED, ICP_CONN, ICP_HANDOFF},
 };
 
-/// The 4-tuple of a sock_ops socket, seen from the client (the workload's socket).
+/// The 4-tuple of a sock_ops socket, as the client (the workload's socket) sees it: from the
+/// client's own socket (`passive` false) or from the proxy's accepted socket (`passive` true).
 ///
 /// Every field is read once, unconditionally, before the family decides which to use: with
 /// reads inside the branches LLVM shares one load through a computed context pointer, which
 /// the verifier rejects.
 #[inline(always)]
-fn client_tuple(ops: *mut bpf_sock_ops) -> TupleKey {
+fn tuple(ops: *mut bpf_sock_ops, passive: bool) -> TupleKey {
     // SAFETY: field addresses of the kernel-provided context; read with `rd`.
     unsafe {
         let family = rd(&(*ops).family);
@@ -42,47 +48,95 @@ fn client_tuple(ops: *mut bpf_sock_ops) -> TupleKey {
             rd(&(*ops).remote_ip6[2]),
             rd(&(*ops).remote_ip6[3]),
         ];
-        let local_port = rd(&(*ops).local_port);
-        let remote_port = rd(&(*ops).remote_port);
+        let local_port = rd(&(*ops).local_port) as u16;
+        let remote_port = u32::from_be(rd(&(*ops).remote_port)) as u16;
         let v4 = family == AF_INET as u32;
-        TupleKey {
-            netns: bpf_get_netns_cookie(ops.cast()),
-            client_addr: if v4 { mapped_v4(local4) } else { local6 },
-            proxy_addr: if v4 { mapped_v4(remote4) } else { remote6 },
-            client_port: local_port as u16,
-            proxy_port: u32::from_be(remote_port) as u16,
-            _pad: 0,
+        let local = if v4 { mapped_v4(local4) } else { local6 };
+        let remote = if v4 { mapped_v4(remote4) } else { remote6 };
+        let netns = bpf_get_netns_cookie(ops.cast());
+        if passive {
+            TupleKey {
+                netns,
+                client_addr: remote,
+                proxy_addr: local,
+                client_port: remote_port,
+                proxy_port: local_port,
+                _pad: 0,
+            }
+        } else {
+            TupleKey {
+                netns,
+                client_addr: local,
+                proxy_addr: remote,
+                client_port: local_port,
+                proxy_port: remote_port,
+                _pad: 0,
+            }
         }
     }
+}
+
+/// The full socket of a sock_ops context, or null.
+#[inline(always)]
+fn full_sock(ops: *mut bpf_sock_ops) -> *mut bpf_sock {
+    // SAFETY: `sk` is an 8-byte field of the context, read whole; the kernel gives null for a
+    // request or time-wait socket.
+    unsafe { core::ptr::read_volatile(&(*ops).__bindgen_anon_2.sk) }
 }
 
 #[sock_ops]
 pub fn track_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // SAFETY: helper on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        if ICP_PENDING.get_ptr(cookie).is_some() {
-            // Be told when this socket closes, to drop its records.
-            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-            let _ = ctx.set_cb_flags(flags as i32);
-        }
-    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // SAFETY: helper on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        if let Some(dst) = ICP_PENDING.get_ptr(cookie) {
-            // SAFETY: the value pointer is valid for this program run.
-            let dst = unsafe { *dst };
-            let key = client_tuple(ctx.ops);
-            let _ = ICP_HANDOFF.insert(key, dst, 0);
-            let _ = ICP_PENDING.remove(cookie);
-        }
-    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
-        // SAFETY: helper on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let _ = ICP_PENDING.remove(cookie);
-        let key = client_tuple(ctx.ops);
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && !(op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE)
+    {
+        return 1;
+    }
+    let sk = full_sock(ctx.ops);
+    if sk.is_null() {
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // The proxy's side of a redirected connection (or any other accepted socket).
+        let key = tuple(ctx.ops, true);
+        let Some(dst) = ICP_HANDOFF.get_ptr(key) else {
+            return 1;
+        };
+        // SAFETY: the value pointer is valid for this program run.
+        let dst = unsafe { *dst };
         let _ = ICP_HANDOFF.remove(key);
+        // SAFETY: `sk` is this context's full socket, checked non-null.
+        let rec = unsafe { ICP_ACCEPTED.get(sk, true) };
+        if rec.is_null() {
+            count(dst.scope, Counter::HandoffFailed);
+        } else {
+            // SAFETY: this socket's record, valid for this program run.
+            unsafe { *rec = dst };
+        }
+        return 1;
+    }
+    // The other callbacks concern the client's socket: only one with a record.
+    // SAFETY: as above.
+    let rec = unsafe { ICP_CONN.get(sk, false) };
+    if rec.is_null() {
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // Be told when this socket closes, to drop its hand-off entry.
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // SAFETY: this socket's record, valid for this program run.
+        let dst = unsafe { *rec };
+        if ICP_HANDOFF.insert(tuple(ctx.ops, false), dst, 0).is_err() {
+            // The proxy's side will find no record and close the connection.
+            count(dst.scope, Counter::HandoffFailed);
+        }
+    } else {
+        // TCP_CLOSE of a client socket: an entry the proxy's side never took goes too.
+        let _ = ICP_HANDOFF.remove(tuple(ctx.ops, false));
     }
     1
 }

@@ -117,8 +117,11 @@ fn locked_with_undo<T>(
     // refused here, naming what it lacks, instead of half way through by the verifier.
     crate::features::require()?;
     system::ensure_bpffs(layout.root())?;
-    let _lock = PinLock::acquire(layout)?;
+    let (_lock, created) = PinLock::acquire_creating(layout)?;
     let mut undo = UndoLog::default();
+    if created {
+        undo.0.push(Undo::RemoveDir(layout.root().into()));
+    }
     steps(&mut undo).inspect_err(|_| undo.run(layout))
 }
 

@@ -145,13 +145,9 @@ pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
     })
 }
 
-/// Takes the loaders' lock when there is a pin dir (and so a parent to lock) at all.
+/// Takes the loaders' lock when there is a pin dir at all.
 fn lock_if_present(layout: &PinLayout) -> Result<Option<PinLock>> {
-    if layout.root().exists() {
-        PinLock::acquire(layout).map(Some)
-    } else {
-        Ok(None)
-    }
+    PinLock::acquire(layout)
 }
 
 /// Ids of every scope, outbound and inbound, that has entries in the maps.

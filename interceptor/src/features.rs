@@ -116,6 +116,8 @@ const SOCK_HASH_UPDATE: (i32, &str) = (70, "bpf_sock_hash_update");
 const MSG_REDIRECT_HASH: (i32, &str) = (71, "bpf_msg_redirect_hash");
 const SK_LOOKUP_TCP: (i32, &str) = (84, "bpf_sk_lookup_tcp");
 const SK_RELEASE: (i32, &str) = (86, "bpf_sk_release");
+const SK_STORAGE_GET: (i32, &str) = (107, "bpf_sk_storage_get");
+const SK_STORAGE_DELETE: (i32, &str) = (108, "bpf_sk_storage_delete");
 const GET_NETNS_COOKIE: (i32, &str) = (122, "bpf_get_netns_cookie");
 const SK_ASSIGN: (i32, &str) = (124, "bpf_sk_assign");
 /// aya-log's ring buffer (`--kernel-log debug`), in every program.
@@ -131,9 +133,10 @@ const HOOKS: &[Hook] = &[
         required: true,
         helpers: &[
             GET_CURRENT_UID_GID,
-            GET_SOCKET_COOKIE,
             SK_LOOKUP_TCP,
             SK_RELEASE,
+            SK_STORAGE_GET,
+            SK_STORAGE_DELETE,
             RINGBUF_RESERVE,
         ],
     },
@@ -146,9 +149,10 @@ const HOOKS: &[Hook] = &[
         required: true,
         helpers: &[
             GET_CURRENT_UID_GID,
-            GET_SOCKET_COOKIE,
             SK_LOOKUP_TCP,
             SK_RELEASE,
+            SK_STORAGE_GET,
+            SK_STORAGE_DELETE,
         ],
     },
     Hook {
@@ -158,7 +162,7 @@ const HOOKS: &[Hook] = &[
         link: Some(sys::AttachType::Inet4Getpeername as u32),
         used_by: "restore_getpeername4",
         required: true,
-        helpers: &[GET_NETNS_COOKIE],
+        helpers: &[SK_STORAGE_GET],
     },
     Hook {
         name: "cgroup/getpeername6",
@@ -167,7 +171,7 @@ const HOOKS: &[Hook] = &[
         link: Some(sys::AttachType::Inet6Getpeername as u32),
         used_by: "restore_getpeername6",
         required: true,
-        helpers: &[GET_NETNS_COOKIE],
+        helpers: &[SK_STORAGE_GET],
     },
     Hook {
         name: "sock_ops",
@@ -176,7 +180,7 @@ const HOOKS: &[Hook] = &[
         link: Some(sys::AttachType::SockOps as u32),
         used_by: "track_sockops",
         required: true,
-        helpers: &[GET_NETNS_COOKIE, GET_SOCKET_COOKIE, SOCK_OPS_CB_FLAGS_SET],
+        helpers: &[GET_NETNS_COOKIE, SOCK_OPS_CB_FLAGS_SET, SK_STORAGE_GET],
     },
     Hook {
         name: "cgroup/getsockopt",
@@ -185,7 +189,7 @@ const HOOKS: &[Hook] = &[
         link: Some(sys::AttachType::CgroupGetsockopt as u32),
         used_by: "answer_getsockopt",
         required: true,
-        helpers: &[GET_NETNS_COOKIE],
+        helpers: &[GET_CURRENT_UID_GID, SK_STORAGE_GET],
     },
     Hook {
         name: "sk_lookup",
@@ -216,10 +220,11 @@ const OPTIONAL_HELPERS: &[(&str, (i32, &str), &str)] =
 
 /// The map types of `interceptor-ebpf/src/maps.rs` (and aya-log's ring buffer).
 const MAPS: &[(MapType, &str, &str)] = &[
+    (MapType::Hash, "hash", "ICP_CONFIG, ICP_HANDOFF, ..."),
     (
-        MapType::Hash,
-        "hash",
-        "ICP_CONFIG, ICP_PENDING, ICP_HANDOFF, ...",
+        MapType::SkStorage,
+        "socket storage",
+        "ICP_CONN, ICP_ACCEPTED (connection records)",
     ),
     (MapType::Array, "array", "ICP_LAYOUT, read-only globals"),
     (MapType::LpmTrie, "LPM trie", "ICP_EXCL4/6, ICP_INCL4/6"),

@@ -27,7 +27,7 @@ pub mod upgrade;
 pub use attach::{attach, attach_inbound, Attached, AttachedInbound};
 pub use detach::{detach, detach_all, detach_id, Detached};
 pub use error::{Error, Result};
-pub use interceptor_common::Counter;
+pub use interceptor_common::{Counter, AF_INET, AF_INET6};
 pub use paths::PinLayout;
 pub use register::register;
 pub use settings::{InboundSettings, ProxyDown, ScopeSettings};

@@ -404,13 +404,12 @@ pub fn read_counters(layout: &PinLayout) -> Result<BTreeMap<u64, BTreeMap<&'stat
     Ok(out)
 }
 
-/// Number of records held for connections: (awaiting hand-off, handed off).
-pub fn record_counts(layout: &PinLayout) -> Result<(usize, usize)> {
-    let pending: HashMap<MapData, u64, interceptor_common::OrigDst> =
-        typed(layout, names::PENDING, Map::HashMap)?;
+/// Number of entries in `ICP_HANDOFF`, the one record map with a capacity (the others are
+/// socket storage, freed with their sockets, which the kernel does not let user space count).
+pub fn handoff_count(layout: &PinLayout) -> Result<usize> {
     let handoff: HashMap<MapData, interceptor_common::TupleKey, interceptor_common::OrigDst> =
         typed(layout, names::HANDOFF, Map::HashMap)?;
-    Ok((pending.keys().count(), handoff.keys().count()))
+    Ok(handoff.keys().count())
 }
 
 fn scope_meta(path: &Path) -> ScopeMeta {

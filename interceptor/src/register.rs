@@ -27,9 +27,14 @@ use crate::{
 pub struct Registered {
     pub fd: i32,
     pub addr: SocketAddr,
+    /// The families it serves: `AF_INET`, `AF_INET6`, or both for a dual-stack `[::]`
+    /// listener (one that is not IPv6-only).
+    pub families: Vec<u16>,
 }
 
-fn listener_addr(sock: &OwnedFd) -> Option<SocketAddr> {
+/// A listening stream socket's address and whether it takes IPv4 too (an IPv6 socket bound
+/// to `::` without `IPV6_V6ONLY`).
+fn listener_addr(sock: &OwnedFd) -> Option<(SocketAddr, bool)> {
     let listening = getsockopt(sock, sockopt::AcceptConn).ok()?;
     let stream = getsockopt(sock, sockopt::SockType).ok()? == nix::sys::socket::SockType::Stream;
     if !listening || !stream {
@@ -37,15 +42,18 @@ fn listener_addr(sock: &OwnedFd) -> Option<SocketAddr> {
     }
     let addr: SockaddrStorage = getsockname(std::os::fd::AsRawFd::as_raw_fd(sock)).ok()?;
     if let Some(a) = addr.as_sockaddr_in() {
-        Some(SocketAddr::from((a.ip(), a.port())))
+        Some((SocketAddr::from((a.ip(), a.port())), false))
     } else {
-        addr.as_sockaddr_in6()
-            .map(|a| SocketAddr::from((a.ip(), a.port())))
+        let a = addr.as_sockaddr_in6()?;
+        let dual = a.ip().is_unspecified() && !getsockopt(sock, sockopt::Ipv6V6Only).ok()?;
+        Some((SocketAddr::from((a.ip(), a.port())), dual))
     }
 }
 
 /// Finds the TCP sockets of process `pid` that listen on the scope's inbound port inside the
-/// namespace at `netns_path`, and registers them (one per family).
+/// namespace at `netns_path`, and registers them: one per family, where a dual-stack `[::]`
+/// listener (not IPv6-only, Envoy's default) serves IPv4 too unless an IPv4 listener is
+/// there. A listener that is not TCP (SCTP, MPTCP) is refused.
 pub fn register(layout: &PinLayout, netns_path: &Path, pid: i32) -> Result<Vec<Registered>> {
     system::check_privileges()?;
     let ns = netns::resolve(netns_path)?;
@@ -61,7 +69,10 @@ pub fn register(layout: &PinLayout, netns_path: &Path, pid: i32) -> Result<Vec<R
     let pidfd = sys::pidfd_open(pid).map_err(|e| fail(format!("cannot open it: {e}")))?;
     let fd_dir = format!("/proc/{pid}/fd");
     let entries = fs::read_dir(&fd_dir).map_err(|e| fail(format!("cannot list {fd_dir}: {e}")))?;
-    let mut found: Vec<(u16, OwnedFd, Registered)> = Vec::new();
+    // Per family, the listener that serves it: an IPv4 listener, else a dual-stack one.
+    let mut v4: Option<(i32, OwnedFd, SocketAddr)> = None;
+    let mut v6: Option<(i32, OwnedFd, SocketAddr, bool)> = None;
+    let mut not_tcp: Vec<String> = Vec::new();
     for entry in entries.flatten() {
         let Some(n) = entry
             .file_name()
@@ -79,7 +90,7 @@ pub fn register(layout: &PinLayout, netns_path: &Path, pid: i32) -> Result<Vec<R
         let Ok(sock) = sys::pidfd_getfd(pidfd.as_fd(), n) else {
             continue;
         };
-        let Some(addr) = listener_addr(&sock) else {
+        let Some((addr, dual)) = listener_addr(&sock) else {
             continue;
         };
         if addr.port() != port {
@@ -92,21 +103,65 @@ pub fn register(layout: &PinLayout, netns_path: &Path, pid: i32) -> Result<Vec<R
         if !same_ns {
             continue;
         }
-        let family = if addr.is_ipv4() { AF_INET } else { AF_INET6 };
-        if found.iter().all(|(f, _, _)| *f != family) {
-            found.push((family, sock, Registered { fd: n, addr }));
+        match sys::socket_protocol(sock.as_fd()) {
+            Ok(p) if p == libc::IPPROTO_TCP => {}
+            Ok(p) => {
+                not_tcp.push(format!("fd {n} on {addr} is protocol {p}, not TCP"));
+                continue;
+            }
+            Err(e) => {
+                not_tcp.push(format!("fd {n} on {addr}: cannot read its protocol: {e}"));
+                continue;
+            }
+        }
+        if addr.is_ipv4() {
+            v4.get_or_insert((n, sock, addr));
+        } else if v6.as_ref().is_none_or(|(_, _, _, d)| !d && dual) {
+            v6 = Some((n, sock, addr, dual));
         }
     }
-    if found.is_empty() {
-        return Err(fail(format!(
-            "has no TCP socket listening on port {port} in network namespace {}; start the proxy with an inbound listener on that port (e.g. `interceptor-proxy --inbound 0.0.0.0:{port}`) or pass the proxy's pid",
-            netns_path.display()
-        )));
-    }
     let mut out = Vec::new();
-    for (family, sock, reg) in found {
-        maps::register_listener(layout, scope, family, &sock)?;
-        out.push(reg);
+    match (v4, v6) {
+        (None, None) if !not_tcp.is_empty() => {
+            return Err(fail(format!(
+                "listens on port {port} in network namespace {} only with sockets that are not TCP ({}); the inbound listener must be a TCP socket (SOCK_STREAM, IPPROTO_TCP)",
+                netns_path.display(),
+                not_tcp.join("; ")
+            )));
+        }
+        (None, None) => {
+            return Err(fail(format!(
+                "has no TCP socket listening on port {port} in network namespace {}; start the proxy with an inbound listener on that port (e.g. `interceptor-proxy --inbound 0.0.0.0:{port}`) or pass the proxy's pid",
+                netns_path.display()
+            )));
+        }
+        (v4, v6) => {
+            let dual_serves_v4 = v4.is_none() && v6.as_ref().is_some_and(|(_, _, _, d)| *d);
+            if let Some((n, sock, addr, _)) = v6 {
+                let mut families = vec![AF_INET6];
+                maps::register_listener(layout, scope, AF_INET6, &sock)?;
+                if dual_serves_v4 {
+                    maps::register_listener(layout, scope, AF_INET, &sock)?;
+                    families.insert(0, AF_INET);
+                }
+                out.push(Registered {
+                    fd: n,
+                    addr,
+                    families,
+                });
+            }
+            if let Some((n, sock, addr)) = v4 {
+                maps::register_listener(layout, scope, AF_INET, &sock)?;
+                out.insert(
+                    0,
+                    Registered {
+                        fd: n,
+                        addr,
+                        families: vec![AF_INET],
+                    },
+                );
+            }
+        }
     }
     Ok(out)
 }

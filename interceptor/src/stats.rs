@@ -22,9 +22,8 @@ pub struct Stats {
     pub scopes: Vec<ScopeStats>,
     /// Counts that belong to no scope (getsockopt on sockets without a record).
     pub global: BTreeMap<&'static str, u64>,
-    /// Sockets between connect() and the established hand-off.
-    pub pending_records: usize,
-    /// Live intercepted connections whose record waits for, or served, the proxy.
+    /// Entries of `ICP_HANDOFF`: connections established on the client's side whose proxy's
+    /// side is not yet (records themselves live in socket storage and go with their sockets).
     pub handoff_records: usize,
 }
 
@@ -48,7 +47,7 @@ impl Stats {
     /// - `interceptor_decisions_total{kind, scope, path, decision}`: one series per scope
     ///   and decision counter (`kind` is outbound or inbound; counts that belong to no
     ///   scope have `scope="none"`);
-    /// - `interceptor_records{state="pending"|"handoff"}`: records held now.
+    /// - `interceptor_records{state="handoff"}`: entries of `ICP_HANDOFF` now.
     pub fn to_openmetrics(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(Collector(self.clone())));
@@ -104,13 +103,8 @@ impl prometheus_client::collector::Collector for Collector {
             None,
             MetricType::Gauge,
         )?;
-        for (state, v) in [
-            ("pending", self.0.pending_records),
-            ("handoff", self.0.handoff_records),
-        ] {
-            m.encode_family(&[("state", state)])?
-                .encode_gauge(&(v as u64))?;
-        }
+        m.encode_family(&[("state", "handoff")])?
+            .encode_gauge(&(self.0.handoff_records as u64))?;
         Ok(())
     }
 }
@@ -125,7 +119,7 @@ pub fn stats(layout: &PinLayout) -> Result<Stats> {
         return Ok(Stats::default());
     }
     let mut counters = maps::read_counters(layout)?;
-    let (pending_records, handoff_records) = maps::record_counts(layout)?;
+    let handoff_records = maps::handoff_count(layout)?;
     let global = counters.remove(&0).unwrap_or_default();
     let mut scope = |kind, path, id, names: &[Counter]| {
         let mut c: BTreeMap<&'static str, u64> = names.iter().map(|c| (c.name(), 0)).collect();
@@ -151,7 +145,6 @@ pub fn stats(layout: &PinLayout) -> Result<Stats> {
     Ok(Stats {
         scopes,
         global,
-        pending_records,
         handoff_records,
     })
 }

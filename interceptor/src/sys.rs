@@ -16,7 +16,8 @@
 //! - pidfd_open / pidfd_getfd: to take a copy of the proxy's inbound listening socket from
 //!   its process, so the proxy itself needs no access to bpf.
 //! - ioctl NS_GET_NSTYPE and SIOCGSKNS: to check that a path is a network namespace and which
-//!   namespace a socket belongs to.
+//!   namespace a socket belongs to; getsockopt SO_PROTOCOL (which nix does not offer): that a
+//!   listener to register is TCP.
 #![allow(unsafe_code)]
 
 use std::{
@@ -284,6 +285,26 @@ pub fn socket_netns(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     }
     // SAFETY: a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// `getsockopt(SOL_SOCKET, SO_PROTOCOL)`: the socket's protocol (`IPPROTO_TCP`, ...).
+pub fn socket_protocol(sock: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes of the sizes given.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
 }
 
 /// `pidfd_open(pid, 0)`.

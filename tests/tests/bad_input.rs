@@ -186,3 +186,107 @@ fn attach_failing_half_way_rolls_back() {
     names.sort();
     assert_eq!(names, SCOPE_PROGRAMS);
 }
+
+/// uid and gid of `nobody`.
+const NOBODY: u32 = 65534;
+
+/// Runs a Python snippet as `nobody` (outside any test namespace) and returns its stdout.
+fn python_as_nobody(script: &str) -> String {
+    let mut c = exec_command(
+        None,
+        None,
+        Some(NOBODY),
+        &["/usr/bin/python3", "-c", script],
+    );
+    let out = run_cmd(&mut c, Duration::from_secs(30)).expect("run python3 as nobody");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn pin_dir_is_root_only_and_nobody_else_can_hold_its_lock() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let cg = TestCgroup::new("pindir");
+    let pin = PinDir::new("pindir");
+    let cgs = cg.path().to_str().unwrap();
+    let p = pin.path();
+    let set_mode = |mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+
+    // A pre-existing pin dir others may write to: refused, naming it and the fix.
+    pin.create();
+    set_mode(0o777);
+    let o = attach(p, &["--cgroup", cgs]);
+    assert_refused(
+        &o,
+        &[pin.as_str(), "writable by group or others", "chmod 0700"],
+        &cg,
+        &pin,
+    );
+
+    // One owned by another user: refused.
+    set_mode(0o700);
+    std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    let o = attach(p, &["--cgroup", cgs]);
+    assert_refused(
+        &o,
+        &[pin.as_str(), "owned by uid 65534", "not by root", "rm -r"],
+        &cg,
+        &pin,
+    );
+    std::fs::remove_dir(p).unwrap();
+
+    // A symbolic link in its place: refused, never followed.
+    let target = p.with_file_name(format!(
+        "{}-target",
+        p.file_name().unwrap().to_str().unwrap()
+    ));
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::symlink(&target, p).unwrap();
+    let o = attach(p, &["--cgroup", cgs]);
+    std::fs::remove_file(p).unwrap();
+    let target_used = std::fs::read_dir(&target).unwrap().count();
+    std::fs::remove_dir(&target).unwrap();
+    assert_refused(&o, &[pin.as_str(), "not a directory"], &cg, &pin);
+    assert_eq!(target_used, 0, "nothing was pinned through the link");
+
+    // `nobody` holds a lock on the bpffs directory above the pin dir (what attach used to
+    // lock): attach does not wait for it. Without the change it waited 30 s, then failed.
+    let parent = p.parent().unwrap().to_str().unwrap().to_string();
+    let holder_script = format!(
+        "import fcntl, os, time\n\
+         fd = os.open('{parent}', os.O_RDONLY | os.O_DIRECTORY)\n\
+         fcntl.flock(fd, fcntl.LOCK_EX)\n\
+         print('locked', flush=True)\n\
+         time.sleep(60)\n"
+    );
+    let mut holder = interceptor_tests::Proc::spawn(
+        "nobody-lock-holder",
+        exec_command(
+            None,
+            None,
+            Some(NOBODY),
+            &["/usr/bin/python3", "-c", &holder_script],
+        ),
+    );
+    assert!(
+        holder.wait_for_stdout("locked", Duration::from_secs(10)),
+        "nobody could not lock {parent}: {}",
+        holder.stderr()
+    );
+    let o = attach(p, &["--cgroup", cgs]);
+    holder.kill();
+    assert!(o.ok, "attach while nobody locks {parent}: {}", o.stderr);
+
+    // The pin dir attach created is root's alone, and `nobody` cannot open it to lock it.
+    let meta = std::fs::metadata(p).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o700, "pin dir mode");
+    assert_eq!(meta.uid(), 0, "pin dir owner");
+    let tried = python_as_nobody(&format!(
+        "import os\n\
+         try:\n    os.open('{}', os.O_RDONLY | os.O_DIRECTORY)\n    print('opened')\n\
+         except PermissionError:\n    print('denied')\n",
+        pin.as_str()
+    ));
+    assert_eq!(tried, "denied", "nobody opening the pin dir");
+}

@@ -451,3 +451,95 @@ fn cli_attach_netns_register_status_detach() {
         "the last detach removes the pin dir"
     );
 }
+
+/// A stand-in proxy in Python (as Envoy binds it): one listener on `ADDR`:15006 of the given
+/// family and protocol; to each accepted connection it writes its local address and closes.
+fn python_listener(ns: &NetNs, family: &str, addr: &str, protocol: u32, v6only: bool) -> Proc {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.{family}, socket.SOCK_STREAM, {protocol})\n\
+         if s.family == socket.AF_INET6:\n    \
+             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, {v6only})\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{addr}', 15006))\n\
+         s.listen(64)\n\
+         print('listening', flush=True)\n\
+         while True:\n    \
+             c, _ = s.accept()\n    \
+             host, port = c.getsockname()[:2]\n    \
+             c.sendall(f'{{host}} {{port}}\\n'.encode())\n    \
+             c.close()\n",
+        v6only = u8::from(v6only),
+    );
+    let mut p = ns.spawn(&["/usr/bin/python3", "-c", &script]);
+    assert!(
+        p.wait_for_stdout("listening", std::time::Duration::from_secs(10)),
+        "python listener on {addr}:15006 did not start: {}",
+        p.stderr()
+    );
+    p
+}
+
+/// From the peer namespace: connect to `addr` and read the line the listener writes.
+fn peer_line(w: &Sidecar, addr: &str) -> String {
+    let addr: SocketAddr = addr.parse().unwrap();
+    w.peer.in_ns(|| {
+        use std::io::Read as _;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect {addr} from the peer: {e}"));
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut line = String::new();
+        s.read_to_string(&mut line)
+            .unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+        line.trim().to_string()
+    })
+}
+
+#[test]
+fn register_takes_a_dual_stack_listener_for_both_families_and_refuses_non_tcp() {
+    let w = Sidecar::new("in-dual");
+    w.attach_inbound(&InboundSettings::default());
+    let layout = w.layout();
+
+    // A stream listener that is not TCP (MPTCP, protocol 262) on the inbound port: refused.
+    let mut mptcp = python_listener(&w.ns, "AF_INET", "0.0.0.0", 262, false);
+    let err = interceptor::register(&layout, w.ns.path(), mptcp.pid() as i32)
+        .expect_err("an MPTCP listener must not be registered")
+        .to_string();
+    assert!(
+        err.contains("not TCP") && err.contains("protocol 262") && err.contains("15006"),
+        "the error names the socket and why: {err}"
+    );
+    mptcp.kill();
+
+    // `[::]:15006` without IPV6_V6ONLY (Envoy's default): one socket, both families.
+    let dual = python_listener(&w.ns, "AF_INET6", "::", 6, false);
+    let regs = interceptor::register(&layout, w.ns.path(), dual.pid() as i32)
+        .unwrap_or_else(|e| panic!("register the dual-stack listener: {e}"));
+    assert_eq!(regs.len(), 1, "{regs:?}");
+    assert_eq!(
+        regs[0].families,
+        vec![interceptor::AF_INET, interceptor::AF_INET6],
+        "{regs:?}"
+    );
+    let st = interceptor::status(&layout).expect("status");
+    let shown = serde_json::to_value(&st).unwrap().to_string();
+    assert!(
+        shown.contains(r#""registered":["ipv4","ipv6"]"#),
+        "status shows both families registered: {shown}"
+    );
+
+    // Both families from the peer reach the listener, at the address they dialled.
+    assert_eq!(
+        peer_line(&w, &format!("{APP4}:8080")),
+        format!("::ffff:{APP4} 8080"),
+        "IPv4 steered into the dual-stack listener"
+    );
+    assert_eq!(
+        peer_line(&w, &format!("[{APP6}]:8080")),
+        format!("{APP6} 8080"),
+        "IPv6 steered into the dual-stack listener"
+    );
+    assert_eq!(w.inbound(Counter::InboundRedirected), 2);
+}

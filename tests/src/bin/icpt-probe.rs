@@ -9,6 +9,7 @@ use std::process::exit;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use interceptor_tests::escape::{self, EscapeKind};
 use interceptor_tests::probe::{self, ClientOpts, ErrorKind, ProbeError, ProbeServer};
 use serde_json::json;
 
@@ -94,6 +95,15 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// COUNT connects toward ADDR (IPv4) that fail after the outbound program saw them, by
+    /// KIND (see `interceptor_tests::escape`); prints the outcomes by errno.
+    Escape {
+        #[arg(value_enum)]
+        kind: EscapeKind,
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+    },
     /// HTTP/1.0 GET ADDR/PATH (e.g. 127.0.0.1:15000/stats); prints the body; exits 1 unless 2xx.
     HttpGet {
         target: String,
@@ -173,6 +183,10 @@ fn main() {
             });
             print(&r);
         }
+        Cmd::Escape { kind, addr, count } => match escape::escape(kind, addr, count) {
+            Ok(r) => print(&r),
+            Err(e) => fail(ProbeError::new(ErrorKind::Other, format!("escape: {e}"))),
+        },
         Cmd::HttpGet { target, timeout_ms } => {
             let (addr, path) = probe::parse_http_target(&target).unwrap_or_else(|e| fail(e));
             match probe::http_get(addr, &path, Duration::from_millis(timeout_ms)) {
