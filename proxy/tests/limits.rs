@@ -269,9 +269,8 @@ async fn slowloris_client_is_cut_at_the_header_timeout_while_others_are_served()
     let port = upstream.local_addr().unwrap().port();
     tokio::spawn(http_ok_server(upstream));
     // A routed HTTP service at 127.0.10.1:<port>, its one endpoint the server above.
-    let dir = std::env::temp_dir().join(format!("icpt-t-slowloris-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let routes = dir.join("routes.yaml");
+    let dir = TempDir::new("slowloris");
+    let routes = dir.0.join("routes.yaml");
     std::fs::write(
         &routes,
         format!(
@@ -332,7 +331,23 @@ async fn slowloris_client_is_cut_at_the_header_timeout_while_others_are_served()
     assert!(cut, "the slowloris client was never cut");
     assert_eq!(normal_served, 3, "normal clients served while it trickled");
     p.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A scratch directory removed on drop, also when the test panics.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("icpt-t-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A raw HTTP/1.1 request to the admin listener: (status, body).
