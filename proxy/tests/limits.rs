@@ -414,3 +414,66 @@ async fn admin_post_needs_a_loopback_host_and_origin() {
     assert_eq!(status, 200);
     p.stop().await;
 }
+
+/// Fills every free descriptor number below the highest open one (with /dev/null, held
+/// by the returned files), so that new descriptors come above it; returns the next free
+/// number. The open-file limit bounds descriptor *numbers*.
+fn fill_descriptor_gaps() -> (u64, Vec<std::fs::File>) {
+    use std::os::fd::AsRawFd;
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let mut held = Vec::new();
+    loop {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let n = f.as_raw_fd() as u64;
+        held.push(f);
+        if n >= highest {
+            return (n + 1, held);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_accept_loop_backs_off_and_resumes() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let echo = echo_server().await;
+    let p = start(config(), to(echo)).await;
+    // The client socket is made before the limit is lowered, so only the proxy runs short.
+    let c = tokio::net::TcpSocket::new_v4().unwrap();
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    // Let the admin server close the connections of the readiness checks first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // No descriptor number left: the proxy's accept fails with EMFILE.
+    let (next, _held) = fill_descriptor_gaps();
+    setrlimit(Resource::RLIMIT_NOFILE, next, hard).unwrap();
+    let outcome = async {
+        // Queued by the kernel (the handshake needs no descriptor); not accepted yet.
+        let mut c = c.connect(p.outbound).await?;
+        c.write_all(b"queued").await?;
+        let mut got = [0u8; 6];
+        let early = tokio::time::timeout(Duration::from_secs(1), c.read_exact(&mut got)).await;
+        let errors_while_short = p.stats.snapshot().accept_errors_resources;
+        // Descriptors again (the limit restored; a close would wake the loop at once):
+        // within its back-off the loop accepts and the connection is served.
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut got))
+            .await
+            .expect("the queued connection is served once descriptors are free")?;
+        Ok::<_, std::io::Error>((early.is_err(), errors_while_short, got))
+    }
+    .await;
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    let (waited, errors, got) = outcome.expect("client");
+    assert!(waited, "the connection had to wait for a descriptor");
+    assert_eq!(&got, b"queued");
+    // Counted, and backed off: about 10 a second, where a spinning loop makes thousands.
+    assert!(
+        (1..=50).contains(&errors),
+        "accept errors while out of descriptors: {errors}"
+    );
+    assert_eq!(p.stats.snapshot().connections_refused_limit, 0);
+    p.stop().await;
+}
