@@ -477,3 +477,47 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_resumes() {
     assert_eq!(p.stats.snapshot().connections_refused_limit, 0);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_connection_is_closed_at_the_http_idle_timeout() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    tokio::spawn(http_ok_server(upstream));
+    let dir = TempDir::new("httpidle");
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let p = start(
+        Config {
+            routes: Some(routes),
+            // The header timeout (which hyper also applies between keep-alive requests)
+            // far longer, so that the idle timeout is what closes.
+            http_header_timeout: Duration::from_secs(60),
+            http_idle_timeout: Some(Duration::from_secs(1)),
+            ..config()
+        },
+        to(service),
+    )
+    .await;
+    let mut c = TcpStream::connect(p.outbound).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Then nothing: the proxy closes the kept-alive connection.
+    let outcome = read_outcome(&mut c, Duration::from_secs(20)).await;
+    assert!(matches!(outcome, Ok(0)), "closed: {outcome:?}");
+    p.stop().await;
+}
