@@ -150,4 +150,81 @@ async fn serves_admin_then_exits_0_on_sigterm_with_its_final_counters() {
     }
     assert!(events.iter().any(|e| e["message"] == "proxy ready"));
     assert!(events.iter().any(|e| e["signal"] == "SIGTERM"));
+    // The open-file limit was raised to the hard limit at start, and said so.
+    let limit = events
+        .iter()
+        .find(|e| e["message"] == "open-file limit (RLIMIT_NOFILE)")
+        .unwrap_or_else(|| panic!("no open-file limit line in {lines:#?}"));
+    assert_eq!(limit["soft"], limit["hard"], "{limit}");
+}
+
+/// A non-loopback admin address is allowed, with a warning (in a network namespace of its
+/// own, made by `unshare --net`, so nothing listens on the host's addresses).
+#[test]
+fn non_loopback_admin_is_logged_as_a_warning() {
+    if !hostops::skip::root("non_loopback_admin_is_logged_as_a_warning (unshare --net)") {
+        return;
+    }
+    let run = |admin: &str| -> Vec<serde_json::Value> {
+        let mut child = Command::new("unshare")
+            .args([
+                "--net",
+                "--",
+                BIN,
+                "--outbound",
+                "127.0.0.1:0",
+                "--admin",
+                admin,
+            ])
+            .args([
+                "--bypass-mark",
+                "0",
+                "--log-format",
+                "json",
+                "--workers",
+                "1",
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut events = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let ready = e["message"] == "proxy ready";
+            events.push(e);
+            if ready {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            events.iter().any(|e| e["message"] == "proxy ready"),
+            "{events:#?}"
+        );
+        events
+    };
+    let warned = |events: &[serde_json::Value]| {
+        events.iter().any(|e| {
+            e["level"] == "WARN"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("admin listener is not on a loopback address"))
+        })
+    };
+    let events = run("0.0.0.0:0");
+    assert!(warned(&events), "{events:#?}");
+    let events = run("127.0.0.1:0");
+    assert!(!warned(&events), "{events:#?}");
 }

@@ -269,9 +269,8 @@ async fn slowloris_client_is_cut_at_the_header_timeout_while_others_are_served()
     let port = upstream.local_addr().unwrap().port();
     tokio::spawn(http_ok_server(upstream));
     // A routed HTTP service at 127.0.10.1:<port>, its one endpoint the server above.
-    let dir = std::env::temp_dir().join(format!("icpt-t-slowloris-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let routes = dir.join("routes.yaml");
+    let dir = TempDir::new("slowloris");
+    let routes = dir.0.join("routes.yaml");
     std::fs::write(
         &routes,
         format!(
@@ -332,7 +331,23 @@ async fn slowloris_client_is_cut_at_the_header_timeout_while_others_are_served()
     assert!(cut, "the slowloris client was never cut");
     assert_eq!(normal_served, 3, "normal clients served while it trickled");
     p.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A scratch directory removed on drop, also when the test panics.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("icpt-t-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A raw HTTP/1.1 request to the admin listener: (status, body).
@@ -397,5 +412,112 @@ async fn admin_post_needs_a_loopback_host_and_origin() {
     )
     .await;
     assert_eq!(status, 200);
+    p.stop().await;
+}
+
+/// Fills every free descriptor number below the highest open one (with /dev/null, held
+/// by the returned files), so that new descriptors come above it; returns the next free
+/// number. The open-file limit bounds descriptor *numbers*.
+fn fill_descriptor_gaps() -> (u64, Vec<std::fs::File>) {
+    use std::os::fd::AsRawFd;
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let mut held = Vec::new();
+    loop {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let n = f.as_raw_fd() as u64;
+        held.push(f);
+        if n >= highest {
+            return (n + 1, held);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_accept_loop_backs_off_and_resumes() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let echo = echo_server().await;
+    let p = start(config(), to(echo)).await;
+    // The client socket is made before the limit is lowered, so only the proxy runs short.
+    let c = tokio::net::TcpSocket::new_v4().unwrap();
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    // Let the admin server close the connections of the readiness checks first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // No descriptor number left: the proxy's accept fails with EMFILE.
+    let (next, _held) = fill_descriptor_gaps();
+    setrlimit(Resource::RLIMIT_NOFILE, next, hard).unwrap();
+    let outcome = async {
+        // Queued by the kernel (the handshake needs no descriptor); not accepted yet.
+        let mut c = c.connect(p.outbound).await?;
+        c.write_all(b"queued").await?;
+        let mut got = [0u8; 6];
+        let early = tokio::time::timeout(Duration::from_secs(1), c.read_exact(&mut got)).await;
+        let errors_while_short = p.stats.snapshot().accept_errors_resources;
+        // Descriptors again (the limit restored; a close would wake the loop at once):
+        // within its back-off the loop accepts and the connection is served.
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut got))
+            .await
+            .expect("the queued connection is served once descriptors are free")?;
+        Ok::<_, std::io::Error>((early.is_err(), errors_while_short, got))
+    }
+    .await;
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    let (waited, errors, got) = outcome.expect("client");
+    assert!(waited, "the connection had to wait for a descriptor");
+    assert_eq!(&got, b"queued");
+    // Counted, and backed off: about 10 a second, where a spinning loop makes thousands.
+    assert!(
+        (1..=50).contains(&errors),
+        "accept errors while out of descriptors: {errors}"
+    );
+    assert_eq!(p.stats.snapshot().connections_refused_limit, 0);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_connection_is_closed_at_the_http_idle_timeout() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    tokio::spawn(http_ok_server(upstream));
+    let dir = TempDir::new("httpidle");
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let p = start(
+        Config {
+            routes: Some(routes),
+            // The header timeout (which hyper also applies between keep-alive requests)
+            // far longer, so that the idle timeout is what closes.
+            http_header_timeout: Duration::from_secs(60),
+            http_idle_timeout: Some(Duration::from_secs(1)),
+            ..config()
+        },
+        to(service),
+    )
+    .await;
+    let mut c = TcpStream::connect(p.outbound).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Then nothing: the proxy closes the kept-alive connection.
+    let outcome = read_outcome(&mut c, Duration::from_secs(20)).await;
+    assert!(matches!(outcome, Ok(0)), "closed: {outcome:?}");
     p.stop().await;
 }

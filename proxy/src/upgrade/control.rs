@@ -2,9 +2,10 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use nix::sys::stat::{umask, Mode};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::info;
@@ -72,10 +73,27 @@ impl ControlSocket {
         let sock = Socket::new(Domain::UNIX, Type::STREAM, None)
             .map_err(|e| io_err("creating the socket", e))?;
         let addr = SockAddr::unix(path).map_err(|e| io_err("making its address", e))?;
-        sock.bind(&addr).map_err(|e| io_err("binding", e))?;
-        // Before listen(): nobody can connect before the mode is set.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| io_err("setting its mode to 0600", e))?;
+        // Created 0600 by bind() itself, under a umask of 0177: never chmod by path, which
+        // would follow a symlink swapped in for the socket by whoever can write in its
+        // directory (and chmod of the socket's descriptor does not reach the file). The
+        // umask is the process's; this runs once at start, before any other file is made.
+        let old_umask = umask(Mode::from_bits_truncate(0o177));
+        let bound = sock.bind(&addr);
+        umask(old_umask);
+        bound.map_err(|e| io_err("binding", e))?;
+        // Before listen(), nobody can connect; check that the path is still our socket.
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() && m.permissions().mode() & 0o777 == 0o600 => {}
+            Ok(_) => {
+                return Err(io_err(
+                    "checking it after bind",
+                    io::Error::other(
+                        "the path was replaced (not our 0600 socket any more); make its directory writable only by the proxy's user",
+                    ),
+                ))
+            }
+            Err(e) => return Err(io_err("checking it after bind", e)),
+        }
         sock.listen(16).map_err(|e| io_err("listening", e))?;
         sock.set_nonblocking(true)
             .map_err(|e| io_err("setting it nonblocking", e))?;
@@ -132,5 +150,57 @@ fn ignore_missing(e: io::Error) -> io::Result<()> {
         Ok(())
     } else {
         Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+
+    /// Someone who can write in the socket's directory swaps the fresh socket for a
+    /// symlink to another file, again and again: that file's mode must never change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mode_is_never_set_through_a_swapped_in_symlink() {
+        let dir = std::env::temp_dir().join(format!("icpt-t-ctlsock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("victim");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = dir.join("proxy.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (dir, path, target, stop) =
+                (dir.clone(), path.clone(), target.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let link = dir.join("link");
+                let mut swaps = 0u64;
+                while !stop.load(Relaxed) {
+                    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                        let _ = std::fs::remove_file(&link);
+                        if std::os::unix::fs::symlink(&target, &link).is_ok()
+                            && std::fs::rename(&link, &path).is_ok()
+                        {
+                            swaps += 1;
+                        }
+                    }
+                }
+                swaps
+            })
+        };
+        for _ in 0..2_000 {
+            let _ = ControlSocket::bind(&path);
+        }
+        stop.store(true, Relaxed);
+        let swaps = swapper.join().unwrap();
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(swaps > 0, "the swapper never got in");
+        assert_eq!(
+            mode, 0o644,
+            "the mode was set through the symlink ({swaps} swaps)"
+        );
     }
 }

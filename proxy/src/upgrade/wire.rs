@@ -4,7 +4,7 @@
 //! | message | from | carries |
 //! |---|---|---|
 //! | `hello` | new process | its pid and version |
-//! | `listeners` | running process | the listener ids, the counters so far; one descriptor per id with the line's first byte |
+//! | `listeners` | running process | the listener ids, the counters so far; one descriptor per id, in order, with the line's first bytes (at most 64 per `sendmsg`: the first batches each ride on one byte of the line, the last on the rest, so any number of listeners passes) |
 //! | `refused` | running process | why (another upgrade is in progress, a peer of another user) |
 //! | `ready` | new process | nothing: it accepts on every listener |
 //! | `released` | running process | its counters when it stopped accepting |
@@ -24,7 +24,7 @@ use tokio::net::UnixStream;
 
 use crate::stats::StatsSnapshot;
 
-/// Most descriptors one message carries (listeners of a proxy: a handful).
+/// Most descriptors one `sendmsg` carries; more go in batches (see `Channel::send`).
 const MAX_FDS: usize = 64;
 /// Longest message accepted.
 const MAX_LINE: usize = 1 << 20;
@@ -143,22 +143,44 @@ impl Channel {
         }
     }
 
+    /// Sends `msg` as one line with `fds` alongside, in order. At most [`MAX_FDS`] ride on
+    /// one `sendmsg`: batch k of several goes with byte k of the line and the last with
+    /// the rest, so the receiver (whose control buffer holds [`MAX_FDS`]; a stream socket
+    /// never merges two writes' descriptors into one read) gets every batch in turn.
     pub(super) async fn send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        assert!(fds.len() <= MAX_FDS, "too many descriptors for one message");
         let line = encode(msg)?;
+        let batches: Vec<&[BorrowedFd<'_>]> = fds.chunks(MAX_FDS).collect();
+        if batches.len() > line.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} descriptors do not fit a message of {} bytes",
+                    fds.len(),
+                    line.len()
+                ),
+            ));
+        }
         let mut sent = 0;
+        let mut batch = 0;
         while sent < line.len() {
+            let with = batches.get(batch).copied();
+            // One byte per batch but the last, which takes the rest of the line.
+            let end = if batch + 1 < batches.len() {
+                sent + 1
+            } else {
+                line.len()
+            };
             let n = self
                 .stream
                 .async_io(Interest::WRITABLE, || {
                     let mut space = cmsg_space();
                     let mut control = SendAncillaryBuffer::new(&mut space);
-                    if sent == 0 && !fds.is_empty() {
+                    if let Some(fds) = with {
                         control.push(SendAncillaryMessage::ScmRights(fds));
                     }
                     rustix::net::sendmsg(
                         &self.stream,
-                        &[IoSlice::new(&line[sent..])],
+                        &[IoSlice::new(&line[sent..end])],
                         &mut control,
                         SendFlags::NOSIGNAL,
                     )
@@ -166,6 +188,10 @@ impl Channel {
                 })
                 .await?;
             sent += n;
+            if with.is_some() {
+                // Descriptors go with the first byte a sendmsg sends.
+                batch += 1;
+            }
         }
         Ok(())
     }
@@ -243,6 +269,42 @@ pub fn fuzz_receive(data: &[u8]) {
                 Ok(None) => break,
                 Err(_) => return,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// More listeners than one message's descriptors (64): all arrive, in order, and the
+    /// sender does not panic.
+    #[tokio::test]
+    async fn listeners_beyond_one_message_of_descriptors_all_arrive_in_order() {
+        let listeners: Vec<std::net::TcpListener> = (0..150)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ids: Vec<String> = (0..listeners.len()).map(outbound_id).collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, mut rx) = (Channel::new(a), Channel::new(b));
+        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|l| l.as_fd()).collect();
+        let msg = Message::Listeners {
+            pid: 1,
+            ids: ids.clone(),
+            stats: StatsSnapshot::default(),
+            histograms: vec![],
+        };
+        let (sent, got) = tokio::join!(tx.send(&msg, &fds), rx.recv());
+        sent.expect("sent");
+        match got.expect("received") {
+            Some(Message::Listeners { ids: got, .. }) => assert_eq!(got, ids),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rx.fds.len(), listeners.len());
+        for (fd, l) in rx.fds.drain(..).zip(&listeners) {
+            let got = std::net::TcpListener::from(fd);
+            assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
         }
     }
 }

@@ -551,3 +551,42 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     );
     r
 }
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    /// Bodies kept for retries by concurrent streams of one connection share one budget;
+    /// what a finished request kept is given back.
+    #[test]
+    fn retry_bodies_share_one_budget_per_connection() {
+        let conn = ConnState {
+            active: AtomicUsize::new(0),
+            last_end: Mutex::new(tokio::time::Instant::now()),
+            retry_bytes: AtomicUsize::new(0),
+        };
+        let mut streams: Vec<RetryReservation<'_>> = Vec::new();
+        // Four streams of 1 MiB each fill the 4 MiB budget...
+        for _ in 0..4 {
+            let mut r = RetryReservation {
+                conn: &conn,
+                held: 0,
+            };
+            assert!(r.take(RETRY_BODY_LIMIT));
+            streams.push(r);
+        }
+        // ... so a fifth cannot keep even one byte, and takes nothing.
+        let mut fifth = RetryReservation {
+            conn: &conn,
+            held: 0,
+        };
+        assert!(!fifth.take(1));
+        assert_eq!(conn.retry_bytes.load(Relaxed), RETRY_BUDGET_PER_CONNECTION);
+        // One stream ends: its bytes are free again.
+        drop(streams.pop());
+        assert!(fifth.take(RETRY_BODY_LIMIT));
+        drop(fifth);
+        drop(streams);
+        assert_eq!(conn.retry_bytes.load(Relaxed), 0);
+    }
+}
