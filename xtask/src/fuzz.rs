@@ -49,6 +49,8 @@ pub struct Run {
     pub cov: u64,
     pub ft: u64,
     pub corpus: u64,
+    /// libFuzzer's own executions per second (its last status line).
+    pub exec_per_sec: u64,
     pub seconds: f64,
     /// The input that failed it, and why.
     pub finding: Option<String>,
@@ -268,10 +270,10 @@ pub fn fuzz(secs: u64, only: &[String]) -> Result<Summary> {
     };
     for r in &runs {
         println!(
-            "{:<14} {:>12} {:>8.0} {:>8} {:>8} {:>8}  {}",
+            "{:<14} {:>12} {:>8} {:>8} {:>8} {:>8}  {}",
             r.target,
             r.execs,
-            r.execs as f64 / r.seconds.max(1.0),
+            r.exec_per_sec,
             r.cov,
             r.ft,
             r.corpus,
