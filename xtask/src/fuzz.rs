@@ -49,21 +49,29 @@ pub struct Run {
     pub cov: u64,
     pub ft: u64,
     pub corpus: u64,
+    /// Executions per second over the run (libFuzzer's `Done N runs in S second(s)`).
+    pub exec_per_sec: u64,
     pub seconds: f64,
     /// The input that failed it, and why.
     pub finding: Option<String>,
 }
 
+/// `cargo +nightly` with the environment `cargo run` gave the xtask removed (its CARGO_*,
+/// LD_LIBRARY_PATH, the stable toolchain's RUSTUP_TOOLCHAIN), so that a build from here and
+/// one from a shell (`cargo +nightly fuzz run` by hand) see the same environment and do not
+/// rebuild each other's dependencies.
 fn nightly_cargo() -> Command {
     let mut c = Command::new("cargo");
     c.arg("+nightly");
-    for v in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-        "RUSTUP_TOOLCHAIN",
-    ] {
-        c.env_remove(v);
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        let scrub = (k.starts_with("CARGO") && k != "CARGO_HOME")
+            || k.starts_with("RUSTC")
+            || k.starts_with("RUSTDOC")
+            || matches!(k, "RUSTFLAGS" | "RUSTUP_TOOLCHAIN" | "LD_LIBRARY_PATH");
+        if scrub {
+            c.env_remove(k);
+        }
     }
     c
 }
@@ -133,6 +141,16 @@ pub fn build(targets: &[String]) -> Result<f64> {
 fn parse_line(r: &mut Run, line: &str) {
     if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
         r.execs = n.trim().parse().unwrap_or(r.execs);
+        return;
+    }
+    // `Done 123 runs in 6 second(s)`: the rate over the whole run.
+    if let Some(rest) = line.strip_prefix("Done ") {
+        let w: Vec<&str> = rest.split_whitespace().collect();
+        if let [n, "runs", "in", secs, ..] = w[..] {
+            if let (Ok(n), Ok(secs)) = (n.parse::<u64>(), secs.parse::<u64>()) {
+                r.exec_per_sec = n / secs.max(1);
+            }
+        }
         return;
     }
     if !line.starts_with('#') {
@@ -268,10 +286,10 @@ pub fn fuzz(secs: u64, only: &[String]) -> Result<Summary> {
     };
     for r in &runs {
         println!(
-            "{:<14} {:>12} {:>8.0} {:>8} {:>8} {:>8}  {}",
+            "{:<14} {:>12} {:>8} {:>8} {:>8} {:>8}  {}",
             r.target,
             r.execs,
-            r.execs as f64 / r.seconds.max(1.0),
+            r.exec_per_sec,
             r.cov,
             r.ft,
             r.corpus,
