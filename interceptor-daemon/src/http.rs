@@ -174,6 +174,23 @@ fn metrics(kernel: &str, shared: &Shared) -> String {
     let _ = writeln!(out, "# HELP interceptor_daemon_reattached Scopes attached again after their cgroup was recreated.");
     let _ = writeln!(out, "# TYPE interceptor_daemon_reattached counter");
     let _ = writeln!(out, "interceptor_daemon_reattached_total {reattached}");
+    let _ = writeln!(out, "# HELP interceptor_daemon_annotation_errors Invalid annotation values refused (once per pod and value); a running pod keeps its last good settings.");
+    let _ = writeln!(out, "# TYPE interceptor_daemon_annotation_errors counter");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_annotation_errors_total {}",
+        shared.annotation_errors.load(Ordering::SeqCst)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP interceptor_daemon_passes Passes of the reconcile loop."
+    );
+    let _ = writeln!(out, "# TYPE interceptor_daemon_passes counter");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_passes_total {}",
+        shared.passes.load(Ordering::SeqCst)
+    );
     out.push_str("# EOF\n");
     out
 }

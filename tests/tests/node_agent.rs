@@ -520,6 +520,135 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         "changed annotation not applied"
     );
 
+    // An invalid value on the running pod: refused, logged and counted; the pod keeps its
+    // last good settings, stays attached (outbound and inbound) and its traffic proxied.
+    let mut a3 = a.clone();
+    a3["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
+        json!("5432,http");
+    api.event("MODIFIED", a3);
+    let metric = |name: &str| -> Option<u64> {
+        let (_, m) = get("/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            metric("interceptor_daemon_annotation_errors_total ") == Some(1)
+        }),
+        "the invalid annotation was not counted: {}",
+        get("/metrics").1
+    );
+    // Two more passes after the one that saw it.
+    let passes = metric("interceptor_daemon_passes_total ").unwrap();
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || metric("interceptor_daemon_passes_total ").unwrap_or(0) >= passes + 2
+    ));
+    let st = interceptor::status(&layout).unwrap();
+    let kept = st
+        .scopes
+        .iter()
+        .find(|s| s.cgroup_id == ino(&pod_a_cg))
+        .unwrap_or_else(|| panic!("pod A detached by an invalid annotation: {st:?}"));
+    assert_eq!(
+        kept.settings.exclude_ports,
+        [5432, 6379, 15933].into_iter().collect(),
+        "the last good settings did not stay"
+    );
+    assert!(
+        st.inbound
+            .iter()
+            .any(|i| i.settings.exclude_ports.contains(&8081) && i.registered.contains(&"ipv4")),
+        "pod A's inbound lost: {:?}",
+        st.inbound
+    );
+    assert_eq!(get("/pods/shop/web-0/ready").0, 200);
+    let (_, scopes) = get("/scopes");
+    assert!(
+        scopes.contains("excludeOutboundPorts"),
+        "/scopes does not show the refused annotation: {scopes}"
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains("invalid annotation on a running pod"),
+        "not logged: {}",
+        agent.stderr()
+    );
+    let v = hello_from(&ns_a, &app_cg, "127.0.0.1:8080");
+    assert_eq!(
+        v["proxied"], true,
+        "outbound from pod A after a bad annotation: {v}"
+    );
+    let v = hello_from(&peer, &peer_cg, &format!("{APP4}:8080"));
+    assert_eq!(
+        v["proxied"], true,
+        "inbound to pod A after a bad annotation: {v}"
+    );
+    // Fixed again: the good value applies.
+    let mut a4 = a.clone();
+    a4["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
+        json!("5432,6380");
+    api.event("MODIFIED", a4);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            interceptor::status(&layout)
+                .unwrap()
+                .scopes
+                .iter()
+                .any(|s| s.cgroup_id == ino(&pod_a_cg) && s.settings.exclude_ports.contains(&6380))
+        }),
+        "the fixed annotation not applied"
+    );
+
+    // A process of the pod that makes its own network namespace (`unshare -n`), placed in
+    // the pod's cgroup itself (its processes are listed before the containers'): the pod's
+    // inbound interception stays on the sandbox's namespace, pass after pass.
+    let sandbox = interceptor::netns::scope_id(ino(ns_a.path()));
+    let _unshared = spawn_in_cgroup(
+        "unshare-n",
+        &pod_a_cg,
+        &ns_a,
+        &["unshare", "-n", "sleep", "300"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            std::fs::read_to_string(pod_a_cg.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .any(|p| {
+                    let ns = Path::new("/proc").join(p.trim()).join("ns/net");
+                    ino(&ns) != 0 && ino(&ns) != ino(ns_a.path())
+                })
+        }),
+        "the unshare -n process never had its own namespace"
+    );
+    let passes = metric("interceptor_daemon_passes_total ").unwrap();
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || metric("interceptor_daemon_passes_total ").unwrap_or(0) >= passes + 3
+    ));
+    let ib: Vec<u64> = interceptor::status(&layout)
+        .unwrap()
+        .inbound
+        .iter()
+        .filter(|i| i.settings.exclude_ports.contains(&8081))
+        .map(|i| i.scope_id)
+        .collect();
+    assert_eq!(
+        ib,
+        [sandbox],
+        "pod A's inbound interception moved off its sandbox's namespace: {}",
+        agent.stderr()
+    );
+    let v = hello_from(&peer, &peer_cg, &format!("{APP4}:8080"));
+    assert_eq!(
+        v["proxied"], true,
+        "inbound to pod A with an unshare -n process: {v}"
+    );
+
     // The gate holds while the pod's cgroup does not exist yet (the pod is scheduled, the
     // kubelet has not created it), and opens once its interception is in place.
     api.event(
