@@ -105,6 +105,12 @@ pub struct Shared {
     pub annotation_errors: AtomicU64,
     /// Passes of the reconcile loop done.
     pub passes: AtomicU64,
+    /// Node agent mode: the start reconciliation waits for the pod list.
+    pub agent: AtomicBool,
+    /// Scopes detached by the start reconciliation (gone while the daemon was stopped).
+    pub orphans_detached: AtomicU64,
+    /// Entries of the scope table in use (outbound and inbound scopes), at the last pass.
+    pub scope_table_used: AtomicU64,
 }
 
 impl Shared {
@@ -221,6 +227,7 @@ const SEARCH_EVERY: Duration = Duration::from_secs(1);
 /// The reconcile loop; returns when [`Shared::stop`] is called.
 pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval: Duration) {
     let mut live: BTreeMap<String, Live> = BTreeMap::new();
+    let mut reconciled = false;
     loop {
         let stopping = shared.stop.load(Ordering::SeqCst);
         if stopping {
@@ -228,6 +235,22 @@ pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval:
         }
         let wanted = shared.wanted();
         pass(&shared, &layout, &resolver, &wanted, &mut live);
+        if !reconciled
+            && (!shared.agent.load(Ordering::SeqCst) || shared.pods_synced.load(Ordering::SeqCst))
+        {
+            reconciled = true;
+            let agent = shared.agent.load(Ordering::SeqCst);
+            let n = reconcile(&layout, &resolver, &wanted, &live, agent);
+            shared.orphans_detached.fetch_add(n, Ordering::SeqCst);
+        }
+        if let (Ok(o), Ok(i)) = (
+            maps::read_scopes(&layout),
+            maps::read_inbound_scopes(&layout),
+        ) {
+            shared
+                .scope_table_used
+                .store((o.len() + i.len()) as u64, Ordering::SeqCst);
+        }
         *shared.states.lock().unwrap() = live
             .iter()
             .map(|(k, l)| (k.clone(), l.state.clone()))
@@ -341,6 +364,82 @@ fn pass(
             && l.out.is_some()
             && (l.spec.inbound.is_none() || l.inb.is_some());
     }
+}
+
+/// The start reconciliation (once the wanted scopes are known: at once, or in node agent mode
+/// once the pod list is read): the pins are the truth. Detached, of what no live scope holds:
+/// an outbound scope whose cgroup is gone or was recreated (it acts on nothing and only holds
+/// a slot of the scope table); in node agent mode, a scope under the kubepods hierarchy that
+/// is no wanted pod's cgroup, and an inbound scope the agent made (`/proc/PID/ns/net`) whose
+/// namespace no longer answers at that path. Scopes of other owners with live cgroups or
+/// namespaces are left alone. Returns how many were detached.
+fn reconcile(
+    layout: &PinLayout,
+    r: &Resolver,
+    wanted: &[ScopeSpec],
+    live: &BTreeMap<String, Live>,
+    agent: bool,
+) -> u64 {
+    let held: Vec<u64> = live
+        .values()
+        .flat_map(|l| [l.out.as_ref().map(|o| o.0), l.inb.as_ref().map(|i| i.0)])
+        .flatten()
+        .collect();
+    let wanted_cgroups: Vec<PathBuf> = wanted.iter().filter_map(|s| r.cgroup(&s.target)).collect();
+    let is_pod_cgroup = |p: &Path| {
+        p.strip_prefix(&r.kubepods_parent)
+            .ok()
+            .and_then(|rel| rel.components().next())
+            .is_some_and(|c| {
+                let c = c.as_os_str().to_string_lossy();
+                c == "kubepods" || c == "kubepods.slice"
+            })
+    };
+    let mut n = 0;
+    let mut detach = |id: u64, what: &str, path: &str| {
+        tracing::info!(
+            id,
+            path,
+            reason = what,
+            "start reconciliation: detaching an orphaned scope"
+        );
+        match interceptor::detach_id(layout, id) {
+            Ok(_) => n += 1,
+            Err(e) => tracing::warn!(id, path, error = %e, "start reconciliation: detaching"),
+        }
+    };
+    match maps::read_scopes(layout) {
+        Ok(scopes) => {
+            for s in scopes.iter().filter(|s| !held.contains(&s.id)) {
+                let p = Path::new(&s.path);
+                let current = std::fs::metadata(p).ok().map(|m| m.ino());
+                if current != Some(s.id) {
+                    detach(s.id, "its cgroup is gone", &s.path);
+                } else if agent && is_pod_cgroup(p) && !wanted_cgroups.iter().any(|w| w == p) {
+                    detach(s.id, "no pod on this node wants it", &s.path);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "start reconciliation: reading the scopes"),
+    }
+    match maps::read_inbound_scopes(layout) {
+        Ok(scopes) => {
+            for s in scopes.iter().filter(|s| !held.contains(&s.id)) {
+                let agent_made = s
+                    .path
+                    .strip_prefix("/proc/")
+                    .and_then(|t| t.strip_suffix("/ns/net"))
+                    .is_some_and(|pid| pid.parse::<u32>().is_ok());
+                let current = std::fs::metadata(&s.path).ok().map(|m| scope_id(m.ino()));
+                if agent && agent_made && current != Some(s.id) {
+                    detach(s.id, "its pod's namespace is gone", &s.path);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "start reconciliation: reading the inbound scopes"),
+    }
+    tracing::info!(detached = n, "start reconciliation done");
+    n
 }
 
 fn detach_quietly(layout: &PinLayout, id: u64, key: &str) {

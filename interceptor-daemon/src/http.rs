@@ -181,6 +181,25 @@ fn metrics(kernel: &str, shared: &Shared) -> String {
         "interceptor_daemon_annotation_errors_total {}",
         shared.annotation_errors.load(Ordering::SeqCst)
     );
+    let _ = writeln!(out, "# HELP interceptor_daemon_scope_table Entries of the kernel's scope table (outbound and inbound scopes share it): in use at the last pass, and its limit.");
+    let _ = writeln!(out, "# TYPE interceptor_daemon_scope_table gauge");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_scope_table{{state=\"used\"}} {}",
+        shared.scope_table_used.load(Ordering::SeqCst)
+    );
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_scope_table{{state=\"limit\"}} {}",
+        interceptor::SCOPE_TABLE_LIMIT
+    );
+    let _ = writeln!(out, "# HELP interceptor_daemon_orphans_detached Scopes detached by the start reconciliation (their pod or unit went away while the daemon was stopped).");
+    let _ = writeln!(out, "# TYPE interceptor_daemon_orphans_detached counter");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_orphans_detached_total {}",
+        shared.orphans_detached.load(Ordering::SeqCst)
+    );
     let _ = writeln!(
         out,
         "# HELP interceptor_daemon_passes Passes of the reconcile loop."

@@ -69,6 +69,10 @@ pub fn run(config_path: &Path) -> Result<()> {
     };
     let layout = PinLayout::new(&cfg.pin_dir);
     let shared = Shared::new();
+    shared.agent.store(
+        cfg.kubernetes.is_some(),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     shared.set_config_scopes(config_specs(&cfg), cfg.detach_on_exit);
 
     let rt = tokio::runtime::Builder::new_multi_thread()

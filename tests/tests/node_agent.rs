@@ -770,3 +770,163 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         .expect("agent did not exit");
     assert!(exit.success(), "{}", agent.stderr());
 }
+
+/// Nothing orphaned: pods deleted while the agent was stopped have their scopes (outbound
+/// and inbound) detached by the reconciliation at its start; the pod that stays keeps its
+/// scopes (not detached and attached again); the scope table's use and limit are in
+/// `/metrics` and `interceptor status`.
+#[test]
+fn node_agent_start_reconciliation_detaches_pods_deleted_while_stopped() {
+    interceptor_tests::register_helper_bins!();
+    let kube = TestCgroup::new("node_agent_rec");
+    let pin = PinDir::new("node_agent_rec");
+    let scratch = ScratchDir::new("node_agent_rec");
+    let api = FakeApi::start();
+    let uids = [
+        "a1a1a1a1-0000-4000-8000-000000000001",
+        "a2a2a2a2-0000-4000-8000-000000000002",
+        "a3a3a3a3-0000-4000-8000-000000000003",
+        "a4a4a4a4-0000-4000-8000-000000000004",
+    ];
+    let mut pods = Vec::new();
+    for (i, uid) in uids.iter().enumerate() {
+        let ns = NetNs::new(&format!("node_agent_rec-{i}"));
+        let cg = kube.path().join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let proc = spawn_in_cgroup(&format!("pod-{i}"), &cg, &ns, &["sleep", "300"]);
+        let p = pod(
+            "shop",
+            &format!("p{i}"),
+            uid,
+            NODE,
+            "Burstable",
+            &[("interceptor.io/inject", "true")],
+        );
+        api.event("ADDED", p.clone());
+        pods.push((ns, cg, proc, p));
+    }
+    let config = scratch.join("config.toml");
+    std::fs::write(&config, format!(
+        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"systemd\"\nkubepods_parent = \"{}\"\n",
+        pin.as_str(), api.url(), kube.path().display()
+    )).unwrap();
+    let start = || {
+        let mut c = Command::new(interceptor_bin());
+        c.args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info");
+        Proc::spawn("node-agent", c)
+    };
+    let mut agent = start();
+    for i in 0..4 {
+        let (ok, out) = wait_ready_cli(&format!("/pods/shop/p{i}/ready"), 20);
+        assert!(ok, "pod {i} never ready: {out}\n{}", agent.stderr());
+    }
+    let layout = PinLayout::new(pin.path());
+    let st = interceptor::status(&layout).unwrap();
+    assert_eq!((st.scopes.len(), st.inbound.len()), (4, 4), "{st:?}");
+    let out_ids: Vec<u64> = pods.iter().map(|p| ino(&p.1)).collect();
+    let in_ids: Vec<u64> = pods
+        .iter()
+        .map(|p| interceptor::netns::scope_id(ino(p.0.path())))
+        .collect();
+    agent.signal(Signal::SIGTERM);
+    assert!(agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent did not exit")
+        .success());
+    // While it is stopped, 3 pods are deleted: from the API, and on the node (their
+    // processes, cgroups and namespaces, as the kubelet and the runtime remove them).
+    let kept = pods.pop().unwrap();
+    for (ns, cg, mut proc, p) in pods {
+        api.event("DELETED", p);
+        proc.kill();
+        drop(proc);
+        assert!(
+            wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+                std::fs::remove_dir(&cg).is_ok()
+            }),
+            "removing {}",
+            cg.display()
+        );
+        drop(ns);
+    }
+    let st = interceptor::status(&layout).unwrap();
+    assert_eq!(
+        (st.scopes.len(), st.inbound.len()),
+        (4, 4),
+        "the deleted pods' scopes are still pinned before the start: {st:?}"
+    );
+    let started = Instant::now();
+    let mut agent = start();
+    let gone = |ids: &[u64], have: &[u64]| ids.iter().all(|i| !have.contains(i));
+    let orphaned_gone = || {
+        let st = interceptor::status(&layout).unwrap();
+        let o: Vec<u64> = st.scopes.iter().map(|s| s.cgroup_id).collect();
+        let i: Vec<u64> = st.inbound.iter().map(|s| s.scope_id).collect();
+        gone(&out_ids[..3], &o) && gone(&in_ids[..3], &i)
+    };
+    assert!(
+        wait_until(
+            Duration::from_secs(20),
+            Duration::from_millis(5),
+            orphaned_gone
+        ),
+        "the deleted pods' scopes are still attached after the start: {:?}\n{}",
+        interceptor::status(&layout).unwrap(),
+        agent.stderr()
+    );
+    let took = started.elapsed();
+    println!("3 pods deleted while the agent was stopped: their 6 scopes gone {took:?} after the agent started");
+    let st = interceptor::status(&layout).unwrap();
+    assert_eq!(
+        st.scopes.iter().map(|s| s.cgroup_id).collect::<Vec<_>>(),
+        [out_ids[3]],
+        "the remaining pod's outbound scope"
+    );
+    assert_eq!(
+        st.inbound.iter().map(|s| s.scope_id).collect::<Vec<_>>(),
+        [in_ids[3]],
+        "the remaining pod's inbound scope"
+    );
+    let (ok, out) = wait_ready_cli("/pods/shop/p3/ready", 20);
+    assert!(ok, "the remaining pod: {out}");
+    let metric = |name: &str| -> Option<u64> {
+        let (_, m) = get("/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || metric("interceptor_daemon_scope_table{state=\"used\"} ") == Some(2)
+    ));
+    assert_eq!(
+        metric("interceptor_daemon_orphans_detached_total "),
+        Some(6)
+    );
+    assert_eq!(
+        metric("interceptor_daemon_scope_table{state=\"limit\"} "),
+        Some(interceptor::SCOPE_TABLE_LIMIT as u64)
+    );
+    let mut c = Command::new(interceptor_bin());
+    c.args(["status", "--pin-dir", pin.as_str()]);
+    let out = run_cmd(&mut c, Duration::from_secs(30)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "scope table: 2 of {} in use",
+            interceptor::SCOPE_TABLE_LIMIT
+        )),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.signal(Signal::SIGTERM);
+    assert!(agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent did not exit")
+        .success());
+    drop(kept);
+}
