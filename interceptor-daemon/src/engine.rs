@@ -233,15 +233,22 @@ pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval:
         if stopping {
             break;
         }
+        // Read before the wanted scopes: the pods are set before the flag, so a snapshot
+        // taken after it holds them (the reconciliation must never run on a list without them).
+        let agent = shared.agent.load(Ordering::SeqCst);
+        let synced = !agent || shared.pods_synced.load(Ordering::SeqCst);
         let wanted = shared.wanted();
         pass(&shared, &layout, &resolver, &wanted, &mut live);
-        if !reconciled
-            && (!shared.agent.load(Ordering::SeqCst) || shared.pods_synced.load(Ordering::SeqCst))
-        {
+        if !reconciled && synced {
             reconciled = true;
-            let agent = shared.agent.load(Ordering::SeqCst);
             let n = reconcile(&layout, &resolver, &wanted, &live, agent);
             shared.orphans_detached.fetch_add(n, Ordering::SeqCst);
+            // systemd: ready once the first pass over the complete wanted set is done.
+            match crate::notify::notify("READY=1") {
+                Ok(true) => tracing::info!("told systemd: READY=1 (first attach pass done)"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "sending READY=1 to $NOTIFY_SOCKET"),
+            }
         }
         if let (Ok(o), Ok(i)) = (
             maps::read_scopes(&layout),

@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod notify;
 pub mod pods;
 pub mod resolve;
 

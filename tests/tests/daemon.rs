@@ -442,3 +442,61 @@ fn daemon_runs_with_only_the_units_capabilities() {
     assert!(hello_from(&ns, &app), "outbound from the scope not proxied");
     assert!(daemon.is_running(), "{}", daemon.stderr());
 }
+
+/// systemd readiness: with `$NOTIFY_SOCKET` set (here a datagram socket the test binds, as
+/// systemd does for `Type=notify`), the daemon sends `READY=1` once, and only after its first
+/// attach pass: when the datagram arrives, the configured scope is already attached.
+#[test]
+fn daemon_notifies_systemd_ready_after_first_attach() {
+    interceptor_tests::register_helper_bins!();
+    let cg = TestCgroup::new("daemon_notify");
+    let pin = PinDir::new("daemon_notify");
+    let scratch = ScratchDir::new("daemon_notify");
+    let listen: SocketAddr = "127.0.0.1:15934".parse().unwrap();
+    let config = scratch.join("config.toml");
+    let app = cg.child("app");
+    write_config(
+        &config,
+        &pin,
+        listen,
+        cg.path(),
+        &format!("[[scope]]\ncgroup = \"{}\"\n", app.display()),
+    );
+    let sock_path = scratch.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(attached_ids(&pin).is_empty());
+    let started = Instant::now();
+    let mut daemon = {
+        let mut c = Command::new(interceptor_bin());
+        c.args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &sock_path);
+        Proc::spawn("interceptor-run", c)
+    };
+    let mut buf = [0u8; 256];
+    let n = sock
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no notification: {e}\n{}", daemon.stderr()));
+    // Checked at once: an early READY=1 would find the scope not yet attached.
+    let attached = attached_ids(&pin);
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    println!("READY=1 after {:?}: {msg:?}", started.elapsed());
+    assert_eq!(msg, "READY=1");
+    assert!(
+        attached.contains(&ino(&app)),
+        "READY=1 sent before the scope was attached: {attached:?}\n{}",
+        daemon.stderr()
+    );
+    // Once only.
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(sock.recv(&mut buf).is_err(), "a second notification");
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("no exit");
+    assert!(exit.success(), "{}", daemon.stderr());
+    interceptor::detach_all(&PinLayout::new(pin.path())).unwrap();
+}
