@@ -119,9 +119,9 @@ async fn serve(
     let agent = cfg.kubernetes.is_some();
     tokio::spawn(http::serve(listener, shared.clone(), layout, agent));
     if let Some(k) = cfg.kubernetes.clone() {
-        let (shared, port) = (shared.clone(), cfg.listen.port());
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = agent::run(k, shared, port).await {
+            if let Err(e) = agent::run(k, shared).await {
                 tracing::error!(error = %e, "node agent stopped");
             }
         });

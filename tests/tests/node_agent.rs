@@ -439,11 +439,30 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         "{:?}",
         scope_a.settings
     );
+    // The agent's port is not excluded for every destination (the gate goes direct as the
+    // bypass uid): a connection from the pod to another host on that port, or on the
+    // deployment's 15030, is proxied.
     assert!(
-        scope_a.settings.exclude_ports.contains(&15933),
-        "the agent's port is not excluded: {:?}",
+        !scope_a.settings.exclude_ports.contains(&15933),
+        "the agent's port is excluded for every destination: {:?}",
         scope_a.settings
     );
+    let _peer_servers = ProbeServer::start_in(
+        peer.path(),
+        &[
+            format!("{PEER4}:15933").parse().unwrap(),
+            format!("{PEER4}:15030").parse().unwrap(),
+        ],
+    )
+    .unwrap();
+    for port in [15933, 15030] {
+        let v = hello_from(&ns_a, &app_cg, &format!("{PEER4}:{port}"));
+        assert!(v.get("error").is_none(), "pod A to {PEER4}:{port}: {v}");
+        assert_eq!(
+            v["proxied"], true,
+            "pod A to {PEER4}:{port} went unproxied: {v}"
+        );
+    }
     assert_eq!(
         scope_a
             .settings
@@ -553,7 +572,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         .unwrap_or_else(|| panic!("pod A detached by an invalid annotation: {st:?}"));
     assert_eq!(
         kept.settings.exclude_ports,
-        [5432, 6379, 15933].into_iter().collect(),
+        [5432, 6379].into_iter().collect(),
         "the last good settings did not stay"
     );
     assert!(
