@@ -2,8 +2,8 @@
 //! selector `spec.nodeName=<node>`) and hand the ones that opt in to the engine, which
 //! attaches their cgroup and network namespace and detaches them when they go.
 //!
-//! RBAC cannot limit a ClusterRole to one node's pods: the agent is granted get/list/watch on
-//! pods and restricts itself with the field selector (the API server filters, so the agent
+//! RBAC cannot limit a ClusterRole to one node's pods: the agent is granted list/watch on
+//! pods (all the watcher uses) and restricts itself with the field selector (the API server filters, so the agent
 //! only ever receives its node's pods).
 use std::{collections::BTreeMap, sync::atomic::Ordering, sync::Arc};
 

@@ -355,15 +355,57 @@ fn unit_capabilities() -> String {
         .join(",")
 }
 
+/// The capabilities the DaemonSet's agent container adds (`capabilities.add`, after
+/// `drop: ["ALL"]`), as setpriv names them.
+fn daemonset_capabilities() -> String {
+    let ds = interceptor_tests::workspace_dir().join("deploy/kubernetes/daemonset.yaml");
+    let text = std::fs::read_to_string(&ds).unwrap();
+    assert!(
+        text.contains("drop: [\"ALL\"]"),
+        "the DaemonSet drops ALL first"
+    );
+    let adds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("add: ["))
+        .collect();
+    assert_eq!(
+        adds.len(),
+        1,
+        "one capabilities.add list in {}",
+        ds.display()
+    );
+    adds[0]
+        .trim_end_matches(']')
+        .split(',')
+        .map(|c| {
+            let c = c.trim().trim_matches('"');
+            format!("+{}", c.trim_start_matches("CAP_").to_lowercase())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The daemon with nothing but the systemd unit's capabilities (and no_new_privs, as the
 /// unit sets): outbound and inbound attach, and the proxy's listener registered.
 #[test]
 fn daemon_runs_with_only_the_units_capabilities() {
+    runs_with_only(unit_capabilities(), "daemon_caps");
+}
+
+/// The same with exactly the DaemonSet's capability set (not privileged).
+#[test]
+fn daemon_runs_with_only_the_daemonsets_capabilities() {
+    let ds = daemonset_capabilities();
+    println!("the DaemonSet's capabilities: {ds}");
+    runs_with_only(ds, "daemon_caps_ds");
+}
+
+fn runs_with_only(caps: String, name: &str) {
     interceptor_tests::register_helper_bins!();
-    let ns = NetNs::new("daemon_caps");
-    let cg = TestCgroup::new("daemon_caps");
-    let pin = PinDir::new("daemon_caps");
-    let scratch = ScratchDir::new("daemon_caps");
+    let ns = NetNs::new(name);
+    let cg = TestCgroup::new(name);
+    let pin = PinDir::new(name);
+    let scratch = ScratchDir::new(name);
     let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
     let app = cg.child("app");
     let proxy = interceptor_tests::proxy_bin();
@@ -389,8 +431,7 @@ fn daemon_runs_with_only_the_units_capabilities() {
             ns.path().display()
         ),
     );
-    let caps = unit_capabilities();
-    println!("the unit's capabilities: {caps}");
+    println!("capabilities: {caps}");
     let mut c = Command::new("setpriv");
     c.args([
         "--no-new-privs",
@@ -437,7 +478,7 @@ fn daemon_runs_with_only_the_units_capabilities() {
         .collect();
     assert_eq!(
         effective, unit,
-        "the daemon's effective capabilities ({hex})"
+        "the daemon's effective capabilities ({hex}) against {caps}"
     );
     assert!(hello_from(&ns, &app), "outbound from the scope not proxied");
     assert!(daemon.is_running(), "{}", daemon.stderr());
