@@ -541,3 +541,52 @@ fn daemon_notifies_systemd_ready_after_first_attach() {
     assert!(exit.success(), "{}", daemon.stderr());
     interceptor::detach_all(&PinLayout::new(pin.path())).unwrap();
 }
+
+/// The HTTP server bounds the requests it serves at once: with 64 connections held open
+/// (no request sent), one more is answered 503 `busy` at once rather than queued; once they
+/// are closed, requests are served again.
+#[test]
+fn daemon_http_bounds_concurrent_requests() {
+    interceptor_tests::register_helper_bins!();
+    let cg = TestCgroup::new("daemon_http_bound");
+    let pin = PinDir::new("daemon_http_bound");
+    let scratch = ScratchDir::new("daemon_http_bound");
+    let listen: SocketAddr = "127.0.0.1:15935".parse().unwrap();
+    let config = scratch.join("config.toml");
+    write_config(&config, &pin, listen, cg.path(), "");
+    let mut daemon = start_daemon(&config);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || get(
+            listen, "/healthz"
+        )
+        .0
+            == 200),
+        "{}",
+        daemon.stderr()
+    );
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(listen).unwrap())
+        .collect();
+    let (code, body) = get(listen, "/healthz");
+    println!("with 64 connections held: {code} {body:?}");
+    assert_eq!(
+        (code, body.trim()),
+        (503, "busy"),
+        "a 65th request served while 64 are in flight"
+    );
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || get(
+            listen, "/healthz"
+        )
+        .0
+            == 200),
+        "not served again after the held connections closed"
+    );
+    assert!(daemon.is_running(), "{}", daemon.stderr());
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("no exit")
+        .success());
+}
