@@ -38,6 +38,11 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
         return Ok(());
     }
     println!("pin dir: {}", st.pin_dir.display());
+    println!(
+        "scope table: {} of {} in use (outbound and inbound scopes)",
+        st.scopes.len() + st.inbound.len(),
+        interceptor::SCOPE_TABLE_LIMIT
+    );
     if st.scopes.is_empty() && st.inbound.is_empty() {
         println!("nothing attached");
         return Ok(());

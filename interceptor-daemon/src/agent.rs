@@ -2,8 +2,8 @@
 //! selector `spec.nodeName=<node>`) and hand the ones that opt in to the engine, which
 //! attaches their cgroup and network namespace and detaches them when they go.
 //!
-//! RBAC cannot limit a ClusterRole to one node's pods: the agent is granted get/list/watch on
-//! pods and restricts itself with the field selector (the API server filters, so the agent
+//! RBAC cannot limit a ClusterRole to one node's pods: the agent is granted list/watch on
+//! pods (all the watcher uses) and restricts itself with the field selector (the API server filters, so the agent
 //! only ever receives its node's pods).
 use std::{collections::BTreeMap, sync::atomic::Ordering, sync::Arc};
 
@@ -47,7 +47,7 @@ async fn client(cfg: &KubeConfig) -> Result<Client> {
 
 /// Watches the node's pods until the stream ends (it does not: the watcher retries with
 /// backoff on errors, which are logged).
-pub async fn run(cfg: KubeConfig, shared: Arc<Shared>, agent_port: u16) -> Result<()> {
+pub async fn run(cfg: KubeConfig, shared: Arc<Shared>) -> Result<()> {
     let client = client(&cfg).await?;
     let api: Api<Pod> = Api::all(client);
     let selector = format!("spec.nodeName={}", cfg.node_name);
@@ -59,9 +59,7 @@ pub async fn run(cfg: KubeConfig, shared: Arc<Shared>, agent_port: u16) -> Resul
         match ev {
             Ok(watcher::Event::Init) => initial = Some(BTreeMap::new()),
             Ok(watcher::Event::InitApply(p)) => {
-                if let (Some(m), Some(s)) =
-                    (initial.as_mut(), pods::spec(&p, cfg.inbound, agent_port))
-                {
+                if let (Some(m), Some(s)) = (initial.as_mut(), pods::spec(&p, cfg.inbound)) {
                     m.insert(s.key.clone(), s);
                 }
             }
@@ -79,7 +77,7 @@ pub async fn run(cfg: KubeConfig, shared: Arc<Shared>, agent_port: u16) -> Resul
                     p.metadata.namespace.as_deref().unwrap_or("default"),
                     p.metadata.name.as_deref().unwrap_or(""),
                 );
-                let spec = pods::spec(&p, cfg.inbound, agent_port);
+                let spec = pods::spec(&p, cfg.inbound);
                 tracing::debug!(pod = %key, intercept = spec.is_some(), "pod changed");
                 shared.put_pod(&key, spec);
             }

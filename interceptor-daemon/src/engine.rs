@@ -17,7 +17,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Condvar, Mutex,
     },
     time::{Duration, Instant},
@@ -80,6 +80,8 @@ pub struct ScopeState {
     /// What it waits for, when not ready.
     pub waiting: Option<String>,
     pub last_error: Option<String>,
+    /// A bad annotation on the running pod: refused, and the last good settings stay.
+    pub invalid_annotation: Option<String>,
     /// How many times the scope was attached again to a recreated cgroup.
     pub reattached: u64,
     /// Milliseconds from noticing the new cgroup to its programs attached, last time.
@@ -99,6 +101,16 @@ pub struct Shared {
     pub pods_synced: AtomicBool,
     stop: AtomicBool,
     detach_on_exit: AtomicBool,
+    /// Bad annotation values seen (one per scope and distinct value).
+    pub annotation_errors: AtomicU64,
+    /// Passes of the reconcile loop done.
+    pub passes: AtomicU64,
+    /// Node agent mode: the start reconciliation waits for the pod list.
+    pub agent: AtomicBool,
+    /// Scopes detached by the start reconciliation (gone while the daemon was stopped).
+    pub orphans_detached: AtomicU64,
+    /// Entries of the scope table in use (outbound and inbound scopes), at the last pass.
+    pub scope_table_used: AtomicU64,
 }
 
 impl Shared {
@@ -198,6 +210,9 @@ struct Live {
     out: Option<(u64, PathBuf)>,
     /// Attached namespace: scope id and the path it was attached by.
     inb: Option<(u64, PathBuf)>,
+    /// A pod's network namespace (its inode), fixed at its first attach: the sandbox's.
+    /// A process of the pod in another namespace (`unshare -n`) never moves it.
+    netns_ino: Option<u64>,
     registered: bool,
     next_register: Instant,
     next_search: Instant,
@@ -212,19 +227,44 @@ const SEARCH_EVERY: Duration = Duration::from_secs(1);
 /// The reconcile loop; returns when [`Shared::stop`] is called.
 pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval: Duration) {
     let mut live: BTreeMap<String, Live> = BTreeMap::new();
+    let mut reconciled = false;
     loop {
         let stopping = shared.stop.load(Ordering::SeqCst);
         if stopping {
             break;
         }
+        // Read before the wanted scopes: the pods are set before the flag, so a snapshot
+        // taken after it holds them (the reconciliation must never run on a list without them).
+        let agent = shared.agent.load(Ordering::SeqCst);
+        let synced = !agent || shared.pods_synced.load(Ordering::SeqCst);
         let wanted = shared.wanted();
-        pass(&layout, &resolver, &wanted, &mut live);
+        pass(&shared, &layout, &resolver, &wanted, &mut live);
+        if !reconciled && synced {
+            reconciled = true;
+            let n = reconcile(&layout, &resolver, &wanted, &live, agent);
+            shared.orphans_detached.fetch_add(n, Ordering::SeqCst);
+            // systemd: ready once the first pass over the complete wanted set is done.
+            match crate::notify::notify("READY=1") {
+                Ok(true) => tracing::info!("told systemd: READY=1 (first attach pass done)"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "sending READY=1 to $NOTIFY_SOCKET"),
+            }
+        }
+        if let (Ok(o), Ok(i)) = (
+            maps::read_scopes(&layout),
+            maps::read_inbound_scopes(&layout),
+        ) {
+            shared
+                .scope_table_used
+                .store((o.len() + i.len()) as u64, Ordering::SeqCst);
+        }
         *shared.states.lock().unwrap() = live
             .iter()
             .map(|(k, l)| (k.clone(), l.state.clone()))
             .collect();
         *shared.last_tick.lock().unwrap() = Some(Instant::now());
         shared.first_pass.store(true, Ordering::SeqCst);
+        shared.passes.fetch_add(1, Ordering::SeqCst);
         let (m, c) = &shared.wake;
         let mut woken = m.lock().unwrap();
         if !*woken {
@@ -245,7 +285,13 @@ pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval:
     }
 }
 
-fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTreeMap<String, Live>) {
+fn pass(
+    shared: &Shared,
+    layout: &PinLayout,
+    r: &Resolver,
+    wanted: &[ScopeSpec],
+    live: &mut BTreeMap<String, Live>,
+) {
     let keys: Vec<String> = live.keys().cloned().collect();
     for key in keys {
         if !wanted.iter().any(|s| s.key == key) {
@@ -255,7 +301,11 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
         }
     }
     // One read of the inbound scopes per pass tells which have a listener registered.
-    let registered: Option<Vec<maps::StoredInbound>> = if live.values().any(|l| l.inb.is_some()) {
+    let registered: Option<Vec<maps::StoredInbound>> = if live.values().any(|l| l.inb.is_some())
+        || wanted.iter().any(|s| {
+            s.inbound.as_ref().is_some_and(|i| i.netns.is_none())
+                && live.get(&s.key).is_none_or(|l| l.netns_ino.is_none())
+        }) {
         maps::read_inbound_scopes(layout).ok()
     } else {
         None
@@ -265,6 +315,7 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
             spec: spec.clone(),
             out: None,
             inb: None,
+            netns_ino: None,
             registered: false,
             next_register: Instant::now(),
             next_search: Instant::now(),
@@ -274,6 +325,32 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
                 ..ScopeState::default()
             },
         });
+        // A bad annotation on a scope that runs with good settings: refused, logged once per
+        // value and counted; the last good settings stay (Istio reads annotations only at
+        // injection; we follow changes, but never by detaching a running pod).
+        let spec = match &spec.invalid {
+            Some(why) if l.out.is_some() && l.spec.invalid.is_none() => {
+                if l.state.invalid_annotation.as_deref() != Some(why) {
+                    tracing::error!(scope = %spec.key, error = %why, "invalid annotation on a running pod: refused; the last good settings stay in force");
+                    shared.annotation_errors.fetch_add(1, Ordering::SeqCst);
+                    l.state.invalid_annotation = Some(why.clone());
+                }
+                l.spec.clone()
+            }
+            Some(why) => {
+                if l.state.invalid_annotation.as_deref() != Some(why) {
+                    tracing::error!(scope = %spec.key, error = %why, "invalid annotation: the pod is not attached until it is fixed");
+                    shared.annotation_errors.fetch_add(1, Ordering::SeqCst);
+                    l.state.invalid_annotation = Some(why.clone());
+                }
+                spec.clone()
+            }
+            None => {
+                l.state.invalid_annotation = None;
+                spec.clone()
+            }
+        };
+        let spec = &spec;
         let changed = l.spec != *spec;
         if changed {
             l.spec = spec.clone();
@@ -282,7 +359,11 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
         if let (Some(reg), Some((id, _))) = (&registered, &l.inb) {
             l.registered = reg.iter().any(|s| s.id == *id && !s.registered.is_empty());
         }
-        scope_pass(layout, r, l, changed);
+        let stored: Vec<u64> = registered
+            .as_ref()
+            .map(|v| v.iter().map(|s| s.id).collect())
+            .unwrap_or_default();
+        scope_pass(layout, r, l, changed, &stored);
         l.state.registered = l.registered;
         l.state.cgroup_id = l.out.as_ref().map(|o| o.0);
         l.state.inbound_scope_id = l.inb.as_ref().map(|i| i.0);
@@ -290,6 +371,82 @@ fn pass(layout: &PinLayout, r: &Resolver, wanted: &[ScopeSpec], live: &mut BTree
             && l.out.is_some()
             && (l.spec.inbound.is_none() || l.inb.is_some());
     }
+}
+
+/// The start reconciliation (once the wanted scopes are known: at once, or in node agent mode
+/// once the pod list is read): the pins are the truth. Detached, of what no live scope holds:
+/// an outbound scope whose cgroup is gone or was recreated (it acts on nothing and only holds
+/// a slot of the scope table); in node agent mode, a scope under the kubepods hierarchy that
+/// is no wanted pod's cgroup, and an inbound scope the agent made (`/proc/PID/ns/net`) whose
+/// namespace no longer answers at that path. Scopes of other owners with live cgroups or
+/// namespaces are left alone. Returns how many were detached.
+fn reconcile(
+    layout: &PinLayout,
+    r: &Resolver,
+    wanted: &[ScopeSpec],
+    live: &BTreeMap<String, Live>,
+    agent: bool,
+) -> u64 {
+    let held: Vec<u64> = live
+        .values()
+        .flat_map(|l| [l.out.as_ref().map(|o| o.0), l.inb.as_ref().map(|i| i.0)])
+        .flatten()
+        .collect();
+    let wanted_cgroups: Vec<PathBuf> = wanted.iter().filter_map(|s| r.cgroup(&s.target)).collect();
+    let is_pod_cgroup = |p: &Path| {
+        p.strip_prefix(&r.kubepods_parent)
+            .ok()
+            .and_then(|rel| rel.components().next())
+            .is_some_and(|c| {
+                let c = c.as_os_str().to_string_lossy();
+                c == "kubepods" || c == "kubepods.slice"
+            })
+    };
+    let mut n = 0;
+    let mut detach = |id: u64, what: &str, path: &str| {
+        tracing::info!(
+            id,
+            path,
+            reason = what,
+            "start reconciliation: detaching an orphaned scope"
+        );
+        match interceptor::detach_id(layout, id) {
+            Ok(_) => n += 1,
+            Err(e) => tracing::warn!(id, path, error = %e, "start reconciliation: detaching"),
+        }
+    };
+    match maps::read_scopes(layout) {
+        Ok(scopes) => {
+            for s in scopes.iter().filter(|s| !held.contains(&s.id)) {
+                let p = Path::new(&s.path);
+                let current = std::fs::metadata(p).ok().map(|m| m.ino());
+                if current != Some(s.id) {
+                    detach(s.id, "its cgroup is gone", &s.path);
+                } else if agent && is_pod_cgroup(p) && !wanted_cgroups.iter().any(|w| w == p) {
+                    detach(s.id, "no pod on this node wants it", &s.path);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "start reconciliation: reading the scopes"),
+    }
+    match maps::read_inbound_scopes(layout) {
+        Ok(scopes) => {
+            for s in scopes.iter().filter(|s| !held.contains(&s.id)) {
+                let agent_made = s
+                    .path
+                    .strip_prefix("/proc/")
+                    .and_then(|t| t.strip_suffix("/ns/net"))
+                    .is_some_and(|pid| pid.parse::<u32>().is_ok());
+                let current = std::fs::metadata(&s.path).ok().map(|m| scope_id(m.ino()));
+                if agent && agent_made && current != Some(s.id) {
+                    detach(s.id, "its pod's namespace is gone", &s.path);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "start reconciliation: reading the inbound scopes"),
+    }
+    tracing::info!(detached = n, "start reconciliation done");
+    n
 }
 
 fn detach_quietly(layout: &PinLayout, id: u64, key: &str) {
@@ -305,6 +462,7 @@ fn detach_all_of(layout: &PinLayout, l: &mut Live) {
     if let Some((id, _)) = l.inb.take() {
         detach_quietly(layout, id, &l.spec.key);
     }
+    l.netns_ino = None;
 }
 
 /// The scope's cgroup. A unit found by searching the tree is looked for again at its last
@@ -329,10 +487,11 @@ fn resolve_cgroup(r: &Resolver, l: &mut Live) -> Option<PathBuf> {
     r.cgroup(&l.spec.target)
 }
 
-fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool) {
+fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool, stored: &[u64]) {
     let key = l.spec.key.clone();
     if let Some(why) = l.spec.invalid.clone() {
-        detach_all_of(layout, l);
+        // Only a scope never attached with good settings gets here: nothing of it is
+        // touched (a scope a previous run attached stays as it is).
         l.state.waiting = Some(format!("not attached: {why}"));
         return;
     }
@@ -387,21 +546,80 @@ fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool) {
         }
         return;
     };
-    inbound_pass(layout, l, &path, &ib, changed);
+    inbound_pass(layout, l, &path, &ib, changed, stored);
 }
 
-fn inbound_pass(layout: &PinLayout, l: &mut Live, cgroup: &Path, ib: &InboundSpec, changed: bool) {
+/// A process's start time (clock ticks after boot), to find a pod's oldest process.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the command (field 2) may hold spaces, so count after its closing paren.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// The network namespace of a pod (a scope whose namespace is not given): the one fixed at
+/// its first attach, found again through any process of the pod still in it. Not fixed yet:
+/// one already attached by a previous run (a restarted agent adopts it), else that of the
+/// pod's oldest process (the sandbox's, made first). Returns the namespace's path and inode.
+fn pod_netns(l: &mut Live, cgroup: &Path, stored: &[u64]) -> Result<(PathBuf, u64), String> {
+    let ns_of = |pid: i32| {
+        let p = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        std::fs::metadata(&p).ok().map(|m| (pid, p, m.ino()))
+    };
+    if let Some(fixed) = l.netns_ino {
+        if let Some((_, p)) = l.inb.as_ref().filter(|(id, _)| *id == scope_id(fixed)) {
+            if std::fs::metadata(p).is_ok_and(|m| m.ino() == fixed) {
+                return Ok((p.clone(), fixed));
+            }
+        }
+        return resolve::cgroup_pids(cgroup)
+            .into_iter()
+            .filter_map(ns_of)
+            .find(|(_, _, ino)| *ino == fixed)
+            .map(|(_, p, ino)| (p, ino))
+            .ok_or_else(|| {
+                "no process of the pod is left in its network namespace (the sandbox's)".into()
+            });
+    }
+    let procs: Vec<(i32, PathBuf, u64)> = resolve::cgroup_pids(cgroup)
+        .into_iter()
+        .filter_map(ns_of)
+        .collect();
+    let chosen = procs
+        .iter()
+        .find(|(_, _, ino)| stored.contains(&scope_id(*ino)))
+        .or_else(|| {
+            procs
+                .iter()
+                .min_by_key(|(pid, _, _)| (start_time(*pid).unwrap_or(u64::MAX), *pid))
+        })
+        .ok_or_else(|| "no process in the cgroup yet (its network namespace)".to_string())?;
+    l.netns_ino = Some(chosen.2);
+    Ok((chosen.1.clone(), chosen.2))
+}
+
+fn inbound_pass(
+    layout: &PinLayout,
+    l: &mut Live,
+    cgroup: &Path,
+    ib: &InboundSpec,
+    changed: bool,
+    stored: &[u64],
+) {
     let key = l.spec.key.clone();
     let ns_path = match &ib.netns {
-        Some(p) => Some(p.clone()),
-        None => resolve::cgroup_pids(cgroup)
-            .into_iter()
-            .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
-            .find(|p| p.exists()),
-    };
-    let Some(ns_path) = ns_path else {
-        l.state.waiting = Some("no process in the cgroup yet (its network namespace)".into());
-        return;
+        Some(p) => p.clone(),
+        None => match pod_netns(l, cgroup, stored) {
+            Ok((p, _)) => p,
+            Err(why) => {
+                l.state.waiting = Some(why);
+                return;
+            }
+        },
     };
     let Ok(ino) = std::fs::metadata(&ns_path).map(|m| m.ino()) else {
         l.state.waiting = Some(format!("network namespace {} not found", ns_path.display()));

@@ -23,16 +23,49 @@ use interceptor::paths::PinLayout;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves until the listener fails.
+/// Requests served at once; one more is answered 503 at once and closed.
+pub const MAX_CONCURRENT: usize = 64;
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
+
+/// Serves forever: at most [`MAX_CONCURRENT`] requests at once (each bounded by a 5 s
+/// deadline), and an accept error (out of file descriptors) backs off, 5 ms doubling to 1 s,
+/// instead of spinning.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, layout: PinLayout, agent: bool) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
+    let mut backoff = Duration::from_millis(5);
     loop {
-        let Ok((sock, _)) = listener.accept().await else {
+        let mut sock = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(5);
+                s
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accepting an HTTP connection failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Answered, then the request drained until the client closes (closing with it
+            // unread would reset the connection and lose the answer); 1 s at most.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    sock.write_all(BUSY).await?;
+                    sock.shutdown().await?;
+                    let mut b = [0u8; 512];
+                    while sock.read(&mut b).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
+            });
             continue;
         };
         let shared = shared.clone();
         let layout = layout.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(READ_TIMEOUT, handle(sock, shared, layout, agent)).await;
+            drop(permit);
         });
     }
 }
@@ -174,6 +207,42 @@ fn metrics(kernel: &str, shared: &Shared) -> String {
     let _ = writeln!(out, "# HELP interceptor_daemon_reattached Scopes attached again after their cgroup was recreated.");
     let _ = writeln!(out, "# TYPE interceptor_daemon_reattached counter");
     let _ = writeln!(out, "interceptor_daemon_reattached_total {reattached}");
+    let _ = writeln!(out, "# HELP interceptor_daemon_annotation_errors Invalid annotation values refused (once per pod and value); a running pod keeps its last good settings.");
+    let _ = writeln!(out, "# TYPE interceptor_daemon_annotation_errors counter");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_annotation_errors_total {}",
+        shared.annotation_errors.load(Ordering::SeqCst)
+    );
+    let _ = writeln!(out, "# HELP interceptor_daemon_scope_table Entries of the kernel's scope table (outbound and inbound scopes share it): in use at the last pass, and its limit.");
+    let _ = writeln!(out, "# TYPE interceptor_daemon_scope_table gauge");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_scope_table{{state=\"used\"}} {}",
+        shared.scope_table_used.load(Ordering::SeqCst)
+    );
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_scope_table{{state=\"limit\"}} {}",
+        interceptor::SCOPE_TABLE_LIMIT
+    );
+    let _ = writeln!(out, "# HELP interceptor_daemon_orphans_detached Scopes detached by the start reconciliation (their pod or unit went away while the daemon was stopped).");
+    let _ = writeln!(out, "# TYPE interceptor_daemon_orphans_detached counter");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_orphans_detached_total {}",
+        shared.orphans_detached.load(Ordering::SeqCst)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP interceptor_daemon_passes Passes of the reconcile loop."
+    );
+    let _ = writeln!(out, "# TYPE interceptor_daemon_passes counter");
+    let _ = writeln!(
+        out,
+        "interceptor_daemon_passes_total {}",
+        shared.passes.load(Ordering::SeqCst)
+    );
     out.push_str("# EOF\n");
     out
 }

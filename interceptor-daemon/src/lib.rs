@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod notify;
 pub mod pods;
 pub mod resolve;
 
@@ -69,6 +70,10 @@ pub fn run(config_path: &Path) -> Result<()> {
     };
     let layout = PinLayout::new(&cfg.pin_dir);
     let shared = Shared::new();
+    shared.agent.store(
+        cfg.kubernetes.is_some(),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     shared.set_config_scopes(config_specs(&cfg), cfg.detach_on_exit);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -114,9 +119,9 @@ async fn serve(
     let agent = cfg.kubernetes.is_some();
     tokio::spawn(http::serve(listener, shared.clone(), layout, agent));
     if let Some(k) = cfg.kubernetes.clone() {
-        let (shared, port) = (shared.clone(), cfg.listen.port());
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = agent::run(k, shared, port).await {
+            if let Err(e) = agent::run(k, shared).await {
                 tracing::error!(error = %e, "node agent stopped");
             }
         });

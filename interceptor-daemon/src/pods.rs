@@ -71,8 +71,10 @@ fn cidr_list(v: &str) -> Result<BTreeSet<ipnet::IpNet>, String> {
 }
 
 /// The scope the agent keeps attached for `pod`, or `None` when it does not opt in.
-/// `agent_port` (the agent's HTTP port, which the readiness gate calls) is never intercepted.
-pub fn spec(pod: &Pod, inbound: bool, agent_port: u16) -> Option<ScopeSpec> {
+/// No port is excluded for the agent: the readiness gate (`interceptor wait-ready` in an init
+/// container) runs as the bypass uid (1337, in every scope's `bypass_uids`), so its call to
+/// the agent goes direct while any other process's connection to port 15030 is intercepted.
+pub fn spec(pod: &Pod, inbound: bool) -> Option<ScopeSpec> {
     if !opted_in(pod) {
         return None;
     }
@@ -87,7 +89,6 @@ pub fn spec(pod: &Pod, inbound: bool, agent_port: u16) -> Option<ScopeSpec> {
     let empty = BTreeMap::new();
     let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     let mut out = ScopeSettings::default();
-    out.exclude_ports.insert(agent_port);
     let mut ib = InboundSettings::default();
     let mut inbound_on = inbound;
     let mut invalid = None;
@@ -174,17 +175,17 @@ mod tests {
 
     #[test]
     fn opt_in() {
-        assert!(spec(&pod(&[], &[]), true, 15030).is_none());
-        assert!(spec(&pod(&[(INJECT, "false")], &[]), true, 15030).is_none());
-        assert!(spec(&pod(&[(INJECT, "true")], &[]), true, 15030).is_some());
-        assert!(spec(&pod(&[(ISTIO_INJECT, "true")], &[]), true, 15030).is_some());
-        assert!(spec(&pod(&[], &[(ISTIO_INJECT, "true")]), true, 15030).is_some());
+        assert!(spec(&pod(&[], &[]), true).is_none());
+        assert!(spec(&pod(&[(INJECT, "false")], &[]), true).is_none());
+        assert!(spec(&pod(&[(INJECT, "true")], &[]), true).is_some());
+        assert!(spec(&pod(&[(ISTIO_INJECT, "true")], &[]), true).is_some());
+        assert!(spec(&pod(&[], &[(ISTIO_INJECT, "true")]), true).is_some());
         let mut host = pod(&[(INJECT, "true")], &[]);
         host.spec = Some(k8s_openapi::api::core::v1::PodSpec {
             host_network: Some(true),
             ..Default::default()
         });
-        assert!(spec(&host, true, 15030).is_none());
+        assert!(spec(&host, true).is_none());
     }
 
     #[test]
@@ -204,15 +205,11 @@ mod tests {
                 &[],
             ),
             true,
-            15030,
         )
         .unwrap();
         assert_eq!(s.key, "pod/shop/web-0");
         assert!(s.invalid.is_none());
-        assert_eq!(
-            s.settings.exclude_ports,
-            BTreeSet::from([5432, 6379, 15030])
-        );
+        assert_eq!(s.settings.exclude_ports, BTreeSet::from([5432, 6379]));
         assert_eq!(s.settings.exclude_cidrs.len(), 2);
         assert!(s.settings.include_cidrs.is_empty());
         let ib = s.inbound.unwrap();
@@ -222,7 +219,6 @@ mod tests {
         let s = spec(
             &pod(&[(INJECT, "true"), (INCLUDE_INBOUND_PORTS, "")], &[]),
             true,
-            15030,
         )
         .unwrap();
         assert!(s.inbound.is_none());
@@ -230,7 +226,6 @@ mod tests {
         let s = spec(
             &pod(&[(INJECT, "true"), (EXCLUDE_OUTBOUND_PORTS, "http")], &[]),
             true,
-            15030,
         )
         .unwrap();
         assert!(s.invalid.unwrap().contains("excludeOutboundPorts"));

@@ -27,6 +27,8 @@ pub mod upgrade;
 pub use attach::{attach, attach_inbound, Attached, AttachedInbound};
 pub use detach::{detach, detach_all, detach_id, Detached};
 pub use error::{Error, Result};
+/// How many scopes (outbound cgroups and inbound namespaces together) the maps hold.
+pub use interceptor_common::capacity::SCOPES as SCOPE_TABLE_LIMIT;
 pub use interceptor_common::{Counter, AF_INET, AF_INET6};
 pub use paths::PinLayout;
 pub use register::register;

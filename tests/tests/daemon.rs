@@ -355,15 +355,57 @@ fn unit_capabilities() -> String {
         .join(",")
 }
 
+/// The capabilities the DaemonSet's agent container adds (`capabilities.add`, after
+/// `drop: ["ALL"]`), as setpriv names them.
+fn daemonset_capabilities() -> String {
+    let ds = interceptor_tests::workspace_dir().join("deploy/kubernetes/daemonset.yaml");
+    let text = std::fs::read_to_string(&ds).unwrap();
+    assert!(
+        text.contains("drop: [\"ALL\"]"),
+        "the DaemonSet drops ALL first"
+    );
+    let adds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("add: ["))
+        .collect();
+    assert_eq!(
+        adds.len(),
+        1,
+        "one capabilities.add list in {}",
+        ds.display()
+    );
+    adds[0]
+        .trim_end_matches(']')
+        .split(',')
+        .map(|c| {
+            let c = c.trim().trim_matches('"');
+            format!("+{}", c.trim_start_matches("CAP_").to_lowercase())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The daemon with nothing but the systemd unit's capabilities (and no_new_privs, as the
 /// unit sets): outbound and inbound attach, and the proxy's listener registered.
 #[test]
 fn daemon_runs_with_only_the_units_capabilities() {
+    runs_with_only(unit_capabilities(), "daemon_caps");
+}
+
+/// The same with exactly the DaemonSet's capability set (not privileged).
+#[test]
+fn daemon_runs_with_only_the_daemonsets_capabilities() {
+    let ds = daemonset_capabilities();
+    println!("the DaemonSet's capabilities: {ds}");
+    runs_with_only(ds, "daemon_caps_ds");
+}
+
+fn runs_with_only(caps: String, name: &str) {
     interceptor_tests::register_helper_bins!();
-    let ns = NetNs::new("daemon_caps");
-    let cg = TestCgroup::new("daemon_caps");
-    let pin = PinDir::new("daemon_caps");
-    let scratch = ScratchDir::new("daemon_caps");
+    let ns = NetNs::new(name);
+    let cg = TestCgroup::new(name);
+    let pin = PinDir::new(name);
+    let scratch = ScratchDir::new(name);
     let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
     let app = cg.child("app");
     let proxy = interceptor_tests::proxy_bin();
@@ -389,8 +431,7 @@ fn daemon_runs_with_only_the_units_capabilities() {
             ns.path().display()
         ),
     );
-    let caps = unit_capabilities();
-    println!("the unit's capabilities: {caps}");
+    println!("capabilities: {caps}");
     let mut c = Command::new("setpriv");
     c.args([
         "--no-new-privs",
@@ -437,8 +478,115 @@ fn daemon_runs_with_only_the_units_capabilities() {
         .collect();
     assert_eq!(
         effective, unit,
-        "the daemon's effective capabilities ({hex})"
+        "the daemon's effective capabilities ({hex}) against {caps}"
     );
     assert!(hello_from(&ns, &app), "outbound from the scope not proxied");
     assert!(daemon.is_running(), "{}", daemon.stderr());
+}
+
+/// systemd readiness: with `$NOTIFY_SOCKET` set (here a datagram socket the test binds, as
+/// systemd does for `Type=notify`), the daemon sends `READY=1` once, and only after its first
+/// attach pass: when the datagram arrives, the configured scope is already attached.
+#[test]
+fn daemon_notifies_systemd_ready_after_first_attach() {
+    interceptor_tests::register_helper_bins!();
+    let cg = TestCgroup::new("daemon_notify");
+    let pin = PinDir::new("daemon_notify");
+    let scratch = ScratchDir::new("daemon_notify");
+    let listen: SocketAddr = "127.0.0.1:15934".parse().unwrap();
+    let config = scratch.join("config.toml");
+    let app = cg.child("app");
+    write_config(
+        &config,
+        &pin,
+        listen,
+        cg.path(),
+        &format!("[[scope]]\ncgroup = \"{}\"\n", app.display()),
+    );
+    let sock_path = scratch.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(attached_ids(&pin).is_empty());
+    let started = Instant::now();
+    let mut daemon = {
+        let mut c = Command::new(interceptor_bin());
+        c.args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &sock_path);
+        Proc::spawn("interceptor-run", c)
+    };
+    let mut buf = [0u8; 256];
+    let n = sock
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no notification: {e}\n{}", daemon.stderr()));
+    // Checked at once: an early READY=1 would find the scope not yet attached.
+    let attached = attached_ids(&pin);
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    println!("READY=1 after {:?}: {msg:?}", started.elapsed());
+    assert_eq!(msg, "READY=1");
+    assert!(
+        attached.contains(&ino(&app)),
+        "READY=1 sent before the scope was attached: {attached:?}\n{}",
+        daemon.stderr()
+    );
+    // Once only.
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(sock.recv(&mut buf).is_err(), "a second notification");
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("no exit");
+    assert!(exit.success(), "{}", daemon.stderr());
+    interceptor::detach_all(&PinLayout::new(pin.path())).unwrap();
+}
+
+/// The HTTP server bounds the requests it serves at once: with 64 connections held open
+/// (no request sent), one more is answered 503 `busy` at once rather than queued; once they
+/// are closed, requests are served again.
+#[test]
+fn daemon_http_bounds_concurrent_requests() {
+    interceptor_tests::register_helper_bins!();
+    let cg = TestCgroup::new("daemon_http_bound");
+    let pin = PinDir::new("daemon_http_bound");
+    let scratch = ScratchDir::new("daemon_http_bound");
+    let listen: SocketAddr = "127.0.0.1:15935".parse().unwrap();
+    let config = scratch.join("config.toml");
+    write_config(&config, &pin, listen, cg.path(), "");
+    let mut daemon = start_daemon(&config);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || get(
+            listen, "/healthz"
+        )
+        .0
+            == 200),
+        "{}",
+        daemon.stderr()
+    );
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(listen).unwrap())
+        .collect();
+    let (code, body) = get(listen, "/healthz");
+    println!("with 64 connections held: {code} {body:?}");
+    assert_eq!(
+        (code, body.trim()),
+        (503, "busy"),
+        "a 65th request served while 64 are in flight"
+    );
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || get(
+            listen, "/healthz"
+        )
+        .0
+            == 200),
+        "not served again after the held connections closed"
+    );
+    assert!(daemon.is_running(), "{}", daemon.stderr());
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("no exit")
+        .success());
 }

@@ -439,11 +439,30 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         "{:?}",
         scope_a.settings
     );
+    // The agent's port is not excluded for every destination (the gate goes direct as the
+    // bypass uid): a connection from the pod to another host on that port, or on the
+    // deployment's 15030, is proxied.
     assert!(
-        scope_a.settings.exclude_ports.contains(&15933),
-        "the agent's port is not excluded: {:?}",
+        !scope_a.settings.exclude_ports.contains(&15933),
+        "the agent's port is excluded for every destination: {:?}",
         scope_a.settings
     );
+    let _peer_servers = ProbeServer::start_in(
+        peer.path(),
+        &[
+            format!("{PEER4}:15933").parse().unwrap(),
+            format!("{PEER4}:15030").parse().unwrap(),
+        ],
+    )
+    .unwrap();
+    for port in [15933, 15030] {
+        let v = hello_from(&ns_a, &app_cg, &format!("{PEER4}:{port}"));
+        assert!(v.get("error").is_none(), "pod A to {PEER4}:{port}: {v}");
+        assert_eq!(
+            v["proxied"], true,
+            "pod A to {PEER4}:{port} went unproxied: {v}"
+        );
+    }
     assert_eq!(
         scope_a
             .settings
@@ -518,6 +537,135 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
                 .any(|s| s.cgroup_id == ino(&pod_a_cg) && s.settings.exclude_ports.contains(&6379))
         }),
         "changed annotation not applied"
+    );
+
+    // An invalid value on the running pod: refused, logged and counted; the pod keeps its
+    // last good settings, stays attached (outbound and inbound) and its traffic proxied.
+    let mut a3 = a.clone();
+    a3["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
+        json!("5432,http");
+    api.event("MODIFIED", a3);
+    let metric = |name: &str| -> Option<u64> {
+        let (_, m) = get("/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            metric("interceptor_daemon_annotation_errors_total ") == Some(1)
+        }),
+        "the invalid annotation was not counted: {}",
+        get("/metrics").1
+    );
+    // Two more passes after the one that saw it.
+    let passes = metric("interceptor_daemon_passes_total ").unwrap();
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || metric("interceptor_daemon_passes_total ").unwrap_or(0) >= passes + 2
+    ));
+    let st = interceptor::status(&layout).unwrap();
+    let kept = st
+        .scopes
+        .iter()
+        .find(|s| s.cgroup_id == ino(&pod_a_cg))
+        .unwrap_or_else(|| panic!("pod A detached by an invalid annotation: {st:?}"));
+    assert_eq!(
+        kept.settings.exclude_ports,
+        [5432, 6379].into_iter().collect(),
+        "the last good settings did not stay"
+    );
+    assert!(
+        st.inbound
+            .iter()
+            .any(|i| i.settings.exclude_ports.contains(&8081) && i.registered.contains(&"ipv4")),
+        "pod A's inbound lost: {:?}",
+        st.inbound
+    );
+    assert_eq!(get("/pods/shop/web-0/ready").0, 200);
+    let (_, scopes) = get("/scopes");
+    assert!(
+        scopes.contains("excludeOutboundPorts"),
+        "/scopes does not show the refused annotation: {scopes}"
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains("invalid annotation on a running pod"),
+        "not logged: {}",
+        agent.stderr()
+    );
+    let v = hello_from(&ns_a, &app_cg, "127.0.0.1:8080");
+    assert_eq!(
+        v["proxied"], true,
+        "outbound from pod A after a bad annotation: {v}"
+    );
+    let v = hello_from(&peer, &peer_cg, &format!("{APP4}:8080"));
+    assert_eq!(
+        v["proxied"], true,
+        "inbound to pod A after a bad annotation: {v}"
+    );
+    // Fixed again: the good value applies.
+    let mut a4 = a.clone();
+    a4["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
+        json!("5432,6380");
+    api.event("MODIFIED", a4);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            interceptor::status(&layout)
+                .unwrap()
+                .scopes
+                .iter()
+                .any(|s| s.cgroup_id == ino(&pod_a_cg) && s.settings.exclude_ports.contains(&6380))
+        }),
+        "the fixed annotation not applied"
+    );
+
+    // A process of the pod that makes its own network namespace (`unshare -n`), placed in
+    // the pod's cgroup itself (its processes are listed before the containers'): the pod's
+    // inbound interception stays on the sandbox's namespace, pass after pass.
+    let sandbox = interceptor::netns::scope_id(ino(ns_a.path()));
+    let _unshared = spawn_in_cgroup(
+        "unshare-n",
+        &pod_a_cg,
+        &ns_a,
+        &["unshare", "-n", "sleep", "300"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            std::fs::read_to_string(pod_a_cg.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .any(|p| {
+                    let ns = Path::new("/proc").join(p.trim()).join("ns/net");
+                    ino(&ns) != 0 && ino(&ns) != ino(ns_a.path())
+                })
+        }),
+        "the unshare -n process never had its own namespace"
+    );
+    let passes = metric("interceptor_daemon_passes_total ").unwrap();
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || metric("interceptor_daemon_passes_total ").unwrap_or(0) >= passes + 3
+    ));
+    let ib: Vec<u64> = interceptor::status(&layout)
+        .unwrap()
+        .inbound
+        .iter()
+        .filter(|i| i.settings.exclude_ports.contains(&8081))
+        .map(|i| i.scope_id)
+        .collect();
+    assert_eq!(
+        ib,
+        [sandbox],
+        "pod A's inbound interception moved off its sandbox's namespace: {}",
+        agent.stderr()
+    );
+    let v = hello_from(&peer, &peer_cg, &format!("{APP4}:8080"));
+    assert_eq!(
+        v["proxied"], true,
+        "inbound to pod A with an unshare -n process: {v}"
     );
 
     // The gate holds while the pod's cgroup does not exist yet (the pod is scheduled, the
@@ -640,4 +788,164 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         .wait_timeout(Duration::from_secs(10))
         .expect("agent did not exit");
     assert!(exit.success(), "{}", agent.stderr());
+}
+
+/// Nothing orphaned: pods deleted while the agent was stopped have their scopes (outbound
+/// and inbound) detached by the reconciliation at its start; the pod that stays keeps its
+/// scopes (not detached and attached again); the scope table's use and limit are in
+/// `/metrics` and `interceptor status`.
+#[test]
+fn node_agent_start_reconciliation_detaches_pods_deleted_while_stopped() {
+    interceptor_tests::register_helper_bins!();
+    let kube = TestCgroup::new("node_agent_rec");
+    let pin = PinDir::new("node_agent_rec");
+    let scratch = ScratchDir::new("node_agent_rec");
+    let api = FakeApi::start();
+    let uids = [
+        "a1a1a1a1-0000-4000-8000-000000000001",
+        "a2a2a2a2-0000-4000-8000-000000000002",
+        "a3a3a3a3-0000-4000-8000-000000000003",
+        "a4a4a4a4-0000-4000-8000-000000000004",
+    ];
+    let mut pods = Vec::new();
+    for (i, uid) in uids.iter().enumerate() {
+        let ns = NetNs::new(&format!("node_agent_rec-{i}"));
+        let cg = kube.path().join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let proc = spawn_in_cgroup(&format!("pod-{i}"), &cg, &ns, &["sleep", "300"]);
+        let p = pod(
+            "shop",
+            &format!("p{i}"),
+            uid,
+            NODE,
+            "Burstable",
+            &[("interceptor.io/inject", "true")],
+        );
+        api.event("ADDED", p.clone());
+        pods.push((ns, cg, proc, p));
+    }
+    let config = scratch.join("config.toml");
+    std::fs::write(&config, format!(
+        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"systemd\"\nkubepods_parent = \"{}\"\n",
+        pin.as_str(), api.url(), kube.path().display()
+    )).unwrap();
+    let start = || {
+        let mut c = Command::new(interceptor_bin());
+        c.args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info");
+        Proc::spawn("node-agent", c)
+    };
+    let mut agent = start();
+    for i in 0..4 {
+        let (ok, out) = wait_ready_cli(&format!("/pods/shop/p{i}/ready"), 20);
+        assert!(ok, "pod {i} never ready: {out}\n{}", agent.stderr());
+    }
+    let layout = PinLayout::new(pin.path());
+    let st = interceptor::status(&layout).unwrap();
+    assert_eq!((st.scopes.len(), st.inbound.len()), (4, 4), "{st:?}");
+    let out_ids: Vec<u64> = pods.iter().map(|p| ino(&p.1)).collect();
+    let in_ids: Vec<u64> = pods
+        .iter()
+        .map(|p| interceptor::netns::scope_id(ino(p.0.path())))
+        .collect();
+    agent.signal(Signal::SIGTERM);
+    assert!(agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent did not exit")
+        .success());
+    // While it is stopped, 3 pods are deleted: from the API, and on the node (their
+    // processes, cgroups and namespaces, as the kubelet and the runtime remove them).
+    let kept = pods.pop().unwrap();
+    for (ns, cg, mut proc, p) in pods {
+        api.event("DELETED", p);
+        proc.kill();
+        drop(proc);
+        assert!(
+            wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+                std::fs::remove_dir(&cg).is_ok()
+            }),
+            "removing {}",
+            cg.display()
+        );
+        drop(ns);
+    }
+    let st = interceptor::status(&layout).unwrap();
+    assert_eq!(
+        (st.scopes.len(), st.inbound.len()),
+        (4, 4),
+        "the deleted pods' scopes are still pinned before the start: {st:?}"
+    );
+    let started = Instant::now();
+    let mut agent = start();
+    let gone = |ids: &[u64], have: &[u64]| ids.iter().all(|i| !have.contains(i));
+    let orphaned_gone = || {
+        let st = interceptor::status(&layout).unwrap();
+        let o: Vec<u64> = st.scopes.iter().map(|s| s.cgroup_id).collect();
+        let i: Vec<u64> = st.inbound.iter().map(|s| s.scope_id).collect();
+        gone(&out_ids[..3], &o) && gone(&in_ids[..3], &i)
+    };
+    assert!(
+        wait_until(
+            Duration::from_secs(20),
+            Duration::from_millis(5),
+            orphaned_gone
+        ),
+        "the deleted pods' scopes are still attached after the start: {:?}\n{}",
+        interceptor::status(&layout).unwrap(),
+        agent.stderr()
+    );
+    let took = started.elapsed();
+    println!("3 pods deleted while the agent was stopped: their 6 scopes gone {took:?} after the agent started");
+    let st = interceptor::status(&layout).unwrap();
+    assert_eq!(
+        st.scopes.iter().map(|s| s.cgroup_id).collect::<Vec<_>>(),
+        [out_ids[3]],
+        "the remaining pod's outbound scope"
+    );
+    assert_eq!(
+        st.inbound.iter().map(|s| s.scope_id).collect::<Vec<_>>(),
+        [in_ids[3]],
+        "the remaining pod's inbound scope"
+    );
+    let (ok, out) = wait_ready_cli("/pods/shop/p3/ready", 20);
+    assert!(ok, "the remaining pod: {out}");
+    let metric = |name: &str| -> Option<u64> {
+        let (_, m) = get("/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || metric("interceptor_daemon_scope_table{state=\"used\"} ") == Some(2)
+    ));
+    assert_eq!(
+        metric("interceptor_daemon_orphans_detached_total "),
+        Some(6)
+    );
+    assert_eq!(
+        metric("interceptor_daemon_scope_table{state=\"limit\"} "),
+        Some(interceptor::SCOPE_TABLE_LIMIT as u64)
+    );
+    let mut c = Command::new(interceptor_bin());
+    c.args(["status", "--pin-dir", pin.as_str()]);
+    let out = run_cmd(&mut c, Duration::from_secs(30)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "scope table: 2 of {} in use",
+            interceptor::SCOPE_TABLE_LIMIT
+        )),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.signal(Signal::SIGTERM);
+    assert!(agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent did not exit")
+        .success());
+    drop(kept);
 }
