@@ -110,7 +110,6 @@ struct Hook {
 
 // `enum bpf_func_id` values of the helpers the programs call.
 const GET_CURRENT_UID_GID: (i32, &str) = (15, "bpf_get_current_uid_gid");
-const GET_SOCKET_COOKIE: (i32, &str) = (46, "bpf_get_socket_cookie");
 const SOCK_OPS_CB_FLAGS_SET: (i32, &str) = (59, "bpf_sock_ops_cb_flags_set");
 const SOCK_HASH_UPDATE: (i32, &str) = (70, "bpf_sock_hash_update");
 const MSG_REDIRECT_HASH: (i32, &str) = (71, "bpf_msg_redirect_hash");
