@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use interceptor::{Counter, PinLayout, ScopeSettings};
+use interceptor::{Counter, PinLayout, ProxyListener, ScopeSettings};
 use interceptor_tests::{
     exec_command, proxy_bin, proxy_stats, wait_proxy_ready, wait_until, NetNs, PinDir, Proc,
     TestCgroup,
@@ -226,12 +226,17 @@ impl World {
             Intercept::Iptables => w.add_redirect_rule()?,
             Intercept::Ebpf => {
                 let pin = PinDir::new(&base);
-                interceptor::attach(
-                    &PinLayout::new(pin.path()),
-                    w.client_cg.path(),
-                    &ScopeSettings::default(),
-                )
-                .map_err(|e| anyhow!("attach {}: {e}", w.client_cg.path().display()))?;
+                // HAProxy cannot put the bypass mark on its listener: any listener is
+                // the proxy there.
+                let settings = ScopeSettings {
+                    proxy_listener: match mode.proxy() {
+                        ProxyKind::Haproxy => ProxyListener::Any,
+                        _ => ProxyListener::Marked,
+                    },
+                    ..ScopeSettings::default()
+                };
+                interceptor::attach(&PinLayout::new(pin.path()), w.client_cg.path(), &settings)
+                    .map_err(|e| anyhow!("attach {}: {e}", w.client_cg.path().display()))?;
                 w.pin = Some(pin);
             }
         }

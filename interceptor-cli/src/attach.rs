@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use interceptor::{
-    settings::{self, InboundSettings, Mark, ProxyDown, ScopeSettings},
+    settings::{self, InboundSettings, Mark, ProxyDown, ProxyListener, ScopeSettings},
     PinLayout,
 };
 use ipnet::IpNet;
@@ -36,6 +36,11 @@ pub struct AttachArgs {
     /// Sockets with this SO_MARK go direct (hex or decimal; 0 disables the check).
     #[arg(long, default_value_t = Mark(settings::DEFAULT_BYPASS_MARK), value_parser = mark)]
     bypass_mark: Mark,
+    /// Which listener on the proxy port is the proxy: `marked` (only one carrying the bypass
+    /// mark, as interceptor-proxy's are; another process listening there gets nothing) or
+    /// `any` (for a proxy that cannot mark its listener, e.g. HAProxy).
+    #[arg(long, default_value = "marked", value_parser = proxy_listener)]
+    proxy_listener: ProxyListener,
     /// Sockets of this uid go direct (repeatable; default 1337).
     #[arg(long = "bypass-uid", value_parser = uid)]
     bypass_uids: Vec<u32>,
@@ -65,6 +70,9 @@ fn uid(s: &str) -> Result<u32, String> {
 fn cidr(s: &str) -> Result<IpNet, String> {
     settings::parse_cidr(s).map_err(|e| e.to_string())
 }
+fn proxy_listener(s: &str) -> Result<ProxyListener, String> {
+    s.parse().map_err(|e: interceptor::Error| e.to_string())
+}
 fn proxy_down(s: &str) -> Result<ProxyDown, String> {
     s.parse().map_err(|e: interceptor::Error| e.to_string())
 }
@@ -83,6 +91,7 @@ pub fn run(layout: &PinLayout, a: AttachArgs) -> Result<()> {
         exclude_cidrs: a.exclude_cidrs.iter().copied().collect(),
         include_cidrs: a.include_cidrs.iter().copied().collect(),
         on_proxy_down: a.on_proxy_down,
+        proxy_listener: a.proxy_listener,
         ..ScopeSettings::default()
     };
     if a.no_bypass_uid {

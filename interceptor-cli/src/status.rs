@@ -59,8 +59,9 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
             if s.cgroup_exists { "" } else { ", REMOVED" }
         );
         println!(
-            "  proxy port {}  bypass mark {}  bypass uids {}  on proxy down {:?}",
+            "  proxy port {}  proxy listener {:?}  bypass mark {}  bypass uids {}  on proxy down {:?}",
             c.proxy_port,
+            c.proxy_listener,
             Mark(c.bypass_mark),
             list(&c.bypass_uids),
             c.on_proxy_down

@@ -90,6 +90,10 @@ pub const FLAG_INCLUDE6: u32 = 1 << 1;
 pub const FLAG_FAIL_OPEN: u32 = 1 << 2;
 /// `InboundConfig::flags`: an include list of inbound ports is set.
 pub const FLAG_INCLUDE_PORTS: u32 = 1 << 3;
+/// `ScopeConfig::flags`: the proxy's outbound listener carries the bypass mark (`SO_MARK`,
+/// which only `CAP_NET_ADMIN` can set); a listener on the outbound port without it is not
+/// the proxy and gets no connection (the scope's policy decides, as with no listener).
+pub const FLAG_PROXY_MARKED: u32 = 1 << 4;
 
 /// `ICP_IN_PORTS` values.
 pub const IN_PORT_EXCLUDED: u8 = 1;
@@ -280,10 +284,14 @@ pub enum Counter {
     /// getsockopt(SO_ORIGINAL_DST or SO_ICP_WORKLOAD) on a redirected connection by a process
     /// that is not the proxy (neither root nor a bypass uid of the scope): not answered.
     OrigDstNotProxy = 19,
+    /// A socket that is not the proxy's listens on the outbound port (its listener lacks the
+    /// bypass mark): no connection is sent there; the scope's policy decided (closed: the
+    /// connect failed with `EPERM`; open: it went direct).
+    ListenerNotProxy = 20,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 20] = [
+    pub const ALL: [Counter; 21] = [
         Counter::Redirected,
         Counter::BypassMark,
         Counter::BypassUid,
@@ -304,10 +312,11 @@ impl Counter {
         Counter::InboundProxyDownDirect,
         Counter::HandoffFailed,
         Counter::OrigDstNotProxy,
+        Counter::ListenerNotProxy,
     ];
 
     /// The counters of an outbound (cgroup) scope.
-    pub const OUTBOUND: [Counter; 14] = [
+    pub const OUTBOUND: [Counter; 15] = [
         Counter::Redirected,
         Counter::BypassMark,
         Counter::BypassUid,
@@ -322,6 +331,7 @@ impl Counter {
         Counter::ProxyDownDirect,
         Counter::HandoffFailed,
         Counter::OrigDstNotProxy,
+        Counter::ListenerNotProxy,
     ];
 
     /// The counters of an inbound (network namespace) scope.
@@ -357,6 +367,7 @@ impl Counter {
             Counter::InboundProxyDownDirect => "inbound_proxy_down_direct",
             Counter::HandoffFailed => "handoff_failed",
             Counter::OrigDstNotProxy => "orig_dst_not_proxy",
+            Counter::ListenerNotProxy => "listener_not_proxy",
         }
     }
 

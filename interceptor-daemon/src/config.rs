@@ -22,6 +22,7 @@
 //! exclude_cidrs = ["169.254.0.0/16"]
 //! include_cidrs = []
 //! on_proxy_down = "closed"              # or "open"
+//! proxy_listener = "marked"             # or "any" (a proxy that cannot mark its listener)
 //! netns = "/run/netns/web"              # optional: inbound interception of this namespace
 //! inbound_port = 15006
 //! exclude_inbound_ports = [15021]
@@ -147,6 +148,7 @@ struct RawScope {
     exclude_cidrs: Option<Vec<String>>,
     include_cidrs: Option<Vec<String>>,
     on_proxy_down: Option<String>,
+    proxy_listener: Option<String>,
     netns: Option<PathBuf>,
     inbound_port: Option<u16>,
     exclude_inbound_ports: Option<Vec<u16>>,
@@ -435,6 +437,15 @@ fn scope(src: &Source<'_>, at: usize, i: usize, s: RawScope) -> Result<ScopeConf
         .map_err(|m| err("include_cidrs", m, "give networks such as \"10.0.0.0/8\""))?;
     if let Some(p) = &s.on_proxy_down {
         st.on_proxy_down = policy(p).map_err(|m| err("on_proxy_down", m, POLICY_FIX))?;
+    }
+    if let Some(l) = &s.proxy_listener {
+        st.proxy_listener = l.parse().map_err(|_| {
+            err(
+                "proxy_listener",
+                format!("{l:?} is not a listener kind"),
+                "give \"marked\" (only a listener with the bypass mark is the proxy) or \"any\"",
+            )
+        })?;
     }
     let inbound_keys = s.inbound_port.is_some()
         || s.exclude_inbound_ports.is_some()

@@ -3,8 +3,8 @@
 //! exempt (bypass mark or uid, the proxy itself, an excluded port or CIDR, outside the include
 //! list); otherwise it is rewritten to the proxy's outbound listener and its original
 //! destination recorded in the socket's own storage (`ICP_CONN`), or, with no proxy listening
-//! or no record possible, the scope's policy decides (refuse or go direct). Only TCP sockets
-//! are considered.
+//! (nobody, or with `FLAG_PROXY_MARKED` a listener without the bypass mark) or no record
+//! possible, the scope's policy decides (refuse or go direct). Only TCP sockets are considered.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
     helpers::{bpf_get_current_uid_gid, bpf_sk_lookup_tcp, bpf_sk_release},
@@ -14,7 +14,8 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     is_mapped_v4, mapped_v4, Counter, OrigDst, ScopeConfig, ScopedV4, ScopedV6, ScopedValue,
-    AF_INET, AF_INET6, FLAG_FAIL_OPEN, FLAG_INCLUDE4, FLAG_INCLUDE6, LPM_SCOPE_BITS,
+    AF_INET, AF_INET6, FLAG_FAIL_OPEN, FLAG_INCLUDE4, FLAG_INCLUDE6, FLAG_PROXY_MARKED,
+    LPM_SCOPE_BITS,
 };
 
 use crate::{
@@ -111,21 +112,32 @@ fn exemption(
     None
 }
 
-/// Whether a TCP socket listens on the proxy's port, on 127.0.0.1 (`v6` false) or ::1, in the
-/// network namespace of the connecting socket.
+/// Who listens on the proxy's outbound port.
+enum Listener {
+    /// Nobody.
+    None,
+    /// The proxy (with `FLAG_PROXY_MARKED`: a listener carrying the bypass mark).
+    Proxy,
+    /// A socket without the bypass mark: not the proxy, whoever owns it.
+    Other,
+}
+
+/// Who listens on the proxy's port, on 127.0.0.1 (`v6` false) or ::1, in the network
+/// namespace of the connecting socket. With `FLAG_PROXY_MARKED` only a listener whose
+/// `SO_MARK` is the bypass mark (which needs `CAP_NET_ADMIN` to set) is the proxy.
 #[inline(always)]
-fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+fn listener(ctx: &SockAddrContext, cfg: &ScopeConfig, v6: bool) -> Listener {
     // SAFETY: a zeroed tuple is valid; the helper gets its exact size for the family, and a
-    // socket it returns is released before returning.
+    // socket it returns is read (a `bpf_sock` field) and released before returning.
     unsafe {
         let mut tuple: bpf_sock_tuple = core::mem::zeroed();
         let size = if v6 {
             tuple.__bindgen_anon_1.ipv6.daddr = LOOPBACK6;
-            tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+            tuple.__bindgen_anon_1.ipv6.dport = cfg.proxy_port.to_be();
             core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv6)
         } else {
             tuple.__bindgen_anon_1.ipv4.daddr = LOOPBACK4;
-            tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+            tuple.__bindgen_anon_1.ipv4.dport = cfg.proxy_port.to_be();
             core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4)
         };
         let sk = bpf_sk_lookup_tcp(
@@ -136,10 +148,15 @@ fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
             0,
         );
         if sk.is_null() {
-            return false;
+            return Listener::None;
         }
+        let marked = (*sk).mark == cfg.bypass_mark;
         bpf_sk_release(sk.cast());
-        true
+        if cfg.flags & FLAG_PROXY_MARKED == 0 || marked {
+            Listener::Proxy
+        } else {
+            Listener::Other
+        }
     }
 }
 
@@ -149,19 +166,29 @@ enum ProxyDown {
     No,
     /// Fail open: leave the connect alone.
     Direct,
-    /// Fail closed: send it to the proxy's port, where it is refused; nothing to record.
+    /// Fail closed, nobody listening: send it to the proxy's port, where it is refused;
+    /// nothing to record.
     Refuse,
+    /// Fail closed, a socket that is not the proxy listening there: fail the connect.
+    RefuseHere,
 }
 
 /// With no proxy listening, the scope's policy decides.
 #[inline(always)]
-fn proxy_down(ctx: &SockAddrContext, cfg: &ScopeConfig, v6: bool) -> ProxyDown {
-    if proxy_listening(ctx, v6, cfg.proxy_port) {
-        ProxyDown::No
-    } else if cfg.flags & FLAG_FAIL_OPEN != 0 {
-        ProxyDown::Direct
-    } else {
-        ProxyDown::Refuse
+fn proxy_down(ctx: &SockAddrContext, scope: u64, cfg: &ScopeConfig, v6: bool) -> ProxyDown {
+    let open = cfg.flags & FLAG_FAIL_OPEN != 0;
+    match listener(ctx, cfg, v6) {
+        Listener::Proxy => ProxyDown::No,
+        Listener::None if open => ProxyDown::Direct,
+        Listener::None => ProxyDown::Refuse,
+        Listener::Other => {
+            count(scope, Counter::ListenerNotProxy);
+            if open {
+                ProxyDown::Direct
+            } else {
+                ProxyDown::RefuseHere
+            }
+        }
     }
 }
 
@@ -196,7 +223,8 @@ enum Verdict {
     Leave,
     /// Rewrite the address to the proxy's port, counting this.
     ToProxy(Counter),
-    /// Fail the connect (`EPERM`): no record could be kept and the scope is fail-closed.
+    /// Fail the connect (`EPERM`): the scope is fail-closed and no record could be kept, or a
+    /// socket that is not the proxy listens on its port.
     Refuse,
 }
 
@@ -235,12 +263,16 @@ fn decide_inner(
         count(scope, why);
         return Verdict::Leave;
     }
-    match proxy_down(ctx, cfg, family == AF_INET6) {
+    match proxy_down(ctx, scope, cfg, family == AF_INET6) {
         ProxyDown::Direct => {
             count(scope, Counter::ProxyDownDirect);
             Verdict::Leave
         }
         ProxyDown::Refuse => Verdict::ToProxy(Counter::ProxyDownRefused),
+        ProxyDown::RefuseHere => {
+            count(scope, Counter::ProxyDownRefused);
+            Verdict::Refuse
+        }
         ProxyDown::No if record(sk, scope, family, addr, port) => {
             Verdict::ToProxy(Counter::Redirected)
         }

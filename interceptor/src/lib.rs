@@ -32,7 +32,7 @@ pub use interceptor_common::capacity::SCOPES as SCOPE_TABLE_LIMIT;
 pub use interceptor_common::{Counter, AF_INET, AF_INET6};
 pub use paths::PinLayout;
 pub use register::register;
-pub use settings::{InboundSettings, ProxyDown, ScopeSettings};
+pub use settings::{InboundSettings, ProxyDown, ProxyListener, ScopeSettings};
 pub use stats::{stats, Stats};
 pub use status::{status, Status};
 pub use upgrade::{upgrade, Upgraded};

@@ -12,15 +12,15 @@ use aya::maps::{
 use interceptor_common::{
     maps as names, Counter, CounterKey, InboundConfig, ScopeConfig, ScopeMeta, ScopedV4, ScopedV6,
     ScopedValue, SockKey, AF_INET, AF_INET6, FLAG_FAIL_OPEN, FLAG_INCLUDE4, FLAG_INCLUDE6,
-    FLAG_INCLUDE_PORTS, IN_PORT_EXCLUDED, IN_PORT_INCLUDED, LAYOUT_VERSION, LPM_SCOPE_BITS,
-    META_PATH_LEN,
+    FLAG_INCLUDE_PORTS, FLAG_PROXY_MARKED, IN_PORT_EXCLUDED, IN_PORT_INCLUDED, LAYOUT_VERSION,
+    LPM_SCOPE_BITS, META_PATH_LEN,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     error::{Error, Result},
     paths::PinLayout,
-    settings::{InboundSettings, ProxyDown, ScopeSettings},
+    settings::{InboundSettings, ProxyDown, ProxyListener, ScopeSettings},
 };
 
 fn open(layout: &PinLayout, name: &str) -> Result<MapData> {
@@ -227,6 +227,9 @@ pub fn write_scope(layout: &PinLayout, scope: u64, path: &Path, s: &ScopeSetting
     if s.on_proxy_down == ProxyDown::Open {
         flags |= FLAG_FAIL_OPEN;
     }
+    if s.proxy_listener == ProxyListener::Marked {
+        flags |= FLAG_PROXY_MARKED;
+    }
     let cfg = ScopeConfig {
         proxy_port: s.proxy_port,
         _pad: 0,
@@ -332,6 +335,11 @@ pub fn read_scopes(layout: &PinLayout) -> Result<Vec<StoredScope>> {
                         ProxyDown::Open
                     } else {
                         ProxyDown::Closed
+                    },
+                    proxy_listener: if cfg.flags & FLAG_PROXY_MARKED != 0 {
+                        ProxyListener::Marked
+                    } else {
+                        ProxyListener::Any
                     },
                 },
             },

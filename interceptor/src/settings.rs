@@ -44,6 +44,35 @@ impl FromStr for ProxyDown {
     }
 }
 
+/// How the connect programs recognise the proxy's outbound listener.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyListener {
+    /// Only a listener carrying the bypass mark (`SO_MARK`, which needs `CAP_NET_ADMIN`) is
+    /// the proxy; another process listening on the port gets no connection (the default;
+    /// `interceptor-proxy` marks its outbound listeners).
+    #[default]
+    Marked,
+    /// Any listener on the port is taken for the proxy (for a proxy that cannot mark its
+    /// listening socket, e.g. HAProxy, or one without `CAP_NET_ADMIN`).
+    Any,
+}
+
+impl FromStr for ProxyListener {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "marked" => Ok(ProxyListener::Marked),
+            "any" => Ok(ProxyListener::Any),
+            _ => Err(invalid(
+                "proxy listener",
+                s,
+                "expected `marked` (only a listener with the bypass mark is the proxy) or `any`",
+            )),
+        }
+    }
+}
+
 /// Settings of one inbound scope (a network namespace).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct InboundSettings {
@@ -104,6 +133,8 @@ pub struct ScopeSettings {
     pub include_cidrs: BTreeSet<IpNet>,
     /// Policy while no proxy listens on the outbound port.
     pub on_proxy_down: ProxyDown,
+    /// Which listener on the outbound port is the proxy.
+    pub proxy_listener: ProxyListener,
 }
 
 impl Default for ScopeSettings {
@@ -116,6 +147,7 @@ impl Default for ScopeSettings {
             exclude_cidrs: BTreeSet::new(),
             include_cidrs: BTreeSet::new(),
             on_proxy_down: ProxyDown::Closed,
+            proxy_listener: ProxyListener::Marked,
         }
     }
 }
@@ -128,6 +160,14 @@ impl ScopeSettings {
         }
         if self.exclude_ports.contains(&0) {
             return Err(invalid("excluded port", "0", "a port must be 1-65535"));
+        }
+        if self.proxy_listener == ProxyListener::Marked && self.bypass_mark == 0 {
+            return Err(invalid(
+                "proxy listener",
+                "marked",
+                "the proxy's listener is recognised by the bypass mark, and the bypass mark is 0; \
+                 give a bypass mark, or `any` to take any listener on the port for the proxy",
+            ));
         }
         for net in self.exclude_cidrs.iter().chain(&self.include_cidrs) {
             if net.trunc() != *net {
@@ -270,5 +310,24 @@ mod tests {
         s.validate().unwrap();
         s.proxy_port = 0;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn a_marked_proxy_listener_needs_a_bypass_mark() {
+        let mut s = ScopeSettings {
+            bypass_mark: 0,
+            ..ScopeSettings::default()
+        };
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("proxy listener") && e.contains("any"), "{e}");
+        s.proxy_listener = ProxyListener::Any;
+        s.validate().unwrap();
+        assert_eq!("any".parse::<ProxyListener>().unwrap(), ProxyListener::Any);
+        assert_eq!(
+            " marked".parse::<ProxyListener>().unwrap(),
+            ProxyListener::Marked
+        );
+        let e = "mark".parse::<ProxyListener>().unwrap_err().to_string();
+        assert!(e.contains("mark") && e.contains("any"), "{e}");
     }
 }

@@ -321,17 +321,34 @@ fn no_record_storage_follows_the_scopes_policy() {
     }
 }
 
-/// A stand-in listener on the proxy's outbound port (127.0.0.1:15001) while no proxy runs:
-/// it accepts one connection, asks `SO_ORIGINAL_DST` and `SO_ICP_WORKLOAD` and prints what
-/// it got (`orig=IP:PORT` or `orig=errno N`, `workload=PATH` or `workload=errno N`).
-fn stand_in_listener(w: &World, uid: Option<u32>) -> Proc {
-    let script = "import socket, struct\n\
+/// A stand-in listener on the proxy's outbound port (127.0.0.1:15001) while no proxy runs,
+/// started by `uid` (root when `None`). With `mark` it first sets the bypass mark on its
+/// socket (`mark=ok`, or `mark=errno N` when it may not); with `then_uid` it drops to that
+/// uid once listening. It accepts one connection within 3 s (`accepted` or `none`), asks
+/// `SO_ORIGINAL_DST` and `SO_ICP_WORKLOAD` and prints what it got (`orig=IP:PORT` or
+/// `orig=errno N`, `workload=PATH` or `workload=errno N`), then `done`.
+fn stand_in_listener(w: &World, uid: Option<u32>, mark: bool, then_uid: Option<u32>) -> Proc {
+    let script = format!(
+        "import os, socket, struct\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
          s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         if {mark}:\n    \
+             try:\n        \
+                 s.setsockopt(socket.SOL_SOCKET, 36, 0x539)\n        \
+                 print('mark=ok', flush=True)\n    \
+             except OSError as e:\n        \
+                 print('mark=errno %d' % e.errno, flush=True)\n\
          s.bind(('127.0.0.1', 15001))\n\
          s.listen(8)\n\
+         if {then}:\n    \
+             os.setgid({then}); os.setuid({then})\n\
          print('listening', flush=True)\n\
-         c, _ = s.accept()\n\
+         s.settimeout(3)\n\
+         try:\n    \
+             c, _ = s.accept()\n\
+         except socket.timeout:\n    \
+             print('none', flush=True); print('done', flush=True); raise SystemExit(0)\n\
+         print('accepted', flush=True)\n\
          try:\n    \
              b = c.getsockopt(socket.SOL_IP, 80, 16)\n    \
              print('orig=%s:%d' % (socket.inet_ntoa(b[4:8]), struct.unpack('!H', b[2:4])[0]), flush=True)\n\
@@ -341,60 +358,145 @@ fn stand_in_listener(w: &World, uid: Option<u32>) -> Proc {
              print('workload=%s' % c.getsockopt(socket.SOL_IP, 0x4943, 256).decode(), flush=True)\n\
          except OSError as e:\n    \
              print('workload=errno %d' % e.errno, flush=True)\n\
-         c.close()\n";
+         c.close()\n\
+         print('done', flush=True)\n",
+        mark = if mark { "True" } else { "False" },
+        then = then_uid.unwrap_or(0),
+    );
     let cmd = interceptor_tests::exec_command(
         Some(&w.ns),
         None,
         uid,
-        &["/usr/bin/python3", "-c", script],
+        &["/usr/bin/python3", "-c", &script],
     );
     let mut p = Proc::spawn("stand-in-listener", cmd);
     assert!(
         p.wait_for_stdout("listening", Duration::from_secs(10)),
-        "stand-in listener did not start: {}",
+        "stand-in listener did not start: {} {}",
+        p.stdout(),
         p.stderr()
     );
     p
 }
 
-/// Only the proxy learns where a connection was going (issue 13, item 2, the kernel's
-/// answers): with the proxy stopped, a listener on its port run by root (the control) is
-/// answered `SO_ORIGINAL_DST` and `SO_ICP_WORKLOAD`; the same listener run as `nobody` gets
-/// neither (the kernel's own error), counted as `orig_dst_not_proxy`.
+/// Runs the workload's connect against a stand-in listener; returns the probe's answer and
+/// what the listener printed.
+fn connect_to_stand_in(w: &World, mut l: Proc) -> (Value, String) {
+    let v = w.probe(&w.a, &["hello", SERVER]);
+    assert!(
+        l.wait_for_stdout("done", Duration::from_secs(10)),
+        "the stand-in listener did not finish: {} {}",
+        l.stdout(),
+        l.stderr()
+    );
+    let out = l.stdout();
+    l.kill();
+    (v, out)
+}
+
+/// Only the proxy is the proxy (issue 13, item 2). With the proxy stopped, a listener on its
+/// outbound port run by `nobody` (which cannot set the bypass mark) gets no connection: the
+/// workload's connect fails (`EPERM`, the closed policy), counted as `listener_not_proxy`.
+/// The control: the same listener run by root with the bypass mark, as interceptor-proxy's
+/// are, gets the connection and is told its original destination and workload.
 #[test]
-fn only_root_or_the_proxy_uid_is_told_the_original_destination() {
+fn a_listener_without_the_bypass_mark_gets_no_redirected_connection() {
     let mut w = World::new("esc-impostor");
     w.proxy.kill();
-    for (uid, answered) in [(None, true), (Some(65534), false)] {
-        let mut l = stand_in_listener(&w, uid);
-        let _ = w.probe(&w.a, &["hello", SERVER]);
+    let accepted = w.server.accepted();
+
+    let (v, out) = connect_to_stand_in(&w, stand_in_listener(&w, Some(65534), true, None));
+    assert!(
+        out.contains("mark=errno 1"),
+        "nobody may not set the bypass mark: {out}"
+    );
+    assert!(out.contains("none"), "nobody's listener got nothing: {out}");
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("Operation not permitted"),
+        "closed policy: the workload's connect fails with EPERM: {v}"
+    );
+    let st = w.stats();
+    assert_eq!(
+        st.get(w.a.id(), Counter::ListenerNotProxy),
+        1,
+        "listener_not_proxy"
+    );
+    assert_eq!(st.get(w.a.id(), Counter::Redirected), 0, "redirected");
+    assert_eq!(w.server.accepted(), accepted, "nothing went direct");
+
+    let (v, out) = connect_to_stand_in(&w, stand_in_listener(&w, None, true, None));
+    assert!(out.contains("mark=ok"), "root sets the mark: {out}");
+    assert!(
+        out.contains("accepted"),
+        "the marked listener is taken for the proxy: {out} {v}"
+    );
+    assert!(
+        out.contains(&format!("orig={SERVER}")),
+        "and answered: {out}"
+    );
+    assert!(
+        out.contains(&format!("workload={}", w.a.path().display())),
+        "and told the workload: {out}"
+    );
+    let st = w.stats();
+    assert_eq!(
+        st.get(w.a.id(), Counter::ListenerNotProxy),
+        1,
+        "listener_not_proxy"
+    );
+    assert_eq!(st.get(w.a.id(), Counter::Redirected), 1, "redirected");
+}
+
+/// With `--proxy-listener any` (a proxy that cannot mark its listener, e.g. HAProxy) any
+/// listener on the port receives the connections, as the security model says; the kernel
+/// still tells only root or a bypass uid where they were going. The same holds with the
+/// mark for an accepted socket whose process dropped to another uid.
+#[test]
+fn only_root_or_the_proxy_uid_is_told_the_original_destination() {
+    let mut w = World::new("esc-orig-dst");
+    w.proxy.kill();
+    let any = ScopeSettings {
+        proxy_listener: interceptor::ProxyListener::Any,
+        ..ScopeSettings::default()
+    };
+    interceptor::attach(&w.layout(), w.a.path(), &any).expect("re-attach A, any listener");
+    let cases = [
+        ("root, any listener", None, false, None, true),
+        ("nobody, any listener", Some(65534), false, None, false),
+        ("root marked, then nobody", None, true, Some(65534), false),
+    ];
+    for (what, uid, mark, then_uid, answered) in cases {
+        let (v, out) = connect_to_stand_in(&w, stand_in_listener(&w, uid, mark, then_uid));
         assert!(
-            l.wait_for_stdout("workload=", Duration::from_secs(10)),
-            "the listener (uid {uid:?}) got no connection: {} {}",
-            l.stdout(),
-            l.stderr()
+            out.contains("accepted"),
+            "{what}: got the connection: {out} {v}"
         );
-        let out = l.stdout();
-        l.kill();
         if answered {
             assert!(
                 out.contains(&format!("orig={SERVER}")),
-                "root is answered: {out}"
+                "{what}: answered: {out}"
             );
             assert!(
                 out.contains(&format!("workload={}", w.a.path().display())),
-                "root is told the workload: {out}"
+                "{what}: told the workload: {out}"
             );
         } else {
             assert!(
                 out.contains("orig=errno") && out.contains("workload=errno"),
-                "nobody is told nothing: {out}"
+                "{what}: told nothing: {out}"
             );
         }
     }
+    let st = w.stats();
     assert_eq!(
-        w.stats().get(w.a.id(), Counter::OrigDstNotProxy),
-        2,
-        "orig_dst_not_proxy: both of nobody's questions"
+        st.get(w.a.id(), Counter::OrigDstNotProxy),
+        4,
+        "orig_dst_not_proxy: two questions each from the two non-root askers"
+    );
+    assert_eq!(
+        st.get(w.a.id(), Counter::ListenerNotProxy),
+        0,
+        "listener_not_proxy"
     );
 }

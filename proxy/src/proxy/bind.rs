@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -38,6 +38,7 @@ impl Proxy {
             _ => (None, Inherited::default()),
         };
         let control = control_socket(&config, &mut inherited)?;
+        check_bypass_mark(&config)?;
         let outbound = outbound_listeners(&config, &mut inherited)?;
         let inbound = config
             .inbound
@@ -52,7 +53,6 @@ impl Proxy {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        check_bypass_mark(&config)?;
         let admin = match config.admin {
             None => None,
             Some(addr) => Some({
@@ -108,8 +108,10 @@ fn control_socket(
     }))
 }
 
-/// The outbound listeners, inherited or bound; with the default list, an IPv6 one is
-/// skipped when the host has no IPv6.
+/// The outbound listeners, inherited or bound, each carrying the bypass mark: the connect
+/// programs take only a marked listener on the outbound port for the proxy (a process of the
+/// workload that listens there is not given its connections). With the default list, an
+/// IPv6 one is skipped when the host has no IPv6.
 fn outbound_listeners(
     config: &Config,
     inherited: &mut Inherited,
@@ -117,8 +119,12 @@ fn outbound_listeners(
     let mut outbound = Vec::with_capacity(config.outbound.len());
     for (i, &addr) in config.outbound.iter().enumerate() {
         let bound = match inherited.tcp_listener(&upgrade::outbound_id(i), addr) {
+            // A listener from a process that did not mark it gets the mark now.
+            Some(l) if config.bypass_mark != 0 => {
+                SockRef::from(&l).set_mark(config.bypass_mark).map(|()| l)
+            }
             Some(l) => Ok(l),
-            None => bind_listener(addr),
+            None => bind_listener(addr, config.bypass_mark),
         };
         match bound.and_then(TcpListener::from_std) {
             Ok(l) => outbound.push(l),
@@ -139,6 +145,13 @@ fn outbound_listeners(
     if outbound.is_empty() {
         return Err(ProxyError::NoOutboundListeners);
     }
+    if config.bypass_mark == 0 {
+        warn!(
+            "--bypass-mark 0: the outbound listeners carry no mark, and scopes attached with \
+             --proxy-listener marked (the default) send no connection to an unmarked listener; \
+             attach them with --proxy-listener any"
+        );
+    }
     Ok(outbound)
 }
 
@@ -152,7 +165,7 @@ fn listener(
 ) -> Result<TcpListener, ProxyError> {
     inherited
         .tcp_listener(id, addr)
-        .map_or_else(|| bind_listener(addr), Ok)
+        .map_or_else(|| bind_listener(addr, 0), Ok)
         .and_then(TcpListener::from_std)
         .map_err(|error| ProxyError::Bind { what, addr, error })
 }

@@ -47,7 +47,7 @@ const PEER4: &str = "10.77.0.2";
 const APP6: &str = "fd77::1";
 const PEER6: &str = "fd77::2";
 const ADMIN: &str = "127.0.0.1:15000";
-/// HAProxy's outbound listener (the second cgroup is attached with `--proxy-port 15002`).
+/// HAProxy's outbound listener (the second cgroup is attached with `--proxy-port 15002 --proxy-listener any`).
 const HAPROXY_PORT: u16 = 15002;
 /// Bytes each way of the byte-exact transfers.
 const BULK: &str = "1048576";
@@ -187,7 +187,7 @@ struct World {
     /// Held so that the servers run until the world is dropped.
     _servers: Vec<ProbeServer>,
     pin: PinDir,
-    /// The cgroup whose connections HAProxy takes (attached with `--proxy-port 15002`).
+    /// The cgroup whose connections HAProxy takes (attached with `--proxy-port 15002 --proxy-listener any`).
     cg_ha: TestCgroup,
     /// The workload's cgroup (attached with the defaults: `interceptor-proxy` on 15001).
     cg: TestCgroup,
@@ -905,6 +905,9 @@ fn haproxy(s: &mut Suite) -> Outcome {
             &cg,
             "--proxy-port",
             &HAPROXY_PORT.to_string(),
+            // HAProxy cannot put the bypass mark on its listener.
+            "--proxy-listener",
+            "any",
         ],
     )?;
     let target = addr(PEER4, 8080);
