@@ -119,9 +119,9 @@ impl Handler for Inbound {
             reset_on_close(&client);
             return;
         }
-        let opts = UpstreamOptions {
+        let opts = |dst| UpstreamOptions {
             bypass_mark: self.bypass_mark,
-            source: Some(self.source_for(orig_dst)),
+            source: Some(self.source_for(dst)),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
         };
@@ -129,7 +129,7 @@ impl Handler for Inbound {
             client,
             peer,
             orig_dst,
-            &opts,
+            opts,
             &self.stats,
             Direction::Inbound,
         )

@@ -89,7 +89,7 @@ impl Handler for Outbound {
                 return;
             }
         }
-        let opts = UpstreamOptions {
+        let opts = |_| UpstreamOptions {
             bypass_mark: self.bypass_mark,
             source: None,
             connect_timeout: self.connect_timeout,
@@ -99,7 +99,7 @@ impl Handler for Outbound {
             client,
             peer,
             orig_dst,
-            &opts,
+            opts,
             &self.stats,
             Direction::Outbound,
         )

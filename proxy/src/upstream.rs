@@ -95,11 +95,14 @@ fn classify_connect_error(e: &io::Error) -> ConnectErrorKind {
 /// forwarded (and its connect time observed), the bytes are counted as they flow, the
 /// connection's duration when it closes, and its destination's counters when
 /// per-destination stats are on.
+///
+/// `opts` makes the upstream options for `dst` when they are needed (for the connect, then
+/// the idle timeout), so that no copy of them is held in every open connection's future.
 pub async fn connect_and_forward(
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    opts: &UpstreamOptions,
+    opts: impl Fn(SocketAddr) -> UpstreamOptions,
     all: &Stats,
     dir: Direction,
 ) {
@@ -108,7 +111,7 @@ pub async fn connect_and_forward(
     all.destinations.connection(dir, dst);
     let started = Instant::now();
     // Boxed so the connect state does not grow every idle connection's future.
-    let connected = Box::pin(connect_upstream(dst, opts)).await;
+    let connected = Box::pin(async { connect_upstream(dst, &opts(dst)).await }).await;
     let upstream = match connected {
         Ok(s) => s,
         Err((kind, e)) => {
@@ -125,7 +128,7 @@ pub async fn connect_and_forward(
         stats.upstream_connect_seconds.observe(now - started);
         now
     };
-    let report = forward(client, upstream, stats, opts.idle_timeout).await;
+    let report = forward(client, upstream, stats, opts(dst).idle_timeout).await;
     stats.connection_seconds.observe(started.elapsed());
     all.destinations.closed(
         dir,

@@ -21,5 +21,5 @@ pub async fn serve(
     stats: &Stats,
 ) {
     let dst = routing.current().default_endpoint(plan, orig_dst);
-    connect_and_forward(client, peer, dst, opts, stats, Direction::Outbound).await
+    connect_and_forward(client, peer, dst, |_| *opts, stats, Direction::Outbound).await
 }

@@ -39,5 +39,5 @@ pub async fn serve(
         None => table.default_endpoint(plan, orig_dst),
     };
     debug!(client = %peer, sni = ?sni, upstream = %dst, "TLS passthrough");
-    connect_and_forward(client, peer, dst, opts, stats, Direction::Outbound).await
+    connect_and_forward(client, peer, dst, |_| *opts, stats, Direction::Outbound).await
 }
