@@ -630,6 +630,9 @@ fn transfer_in_flight_completes_within_the_deadline_and_is_closed_at_it() {
     w.assert_both_directions_proxied();
 }
 
+/// What a new process logs once it has asked the running one for its listeners.
+const ASKED: &str = "asked the running proxy for its listening sockets";
+
 #[test]
 fn a_new_process_that_fails_before_ready_changes_nothing() {
     let mut w = World::new("upg-fail", DRAIN).with_nginx();
@@ -676,7 +679,7 @@ fn a_new_process_that_fails_before_ready_changes_nothing() {
     //    so the kill lands exactly there).
     w.current().signal(Signal::SIGSTOP);
     let mut killed = w.spawn_upgrade(DRAIN, &[]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_log(&mut killed, ASKED, Duration::from_secs(30));
     killed.kill();
     w.current().signal(Signal::SIGCONT);
     wait_log(
@@ -687,10 +690,10 @@ fn a_new_process_that_fails_before_ready_changes_nothing() {
 
     // 3. Two at once: one takes over, the other is refused (whichever asked second).
     w.current().signal(Signal::SIGSTOP);
-    let a = w.spawn_upgrade(DRAIN, &[]);
-    std::thread::sleep(Duration::from_millis(300));
-    let b = w.spawn_upgrade(DRAIN, &[]);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut a = w.spawn_upgrade(DRAIN, &[]);
+    wait_log(&mut a, ASKED, Duration::from_secs(30));
+    let mut b = w.spawn_upgrade(DRAIN, &[]);
+    wait_log(&mut b, ASKED, Duration::from_secs(30));
     w.current().signal(Signal::SIGCONT);
     let refused = "another upgrade is in progress";
     let deadline = Instant::now() + Duration::from_secs(30);

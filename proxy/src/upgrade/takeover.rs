@@ -113,6 +113,7 @@ pub async fn take_over(path: &Path) -> Result<(Takeover, Inherited), UpgradeErro
     )
     .await
     .map_err(|e| protocol(format!("sending hello: {e}")))?;
+    info!(path = %path.display(), "asked the running proxy for its listening sockets");
     let reply = tokio::time::timeout(HANDOFF_TIMEOUT, chan.recv())
         .await
         .map_err(|_| {
