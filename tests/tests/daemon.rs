@@ -58,12 +58,18 @@ fn hello_from(ns: &NetNs, cg: &Path) -> bool {
     v["proxied"].as_bool().expect("proxied field")
 }
 
+/// The admin address (`/metrics`, `/scopes`) the tests give a daemon that listens at `listen`.
+fn admin_of(listen: SocketAddr) -> SocketAddr {
+    SocketAddr::new(listen.ip(), listen.port() + 20)
+}
+
 fn write_config(path: &Path, pin: &PinDir, listen: SocketAddr, root: &Path, extra: &str) {
     std::fs::write(
         path,
         format!(
-            "pin_dir = \"{}\"\nlisten = \"{listen}\"\ncgroup_root = \"{}\"\n{extra}",
+            "pin_dir = \"{}\"\nlisten = \"{listen}\"\nadmin_listen = \"{}\"\ncgroup_root = \"{}\"\n{extra}",
             pin.as_str(),
+            admin_of(listen),
             root.display()
         ),
     )
@@ -167,7 +173,7 @@ fn daemon_units_reattach_reload_and_exit() {
             .scopes
     );
 
-    let (code, metrics) = get(listen, "/metrics");
+    let (code, metrics) = get(admin_of(listen), "/metrics");
     assert_eq!(code, 200);
     assert!(
         metrics.contains("interceptor_decisions_total{"),
@@ -179,7 +185,7 @@ fn daemon_units_reattach_reload_and_exit() {
     );
     assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
     assert_eq!(get(listen, "/healthz").0, 200);
-    let (code, scopes_json) = get(listen, "/scopes");
+    let (code, scopes_json) = get(admin_of(listen), "/scopes");
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&scopes_json).unwrap();
     assert_eq!(v["scope/web.service"]["ready"], true, "{v}");
