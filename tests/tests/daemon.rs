@@ -596,3 +596,120 @@ fn daemon_http_bounds_concurrent_requests() {
         .expect("no exit")
         .success());
 }
+
+/// The window after a unit restart (issue 18, item 7), before and after. A unit restart
+/// makes a new cgroup, which the daemon sees and attaches only after it appears: connections
+/// made at once by the new process go out unintercepted. Attaching at a slice closes it: the
+/// slice's cgroup outlives the restarts of the units in it, and the kernel gives each new
+/// child cgroup its parent's programs at creation (cgroup links are multi-attach), before any
+/// process is in it. The test restarts a unit configured by name (`unit = "web.service"` in
+/// `system.slice`) and a unit in a slice configured as the scope (`slice = "intercept.slice"`,
+/// the unit `intercept.slice/web2.service`) 8 times each; after each restart a process is
+/// started in the new cgroup at once and connects as its first action, then again and again
+/// until a connection is proxied. Printed per kind: how many first connections went direct
+/// and the window (from the cgroup's creation to the start of the first proxied process).
+/// Asserted: in the slice, every first connection is proxied.
+#[test]
+fn daemon_unit_restart_window_closed_by_a_slice() {
+    interceptor_tests::register_helper_bins!();
+    const RESTARTS: usize = 8;
+    let ns = NetNs::new("daemon_window");
+    let cg = TestCgroup::new("daemon_window");
+    let pin = PinDir::new("daemon_window");
+    let scratch = ScratchDir::new("daemon_window");
+    let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
+    let _proxy = start_proxy(&ns, &["--admin", DEFAULT_ADMIN]);
+    let web = cg.path().join("system.slice/web.service");
+    let slice = cg.path().join("intercept.slice");
+    let web2 = slice.join("web2.service");
+    for d in [&web, &web2] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let listen: SocketAddr = "127.0.0.1:15936".parse().unwrap();
+    let config = scratch.join("config.toml");
+    write_config(
+        &config,
+        &pin,
+        listen,
+        cg.path(),
+        "[[scope]]\nunit = \"web.service\"\n\n[[scope]]\nslice = \"intercept.slice\"\n",
+    );
+    let mut daemon = start_daemon(&config);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            let ids = attached_ids(&pin);
+            get(listen, "/ready").0 == 200 && ids.contains(&ino(&web)) && ids.contains(&ino(&slice))
+        }),
+        "unit and slice not attached: {}",
+        daemon.stderr()
+    );
+    assert!(hello_from(&ns, &web), "web.service not proxied");
+    assert!(
+        hello_from(&ns, &web2),
+        "intercept.slice/web2.service not proxied"
+    );
+
+    // One restart: the cgroup removed and made again, then processes started in it at once,
+    // one after the other, each connecting first thing, until one is proxied. Returns whether
+    // the first was proxied and the window (zero when it was).
+    let restart = |unit: &Path| -> (bool, Duration) {
+        std::fs::remove_dir(unit).unwrap();
+        std::fs::create_dir(unit).unwrap();
+        let made = Instant::now();
+        let mut first = None;
+        loop {
+            let started = made.elapsed();
+            let proxied = hello_from(&ns, unit);
+            first.get_or_insert(proxied);
+            if proxied {
+                return (
+                    first.unwrap(),
+                    if first == Some(true) {
+                        Duration::ZERO
+                    } else {
+                        started
+                    },
+                );
+            }
+            assert!(
+                made.elapsed() < Duration::from_secs(10),
+                "{} never intercepted after its restart: {}",
+                unit.display(),
+                daemon.stderr()
+            );
+        }
+    };
+    let mut report = Vec::new();
+    for (kind, unit) in [
+        ("unit scope (web.service)", &web),
+        ("slice scope (intercept.slice)", &slice.join("web2.service")),
+    ] {
+        let mut direct = 0;
+        let mut windows = Vec::new();
+        for _ in 0..RESTARTS {
+            let (first_proxied, window) = restart(unit);
+            if !first_proxied {
+                direct += 1;
+            }
+            windows.push(window);
+        }
+        windows.sort();
+        println!(
+            "{kind}: {RESTARTS} restarts, {direct} first connections went direct; window min {:?}, median {:?}, max {:?}",
+            windows[0],
+            windows[RESTARTS / 2],
+            windows[RESTARTS - 1]
+        );
+        report.push((kind, direct, windows));
+    }
+    let (_, slice_direct, slice_windows) = &report[1];
+    assert_eq!(
+        *slice_direct, 0,
+        "a unit in an attached slice ran unintercepted after a restart: windows {slice_windows:?}"
+    );
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("daemon did not exit")
+        .success());
+}
