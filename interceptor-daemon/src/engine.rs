@@ -310,6 +310,19 @@ fn pass(
     } else {
         None
     };
+    // Scopes that may hold others (slices, cgroup paths), resolved first: a scope inside one
+    // of them is refused, whatever their order.
+    let outer: Vec<(String, PathBuf)> = wanted
+        .iter()
+        .filter(|s| {
+            s.invalid.is_none()
+                && matches!(
+                    s.target,
+                    SpecTarget::Config(Target::Slice(_) | Target::Cgroup(_))
+                )
+        })
+        .filter_map(|s| Some((s.key.clone(), r.cgroup(&s.target)?)))
+        .collect();
     for spec in wanted {
         let l = live.entry(spec.key.clone()).or_insert_with(|| Live {
             spec: spec.clone(),
@@ -363,7 +376,7 @@ fn pass(
             .as_ref()
             .map(|v| v.iter().map(|s| s.id).collect())
             .unwrap_or_default();
-        scope_pass(layout, r, l, changed, &stored);
+        scope_pass(layout, r, l, changed, &stored, &outer);
         l.state.registered = l.registered;
         l.state.cgroup_id = l.out.as_ref().map(|o| o.0);
         l.state.inbound_scope_id = l.inb.as_ref().map(|i| i.0);
@@ -487,7 +500,26 @@ fn resolve_cgroup(r: &Resolver, l: &mut Live) -> Option<PathBuf> {
     r.cgroup(&l.spec.target)
 }
 
-fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool, stored: &[u64]) {
+/// The scope of `outer` that holds `path`, if any: a strict ancestor, or the same cgroup
+/// under a key that sorts first (one of two scopes of one cgroup is kept).
+fn enclosing<'a>(
+    outer: &'a [(String, PathBuf)],
+    key: &str,
+    path: &Path,
+) -> Option<&'a (String, PathBuf)> {
+    outer
+        .iter()
+        .find(|(k, p)| k != key && path.starts_with(p) && (path != p.as_path() || k.as_str() < key))
+}
+
+fn scope_pass(
+    layout: &PinLayout,
+    r: &Resolver,
+    l: &mut Live,
+    changed: bool,
+    stored: &[u64],
+    outer: &[(String, PathBuf)],
+) {
     let key = l.spec.key.clone();
     if let Some(why) = l.spec.invalid.clone() {
         // Only a scope never attached with good settings gets here: nothing of it is
@@ -505,6 +537,25 @@ fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool, sto
         return;
     };
     l.state.cgroup = Some(path.clone());
+    // Scopes cannot be nested: the connect programs of a cgroup run before its ancestors',
+    // and an ancestor's program removes the record of a connect it finds already sent to
+    // the proxy, so the proxy would reset every connection of the inner scope. The outer
+    // scope already intercepts this cgroup (with its own settings): the inner one is refused.
+    if let Some((k, p)) = enclosing(outer, &key, &path) {
+        let why = format!(
+            "not attached: its cgroup is inside scope {k} ({}), which already intercepts it; scopes cannot be nested (the outer one's programs would drop this one's records): remove one of the two from the config",
+            p.display()
+        );
+        if l.state.waiting.as_deref() != Some(why.as_str()) {
+            tracing::error!(scope = %key, cgroup = %path.display(), outer = %k, "scope inside another scope: refused");
+        }
+        if l.out.is_some() || l.inb.is_some() {
+            detach_all_of(layout, l);
+        }
+        l.state.last_error = Some(why.clone());
+        l.state.waiting = Some(why);
+        return;
+    }
     let Ok(ino) = std::fs::metadata(&path).map(|m| m.ino()) else {
         l.state.waiting = Some("cgroup vanished while resolving it".into());
         return;

@@ -713,3 +713,68 @@ fn daemon_unit_restart_window_closed_by_a_slice() {
         .expect("daemon did not exit")
         .success());
 }
+
+/// Scopes cannot be nested: a unit configured by name inside a slice that is configured too
+/// would have its connections reset (the slice's connect program runs after the unit's and
+/// removes the record of a connect already sent to the proxy). The daemon refuses the inner
+/// scope, says why in `/scopes` and the log, and the unit's connections are intercepted by
+/// the slice's programs. The unit is listed first, so order does not decide. Fails with the
+/// unit attached as well: its connection is reset by the proxy (no original destination).
+#[test]
+fn daemon_refuses_a_scope_inside_another() {
+    interceptor_tests::register_helper_bins!();
+    let ns = NetNs::new("daemon_nested");
+    let cg = TestCgroup::new("daemon_nested");
+    let pin = PinDir::new("daemon_nested");
+    let scratch = ScratchDir::new("daemon_nested");
+    let _server = ProbeServer::start_in(ns.path(), &[SERVER.parse().unwrap()]).expect("server");
+    let _proxy = start_proxy(&ns, &["--admin", DEFAULT_ADMIN]);
+    let slice = cg.path().join("intercept.slice");
+    let web2 = slice.join("web2.service");
+    std::fs::create_dir_all(&web2).unwrap();
+    let listen: SocketAddr = "127.0.0.1:15937".parse().unwrap();
+    let config = scratch.join("config.toml");
+    write_config(
+        &config,
+        &pin,
+        listen,
+        cg.path(),
+        "[[scope]]\nunit = \"web2.service\"\nexclude_ports = [9]\n\n[[scope]]\nslice = \"intercept.slice\"\n",
+    );
+    let mut daemon = start_daemon(&config);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            get(listen, "/ready").0 == 200 && attached_ids(&pin).contains(&ino(&slice))
+        }),
+        "slice not attached: {}",
+        daemon.stderr()
+    );
+    let v = probe_in(&ns, Some(&web2), None, &["hello", SERVER]);
+    assert!(
+        v.get("error").is_none() && v["proxied"] == true,
+        "a connection from the unit inside the attached slice: {v}\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        !attached_ids(&pin).contains(&ino(&web2)),
+        "the unit inside the slice was attached too"
+    );
+    let (code, scopes) = get(admin_of(listen), "/scopes");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&scopes).unwrap();
+    let waiting = v["scope/web2.service"]["waiting"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        waiting.contains("inside scope scope/intercept.slice") && waiting.contains("remove one"),
+        "{v}"
+    );
+    assert!(daemon
+        .stderr()
+        .contains("scope inside another scope: refused"));
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("daemon did not exit")
+        .success());
+}
