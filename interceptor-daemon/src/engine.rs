@@ -1,6 +1,7 @@
 //! The daemon's reconcile loop: one thread that brings what is attached in line with what is
 //! wanted (the config's scopes and, in node agent mode, the pods that opt in), every
-//! `rescan_interval` and at once when something changes. It only calls the library
+//! `rescan_interval` and at once when something changes (a pod event, a reload, a new cgroup
+//! where a unit scope's cgroup lives: inotify). It only calls the library
 //! (`attach`, `attach_inbound`, `register`, `detach_id`); the pins are the truth, so a
 //! restarted daemon finds its scopes attached and updates them in place.
 //!
@@ -214,6 +215,9 @@ struct Live {
     /// A process of the pod in another namespace (`unshare -n`) never moves it.
     netns_ino: Option<u64>,
     registered: bool,
+    /// A unit's cgroup as last found: looked for there first after a restart, and its
+    /// parent directory watched for the new one.
+    last_dir: Option<PathBuf>,
     next_register: Instant,
     next_search: Instant,
     retry_at: Option<Instant>,
@@ -224,9 +228,62 @@ const REGISTER_EVERY: Duration = Duration::from_secs(1);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 const SEARCH_EVERY: Duration = Duration::from_secs(1);
 
+/// Wakes the engine as soon as a cgroup is made in a directory that holds a unit scope's
+/// cgroup (`system.slice` for most): a restarted unit's new cgroup is attached at once, not
+/// at the next rescan. Without inotify the rescan alone finds it.
+struct CgroupWatch(Option<Arc<nix::sys::inotify::Inotify>>);
+
+impl CgroupWatch {
+    fn start(shared: Arc<Shared>) -> CgroupWatch {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let ino = match Inotify::init(InitFlags::IN_CLOEXEC) {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable: a restarted unit's cgroup is found at the next rescan");
+                return CgroupWatch(None);
+            }
+        };
+        let reader = ino.clone();
+        // Not joined: it blocks reading events until the process exits.
+        let started = std::thread::Builder::new()
+            .name("cgroup-watch".into())
+            .spawn(move || loop {
+                match reader.read_events() {
+                    Ok(ev) => {
+                        if ev.iter().any(|e| e.mask.contains(AddWatchFlags::IN_CREATE)) {
+                            shared.wake();
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading cgroup events; restarted units are found at the rescan");
+                        return;
+                    }
+                }
+            });
+        match started {
+            Ok(_) => CgroupWatch(Some(ino)),
+            Err(e) => {
+                tracing::warn!(error = %e, "starting the cgroup watch thread");
+                CgroupWatch(None)
+            }
+        }
+    }
+
+    /// Watches `dir` for new cgroups (again each pass: cheap, and a directory made anew
+    /// needs a new watch).
+    fn watch(&self, dir: &Path) {
+        use nix::sys::inotify::AddWatchFlags;
+        if let Some(i) = &self.0 {
+            let _ = i.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ONLYDIR);
+        }
+    }
+}
+
 /// The reconcile loop; returns when [`Shared::stop`] is called.
 pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval: Duration) {
     let mut live: BTreeMap<String, Live> = BTreeMap::new();
+    let watch = CgroupWatch::start(shared.clone());
     let mut reconciled = false;
     loop {
         let stopping = shared.stop.load(Ordering::SeqCst);
@@ -239,6 +296,14 @@ pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval:
         let synced = !agent || shared.pods_synced.load(Ordering::SeqCst);
         let wanted = shared.wanted();
         pass(&shared, &layout, &resolver, &wanted, &mut live);
+        for l in live.values() {
+            if let (SpecTarget::Config(Target::Unit(_)), Some(dir)) = (&l.spec.target, &l.last_dir)
+            {
+                if let Some(parent) = dir.parent() {
+                    watch.watch(parent);
+                }
+            }
+        }
         if !reconciled && synced {
             reconciled = true;
             let n = reconcile(&layout, &resolver, &wanted, &live, agent);
@@ -330,6 +395,7 @@ fn pass(
             inb: None,
             netns_ino: None,
             registered: false,
+            last_dir: None,
             next_register: Instant::now(),
             next_search: Instant::now(),
             retry_at: None,
@@ -483,7 +549,7 @@ fn detach_all_of(layout: &PinLayout, l: &mut Live) {
 /// most once a second (it may read many directories).
 fn resolve_cgroup(r: &Resolver, l: &mut Live) -> Option<PathBuf> {
     if let SpecTarget::Config(Target::Unit(_)) = &l.spec.target {
-        if let Some(p) = l.state.cgroup.as_ref().filter(|p| p.is_dir()) {
+        if let Some(p) = l.last_dir.as_ref().filter(|p| p.is_dir()) {
             return Some(p.clone());
         }
         let direct = r.cgroup_root.join("system.slice");
@@ -537,6 +603,7 @@ fn scope_pass(
         return;
     };
     l.state.cgroup = Some(path.clone());
+    l.last_dir = Some(path.clone());
     // Scopes cannot be nested: the connect programs of a cgroup run before its ancestors',
     // and an ancestor's program removes the record of a connect it finds already sent to
     // the proxy, so the proxy would reset every connection of the inner scope. The outer

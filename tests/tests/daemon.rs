@@ -608,7 +608,9 @@ fn daemon_http_bounds_concurrent_requests() {
 /// started in the new cgroup at once and connects as its first action, then again and again
 /// until a connection is proxied. Printed per kind: how many first connections went direct
 /// and the window (from the cgroup's creation to the start of the first proxied process).
-/// Asserted: in the slice, every first connection is proxied.
+/// Asserted: in the slice, every first connection is proxied; with the rescan set to 10 s,
+/// the unit's new cgroup is still attached within 3 s of each restart (the daemon watches
+/// the directory that holds a unit's cgroup, and is woken when the new one is made).
 #[test]
 fn daemon_unit_restart_window_closed_by_a_slice() {
     interceptor_tests::register_helper_bins!();
@@ -632,7 +634,9 @@ fn daemon_unit_restart_window_closed_by_a_slice() {
         &pin,
         listen,
         cg.path(),
-        "[[scope]]\nunit = \"web.service\"\n\n[[scope]]\nslice = \"intercept.slice\"\n",
+        // A rescan far above the windows measured: the unit's new cgroup is found through
+        // the daemon's inotify watch on `system.slice`, not by the rescan.
+        "rescan_interval_ms = 10000\n[[scope]]\nunit = \"web.service\"\n\n[[scope]]\nslice = \"intercept.slice\"\n",
     );
     let mut daemon = start_daemon(&config);
     assert!(
@@ -702,6 +706,12 @@ fn daemon_unit_restart_window_closed_by_a_slice() {
         );
         report.push((kind, direct, windows));
     }
+    let (_, _, unit_windows) = &report[0];
+    assert!(
+        unit_windows[RESTARTS - 1] < Duration::from_secs(3),
+        "with a 10 s rescan a restarted unit waited {:?}: the new cgroup was not seen when made",
+        unit_windows[RESTARTS - 1]
+    );
     let (_, slice_direct, slice_windows) = &report[1];
     assert_eq!(
         *slice_direct, 0,
