@@ -17,10 +17,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.check {
         let c = interceptor_daemon::config::load(&a.config)?;
         println!(
-            "{}: ok: {} scope(s), listen {}, pin dir {}{}",
+            "{}: ok: {} scope(s), listen {}, admin_listen {}, pin dir {}{}",
             a.config.display(),
             c.scopes.len(),
             c.listen,
+            c.admin_listen,
             c.pin_dir.display(),
             c.kubernetes
                 .map(|k| format!(", node agent for node {}", k.node_name))

@@ -5,7 +5,8 @@
 //!
 //! ```toml
 //! pin_dir = "/sys/fs/bpf/interceptor"   # default
-//! listen = "127.0.0.1:15030"            # /healthz, /ready, /metrics, /scopes, /pods/NS/NAME/ready
+//! listen = "127.0.0.1:15030"            # public: /healthz, /ready, /pods/NS/NAME/ready (the pods' gate)
+//! admin_listen = "127.0.0.1:15031"      # loopback: all of those, /metrics and /scopes (they list every scope)
 //! rescan_interval_ms = 100              # how often scopes are checked (a recreated cgroup)
 //! detach_on_exit = false                # default: interception stays in place when the daemon exits
 //! cgroup_root = "/sys/fs/cgroup"        # where unit and slice names resolve (default: the cgroup2 mount)
@@ -55,6 +56,8 @@ use crate::error::{Error, Result};
 
 /// Default address of the daemon's HTTP endpoints.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15030";
+/// Default address of the endpoints that list every scope (`/metrics`, `/scopes`).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15031";
 /// Default interval between two checks of every scope.
 pub const DEFAULT_RESCAN: Duration = Duration::from_millis(100);
 
@@ -62,7 +65,11 @@ pub const DEFAULT_RESCAN: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub pin_dir: PathBuf,
+    /// Public endpoints: health, readiness, the per-pod gate.
     pub listen: SocketAddr,
+    /// Every endpoint, including `/metrics` and `/scopes`; loopback unless the operator
+    /// says otherwise (a non-loopback address is logged as a warning at start).
+    pub admin_listen: SocketAddr,
     pub rescan_interval: Duration,
     pub detach_on_exit: bool,
     /// Where unit and slice names resolve; `None`: the cgroup2 mount.
@@ -118,6 +125,7 @@ pub struct KubeConfig {
 struct RawConfig {
     pin_dir: Option<PathBuf>,
     listen: Option<String>,
+    admin_listen: Option<String>,
     rescan_interval_ms: Option<u64>,
     detach_on_exit: Option<bool>,
     cgroup_root: Option<PathBuf>,
@@ -251,6 +259,28 @@ pub fn parse(file: &Path, text: &str) -> Result<Config> {
             )
         })?,
     };
+    let admin_listen: SocketAddr = match &raw.admin_listen {
+        None => DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+        Some(l) => l.parse().map_err(|_| {
+            src.err_at(
+                top("admin_listen"),
+                "admin_listen",
+                &format!("{l:?} is not an address"),
+                "give a loopback IP:PORT, e.g. \"127.0.0.1:15031\"",
+            )
+        })?,
+    };
+    if admin_listen == listen
+        || (admin_listen.port() == listen.port()
+            && (admin_listen.ip().is_unspecified() || listen.ip().is_unspecified()))
+    {
+        return Err(src.err_at(
+            top("admin_listen"),
+            "admin_listen",
+            &format!("{admin_listen} is also `listen` ({listen})"),
+            "give the admin endpoints a port of their own, e.g. \"127.0.0.1:15031\"",
+        ));
+    }
     let rescan_interval = match raw.rescan_interval_ms {
         None => DEFAULT_RESCAN,
         Some(ms) if (10..=10_000).contains(&ms) => Duration::from_millis(ms),
@@ -314,6 +344,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config> {
     Ok(Config {
         pin_dir,
         listen,
+        admin_listen,
         rescan_interval,
         detach_on_exit: raw.detach_on_exit.unwrap_or(false),
         cgroup_root: raw.cgroup_root,
@@ -685,5 +716,15 @@ cgroup_driver = "systemd"
         );
         let e = err("[[scope]\n");
         assert!(e.contains("line 1"), "{e}");
+        let e = err("listen = \"0.0.0.0:15030\"\nadmin_listen = \"127.0.0.1:15030\"\n");
+        assert!(
+            e.contains("line 2, column 1: admin_listen") && e.contains("port of their own"),
+            "{e}"
+        );
+        let e = err("admin_listen = \"loopback\"\n");
+        assert!(
+            e.contains("admin_listen") && e.contains("not an address"),
+            "{e}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The daemon's reconcile loop: one thread that brings what is attached in line with what is
 //! wanted (the config's scopes and, in node agent mode, the pods that opt in), every
-//! `rescan_interval` and at once when something changes. It only calls the library
+//! `rescan_interval` and at once when something changes (a pod event, a reload, a new cgroup
+//! where a unit scope's cgroup lives: inotify). It only calls the library
 //! (`attach`, `attach_inbound`, `register`, `detach_id`); the pins are the truth, so a
 //! restarted daemon finds its scopes attached and updates them in place.
 //!
@@ -214,6 +215,9 @@ struct Live {
     /// A process of the pod in another namespace (`unshare -n`) never moves it.
     netns_ino: Option<u64>,
     registered: bool,
+    /// A unit's cgroup as last found: looked for there first after a restart, and its
+    /// parent directory watched for the new one.
+    last_dir: Option<PathBuf>,
     next_register: Instant,
     next_search: Instant,
     retry_at: Option<Instant>,
@@ -224,9 +228,62 @@ const REGISTER_EVERY: Duration = Duration::from_secs(1);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 const SEARCH_EVERY: Duration = Duration::from_secs(1);
 
+/// Wakes the engine as soon as a cgroup is made in a directory that holds a unit scope's
+/// cgroup (`system.slice` for most): a restarted unit's new cgroup is attached at once, not
+/// at the next rescan. Without inotify the rescan alone finds it.
+struct CgroupWatch(Option<Arc<nix::sys::inotify::Inotify>>);
+
+impl CgroupWatch {
+    fn start(shared: Arc<Shared>) -> CgroupWatch {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let ino = match Inotify::init(InitFlags::IN_CLOEXEC) {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable: a restarted unit's cgroup is found at the next rescan");
+                return CgroupWatch(None);
+            }
+        };
+        let reader = ino.clone();
+        // Not joined: it blocks reading events until the process exits.
+        let started = std::thread::Builder::new()
+            .name("cgroup-watch".into())
+            .spawn(move || loop {
+                match reader.read_events() {
+                    Ok(ev) => {
+                        if ev.iter().any(|e| e.mask.contains(AddWatchFlags::IN_CREATE)) {
+                            shared.wake();
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading cgroup events; restarted units are found at the rescan");
+                        return;
+                    }
+                }
+            });
+        match started {
+            Ok(_) => CgroupWatch(Some(ino)),
+            Err(e) => {
+                tracing::warn!(error = %e, "starting the cgroup watch thread");
+                CgroupWatch(None)
+            }
+        }
+    }
+
+    /// Watches `dir` for new cgroups (again each pass: cheap, and a directory made anew
+    /// needs a new watch).
+    fn watch(&self, dir: &Path) {
+        use nix::sys::inotify::AddWatchFlags;
+        if let Some(i) = &self.0 {
+            let _ = i.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ONLYDIR);
+        }
+    }
+}
+
 /// The reconcile loop; returns when [`Shared::stop`] is called.
 pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval: Duration) {
     let mut live: BTreeMap<String, Live> = BTreeMap::new();
+    let watch = CgroupWatch::start(shared.clone());
     let mut reconciled = false;
     loop {
         let stopping = shared.stop.load(Ordering::SeqCst);
@@ -239,6 +296,14 @@ pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval:
         let synced = !agent || shared.pods_synced.load(Ordering::SeqCst);
         let wanted = shared.wanted();
         pass(&shared, &layout, &resolver, &wanted, &mut live);
+        for l in live.values() {
+            if let (SpecTarget::Config(Target::Unit(_)), Some(dir)) = (&l.spec.target, &l.last_dir)
+            {
+                if let Some(parent) = dir.parent() {
+                    watch.watch(parent);
+                }
+            }
+        }
         if !reconciled && synced {
             reconciled = true;
             let n = reconcile(&layout, &resolver, &wanted, &live, agent);
@@ -310,6 +375,19 @@ fn pass(
     } else {
         None
     };
+    // Scopes that may hold others (slices, cgroup paths), resolved first: a scope inside one
+    // of them is refused, whatever their order.
+    let outer: Vec<(String, PathBuf)> = wanted
+        .iter()
+        .filter(|s| {
+            s.invalid.is_none()
+                && matches!(
+                    s.target,
+                    SpecTarget::Config(Target::Slice(_) | Target::Cgroup(_))
+                )
+        })
+        .filter_map(|s| Some((s.key.clone(), r.cgroup(&s.target)?)))
+        .collect();
     for spec in wanted {
         let l = live.entry(spec.key.clone()).or_insert_with(|| Live {
             spec: spec.clone(),
@@ -317,6 +395,7 @@ fn pass(
             inb: None,
             netns_ino: None,
             registered: false,
+            last_dir: None,
             next_register: Instant::now(),
             next_search: Instant::now(),
             retry_at: None,
@@ -363,7 +442,7 @@ fn pass(
             .as_ref()
             .map(|v| v.iter().map(|s| s.id).collect())
             .unwrap_or_default();
-        scope_pass(layout, r, l, changed, &stored);
+        scope_pass(layout, r, l, changed, &stored, &outer);
         l.state.registered = l.registered;
         l.state.cgroup_id = l.out.as_ref().map(|o| o.0);
         l.state.inbound_scope_id = l.inb.as_ref().map(|i| i.0);
@@ -470,7 +549,7 @@ fn detach_all_of(layout: &PinLayout, l: &mut Live) {
 /// most once a second (it may read many directories).
 fn resolve_cgroup(r: &Resolver, l: &mut Live) -> Option<PathBuf> {
     if let SpecTarget::Config(Target::Unit(_)) = &l.spec.target {
-        if let Some(p) = l.state.cgroup.as_ref().filter(|p| p.is_dir()) {
+        if let Some(p) = l.last_dir.as_ref().filter(|p| p.is_dir()) {
             return Some(p.clone());
         }
         let direct = r.cgroup_root.join("system.slice");
@@ -487,7 +566,26 @@ fn resolve_cgroup(r: &Resolver, l: &mut Live) -> Option<PathBuf> {
     r.cgroup(&l.spec.target)
 }
 
-fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool, stored: &[u64]) {
+/// The scope of `outer` that holds `path`, if any: a strict ancestor, or the same cgroup
+/// under a key that sorts first (one of two scopes of one cgroup is kept).
+fn enclosing<'a>(
+    outer: &'a [(String, PathBuf)],
+    key: &str,
+    path: &Path,
+) -> Option<&'a (String, PathBuf)> {
+    outer
+        .iter()
+        .find(|(k, p)| k != key && path.starts_with(p) && (path != p.as_path() || k.as_str() < key))
+}
+
+fn scope_pass(
+    layout: &PinLayout,
+    r: &Resolver,
+    l: &mut Live,
+    changed: bool,
+    stored: &[u64],
+    outer: &[(String, PathBuf)],
+) {
     let key = l.spec.key.clone();
     if let Some(why) = l.spec.invalid.clone() {
         // Only a scope never attached with good settings gets here: nothing of it is
@@ -505,6 +603,26 @@ fn scope_pass(layout: &PinLayout, r: &Resolver, l: &mut Live, changed: bool, sto
         return;
     };
     l.state.cgroup = Some(path.clone());
+    l.last_dir = Some(path.clone());
+    // Scopes cannot be nested: the connect programs of a cgroup run before its ancestors',
+    // and an ancestor's program removes the record of a connect it finds already sent to
+    // the proxy, so the proxy would reset every connection of the inner scope. The outer
+    // scope already intercepts this cgroup (with its own settings): the inner one is refused.
+    if let Some((k, p)) = enclosing(outer, &key, &path) {
+        let why = format!(
+            "not attached: its cgroup is inside scope {k} ({}), which already intercepts it; scopes cannot be nested (the outer one's programs would drop this one's records): remove one of the two from the config",
+            p.display()
+        );
+        if l.state.waiting.as_deref() != Some(why.as_str()) {
+            tracing::error!(scope = %key, cgroup = %path.display(), outer = %k, "scope inside another scope: refused");
+        }
+        if l.out.is_some() || l.inb.is_some() {
+            detach_all_of(layout, l);
+        }
+        l.state.last_error = Some(why.clone());
+        l.state.waiting = Some(why);
+        return;
+    }
     let Ok(ino) = std::fs::metadata(&path).map(|m| m.ino()) else {
         l.state.waiting = Some("cgroup vanished while resolving it".into());
         return;

@@ -1,16 +1,23 @@
-//! The daemon's HTTP endpoints (plain HTTP/1.1, one request per connection, GET only):
+//! The daemon's HTTP endpoints (plain HTTP/1.1, one request per connection, GET only), on two
+//! addresses, so that what lists other workloads is never served to them:
 //!
-//! | path | answer |
-//! |---|---|
-//! | `/healthz` | 200 while the reconcile loop runs (a pass within the last 10 s), else 503 |
-//! | `/ready` | 200 once the first pass is done (and, as node agent, the pod list read), else 503 |
-//! | `/metrics` | OpenMetrics: the kernel counters (`Stats::to_openmetrics`) and the daemon's scopes |
-//! | `/scopes` | JSON: every scope the daemon keeps, its cgroup, ids, readiness and last error |
-//! | `/pods/<namespace>/<name>/ready` | 200 once the pod's interception is in place; 503 (waiting, with why); 404 (unknown pod) |
+//! | path | `listen` (public: the pods' gate, probes) | `admin_listen` (loopback) |
+//! |---|---|---|
+//! | `/healthz` | 200 while the reconcile loop runs (a pass within the last 10 s), else 503 | same |
+//! | `/ready` | 200 once the first pass is done (and, as node agent, the pod list read), else 503 | same |
+//! | `/pods/<namespace>/<name>/ready` | 200 once the pod's interception is in place; 503 (waiting, why); 404 (unknown pod) | same, with the last error |
+//! | `/metrics` | 404 | OpenMetrics: the kernel counters (read without the pin dir's lock, at most once a second) and the daemon's scopes |
+//! | `/scopes` | 404 | JSON: every scope the daemon keeps, its cgroup, ids, readiness and last error |
+//!
+//! On the public address one peer address (a pod) holds at most [`MAX_PER_PEER`] requests at
+//! once, so no pod can take the slots the other pods' gates need; loopback peers (the node's
+//! own probes) are not limited per peer.
 use std::{
+    collections::HashMap,
     fmt::Write as _,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
+    net::IpAddr,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -23,21 +30,104 @@ use interceptor::paths::PinLayout;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Requests served at once; one more is answered 503 at once and closed.
+/// Requests served at once per address; one more is answered 503 at once and closed.
 pub const MAX_CONCURRENT: usize = 64;
+/// Requests one non-loopback peer address may have open at once on the public address.
+pub const MAX_PER_PEER: usize = 8;
+/// The kernel counters served at `/metrics` are at most this old: scrapers share one read.
+pub const METRICS_MAX_AGE: Duration = Duration::from_secs(1);
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
 
+/// Which endpoints an address serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `listen`: health, readiness and the per-pod gate only (reachable by pods as node agent).
+    Public,
+    /// `admin_listen`: everything, including what lists other workloads (`/scopes`, `/metrics`).
+    Admin,
+}
+
+/// The kernel counters' text as last read, and when.
+type MetricsCache = tokio::sync::Mutex<Option<(Instant, Arc<String>)>>;
+
+/// Open requests per peer address (public address only).
+#[derive(Default)]
+struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
+
+struct PeerSlot(Arc<PeerCounts>, IpAddr);
+
+impl PeerCounts {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    layout: PinLayout,
+    agent: bool,
+    role: Role,
+    metrics: MetricsCache,
+}
+
+/// Answers 503 busy, then drains the request until the client closes (closing with it unread
+/// would reset the connection and lose the answer); 1 s at most.
+fn busy(mut sock: TcpStream) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            sock.write_all(BUSY).await?;
+            sock.shutdown().await?;
+            let mut b = [0u8; 512];
+            while sock.read(&mut b).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
+}
+
 /// Serves forever: at most [`MAX_CONCURRENT`] requests at once (each bounded by a 5 s
-/// deadline), and an accept error (out of file descriptors) backs off, 5 ms doubling to 1 s,
-/// instead of spinning.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, layout: PinLayout, agent: bool) {
+/// deadline; on the public address at most [`MAX_PER_PEER`] per non-loopback peer), and an
+/// accept error (out of file descriptors) backs off, 5 ms doubling to 1 s, instead of spinning.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    layout: PinLayout,
+    agent: bool,
+    role: Role,
+) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
+    let peers = Arc::new(PeerCounts::default());
+    let ctx = Arc::new(Ctx {
+        shared,
+        layout,
+        agent,
+        role,
+        metrics: MetricsCache::default(),
+    });
     let mut backoff = Duration::from_millis(5);
     loop {
-        let mut sock = match listener.accept().await {
-            Ok((s, _)) => {
+        let (sock, peer) = match listener.accept().await {
+            Ok(a) => {
                 backoff = Duration::from_millis(5);
-                s
+                a
             }
             Err(e) => {
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accepting an HTTP connection failed; backing off");
@@ -46,26 +136,27 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, layout: PinLayout
                 continue;
             }
         };
+        let ip = peer.ip().to_canonical();
+        let slot = if role == Role::Public && !ip.is_loopback() {
+            match peers.take(ip) {
+                Some(s) => Some(s),
+                None => {
+                    busy(sock);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            // Answered, then the request drained until the client closes (closing with it
-            // unread would reset the connection and lose the answer); 1 s at most.
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    sock.write_all(BUSY).await?;
-                    sock.shutdown().await?;
-                    let mut b = [0u8; 512];
-                    while sock.read(&mut b).await? > 0 {}
-                    Ok::<_, std::io::Error>(())
-                })
-                .await;
-            });
+            busy(sock);
             continue;
         };
-        let shared = shared.clone();
-        let layout = layout.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(READ_TIMEOUT, handle(sock, shared, layout, agent)).await;
+            let _ = tokio::time::timeout(READ_TIMEOUT, handle(sock, &ctx)).await;
             drop(permit);
+            drop(slot);
         });
     }
 }
@@ -84,7 +175,7 @@ fn text(status: u16, body: impl Into<String>) -> Reply {
     }
 }
 
-async fn handle(mut sock: TcpStream, shared: Arc<Shared>, layout: PinLayout, agent: bool) {
+async fn handle(mut sock: TcpStream, ctx: &Ctx) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
@@ -100,7 +191,7 @@ async fn handle(mut sock: TcpStream, shared: Arc<Shared>, layout: PinLayout, age
     let reply = if method != "GET" {
         text(405, "only GET\n")
     } else {
-        route(path, &shared, &layout, agent).await
+        route(path, ctx).await
     };
     let reason = match reply.status {
         200 => "OK",
@@ -120,7 +211,8 @@ async fn handle(mut sock: TcpStream, shared: Arc<Shared>, layout: PinLayout, age
     let _ = sock.shutdown().await;
 }
 
-async fn route(path: &str, shared: &Shared, layout: &PinLayout, agent: bool) -> Reply {
+async fn route(path: &str, ctx: &Ctx) -> Reply {
+    let shared = &ctx.shared;
     match path {
         "/healthz" => match shared.since_last_tick() {
             Some(t) if t < Duration::from_secs(10) => text(200, "ok\n"),
@@ -133,51 +225,92 @@ async fn route(path: &str, shared: &Shared, layout: &PinLayout, agent: bool) -> 
         "/ready" => {
             if !shared.first_pass_done() {
                 text(503, "starting\n")
-            } else if agent && !shared.pods_synced.load(Ordering::SeqCst) {
+            } else if ctx.agent && !shared.pods_synced.load(Ordering::SeqCst) {
                 text(503, "waiting for the pod list\n")
             } else {
                 text(200, "ready\n")
             }
         }
+        "/scopes" | "/metrics" if ctx.role == Role::Public => text(
+            404,
+            "not served on this address (it lists every workload): see admin_listen\n",
+        ),
         "/scopes" => Reply {
             status: 200,
             content_type: "application/json",
             body: serde_json::to_string_pretty(&shared.states()).unwrap_or_default() + "\n",
         },
-        "/metrics" => {
-            let layout = layout.clone();
-            let stats = tokio::task::spawn_blocking(move || interceptor::stats(&layout)).await;
-            match stats {
-                Ok(Ok(s)) => Reply {
-                    status: 200,
-                    content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body: metrics(&s.to_openmetrics(), shared),
-                },
-                Ok(Err(e)) => text(500, format!("reading the counters: {e}\n")),
-                Err(e) => text(500, format!("reading the counters: {e}\n")),
-            }
-        }
-        _ => pod_ready(path, shared),
+        "/metrics" => match kernel_metrics(ctx).await {
+            Ok(kernel) => Reply {
+                status: 200,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: metrics(&kernel, shared),
+            },
+            Err(e) => text(500, format!("reading the counters: {e}\n")),
+        },
+        _ => pod_ready(path, shared, ctx.role),
     }
 }
 
-fn pod_ready(path: &str, shared: &Shared) -> Reply {
+/// The kernel counters' OpenMetrics text, read without the pin dir's lock (attach and detach
+/// take it exclusively and never wait for a scraper), at most once per [`METRICS_MAX_AGE`]:
+/// concurrent scrapers wait for the one read in flight and share it. A failed read (the last
+/// scope's maps removed meanwhile) serves the previous text when there is one.
+async fn kernel_metrics(ctx: &Ctx) -> Result<Arc<String>, String> {
+    let mut cache = ctx.metrics.lock().await;
+    if let Some((at, text)) = cache.as_ref() {
+        if at.elapsed() < METRICS_MAX_AGE {
+            return Ok(text.clone());
+        }
+    }
+    let layout = ctx.layout.clone();
+    let read = tokio::task::spawn_blocking(move || interceptor::stats_unlocked(&layout))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match read {
+        Ok(s) => {
+            let text = Arc::new(s.to_openmetrics());
+            *cache = Some((Instant::now(), text.clone()));
+            Ok(text)
+        }
+        Err(e) => match cache.as_ref() {
+            Some((_, text)) => {
+                tracing::debug!(error = %e, "reading the counters failed; serving the last read");
+                Ok(text.clone())
+            }
+            None => Err(e),
+        },
+    }
+}
+
+fn pod_ready(path: &str, shared: &Shared, role: Role) -> Reply {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let ["pods", ns, name, "ready"] = parts.as_slice() else {
         return text(
             404,
-            "unknown path; see /healthz /ready /metrics /scopes /pods/NS/NAME/ready\n",
+            match role {
+                Role::Public => "unknown path; see /healthz /ready /pods/NS/NAME/ready\n",
+                Role::Admin => {
+                    "unknown path; see /healthz /ready /metrics /scopes /pods/NS/NAME/ready\n"
+                }
+            },
         );
     };
     let key = super::pods::key(ns, name);
     match shared.state(&key) {
         Some(s) if s.ready => text(200, "ready\n"),
+        // The public answer says what the pod waits for, not the last error (it may name
+        // paths and processes of the node).
         Some(s) => text(
             503,
             format!(
                 "waiting: {}{}\n",
                 s.waiting.as_deref().unwrap_or("not attached yet"),
-                s.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+                s.last_error
+                    .filter(|_| role == Role::Admin)
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
             ),
         ),
         None => text(

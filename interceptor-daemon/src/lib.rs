@@ -111,13 +111,41 @@ async fn serve(
     tracing::info!(
         config = %config_path.display(),
         listen = %cfg.listen,
+        admin_listen = %cfg.admin_listen,
         pin_dir = %cfg.pin_dir.display(),
         scopes = cfg.scopes.len(),
         node_agent = cfg.kubernetes.is_some(),
         "interceptor daemon running"
     );
+    let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "admin_listen {} (is another daemon running?)",
+                    cfg.admin_listen
+                ),
+                e,
+            )
+        })?;
+    if !cfg.admin_listen.ip().is_loopback() {
+        tracing::warn!(admin_listen = %cfg.admin_listen, "admin_listen is not a loopback address: /scopes and /metrics (every scope's cgroup and counters) are served to whoever reaches it");
+    }
     let agent = cfg.kubernetes.is_some();
-    tokio::spawn(http::serve(listener, shared.clone(), layout, agent));
+    tokio::spawn(http::serve(
+        listener,
+        shared.clone(),
+        layout.clone(),
+        agent,
+        http::Role::Public,
+    ));
+    tokio::spawn(http::serve(
+        admin,
+        shared.clone(),
+        layout,
+        agent,
+        http::Role::Admin,
+    ));
     if let Some(k) = cfg.kubernetes.clone() {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -156,6 +184,7 @@ fn reload(path: &Path, running: &mut Config, shared: &Shared) {
     for (what, same) in [
         ("pin_dir", new.pin_dir == running.pin_dir),
         ("listen", new.listen == running.listen),
+        ("admin_listen", new.admin_listen == running.admin_listen),
         (
             "rescan_interval_ms",
             new.rescan_interval == running.rescan_interval,

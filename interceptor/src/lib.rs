@@ -33,6 +33,6 @@ pub use interceptor_common::{Counter, AF_INET, AF_INET6};
 pub use paths::PinLayout;
 pub use register::register;
 pub use settings::{InboundSettings, ProxyDown, ProxyListener, ScopeSettings};
-pub use stats::{stats, Stats};
+pub use stats::{stats, stats_unlocked, Stats};
 pub use status::{status, Status};
 pub use upgrade::{upgrade, Upgraded};

@@ -109,12 +109,30 @@ impl prometheus_client::collector::Collector for Collector {
     }
 }
 
+/// The counters, read under the pin dir's shared lock (a consistent view between two
+/// loader changes).
 pub fn stats(layout: &PinLayout) -> Result<Stats> {
     system::check_privileges()?;
     if !system::pin_dir_present(layout.root()) {
         return Ok(Stats::default());
     }
     let _lock = crate::lock::PinLock::shared(layout)?;
+    read(layout)
+}
+
+/// The same counters read WITHOUT the pin dir's lock, for frequent readers that must never
+/// delay `attach` or `detach` (the daemon's `/metrics`): every map is read on its own, so a
+/// scope attached or detached meanwhile may be missing or show no counters yet, and a read
+/// racing the removal of the last scope's maps fails (the caller keeps its previous answer).
+pub fn stats_unlocked(layout: &PinLayout) -> Result<Stats> {
+    system::check_privileges()?;
+    if !system::pin_dir_present(layout.root()) {
+        return Ok(Stats::default());
+    }
+    read(layout)
+}
+
+fn read(layout: &PinLayout) -> Result<Stats> {
     if !layout.map(interceptor_common::maps::CONFIG).exists() {
         return Ok(Stats::default());
     }

@@ -32,6 +32,8 @@ use serde_json::{json, Value};
 
 const NODE: &str = "icpt-node-1";
 const AGENT: &str = "127.0.0.1:15933";
+/// The agent's admin address (`/metrics`, `/scopes`).
+const ADMIN: &str = "127.0.0.1:15943";
 const APP4: &str = "10.77.0.2";
 const PEER4: &str = "10.77.0.1";
 
@@ -79,7 +81,15 @@ fn param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
 
 impl FakeApi {
     fn start() -> FakeApi {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::serve_on(TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Listening on 127.0.0.1 inside `ns` (for an agent that runs in that namespace).
+    fn start_in(ns: &NetNs) -> FakeApi {
+        Self::serve_on(ns.in_ns(|| TcpListener::bind("127.0.0.1:0").unwrap()))
+    }
+
+    fn serve_on(l: TcpListener) -> FakeApi {
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
         let state = Arc::new(Mutex::new(ApiState {
@@ -262,6 +272,11 @@ fn get(path: &str) -> (u16, String) {
     http_get(AGENT.parse().unwrap(), path, Duration::from_secs(5)).unwrap_or((0, String::new()))
 }
 
+/// A GET on the agent's admin address (`/metrics`, `/scopes`).
+fn admin_get(path: &str) -> (u16, String) {
+    http_get(ADMIN.parse().unwrap(), path, Duration::from_secs(5)).unwrap_or((0, String::new()))
+}
+
 fn wait_ready_cli(path: &str, secs: u64) -> (bool, String) {
     let mut c = Command::new(interceptor_bin());
     c.args([
@@ -411,7 +426,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
 
     let config = scratch.join("config.toml");
     std::fs::write(&config, format!(
-        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"auto\"\nkubepods_parent = \"{}\"\n",
+        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\nadmin_listen = \"{ADMIN}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"auto\"\nkubepods_parent = \"{}\"\n",
         pin.as_str(), api.url(), kube.path().display()
     )).unwrap();
     let mut c = Command::new(interceptor_bin());
@@ -546,7 +561,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         json!("5432,http");
     api.event("MODIFIED", a3);
     let metric = |name: &str| -> Option<u64> {
-        let (_, m) = get("/metrics");
+        let (_, m) = admin_get("/metrics");
         m.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     };
@@ -555,7 +570,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
             metric("interceptor_daemon_annotation_errors_total ") == Some(1)
         }),
         "the invalid annotation was not counted: {}",
-        get("/metrics").1
+        admin_get("/metrics").1
     );
     // Two more passes after the one that saw it.
     let passes = metric("interceptor_daemon_passes_total ").unwrap();
@@ -583,7 +598,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         st.inbound
     );
     assert_eq!(get("/pods/shop/web-0/ready").0, 200);
-    let (_, scopes) = get("/scopes");
+    let (_, scopes) = admin_get("/scopes");
     assert!(
         scopes.contains("excludeOutboundPorts"),
         "/scopes does not show the refused annotation: {scopes}"
@@ -776,7 +791,7 @@ fn node_agent_attaches_opted_in_pods_and_detaches_deleted_ones() {
         v["proxied"], false,
         "pod A still intercepted after deletion: {v}"
     );
-    let (code, metrics) = get("/metrics");
+    let (code, metrics) = admin_get("/metrics");
     assert_eq!(code, 200);
     assert!(
         metrics.contains("interceptor_daemon_scopes{state=\"ready\"} 2"),
@@ -828,7 +843,7 @@ fn node_agent_start_reconciliation_detaches_pods_deleted_while_stopped() {
     }
     let config = scratch.join("config.toml");
     std::fs::write(&config, format!(
-        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"systemd\"\nkubepods_parent = \"{}\"\n",
+        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\nadmin_listen = \"{ADMIN}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"systemd\"\nkubepods_parent = \"{}\"\n",
         pin.as_str(), api.url(), kube.path().display()
     )).unwrap();
     let start = || {
@@ -913,7 +928,7 @@ fn node_agent_start_reconciliation_detaches_pods_deleted_while_stopped() {
     let (ok, out) = wait_ready_cli("/pods/shop/p3/ready", 20);
     assert!(ok, "the remaining pod: {out}");
     let metric = |name: &str| -> Option<u64> {
-        let (_, m) = get("/metrics");
+        let (_, m) = admin_get("/metrics");
         m.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     };
@@ -948,4 +963,331 @@ fn node_agent_start_reconciliation_detaches_pods_deleted_while_stopped() {
         .expect("agent did not exit")
         .success());
     drop(kept);
+}
+
+/// The agent's HTTP server among the pods it governs (hostNetwork: its `listen` address is
+/// the node's). The agent runs in a "node" namespace with `listen = 0.0.0.0:P` and
+/// `admin_listen` on loopback; a hostile pod in its own namespace reaches the node's address
+/// over a veth pair. The pod gets its own gate answer and the health endpoints, and nothing
+/// from `/scopes` or `/metrics` (a 404 that names no cgroup, pod or counter), cannot reach the
+/// admin address at all, and cannot take the request slots the other pods' gates need: its
+/// 9th open request is answered busy while the node's own requests are still served.
+#[test]
+fn node_agent_http_serves_pods_only_their_gate() {
+    interceptor_tests::register_helper_bins!();
+    const NODE4: &str = "10.77.8.1";
+    const POD4: &str = "10.77.8.2";
+    const PUBLIC_PORT: u16 = 15953;
+    const ADMIN_LOCAL: &str = "127.0.0.1:15954";
+    let node = NetNs::new("node_agent_http-node");
+    let hostile = NetNs::new("node_agent_http-pod");
+    node.link_to(
+        "icpn0",
+        &[&format!("{NODE4}/24")],
+        &hostile,
+        "icph0",
+        &[&format!("{POD4}/24")],
+    );
+    let kube = TestCgroup::new("node_agent_http");
+    let pin = PinDir::new("node_agent_http");
+    let scratch = ScratchDir::new("node_agent_http");
+    let api = FakeApi::start_in(&node);
+    let uid = "b1b1b1b1-0000-4000-8000-0000000000b1";
+    let cg = kube.path().join(format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        uid.replace('-', "_")
+    ));
+    let _pod = spawn_in_cgroup("pod-web", &cg, &hostile, &["sleep", "300"]);
+    api.event(
+        "ADDED",
+        pod(
+            "shop",
+            "web",
+            uid,
+            NODE,
+            "Burstable",
+            &[("interceptor.io/inject", "true")],
+        ),
+    );
+    let config = scratch.join("config.toml");
+    std::fs::write(&config, format!(
+        "pin_dir = \"{}\"\nlisten = \"0.0.0.0:{PUBLIC_PORT}\"\nadmin_listen = \"{ADMIN_LOCAL}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"systemd\"\nkubepods_parent = \"{}\"\ninbound = false\n",
+        pin.as_str(), api.url(), kube.path().display()
+    )).unwrap();
+    let mut c = Command::new(exec_bin());
+    c.arg("--netns")
+        .arg(node.path())
+        .arg("--")
+        .arg(interceptor_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    let mut agent = Proc::spawn("node-agent", c);
+    let public: SocketAddr = format!("{NODE4}:{PUBLIC_PORT}").parse().unwrap();
+    let from_pod = |addr: SocketAddr, path: &str| {
+        interceptor_tests::http_get_in(&hostile, addr, path, Duration::from_secs(5))
+    };
+    let from_node = |addr: SocketAddr, path: &str| {
+        interceptor_tests::http_get_in(&node, addr, path, Duration::from_secs(5))
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+            from_pod(public, "/pods/shop/web/ready").is_ok_and(|(c, _)| c == 200)
+        }),
+        "the pod's gate never opened: {:?}\n{}",
+        from_pod(public, "/pods/shop/web/ready"),
+        agent.stderr()
+    );
+    // The node itself (loopback) sees everything on the admin address.
+    let admin: SocketAddr = ADMIN_LOCAL.parse().unwrap();
+    let (code, scopes) = from_node(admin, "/scopes").expect("admin /scopes from the node");
+    assert_eq!(code, 200, "{scopes}");
+    assert!(scopes.contains(&uid.replace('-', "_")), "{scopes}");
+    let (code, metrics) = from_node(admin, "/metrics").expect("admin /metrics from the node");
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.contains("interceptor_decisions_total{"),
+        "{metrics}"
+    );
+
+    // The pod: health and its gate, nothing that lists the node's workloads.
+    assert_eq!(from_pod(public, "/healthz").map(|r| r.0).ok(), Some(200));
+    assert_eq!(from_pod(public, "/ready").map(|r| r.0).ok(), Some(200));
+    for path in ["/scopes", "/metrics", "/scopes?x=1", "//scopes"] {
+        let (code, body) = from_pod(public, path).expect("an answer");
+        println!("hostile pod GET {path}: {code} {}", body.trim());
+        assert_eq!(code, 404, "GET {path} from a pod: {body}");
+        for secret in [
+            "kubepods",
+            "burstable",
+            &uid.replace('-', "_"),
+            "interceptor_",
+            "shop/web",
+            "cgroup_id",
+        ] {
+            assert!(
+                !body.contains(secret),
+                "GET {path} from a pod told it {secret:?}: {body}"
+            );
+        }
+    }
+    // The admin address is loopback: not reachable from a pod, at the node's address or at
+    // the pod's own loopback.
+    for addr in [format!("{NODE4}:15954"), ADMIN_LOCAL.to_string()] {
+        let r = from_pod(addr.parse().unwrap(), "/scopes");
+        assert!(
+            r.is_err(),
+            "a pod reached the admin endpoints at {addr}: {r:?}"
+        );
+    }
+
+    // Slots: the pod holds MAX_PER_PEER (8) requests open without finishing them; its next
+    // one is answered busy, and the node's own requests (another peer) are still served.
+    let held: Vec<TcpStream> = hostile.in_ns(|| {
+        (0..8)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&public, Duration::from_secs(5)).unwrap();
+                s.write_all(b"GET /ready HTTP/1.1\r\n").unwrap();
+                s
+            })
+            .collect()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, body) = from_pod(public, "/pods/shop/web/ready").expect("an answer");
+    assert_eq!(
+        (code, body.trim()),
+        (503, "busy"),
+        "the pod's 9th open request was served"
+    );
+    let node_public: SocketAddr = format!("127.0.0.1:{PUBLIC_PORT}").parse().unwrap();
+    assert_eq!(
+        from_node(node_public, "/pods/shop/web/ready")
+            .map(|r| r.0)
+            .ok(),
+        Some(200),
+        "the node's request was refused while a pod held its slots"
+    );
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            from_pod(public, "/pods/shop/web/ready").is_ok_and(|(c, _)| c == 200)
+        }),
+        "the pod was not served again after closing its requests"
+    );
+    agent.signal(Signal::SIGTERM);
+    assert!(agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent did not exit")
+        .success());
+}
+
+/// `/metrics` never delays attach: 50 scrapers GET the agent's `/metrics` without pause for
+/// 10 s while pods keep appearing and going (20 attached at a time, the oldest deleted as
+/// each new one comes). Each attach is timed from the pod's appearance (its cgroup made and
+/// its ADDED event sent) to its four links pinned (seen in the pin dir, without taking the
+/// pin dir's lock); every one is under the 1 s. The scrapers are all answered. Then
+/// the test holds the pin dir's lock itself, as attach does, and `/metrics` still answers.
+#[test]
+fn node_agent_metrics_scrapers_never_delay_attach() {
+    interceptor_tests::register_helper_bins!();
+    const SCRAPERS: usize = 50;
+    const LIVE: usize = 20;
+    // The agent, the stand-in API server and the scrapers in a namespace of their own (the
+    // scrapers' connections, and their TIME_WAIT entries, stay out of the host's).
+    let node = NetNs::new("node_agent_scrape");
+    let kube = TestCgroup::new("node_agent_scrape");
+    let pin = PinDir::new("node_agent_scrape");
+    let scratch = ScratchDir::new("node_agent_scrape");
+    let api = FakeApi::start_in(&node);
+    let config = scratch.join("config.toml");
+    std::fs::write(&config, format!(
+        "pin_dir = \"{}\"\nlisten = \"{AGENT}\"\nadmin_listen = \"{ADMIN}\"\n\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ncgroup_driver = \"systemd\"\nkubepods_parent = \"{}\"\ninbound = false\n",
+        pin.as_str(), api.url(), kube.path().display()
+    )).unwrap();
+    let mut c = Command::new(exec_bin());
+    c.arg("--netns")
+        .arg(node.path())
+        .arg("--")
+        .arg(interceptor_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    let mut agent = Proc::spawn("node-agent", c);
+    assert!(
+        wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+            node.in_ns(|| get("/ready")).0 == 200
+        }),
+        "agent not ready: {}",
+        agent.stderr()
+    );
+    let layout = PinLayout::new(pin.path());
+    let pinned = |id: u64| {
+        interceptor::paths::SCOPE_LINKS
+            .iter()
+            .all(|n| layout.scope_link(id, n).exists())
+    };
+    let slice = kube.path().join("kubepods.slice/kubepods-burstable.slice");
+    let make = |n: usize| {
+        let uid = format!("5c5c5c5c-0000-4000-8000-{n:012}");
+        let cg = slice.join(format!(
+            "kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let p = pod(
+            "load",
+            &format!("p{n}"),
+            &uid,
+            NODE,
+            "Burstable",
+            &[("interceptor.io/inject", "true")],
+        );
+        (cg, p)
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let scrapers: Vec<_> = (0..SCRAPERS)
+        .map(|_| {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            let ns = node.path().to_path_buf();
+            std::thread::spawn(move || {
+                interceptor_tests::enter_netns_current_thread(&ns).unwrap();
+                // Bounded in time by the test (10 s) and per request (5 s).
+                while !stop.load(Ordering::SeqCst) {
+                    match http_get(ADMIN.parse().unwrap(), "/metrics", Duration::from_secs(5)) {
+                        Ok((200, b)) if b.trim_end().ends_with("# EOF") => {
+                            served.fetch_add(1, Ordering::Relaxed)
+                        }
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let mut live: std::collections::VecDeque<(std::path::PathBuf, Value, u64)> = Default::default();
+    let mut times: Vec<Duration> = Vec::new();
+    let mut detached = 0;
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        let (cg, p) = make(n);
+        n += 1;
+        std::fs::create_dir_all(&cg).unwrap();
+        let id = ino(&cg);
+        let t0 = Instant::now();
+        api.event("ADDED", p.clone());
+        // Bounded: 5 s, far above the bound asserted below.
+        while !pinned(id) && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        times.push(t0.elapsed());
+        live.push_back((cg, p, id));
+        if live.len() > LIVE {
+            let (cg, p, id) = live.pop_front().unwrap();
+            api.event("DELETED", p);
+            assert!(
+                wait_until(Duration::from_secs(5), Duration::from_millis(2), || {
+                    !layout.scope_dir(id).exists()
+                }),
+                "pod {} not detached: {}",
+                cg.display(),
+                agent.stderr()
+            );
+            std::fs::remove_dir(&cg).unwrap();
+            detached += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for s in scrapers {
+        s.join().unwrap();
+    }
+    let (served, failed) = (served.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let max = times.iter().max().copied().unwrap_or_default();
+    let mut sorted = times.clone();
+    sorted.sort();
+    println!(
+        "{SCRAPERS} scrapers for {:?}: {served} /metrics answered, {failed} not; {} pods attached ({detached} detached meanwhile), attach from appearance to pinned: median {:?}, max {max:?}",
+        started.elapsed(),
+        times.len(),
+        sorted[sorted.len() / 2]
+    );
+    assert!(
+        max < Duration::from_secs(1),
+        "an attach took {max:?} under {SCRAPERS} scrapers (the issue's bound: 1 s): {times:?}\n{}",
+        agent.stderr()
+    );
+    assert!(times.len() > LIVE, "only {} attaches in 10 s", times.len());
+    assert!(
+        served > 0 && failed == 0,
+        "{failed} scrapes failed, {served} answered"
+    );
+    // The property itself: while the pin dir's lock is held exclusively (as `attach` and
+    // `detach` hold it), a fresh read of the counters is still served.
+    {
+        let dir = std::fs::File::open(pin.path()).unwrap();
+        let _held = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .expect("taking the pin dir's lock");
+        std::thread::sleep(Duration::from_millis(1100)); // past the cached read's age
+        let (code, body) = node.in_ns(|| admin_get("/metrics"));
+        assert_eq!(
+            code, 200,
+            "/metrics waited for the pin dir's lock (or failed): {body}"
+        );
+        assert!(body.contains("interceptor_decisions_total{"), "{body}");
+    }
+    for (cg, p, id) in live.drain(..) {
+        api.event("DELETED", p);
+        let _ = wait_until(Duration::from_secs(5), Duration::from_millis(5), || {
+            !layout.scope_dir(id).exists()
+        });
+        let _ = std::fs::remove_dir(&cg);
+    }
+    agent.signal(Signal::SIGTERM);
+    assert!(agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent did not exit")
+        .success());
 }
