@@ -239,6 +239,31 @@ fn attach_inbound_steps(
     })
 }
 
+/// Refuses a cgroup inside, or above, another attached scope's cgroup. The connect programs
+/// of a cgroup run before its ancestors'; the outer one would see a connect to the proxy and
+/// clear the record the inner one just made. (A scope of the same path with another id is a
+/// removed cgroup's, not a nesting.)
+fn refuse_nested(cg: &Cgroup, scopes: &[maps::StoredScope]) -> Result<()> {
+    for s in scopes.iter().filter(|s| s.id != cg.id) {
+        let other = Path::new(&s.path);
+        let relation = if other == cg.path {
+            continue;
+        } else if cg.path.starts_with(other) {
+            "inside"
+        } else if other.starts_with(&cg.path) {
+            "above"
+        } else {
+            continue;
+        };
+        return Err(Error::NestedScope {
+            path: cg.path.clone(),
+            relation,
+            other: s.path.clone(),
+        });
+    }
+    Ok(())
+}
+
 fn attach_steps(
     layout: &PinLayout,
     cg: &Cgroup,
@@ -246,9 +271,9 @@ fn attach_steps(
     undo: &mut UndoLog,
 ) -> Result<Attached> {
     let mut ebpf = prepare(layout, cg.id, undo)?;
-    let previous = maps::read_scopes(layout)?
-        .into_iter()
-        .find(|s| s.id == cg.id);
+    let scopes = maps::read_scopes(layout)?;
+    refuse_nested(cg, &scopes)?;
+    let previous = scopes.into_iter().find(|s| s.id == cg.id);
     let created = previous.is_none();
     undo.0.push(match previous {
         Some(p) => Undo::RestoreScope(p),

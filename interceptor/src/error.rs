@@ -48,6 +48,14 @@ pub enum Error {
         expected: u32,
     },
 
+    #[error("cgroup {path} is {relation} the attached cgroup {other}: scopes cannot be nested (the outer scope's connect program would remove the inner one's records and the proxy would reset every connection); nothing was attached. Attach only the outer cgroup (its programs intercept every cgroup below it), or `interceptor detach --cgroup {other}` first")]
+    NestedScope {
+        path: PathBuf,
+        /// "inside" or "above".
+        relation: &'static str,
+        other: String,
+    },
+
     #[error("{path} is not attached (see `interceptor status`)")]
     NotAttached { path: PathBuf },
 

@@ -187,6 +187,74 @@ fn attach_failing_half_way_rolls_back() {
     assert_eq!(names, SCOPE_PROGRAMS);
 }
 
+/// Scopes cannot be nested (nested, the outer scope's connect program removes the inner
+/// one's records and the proxy resets every connection): a cgroup inside an attached one, or
+/// above one, is refused naming both and what to do, and nothing is attached to it; the
+/// scope already attached keeps its programs.
+#[test]
+fn nested_scopes_are_refused_both_ways() {
+    let cg = TestCgroup::new("nested");
+    let inner = cg.child("inner");
+    let (outer_s, inner_s) = (cg.path().to_str().unwrap(), inner.to_str().unwrap());
+    let scopes = |pin: &PinDir| -> usize {
+        let st = Command::new(interceptor_bin())
+            .args(["--pin-dir", pin.as_str(), "status", "--json"])
+            .output()
+            .unwrap();
+        let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        st["scopes"].as_array().map_or(0, Vec::len)
+    };
+
+    let pin = PinDir::new("nested-a");
+    assert!(attach(pin.path(), &["--cgroup", outer_s]).ok);
+    let o = attach(pin.path(), &["--cgroup", inner_s]);
+    assert!(
+        !o.ok,
+        "the inner cgroup is refused: {} {}",
+        o.stdout, o.stderr
+    );
+    for n in [
+        inner_s,
+        "is inside the attached cgroup",
+        outer_s,
+        "nothing was attached",
+        "detach",
+    ] {
+        assert!(
+            o.stderr.contains(n),
+            "error should mention {n:?}: {}",
+            o.stderr
+        );
+    }
+    assert!(
+        bpftool_cgroup_progs(&inner).is_empty(),
+        "nothing on the inner cgroup"
+    );
+    assert_eq!(bpftool_cgroup_progs(cg.path()).len(), SCOPE_PROGRAMS.len());
+    assert_eq!(scopes(&pin), 1, "only the outer scope");
+    drop(pin);
+
+    let pin = PinDir::new("nested-b");
+    assert!(attach(pin.path(), &["--cgroup", inner_s]).ok);
+    let o = attach(pin.path(), &["--cgroup", outer_s]);
+    assert!(
+        !o.ok,
+        "the outer cgroup is refused: {} {}",
+        o.stdout, o.stderr
+    );
+    assert!(
+        o.stderr.contains("is above the attached cgroup") && o.stderr.contains(inner_s),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        bpftool_cgroup_progs(cg.path()).is_empty(),
+        "nothing on the outer cgroup"
+    );
+    assert_eq!(bpftool_cgroup_progs(&inner).len(), SCOPE_PROGRAMS.len());
+    assert_eq!(scopes(&pin), 1, "only the inner scope");
+}
+
 /// uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
 
