@@ -687,7 +687,9 @@ fn upgrade_reports_a_removed_cgroup_and_an_empty_pin_dir() {
     assert!(r.ok, "{r:?}");
     assert!(r.stdout.contains("nothing to upgrade"), "{}", r.stdout);
     w.attach(&w.cg);
-    let gone = w.cg.child("gone");
+    // A cgroup of its own (scopes cannot be nested, so not one inside the attached one).
+    let holder = TestCgroup::new("upg-gone-holder");
+    let gone = holder.child("gone");
     let r = w.cli(&["attach", "--cgroup", gone.to_str().unwrap()]);
     assert!(r.ok, "{r:?}");
     std::fs::remove_dir(&gone).unwrap();
