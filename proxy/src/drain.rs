@@ -12,10 +12,21 @@
 //! 3. [`Drain::wait`]: until they have all ended, or until the timeout; then the deadline
 //!    passes, the remaining connections are dropped (both sockets closed), and it waits for
 //!    that too.
+//!
+//! At an upgrade, between 2 and 3, [`Drain::start_moving`] asks every opaque forwarder to
+//! pause where it holds none of its connection's bytes and offer the connection to the new
+//! process ([`Handoff`], see [`crate::upgrade`]); a connection the new process confirmed
+//! ends here without a close, any other one carries on here.
 
 use std::future::Future;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::futures::TaskLocalFuture;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
@@ -50,9 +61,63 @@ pub struct DrainWatch {
     connections: TaskTracker,
 }
 
-/// Passes when a drain's deadline does: a connection still open then is closed.
+/// Passes when a drain's deadline does: a connection still open then is closed. Also
+/// carries the drain's request to move connections to a new process.
 #[derive(Debug, Clone, Default)]
-pub struct Deadline(CancellationToken);
+pub struct Deadline(Arc<Moving>);
+
+/// The deadline, and the request to move connections: set by [`Drain::start_moving`],
+/// taken back by [`stop_moving`] (the new process failed, or the drain is over). One
+/// allocation, so that the [`Deadline`] every connection holds is one pointer.
+#[derive(Debug, Default)]
+struct Moving {
+    cut: CancellationToken,
+    requested: CancellationToken,
+    hub: Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
+}
+
+/// What an opaque connection's state is when it is moved: everything the new process
+/// needs to carry on copying where this one paused (it held none of the bytes then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MovedState {
+    /// `outbound` or `inbound`: the listener kind it came through (with `orig_dst`, its
+    /// per-destination key).
+    pub inbound: bool,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The original destination (the upstream).
+    pub orig_dst: SocketAddr,
+    /// Milliseconds since the upstream connect completed.
+    pub age_ms: u64,
+    /// Bytes copied so far each way.
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    /// The client sent its FIN (passed on upstream): nothing more is read from it.
+    pub client_eof: bool,
+    /// The upstream sent its FIN (passed on to the client).
+    pub upstream_eof: bool,
+}
+
+impl MovedState {
+    /// When the connection started, by this process's clock.
+    pub fn started(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_sub(std::time::Duration::from_millis(self.age_ms))
+            .unwrap_or(now)
+    }
+}
+
+/// One connection offered to the new process: copies (dup) of its two sockets and its
+/// state. `taken` is answered `()` once the new process confirmed it holds the sockets;
+/// dropped unanswered (the new process failed, or the move stopped), the connection
+/// carries on in this process, whose sockets were never touched.
+#[derive(Debug)]
+pub struct Handoff {
+    pub client: OwnedFd,
+    pub upstream: OwnedFd,
+    pub state: MovedState,
+    pub taken: oneshot::Sender<()>,
+}
 
 tokio::task_local! {
     /// The deadline of the connection the current task serves.
@@ -77,13 +142,59 @@ impl Deadline {
     /// its handler first, so a handler that checks this on every poll sees it then.
     pub fn current_has_passed() -> bool {
         CONNECTION_DEADLINE
-            .try_with(|d| d.0.is_cancelled())
+            .try_with(|d| d.0.cut.is_cancelled())
             .unwrap_or(false)
+    }
+
+    /// Whether the connection the calling task serves is asked to move to a new process
+    /// (see [`Drain::start_moving`]); false outside a [`Deadline::scope`]. Like
+    /// [`Deadline::current_has_passed`], it registers no waker: the connection's task is
+    /// woken when the request comes ([`Deadline::move_requested`]).
+    pub fn current_move_requested() -> bool {
+        CONNECTION_DEADLINE
+            .try_with(|d| d.0.requested.is_cancelled() && d.0.open())
+            .unwrap_or(false)
+    }
+
+    /// Offers the calling task's connection to the new process; `true` once it took it
+    /// (this process must then drop its sockets without closing the connection), `false`
+    /// when the connection stays here.
+    pub async fn offer_current(client: OwnedFd, upstream: OwnedFd, state: MovedState) -> bool {
+        let Ok(hub) = CONNECTION_DEADLINE.try_with(|d| d.0.hub()) else {
+            return false;
+        };
+        let Some(hub) = hub else { return false };
+        let (taken, answer) = oneshot::channel();
+        let offered = Handoff {
+            client,
+            upstream,
+            state,
+            taken,
+        };
+        if hub.send(offered).is_err() {
+            return false;
+        }
+        answer.await.is_ok()
     }
 
     /// Completes when the deadline has passed.
     pub fn passed(&self) -> WaitForCancellationFuture<'_> {
-        self.0.cancelled()
+        self.0.cut.cancelled()
+    }
+
+    /// Completes when connections are asked to move (it may be taken back after).
+    pub fn move_requested(&self) -> WaitForCancellationFuture<'_> {
+        self.0.requested.cancelled()
+    }
+}
+
+impl Moving {
+    fn hub(&self) -> Option<mpsc::UnboundedSender<Handoff>> {
+        self.hub.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn open(&self) -> bool {
+        self.hub.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 }
 
@@ -121,6 +232,21 @@ impl Drain {
         self.watch.connections.len()
     }
 
+    /// Asks every opaque connection to move: each pauses where it holds none of its
+    /// bytes and is offered on the returned channel (see [`Handoff`]).
+    pub fn start_moving(&self) -> mpsc::UnboundedReceiver<Handoff> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let moving = &self.watch.deadline.0;
+        *moving.hub.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        moving.requested.cancel();
+        rx
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.watch.connections.len()
+    }
+
     /// Waits until every connection has ended or `timeout` has passed; then lets the
     /// deadline pass, which closes the remaining ones, and waits until they are gone.
     pub async fn wait(self, timeout: Duration) {
@@ -133,10 +259,19 @@ impl Drain {
                 open_connections = connections.len(),
                 "drain timeout reached; closing remaining connections"
             );
-            self.watch.deadline.0.cancel();
+            // The request first: a connection task waits for it before the deadline (see
+            // `listener::run_connection`); with no hub, no connection pauses for it.
+            self.watch.deadline.0.requested.cancel();
+            self.watch.deadline.0.cut.cancel();
             connections.wait().await;
         }
     }
+}
+
+/// Takes back the request to move connections of `deadline`'s drain: the new process
+/// failed, or the move is over.
+pub fn stop_moving(deadline: &Deadline) {
+    *deadline.0.hub.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
 #[cfg(test)]
