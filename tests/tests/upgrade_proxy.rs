@@ -875,9 +875,8 @@ impl Pinger {
         let want = self.rounds.load(Relaxed) + n;
         let deadline = Instant::now() + within;
         while self.rounds.load(Relaxed) < want {
-            let errors = self.errors.lock().unwrap();
+            let errors = self.errors.lock().unwrap().clone();
             assert!(errors.is_empty(), "idle connections failed: {errors:?}");
-            drop(errors);
             assert!(
                 Instant::now() < deadline,
                 "no full ping round within {within:?}"
@@ -965,7 +964,8 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     let echo_addr: SocketAddr = format!("0.0.0.0:{ECHO_PORT}").parse().unwrap();
     let _echo = Echo::start_in(&w.ns, echo_addr);
     let echo_inbound: SocketAddr = format!("{APP4}:{ECHO_PORT}").parse().unwrap();
-    // The stream's size: what this machine moves in about 25 s, from a first transfer.
+    // The stream's size: what this machine moves alone in about 40 s, from a first
+    // transfer (the two streams and the pings share the machine: they take longer).
     let probe = w.app_probe(&[
         "bulk",
         &w.app_outbound(),
@@ -978,7 +978,7 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     ]);
     assert_eq!(probe["ok"], true, "{probe}");
     let ms = probe["elapsed_ms"].as_u64().unwrap().max(1);
-    let size = ((256u64 << 20) * 25_000 / ms).clamp(256 << 20, 64 << 30);
+    let size = ((256u64 << 20) * 40_000 / ms).clamp(256 << 20, 64 << 30);
     println!(
         "256 MiB each way took {ms} ms: streaming {} MiB each way",
         size >> 20
@@ -995,20 +995,19 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     });
     let pinger = Pinger::start(conns);
     pinger.rounds_after(1, Duration::from_secs(30));
-    let mut handed_over: Vec<Instant> = Vec::new();
-    let mut exited: Vec<Option<Instant>> = vec![None];
-    for _ in 0..10 {
+    let mut gone: Vec<Duration> = Vec::new();
+    for g in 0..10 {
         w.upgrade(DRAIN);
-        handed_over.push(Instant::now());
-        exited.push(None);
-        // Every idle connection answers in the new generation (twice), and the old one
-        // gets the time to be seen gone.
-        pinger.rounds_after(2, Duration::from_secs(30));
-        let until = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < until {
-            w.note_exits(&mut exited);
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let handed_over = Instant::now();
+        // The old generation exits as soon as its connections have moved.
+        let old = &mut w.proxies[g];
+        let status = old
+            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
+        assert!(status.success(), "generation {g}: {status}");
+        gone.push(handed_over.elapsed());
+        // Every idle connection answers in the new generation.
+        pinger.rounds_after(1, Duration::from_secs(60));
     }
     assert!(
         out_bulk.is_running(),
@@ -1018,22 +1017,7 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         in_bulk.is_running(),
         "the inbound stream ended before the last upgrade"
     );
-    let until = Instant::now() + DRAIN_TIME + Duration::from_secs(10);
-    while exited[..10].iter().any(Option::is_none) && Instant::now() < until {
-        w.note_exits(&mut exited);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let gone: Vec<Duration> = (0..10)
-        .map(|g| {
-            exited[g].unwrap_or_else(|| {
-                panic!(
-                    "generation {g} still runs\n{}",
-                    tail(&w.proxies[g].stderr())
-                )
-            }) - handed_over[g]
-        })
-        .collect();
-    println!("each old generation seen gone after its hand-off (polled): {gone:?}");
+    println!("each old generation gone after the new one reported its hand-off: {gone:?}");
     w.wait_old_exited(Duration::from_secs(1));
     let mut drained = Vec::new();
     for (g, p) in w.proxies[..10].iter().enumerate() {
@@ -1087,9 +1071,11 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         w.proxy_stat("connections_total"),
         w.kernel(Counter::Redirected)
     );
+    // Each connection accepted once over all generations (the kernel counts a lookup per
+    // SYN, so a retransmitted one twice: not compared here).
     assert_eq!(
         w.proxy_stat("inbound_connections_total"),
-        w.kernel(Counter::InboundRedirected)
+        IDLE_CONNS as u64 + 1
     );
     let (code, text) = interceptor_tests::http_get_in(
         &w.ns,
