@@ -38,6 +38,7 @@ pub mod inbound;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod notify;
 pub mod original_dst;
 pub mod outbound;
 mod proxy;

@@ -50,6 +50,11 @@ impl Proxy {
             None => (None, None),
             Some(t) => complete_takeover(t, running.adopter.clone()).await,
         };
+        if failed.is_none() {
+            // The unit's main process from now on (a cold start, or the previous one
+            // released its listeners).
+            crate::notify::ready();
+        }
         // Serve upgrades ourselves until a new process is ready, or until shutdown.
         let (release_tx, release_rx) = oneshot::channel();
         let control_task = match (control, offer, &failed) {
