@@ -107,16 +107,50 @@ impl MovedState {
     }
 }
 
-/// One connection offered to the new process: copies (dup) of its two sockets and its
-/// state. `taken` is answered `()` once the new process confirmed it holds the sockets;
-/// dropped unanswered (the new process failed, or the move stopped), the connection
-/// carries on in this process, whose sockets were never touched.
+/// One connection offered to the new process: its two sockets (client, upstream; taken
+/// out of this process's event loop, not closed) and its state. [`Handoff::taken`] once the
+/// new process confirmed it holds them closes this process's descriptors; dropped
+/// otherwise (the new process failed, or the move stopped), the handoff gives the sockets
+/// back to the connection, which carries on here.
 #[derive(Debug)]
 pub struct Handoff {
-    pub client: OwnedFd,
-    pub upstream: OwnedFd,
     pub state: MovedState,
-    pub taken: oneshot::Sender<()>,
+    fds: Option<(OwnedFd, OwnedFd)>,
+    answer: Option<oneshot::Sender<Option<(OwnedFd, OwnedFd)>>>,
+}
+
+impl Handoff {
+    /// The client and upstream sockets.
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        use std::os::fd::AsFd as _;
+        let (c, u) = self.fds.as_ref().expect("held until taken or dropped");
+        [c.as_fd(), u.as_fd()]
+    }
+
+    /// The new process holds the sockets: close this process's descriptors (a close, so
+    /// the connection itself is not touched) and let the connection's task end.
+    pub fn taken(mut self) {
+        if let Some(answer) = self.answer.take() {
+            let _ = answer.send(None);
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let (Some(answer), Some(fds)) = (self.answer.take(), self.fds.take()) {
+            let _ = answer.send(Some(fds));
+        }
+    }
+}
+
+/// What became of a connection offered to the new process.
+#[derive(Debug)]
+pub enum Offered {
+    /// The new process holds it.
+    Taken,
+    /// It stays here: its sockets back.
+    Kept(OwnedFd, OwnedFd),
 }
 
 tokio::task_local! {
@@ -156,25 +190,25 @@ impl Deadline {
             .unwrap_or(false)
     }
 
-    /// Offers the calling task's connection to the new process; `true` once it took it
-    /// (this process must then drop its sockets without closing the connection), `false`
-    /// when the connection stays here.
-    pub async fn offer_current(client: OwnedFd, upstream: OwnedFd, state: MovedState) -> bool {
-        let Ok(hub) = CONNECTION_DEADLINE.try_with(|d| d.0.hub()) else {
-            return false;
+    /// Offers the calling task's connection to the new process: [`Offered::Taken`] once it
+    /// holds it, else [`Offered::Kept`] with the sockets back.
+    pub async fn offer_current(client: OwnedFd, upstream: OwnedFd, state: MovedState) -> Offered {
+        let hub = CONNECTION_DEADLINE.try_with(|d| d.0.hub()).ok().flatten();
+        let Some(hub) = hub else {
+            return Offered::Kept(client, upstream);
         };
-        let Some(hub) = hub else { return false };
-        let (taken, answer) = oneshot::channel();
-        let offered = Handoff {
-            client,
-            upstream,
+        let (tx, answer) = oneshot::channel();
+        // Not sent: dropped here, it answers with the sockets at once.
+        let _ = hub.send(Handoff {
             state,
-            taken,
-        };
-        if hub.send(offered).is_err() {
-            return false;
+            fds: Some((client, upstream)),
+            answer: Some(tx),
+        });
+        match answer.await {
+            Ok(Some((client, upstream))) => Offered::Kept(client, upstream),
+            // Taken (the handoff always answers, whether taken or dropped).
+            Ok(None) | Err(_) => Offered::Taken,
         }
-        answer.await.is_ok()
     }
 
     /// Completes when the deadline has passed.

@@ -152,6 +152,8 @@ pub struct Carried {
     pub client_eof: bool,
     /// EOF from the upstream was passed on.
     pub upstream_eof: bool,
+    /// Never pause to move (an offer failed here while moving goes on: it stays).
+    pub stay: bool,
 }
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
@@ -188,6 +190,7 @@ pub fn forward_from<'a>(
         c2u: Direction::carried(carried.client_to_upstream, carried.client_eof),
         u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof),
         pause: false,
+        stay: carried.stay,
         paused: false,
         // Boxed: the timer is larger than the rest of the copy state.
         idle: idle.map(|after| IdleTimer {
@@ -204,7 +207,7 @@ pub fn forward_from<'a>(
             if Deadline::current_has_passed() {
                 return Poll::Ready((Ok(()), true));
             }
-            copy.pause = Deadline::current_move_requested();
+            copy.pause = !copy.stay && Deadline::current_move_requested();
             Pin::new(&mut copy).poll(cx).map(|r| (r, false))
         })
         .await;
@@ -235,6 +238,7 @@ impl Bidirectional<'_> {
                     upstream_to_client,
                     client_eof: c2u.done,
                     upstream_eof: u2c.done,
+                    stay: false,
                 },
             })
         } else {
@@ -282,6 +286,8 @@ struct Bidirectional<'a> {
     idle_timed_out: bool,
     /// Asked to move: stop reading once nothing read is unwritten.
     pause: bool,
+    /// Never pause (see [`Carried::stay`]).
+    stay: bool,
     /// Ended because of `pause` (not every direction is done).
     paused: bool,
 }

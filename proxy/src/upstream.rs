@@ -12,10 +12,10 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use std::future::Future;
-use std::os::fd::AsFd as _;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 
-use crate::drain::{Deadline, MovedState};
+use crate::drain::{Deadline, MovedState, Offered};
 use crate::forward::{forward_from, reset_on_close, Carried, ForwardReport, Paused};
 use crate::stats::{ActiveGuard, ConnectErrorKind, Direction, Stats};
 
@@ -180,6 +180,7 @@ pub async fn resume(
         upstream_to_client: state.bytes_upstream_to_client,
         client_eof: state.client_eof,
         upstream_eof: state.upstream_eof,
+        stay: false,
     };
     carry_on(client, upstream, conn, carried, idle, all).await;
 }
@@ -226,30 +227,35 @@ fn after_forward(
     }
 }
 
-/// Offers a paused connection to the new process; carries on here if it does not take it.
+/// Offers a paused connection to the new process; carries on here if it does not take it
+/// (and, when moving goes on nonetheless, without pausing again: it stays here).
 async fn offer_or_carry_on(paused: Paused, conn: Conn, idle: Option<Duration>, all: &Stats) {
-    if offer(&paused.client, &paused.upstream, &conn, paused.carried).await {
-        debug!(direction = conn.dir.as_str(), client = %conn.peer, orig_dst = %conn.dst,
-            "connection moved to the new process");
-        return;
-    }
     let Paused {
         client,
         upstream,
-        carried,
+        mut carried,
     } = paused;
+    let (client, upstream) = match offer(client, upstream, &conn, carried).await {
+        Some(kept) => kept,
+        None => {
+            debug!(direction = conn.dir.as_str(), client = %conn.peer, orig_dst = %conn.dst,
+                "connection moved to the new process");
+            return;
+        }
+    };
+    carried.stay = Deadline::current_move_requested();
     Box::pin(carry_on(client, upstream, conn, carried, idle, all)).await
 }
 
-/// Offers the paused connection to the new process: copies of both sockets with its
-/// state. `true` when it took them; these sockets are then only to be dropped.
-async fn offer(client: &TcpStream, upstream: &TcpStream, conn: &Conn, c: Carried) -> bool {
-    let (Ok(client_fd), Ok(upstream_fd)) = (
-        client.as_fd().try_clone_to_owned(),
-        upstream.as_fd().try_clone_to_owned(),
-    ) else {
-        return false;
-    };
+/// Offers the paused connection to the new process: both sockets (out of this process's
+/// event loop) with its state. `None` once it took them; else the sockets back, or `None`
+/// when they could not be taken out or put back (the connection is lost then).
+async fn offer(
+    client: TcpStream,
+    upstream: TcpStream,
+    conn: &Conn,
+    c: Carried,
+) -> Option<(TcpStream, TcpStream)> {
     let state = MovedState {
         inbound: conn.dir == Direction::Inbound,
         peer: conn.peer,
@@ -260,7 +266,30 @@ async fn offer(client: &TcpStream, upstream: &TcpStream, conn: &Conn, c: Carried
         client_eof: c.client_eof,
         upstream_eof: c.upstream_eof,
     };
-    Deadline::offer_current(client_fd, upstream_fd, state).await
+    let lost = |e: io::Error| {
+        warn!(client = %conn.peer, orig_dst = %conn.dst, error = %e,
+            "cannot take a paused connection out of the event loop; closing it");
+    };
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (OwnedFd::from(c), OwnedFd::from(u)),
+        (Err(e), _) | (_, Err(e)) => {
+            lost(e);
+            return None;
+        }
+    };
+    match Deadline::offer_current(client, upstream, state).await {
+        Offered::Taken => None,
+        Offered::Kept(c, u) => {
+            let back = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
+            match (back(c), back(u)) {
+                (Ok(c), Ok(u)) => Some((c, u)),
+                (Err(e), _) | (_, Err(e)) => {
+                    lost(e);
+                    None
+                }
+            }
+        }
+    }
 }
 
 /// Counts a closed connection: its duration, its destination's bytes; logs it.

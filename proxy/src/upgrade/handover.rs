@@ -107,7 +107,7 @@ impl Successor {
                     report.moved += batch.len() as u64;
                     report.batches += 1;
                     for h in batch {
-                        let _ = h.taken.send(());
+                        h.taken();
                     }
                 }
                 Err(reason) => {
@@ -126,10 +126,7 @@ impl Successor {
     /// it answers, it may be copying; if it dies, the conversation breaks.
     async fn send_batch(&mut self, batch: &[Handoff]) -> Result<(), String> {
         let conns = batch.iter().map(|h| h.state).collect();
-        let fds: Vec<BorrowedFd<'_>> = batch
-            .iter()
-            .flat_map(|h| [h.client.as_fd(), h.upstream.as_fd()])
-            .collect();
+        let fds: Vec<BorrowedFd<'_>> = batch.iter().flat_map(|h| h.fds()).collect();
         self.chan
             .send(&Message::Connections { conns }, &fds)
             .await
