@@ -16,14 +16,14 @@
 //! 5. it moves its established opaque TCP connections (outbound and inbound, routed TCP
 //!    and TLS passthrough too): each forwarder, asked to, stops reading at a point where it
 //!    holds none of its connection's bytes (what it read is written first) and offers
-//!    copies of its two sockets with its state (original destination, direction, peer, byte
+//!    its two sockets (taken out of its event loop, not closed) with its state (original destination, direction, peer, byte
 //!    counts, age, which side has sent its FIN) on a channel; batches of up to
 //!    [`MOVE_BATCH`] go in a `connections` message, two descriptors each. The new process
-//!    registers them, answers `taken`, and only then copies; the old one closes its copies
-//!    only after `taken` (never `shutdown`, never a reset). A connection still connecting
+//!    registers them, answers `taken`, and only then copies; the old one closes its
+//!    descriptors only after `taken` (never `shutdown`, never a reset). A connection still connecting
 //!    upstream moves once connected. If the conversation breaks before `taken` (the new
-//!    process died), nothing more is offered and every offered connection carries on in
-//!    the old process, whose sockets were never touched;
+//!    process died), nothing more is offered and every offered connection gets its sockets
+//!    back and carries on in the old process;
 //! 6. it drains what could not move (routed HTTP connections, a direction whose peer does
 //!    not read) until it holds nothing, or until `--drain-timeout`, which cuts the rest
 //!    (counted and logged), sends `exited` with its final counters and per-destination
