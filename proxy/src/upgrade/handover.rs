@@ -81,7 +81,7 @@ impl Successor {
     /// in batches of up to [`MOVE_BATCH`], each confirmed by the new process before this
     /// process lets go of them, until the channel closes. If the new process fails (the
     /// conversation breaks), no connection is offered any more (`deadline`'s drain) and
-    /// those offered stay here, where they were never paused for longer than the attempt.
+    /// those offered get their sockets back and carry on here.
     pub async fn move_connections(
         &mut self,
         mut offers: mpsc::UnboundedReceiver<Handoff>,
