@@ -56,6 +56,7 @@ fn ready_and_main_pid_at_start_and_from_the_new_process_at_an_upgrade() {
     let dir = std::env::temp_dir().join(format!("icpt-t-notify-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(dir.clone());
     let notify = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
@@ -79,5 +80,13 @@ fn ready_and_main_pid_at_start_and_from_the_new_process_at_an_upgrade() {
     assert!(term.success());
     let status = wait_exit(&mut new, Duration::from_secs(30));
     assert!(status.success(), "the new process: {status}");
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Removes the scratch directory on drop (a failing test too).
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

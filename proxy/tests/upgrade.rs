@@ -36,11 +36,20 @@ struct Generation {
     serve: JoinHandle<Result<StatsSnapshot, interceptor_proxy::ProxyError>>,
 }
 
-fn scratch(test: &str) -> PathBuf {
+/// The test's scratch directory, removed on drop (a failing test too).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(test: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("icpt-t-upg-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 fn config(socket: &Path, upgrade: bool) -> Config {
@@ -188,7 +197,7 @@ fn assert_exact(name: &str, client: ((u64, Fnv), (u64, Fnv)), server: ((u64, Fnv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn established_connections_move_byte_exact_through_three_upgrades() {
     let dir = scratch("move");
-    let socket = dir.join("proxy.sock");
+    let socket = dir.0.join("proxy.sock");
     let stop = Arc::new(AtomicBool::new(false));
     let (server, mut done) = stream_server(stop.clone()).await;
     let (mut gen, addr) = generation(&socket, false, server).await;
@@ -272,7 +281,7 @@ async fn established_connections_move_byte_exact_through_three_upgrades() {
         (2, total_up, total_down),
         "per-destination series"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 }
 
 /// A stand-in for a new process that takes the listeners, says ready, and dies when the
@@ -281,7 +290,7 @@ async fn established_connections_move_byte_exact_through_three_upgrades() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_that_dies_taking_connections_over_leaves_them_working() {
     let dir = scratch("die");
-    let socket = dir.join("proxy.sock");
+    let socket = dir.0.join("proxy.sock");
     let stop = Arc::new(AtomicBool::new(false));
     let (server, mut done) = stream_server(stop.clone()).await;
     let (gen, addr) = generation(&socket, false, server).await;
@@ -352,5 +361,5 @@ async fn a_new_process_that_dies_taking_connections_over_leaves_them_working() {
         snapshot.outbound.bytes_client_to_upstream,
         (c_full.0).0 + (c_half.0).0
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 }
