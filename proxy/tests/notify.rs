@@ -62,9 +62,9 @@ fn ready_and_main_pid_at_start_and_from_the_new_process_at_an_upgrade() {
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
 
-    let mut old = start(&dir, &notify, false);
+    let mut old = Running(start(&dir, &notify, false));
     assert_eq!(next(&sock), format!("MAINPID={}\nREADY=1", old.id()));
-    let mut new = start(&dir, &notify, true);
+    let mut new = Running(start(&dir, &notify, true));
     assert_eq!(
         next(&sock),
         format!("MAINPID={}\nREADY=1", new.id()),
@@ -80,6 +80,31 @@ fn ready_and_main_pid_at_start_and_from_the_new_process_at_an_upgrade() {
     assert!(term.success());
     let status = wait_exit(&mut new, Duration::from_secs(30));
     assert!(status.success(), "the new process: {status}");
+}
+
+/// A proxy process, killed on drop if it still runs (a failing test).
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Removes the scratch directory on drop (a failing test too).
