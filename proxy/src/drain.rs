@@ -72,6 +72,8 @@ pub struct Deadline(Arc<Moving>);
 #[derive(Debug, Default)]
 struct Moving {
     cut: CancellationToken,
+    /// The drain has started: connections that end between requests (HTTP) end now.
+    draining: CancellationToken,
     requested: CancellationToken,
     hub: Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
 }
@@ -211,6 +213,17 @@ impl Deadline {
         }
     }
 
+    /// The deadline of the connection the calling task serves, if any.
+    pub fn current() -> Option<Deadline> {
+        CONNECTION_DEADLINE.try_with(Deadline::clone).ok()
+    }
+
+    /// Completes when the drain has started: a connection that can end between requests
+    /// (routed HTTP) should end at its next chance.
+    pub fn draining(&self) -> WaitForCancellationFuture<'_> {
+        self.0.draining.cancelled()
+    }
+
     /// Completes when the deadline has passed.
     pub fn passed(&self) -> WaitForCancellationFuture<'_> {
         self.0.cut.cancelled()
@@ -257,6 +270,7 @@ impl Drain {
     /// Starts the drain: [`DrainWatch::signaled`] completes everywhere.
     pub fn start(&self) {
         self.watch.signal.cancel();
+        self.watch.deadline.0.draining.cancel();
     }
 
     /// Takes no connection any more (call it once every accept loop has returned) and

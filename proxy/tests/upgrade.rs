@@ -52,8 +52,9 @@ fn scratch(test: &str) -> Scratch {
     Scratch(dir)
 }
 
-fn config(socket: &Path, upgrade: bool) -> Config {
+fn config_routes(socket: &Path, upgrade: bool, routes: Option<&Path>) -> Config {
     Config {
+        routes: routes.map(Path::to_owned),
         outbound: vec!["127.0.0.1:0".parse().unwrap()],
         outbound_ipv6_optional: false,
         inbound: vec![],
@@ -76,7 +77,17 @@ fn to(addr: SocketAddr) -> OriginalDstLookup {
 /// Binds a generation (taking over from the running one when `upgrade`) and serves it;
 /// returns once it accepts (and, for an upgrade, the hand-off of the listeners is done).
 async fn generation(socket: &Path, upgrade: bool, server: SocketAddr) -> (Generation, SocketAddr) {
-    let mut proxy = Proxy::bind(config(socket, upgrade))
+    generation_routes(socket, upgrade, server, None).await
+}
+
+/// [`generation`] with a routing file.
+async fn generation_routes(
+    socket: &Path,
+    upgrade: bool,
+    server: SocketAddr,
+    routes: Option<&Path>,
+) -> (Generation, SocketAddr) {
+    let mut proxy = Proxy::bind(config_routes(socket, upgrade, routes))
         .await
         .expect("proxy binds");
     proxy.set_original_dst_lookup(to(server));
@@ -362,4 +373,141 @@ async fn a_new_process_that_dies_taking_connections_over_leaves_them_working() {
         (c_full.0).0 + (c_half.0).0
     );
     drop(dir);
+}
+
+/// An HTTP/1.1 keep-alive server: `GET /slow` is answered after 500 ms, anything else at once.
+async fn http_server(l: TcpListener) {
+    loop {
+        let (mut s, _) = l.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match tokio::io::AsyncReadExt::read(&mut s, &mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                };
+                let slow = buf.starts_with(b"GET /slow");
+                buf.drain(..end + 4);
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(r).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one request on a kept-alive connection and reads its response head and body.
+async fn request(c: &mut TcpStream, path: &str) -> String {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.ends_with(b"ok") {
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(c, &mut chunk),
+        )
+        .await
+        .expect("a response within 10 s")
+        .expect("read the response");
+        assert!(
+            n > 0,
+            "closed before the response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).to_lowercase()
+}
+
+/// Routed HTTP/1.1 keep-alive connections are never cut mid-request at an upgrade: the
+/// old generation answers the request in flight with `Connection: close` and then closes,
+/// closes an idle one at once, and returns long before its 60 s drain; new requests go to
+/// the new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_http_connections_end_between_requests_at_an_upgrade() {
+    let dir = scratch("http");
+    let socket = dir.0.join("proxy.sock");
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    tokio::spawn(http_server(upstream));
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let (old, addr) = generation_routes(&socket, false, service, Some(&routes)).await;
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    for c in [&mut busy, &mut idle] {
+        let r = request(c, "/").await;
+        assert!(r.starts_with("http/1.1 200"), "{r}");
+        assert!(!r.contains("connection: close"), "{r}");
+    }
+    // A request in flight (answered after 500 ms) when the upgrade happens.
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (new, _) = generation_routes(&socket, true, service, Some(&routes)).await;
+    let mut got = Vec::new();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut busy, &mut got),
+    )
+    .await
+    .expect("the busy connection is answered and closed within 10 s");
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(
+        outcome.is_ok(),
+        "the busy connection was reset: {outcome:?} after {text:?}"
+    );
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(
+        text.contains("connection: close"),
+        "the response in flight says close: {text}"
+    );
+    assert!(text.ends_with("ok"), "{text}");
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut idle, &mut rest),
+    )
+    .await
+    .expect("the idle connection is closed within 10 s");
+    assert!(
+        matches!(n, Ok(0)),
+        "the idle connection ends with a FIN: {n:?}"
+    );
+    let asked = Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns long before its 60 s drain")
+        .unwrap()
+        .expect("serves without an error");
+    println!(
+        "old generation returned {:?} after the connections closed",
+        asked.elapsed()
+    );
+    // The clients reconnect to the new generation.
+    let mut again = TcpStream::connect(addr).await.unwrap();
+    let r = request(&mut again, "/").await;
+    assert!(r.starts_with("http/1.1 200"), "{r}");
+    drop(again);
+    let mut new = new;
+    let _ = new.stop.take().unwrap().send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
 }

@@ -24,8 +24,11 @@
 //!    upstream moves once connected. If the conversation breaks before `taken` (the new
 //!    process died), nothing more is offered and every offered connection gets its sockets
 //!    back and carries on in the old process;
-//! 6. it drains what could not move (routed HTTP connections, a direction whose peer does
-//!    not read) until it holds nothing, or until `--drain-timeout`, which cuts the rest
+//! 6. it drains what could not move until it holds nothing: routed HTTP connections end
+//!    between requests (hyper's graceful shutdown at the drain's start: an idle one is
+//!    closed, the HTTP/1 response in flight says `Connection: close`, HTTP/2 gets GOAWAY and
+//!    its streams in flight finish), as does anything else (a direction whose peer does not
+//!    read) or or until `--drain-timeout`, which cuts the rest
 //!    (counted and logged), sends `exited` with its final counters and per-destination
 //!    series and exits. The new process adds each report to its own counters, so totals
 //!    continue across upgrades; a moved connection's duration and per-destination bytes
