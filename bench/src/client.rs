@@ -89,6 +89,9 @@ pub enum Role {
     Stats(crate::stats::StatsArgs),
     /// HTTP routing against opaque passthrough, keep-alive (see bench/README.md).
     Routing(crate::routing::RoutingArgs),
+    /// Proxy upgrade with 100, 1,000 and 10,000 established connections: time to the old
+    /// process's exit, latency of a fixed-rate load meanwhile (see bench/README.md).
+    Upgrade(crate::upgrade::UpgradeArgs),
     /// Proxy CPU while clients stay silent in protocol detection (see bench/README.md).
     DetectIdle(crate::detect::DetectArgs),
     /// Opens COUNT connections, writes PREFIX (may be empty) on each, prints `ready`, then
@@ -138,6 +141,7 @@ pub fn run(role: Role) -> Result<()> {
         Role::Stats(args) => return crate::stats::run(args),
         Role::Routing(args) => return crate::routing::run(args),
         Role::DetectIdle(args) => return crate::detect::run(args),
+        Role::Upgrade(args) => return crate::upgrade::run(args),
         Role::Silent {
             addr,
             count,

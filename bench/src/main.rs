@@ -11,6 +11,7 @@ mod detect;
 mod report;
 mod routing;
 mod stats;
+mod upgrade;
 mod workloads;
 mod world;
 

@@ -12,10 +12,21 @@
 //! 3. [`Drain::wait`]: until they have all ended, or until the timeout; then the deadline
 //!    passes, the remaining connections are dropped (both sockets closed), and it waits for
 //!    that too.
+//!
+//! At an upgrade, between 2 and 3, [`Drain::start_moving`] asks every opaque forwarder to
+//! pause where it holds none of its connection's bytes and offer the connection to the new
+//! process ([`Handoff`], see [`crate::upgrade`]); a connection the new process confirmed
+//! ends here without a close, any other one carries on here.
 
 use std::future::Future;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::futures::TaskLocalFuture;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
@@ -50,9 +61,99 @@ pub struct DrainWatch {
     connections: TaskTracker,
 }
 
-/// Passes when a drain's deadline does: a connection still open then is closed.
+/// Passes when a drain's deadline does: a connection still open then is closed. Also
+/// carries the drain's request to move connections to a new process.
 #[derive(Debug, Clone, Default)]
-pub struct Deadline(CancellationToken);
+pub struct Deadline(Arc<Moving>);
+
+/// The deadline, and the request to move connections: set by [`Drain::start_moving`],
+/// taken back by [`stop_moving`] (the new process failed, or the drain is over). One
+/// allocation, so that the [`Deadline`] every connection holds is one pointer.
+#[derive(Debug, Default)]
+struct Moving {
+    cut: CancellationToken,
+    /// The drain has started: connections that end between requests (HTTP) end now.
+    draining: CancellationToken,
+    requested: CancellationToken,
+    hub: Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
+}
+
+/// What an opaque connection's state is when it is moved: everything the new process
+/// needs to carry on copying where this one paused (it held none of the bytes then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MovedState {
+    /// `outbound` or `inbound`: the listener kind it came through (with `orig_dst`, its
+    /// per-destination key).
+    pub inbound: bool,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The original destination (the upstream).
+    pub orig_dst: SocketAddr,
+    /// Milliseconds since the upstream connect completed.
+    pub age_ms: u64,
+    /// Bytes copied so far each way.
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    /// The client sent its FIN (passed on upstream): nothing more is read from it.
+    pub client_eof: bool,
+    /// The upstream sent its FIN (passed on to the client).
+    pub upstream_eof: bool,
+}
+
+impl MovedState {
+    /// When the connection started, by this process's clock.
+    pub fn started(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_sub(std::time::Duration::from_millis(self.age_ms))
+            .unwrap_or(now)
+    }
+}
+
+/// One connection offered to the new process: its two sockets (client, upstream; taken
+/// out of this process's event loop, not closed) and its state. [`Handoff::taken`] once the
+/// new process confirmed it holds them closes this process's descriptors; dropped
+/// otherwise (the new process failed, or the move stopped), the handoff gives the sockets
+/// back to the connection, which carries on here.
+#[derive(Debug)]
+pub struct Handoff {
+    pub state: MovedState,
+    fds: Option<(OwnedFd, OwnedFd)>,
+    answer: Option<oneshot::Sender<Option<(OwnedFd, OwnedFd)>>>,
+}
+
+impl Handoff {
+    /// The client and upstream sockets.
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        use std::os::fd::AsFd as _;
+        let (c, u) = self.fds.as_ref().expect("held until taken or dropped");
+        [c.as_fd(), u.as_fd()]
+    }
+
+    /// The new process holds the sockets: close this process's descriptors (a close, so
+    /// the connection itself is not touched) and let the connection's task end.
+    pub fn taken(mut self) {
+        if let Some(answer) = self.answer.take() {
+            let _ = answer.send(None);
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let (Some(answer), Some(fds)) = (self.answer.take(), self.fds.take()) {
+            let _ = answer.send(Some(fds));
+        }
+    }
+}
+
+/// What became of a connection offered to the new process.
+#[derive(Debug)]
+pub enum Offered {
+    /// The new process holds it.
+    Taken,
+    /// It stays here: its sockets back.
+    Kept(OwnedFd, OwnedFd),
+}
 
 tokio::task_local! {
     /// The deadline of the connection the current task serves.
@@ -77,13 +178,70 @@ impl Deadline {
     /// its handler first, so a handler that checks this on every poll sees it then.
     pub fn current_has_passed() -> bool {
         CONNECTION_DEADLINE
-            .try_with(|d| d.0.is_cancelled())
+            .try_with(|d| d.0.cut.is_cancelled())
             .unwrap_or(false)
+    }
+
+    /// Whether the connection the calling task serves is asked to move to a new process
+    /// (see [`Drain::start_moving`]); false outside a [`Deadline::scope`]. Like
+    /// [`Deadline::current_has_passed`], it registers no waker: the connection's task is
+    /// woken when the request comes ([`Deadline::move_requested`]).
+    pub fn current_move_requested() -> bool {
+        CONNECTION_DEADLINE
+            .try_with(|d| d.0.requested.is_cancelled() && d.0.open())
+            .unwrap_or(false)
+    }
+
+    /// Offers the calling task's connection to the new process: [`Offered::Taken`] once it
+    /// holds it, else [`Offered::Kept`] with the sockets back.
+    pub async fn offer_current(client: OwnedFd, upstream: OwnedFd, state: MovedState) -> Offered {
+        let hub = CONNECTION_DEADLINE.try_with(|d| d.0.hub()).ok().flatten();
+        let Some(hub) = hub else {
+            return Offered::Kept(client, upstream);
+        };
+        let (tx, answer) = oneshot::channel();
+        // Not sent: dropped here, it answers with the sockets at once.
+        let _ = hub.send(Handoff {
+            state,
+            fds: Some((client, upstream)),
+            answer: Some(tx),
+        });
+        match answer.await {
+            Ok(Some((client, upstream))) => Offered::Kept(client, upstream),
+            // Taken (the handoff always answers, whether taken or dropped).
+            Ok(None) | Err(_) => Offered::Taken,
+        }
+    }
+
+    /// The deadline of the connection the calling task serves, if any.
+    pub fn current() -> Option<Deadline> {
+        CONNECTION_DEADLINE.try_with(Deadline::clone).ok()
+    }
+
+    /// Completes when the drain has started: a connection that can end between requests
+    /// (routed HTTP) should end at its next chance.
+    pub fn draining(&self) -> WaitForCancellationFuture<'_> {
+        self.0.draining.cancelled()
     }
 
     /// Completes when the deadline has passed.
     pub fn passed(&self) -> WaitForCancellationFuture<'_> {
-        self.0.cancelled()
+        self.0.cut.cancelled()
+    }
+
+    /// Completes when connections are asked to move (it may be taken back after).
+    pub fn move_requested(&self) -> WaitForCancellationFuture<'_> {
+        self.0.requested.cancelled()
+    }
+}
+
+impl Moving {
+    fn hub(&self) -> Option<mpsc::UnboundedSender<Handoff>> {
+        self.hub.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn open(&self) -> bool {
+        self.hub.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 }
 
@@ -112,12 +270,28 @@ impl Drain {
     /// Starts the drain: [`DrainWatch::signaled`] completes everywhere.
     pub fn start(&self) {
         self.watch.signal.cancel();
+        self.watch.deadline.0.draining.cancel();
     }
 
     /// Takes no connection any more (call it once every accept loop has returned) and
     /// returns how many are open.
     pub fn close(&self) -> usize {
         self.watch.connections.close();
+        self.watch.connections.len()
+    }
+
+    /// Asks every opaque connection to move: each pauses where it holds none of its
+    /// bytes and is offered on the returned channel (see [`Handoff`]).
+    pub fn start_moving(&self) -> mpsc::UnboundedReceiver<Handoff> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let moving = &self.watch.deadline.0;
+        *moving.hub.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        moving.requested.cancel();
+        rx
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
         self.watch.connections.len()
     }
 
@@ -133,10 +307,19 @@ impl Drain {
                 open_connections = connections.len(),
                 "drain timeout reached; closing remaining connections"
             );
-            self.watch.deadline.0.cancel();
+            // The request first: a connection task waits for it before the deadline (see
+            // `listener::run_connection`); with no hub, no connection pauses for it.
+            self.watch.deadline.0.requested.cancel();
+            self.watch.deadline.0.cut.cancel();
             connections.wait().await;
         }
     }
+}
+
+/// Takes back the request to move connections of `deadline`'s drain: the new process
+/// failed, or the move is over.
+pub fn stop_moving(deadline: &Deadline) {
+    *deadline.0.hub.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
 #[cfg(test)]

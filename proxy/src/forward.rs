@@ -17,6 +17,10 @@
 //!   tokio's `poll_read`/`poll_write`, which clear the readiness after a short read or
 //!   write: a message costs one `read` and one `write`, not a third call that only returns
 //!   EAGAIN. Polls use tokio's cooperative budget, so a busy connection yields to others.
+//! - Moving to a new process at an upgrade: once asked ([`Deadline::current_move_requested`]),
+//!   each direction stops reading at the point where it holds no byte (what it read is
+//!   written first), and the forwarder returns the two sockets with the state to carry
+//!   on from ([`Paused`]); [`forward_from`] carries on from such a state.
 //! - Idle timeout (`--tcp-idle-timeout`, default 1 h as in Envoy): a connection with no
 //!   byte in either direction for that long is closed (FIN both ways). The timer is armed
 //!   once and only moved when it fires early, so traffic costs a clock read per wake-up.
@@ -45,22 +49,36 @@ pub const BUF_SIZE: usize = 64 * 1024;
 const POOL_PER_THREAD: usize = 16;
 
 thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Vec<Box<[u8; BUF_SIZE]>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A copy buffer on loan from the per-thread pool; returned to the pool on drop.
-struct PooledBuf(Box<[u8]>);
+/// (A thin pointer: the connection's state holds it.)
+struct PooledBuf(Option<Box<[u8; BUF_SIZE]>>);
 
 impl PooledBuf {
     fn take() -> Self {
         let buf = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten();
-        PooledBuf(buf.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice()))
+        PooledBuf(Some(buf.unwrap_or_else(|| {
+            vec![0u8; BUF_SIZE]
+                .into_boxed_slice()
+                .try_into()
+                .expect("BUF_SIZE bytes")
+        })))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().expect("held until dropped")
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().expect("held until dropped")
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
+        let Some(buf) = self.0.take() else { return };
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < POOL_PER_THREAD {
@@ -111,6 +129,31 @@ pub struct ForwardReport {
     pub idle_timed_out: bool,
     /// Closed (reset both ways) because the drain's deadline passed while it was open.
     pub cut: bool,
+    /// Paused to move to a new process: the sockets, open, holding none of the bytes.
+    pub paused: Option<Paused>,
+}
+
+/// A connection paused between two reads in both directions, to be moved.
+#[derive(Debug)]
+pub struct Paused {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    /// Where to carry on from.
+    pub carried: Carried,
+}
+
+/// The state a forwarder starts from: fresh ([`Carried::default`]) or paused elsewhere.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Bytes copied so far each way.
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    /// EOF from the client was passed on (the client-to-upstream direction is done).
+    pub client_eof: bool,
+    /// EOF from the upstream was passed on.
+    pub upstream_eof: bool,
+    /// Never pause to move (an offer failed here while moving goes on: it stays).
+    pub stay: bool,
 }
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
@@ -118,21 +161,37 @@ pub struct ForwardReport {
 /// [`Deadline::current_has_passed`]), then closes both sockets. Adds the bytes to `stats`
 /// as they flow.
 pub async fn forward(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     stats: &DirectionStats,
     idle: Option<Duration>,
 ) -> ForwardReport {
-    let (client_rd, client_wr) = client.split();
-    let (upstream_rd, upstream_wr) = upstream.split();
+    forward_from(client, upstream, stats, idle, None).await
+}
+
+/// [`forward`] from `carried` (a connection paused in another process; `None`: a new
+/// one): its counts go on from there, and a direction that had ended stays ended. Returns
+/// with `paused` set when asked to move ([`Deadline::current_move_requested`]).
+///
+/// Not an async fn: the copy state is built here and the future holds it once (an async
+/// fn would hold its arguments besides the state made from them).
+pub fn forward_from<'a>(
+    client: TcpStream,
+    upstream: TcpStream,
+    stats: &'a DirectionStats,
+    idle: Option<Duration>,
+    carried: Option<&Carried>,
+) -> impl Future<Output = ForwardReport> + Send + 'a {
+    let carried = carried.copied().unwrap_or_default();
     let mut copy = Bidirectional {
-        client_rd,
-        client_wr,
-        upstream_rd,
-        upstream_wr,
+        client,
+        upstream,
         stats,
-        c2u: Direction::default(),
-        u2c: Direction::default(),
+        c2u: Direction::carried(carried.client_to_upstream, carried.client_eof),
+        u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof),
+        pause: false,
+        stay: carried.stay,
+        paused: false,
         // Boxed: the timer is larger than the rest of the copy state.
         idle: idle.map(|after| IdleTimer {
             after,
@@ -141,30 +200,64 @@ pub async fn forward(
         }),
         idle_timed_out: false,
     };
-    // Checked before each poll of the copy (no future of its own: every open connection
-    // holds this state).
-    let (result, cut) = std::future::poll_fn(|cx| {
-        if Deadline::current_has_passed() {
-            return Poll::Ready((Ok(()), true));
-        }
-        Pin::new(&mut copy).poll(cx).map(|r| (r, false))
-    })
-    .await;
-    let (client_to_upstream, upstream_to_client) = (copy.c2u.copied, copy.u2c.copied);
-    let idle_timed_out = copy.idle_timed_out;
-    drop(copy);
-    if result.is_err() || cut {
-        reset_on_close(&client);
-        reset_on_close(&upstream);
+    async move {
+        // Checked before each poll of the copy (no future of its own: every open
+        // connection holds this state).
+        let (result, cut) = std::future::poll_fn(|cx| {
+            if Deadline::current_has_passed() {
+                return Poll::Ready((Ok(()), true));
+            }
+            copy.pause = !copy.stay && Deadline::current_move_requested();
+            Pin::new(&mut copy).poll(cx).map(|r| (r, false))
+        })
+        .await;
+        copy.finish(result, cut)
     }
-    drop(client);
-    drop(upstream);
-    ForwardReport {
-        client_to_upstream,
-        upstream_to_client,
-        result,
-        idle_timed_out,
-        cut,
+}
+
+impl Bidirectional<'_> {
+    /// The report once the copy has returned: the sockets back if it paused, else closed
+    /// (reset both ways after an error or at the deadline).
+    fn finish(self, result: Result<(), ForwardError>, cut: bool) -> ForwardReport {
+        let Bidirectional {
+            client,
+            upstream,
+            c2u,
+            u2c,
+            paused,
+            idle_timed_out,
+            ..
+        } = self;
+        let (client_to_upstream, upstream_to_client) = (c2u.copied, u2c.copied);
+        let paused = if paused && result.is_ok() && !cut {
+            Some(Paused {
+                client,
+                upstream,
+                carried: Carried {
+                    client_to_upstream,
+                    upstream_to_client,
+                    client_eof: c2u.done,
+                    upstream_eof: u2c.done,
+                    stay: false,
+                },
+            })
+        } else {
+            if result.is_err() || cut {
+                reset_on_close(&client);
+                reset_on_close(&upstream);
+            }
+            drop(client);
+            drop(upstream);
+            None
+        };
+        ForwardReport {
+            client_to_upstream,
+            upstream_to_client,
+            result,
+            idle_timed_out,
+            cut,
+            paused,
+        }
     }
 }
 
@@ -183,15 +276,20 @@ pub fn reset_on_close(stream: &TcpStream) {
 
 /// Both directions of one connection.
 struct Bidirectional<'a> {
-    client_rd: ReadHalf<'a>,
-    client_wr: WriteHalf<'a>,
-    upstream_rd: ReadHalf<'a>,
-    upstream_wr: WriteHalf<'a>,
+    // Split at each poll (the halves are borrows).
+    client: TcpStream,
+    upstream: TcpStream,
     stats: &'a DirectionStats,
     c2u: Direction,
     u2c: Direction,
     idle: Option<IdleTimer>,
     idle_timed_out: bool,
+    /// Asked to move: stop reading once nothing read is unwritten.
+    pause: bool,
+    /// Never pause (see [`Carried::stay`]).
+    stay: bool,
+    /// Ended because of `pause` (not every direction is done).
+    paused: bool,
 }
 
 impl Future for Bidirectional<'_> {
@@ -200,19 +298,25 @@ impl Future for Bidirectional<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let moved_before = this.c2u.copied + this.u2c.copied;
+        let pause = this.pause;
+        let (mut client_rd, mut client_wr) = this.client.split();
+        let (mut upstream_rd, mut upstream_wr) = this.upstream.split();
         let c2u = this.c2u.poll_copy(
             cx,
-            (&mut this.client_rd, Side::Client),
-            (&mut this.upstream_wr, Side::Upstream),
+            (&mut client_rd, Side::Client),
+            (&mut upstream_wr, Side::Upstream),
             &this.stats.bytes_client_to_upstream,
+            pause,
         )?;
         let u2c = this.u2c.poll_copy(
             cx,
-            (&mut this.upstream_rd, Side::Upstream),
-            (&mut this.client_wr, Side::Client),
+            (&mut upstream_rd, Side::Upstream),
+            (&mut client_wr, Side::Client),
             &this.stats.bytes_upstream_to_client,
+            pause,
         )?;
         if let (Poll::Ready(()), Poll::Ready(())) = (c2u, u2c) {
+            this.paused = !(this.c2u.done && this.u2c.done);
             return Poll::Ready(Ok(()));
         }
         let Some(idle) = &mut this.idle else {
@@ -239,21 +343,32 @@ impl Future for Bidirectional<'_> {
 #[derive(Default)]
 struct Direction {
     buf: Option<PooledBuf>,
-    start: usize,
-    end: usize,
+    // u32: within one buffer of BUF_SIZE.
+    start: u32,
+    end: u32,
     copied: u64,
     done: bool,
 }
 
 impl Direction {
+    fn carried(copied: u64, done: bool) -> Direction {
+        Direction {
+            copied,
+            done,
+            ..Direction::default()
+        }
+    }
+
     /// Copies `src` to `dst` until `src` would block (Pending, holding no buffer), or until
-    /// EOF on `src` has been passed on as `shutdown(SHUT_WR)` on `dst` (Ready).
+    /// EOF on `src` has been passed on as `shutdown(SHUT_WR)` on `dst` (Ready). With
+    /// `pause`, Ready (not done) as soon as everything read has been written.
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         (src, src_side): (&mut ReadHalf<'_>, Side),
         (dst, dst_side): (&mut WriteHalf<'_>, Side),
         total: &AtomicU64,
+        pause: bool,
     ) -> Poll<Result<(), ForwardError>> {
         let src_err = |error| ForwardError {
             side: src_side,
@@ -270,12 +385,12 @@ impl Direction {
             // Flush what was read. Waiting for the peer to take it keeps the buffer.
             if let Some(buf) = &self.buf {
                 while self.start < self.end {
-                    let written =
-                        ready!(Pin::new(&mut *dst).poll_write(cx, &buf.0[self.start..self.end]));
+                    let written = ready!(Pin::new(&mut *dst)
+                        .poll_write(cx, &buf.bytes()[self.start as usize..self.end as usize]));
                     match written {
                         Ok(0) => return Poll::Ready(Err(dst_err(io::ErrorKind::WriteZero.into()))),
                         Ok(n) => {
-                            self.start += n;
+                            self.start += n as u32;
                             self.copied += n as u64;
                             total.fetch_add(n as u64, Relaxed);
                         }
@@ -283,6 +398,11 @@ impl Direction {
                         Err(e) => return Poll::Ready(Err(dst_err(e))),
                     }
                 }
+            }
+            if pause {
+                // Nothing read is unwritten: a point to hand the connection over at.
+                self.buf = None;
+                return Poll::Ready(Ok(()));
             }
             // Wait for data with no buffer held. After a short read tokio has cleared the
             // readiness, so this returns Pending without another system call.
@@ -294,7 +414,7 @@ impl Direction {
                 Poll::Ready(r) => r.map_err(src_err)?,
             }
             let buf = self.buf.get_or_insert_with(PooledBuf::take);
-            let mut rb = ReadBuf::new(&mut buf.0);
+            let mut rb = ReadBuf::new(buf.bytes_mut());
             match Pin::new(&mut *src).poll_read(cx, &mut rb) {
                 Poll::Pending => {
                     self.buf = None;
@@ -313,7 +433,7 @@ impl Direction {
                     );
                 }
                 Poll::Ready(Ok(())) => {
-                    self.end = rb.filled().len();
+                    self.end = rb.filled().len() as u32;
                     self.start = 0;
                 }
                 Poll::Ready(Err(e)) if is_retry(&e) => {}
@@ -342,7 +462,7 @@ mod tests {
         drop(bufs);
         assert_eq!(POOL.with(|p| p.borrow().len()), POOL_PER_THREAD);
         let b = PooledBuf::take();
-        assert_eq!(b.0.len(), BUF_SIZE);
+        assert_eq!(b.bytes().len(), BUF_SIZE);
         assert_eq!(POOL.with(|p| p.borrow().len()), POOL_PER_THREAD - 1);
     }
 }

@@ -20,8 +20,8 @@
 //!
 //! On SIGTERM/SIGINT it stops accepting and drains its connections until a deadline
 //! ([`drain`]). With `--upgrade-socket` a new process can take over its listening sockets
-//! and counters without refusing a connection ([`upgrade`]); the old one then drains and
-//! exits.
+//! and counters without refusing a connection, and its established opaque connections
+//! without breaking one ([`upgrade`]); the old one then drains what is left and exits.
 //!
 //! Use [`Proxy::bind`] then [`Proxy::serve`], or [`run`] which does both and stops on
 //! SIGTERM/SIGINT. Counters are in [`stats`], rendered for Prometheus by [`metrics`] and
@@ -38,6 +38,7 @@ pub mod inbound;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod notify;
 pub mod original_dst;
 pub mod outbound;
 mod proxy;

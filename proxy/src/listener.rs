@@ -105,6 +105,13 @@ impl ConnectionLimit {
             .map(|_| ConnectionPermit(self.clone()))
     }
 
+    /// A place for a connection moved here from the previous process: taken even over
+    /// the limit (the connection is open already; refusing it would cut it).
+    pub fn acquire_moved(self: &Arc<Self>) -> ConnectionPermit {
+        self.open.fetch_add(1, Relaxed);
+        ConnectionPermit(self.clone())
+    }
+
     /// Runs `log` at most once a second; the calls skipped meanwhile are passed to it.
     fn rate_limited(&self, log: impl FnOnce(u64)) {
         let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
@@ -241,12 +248,30 @@ pub async fn connection_task<H: Handler>(
     peer: SocketAddr,
     deadline: Deadline,
 ) {
-    // The handler is polled first: the opaque forwarder watches the same deadline
-    // ([`Deadline::current_has_passed`]), so once it has passed the forwarder ends on that poll with
-    // its connection counted; any other handler is dropped right after.
-    tokio::select! {
-        biased;
-        _ = deadline.clone().scope(ctx.handle(client, peer)) => {}
-        _ = deadline.passed() => {}
-    }
+    run_connection!(deadline, ctx.handle(client, peer))
 }
+
+/// Runs one connection (an expression, so that its future is stored once, in the select)
+/// with `deadline` as its [`Deadline::scope`]: to its end, or until the deadline passes
+/// (the connection is dropped then, both sockets closed). The task is woken when
+/// connections are asked to move, so that an opaque forwarder sees it.
+macro_rules! run_connection {
+    ($deadline:expr, $connection:expr) => {{
+        let deadline: $crate::drain::Deadline = $deadline;
+        // The connection is polled first: the opaque forwarder watches the same deadline
+        // ([`Deadline::current_has_passed`]), so once it has passed the forwarder ends on
+        // that poll with its connection counted; any other handler is dropped right
+        // after. The move request only wakes the task (the forwarder sees it then).
+        // One future for both wake-ups: the deadline also sets the move request (see
+        // `Drain::wait`), so that the request is always the first to come.
+        tokio::select! {
+            biased;
+            _ = deadline.clone().scope($connection) => {}
+            _ = async {
+                deadline.move_requested().await;
+                deadline.passed().await
+            } => {}
+        }
+    }};
+}
+pub(crate) use run_connection;

@@ -11,8 +11,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::forward::{forward, reset_on_close};
-use crate::stats::{ConnectErrorKind, Direction, Stats};
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+
+use crate::drain::{Deadline, MovedState, Offered};
+use crate::forward::{forward_from, reset_on_close, Carried, ForwardReport, Paused};
+use crate::stats::{ActiveGuard, ConnectErrorKind, Direction, Stats};
 
 /// How upstream sockets are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +133,177 @@ pub async fn connect_and_forward(
         stats.upstream_connect_seconds.observe(now - started);
         now
     };
-    let report = forward(client, upstream, stats, opts(dst).idle_timeout).await;
+    let report = forward_from(client, upstream, stats, opts(dst).idle_timeout, None).await;
+    let conn = Conn {
+        peer,
+        dst,
+        dir,
+        started,
+    };
+    if let Some(moving) = after_forward(report, conn, opts(dst).idle_timeout, all) {
+        moving.await
+    }
+}
+
+/// What a forwarded connection is, besides its sockets and counts.
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    dir: Direction,
+    /// When the upstream connect completed (in whichever process).
+    started: Instant,
+}
+
+/// Carries on a connection moved here from the previous process (see
+/// [`crate::upgrade`]): counted active here, not accepted or forwarded again (the previous
+/// process counted that), its duration and per-destination bytes counted here when it
+/// closes, and moved on again at the next upgrade.
+pub async fn resume(
+    client: TcpStream,
+    upstream: TcpStream,
+    state: MovedState,
+    idle: Option<Duration>,
+    all: &Stats,
+) {
+    let dir = if state.inbound {
+        Direction::Inbound
+    } else {
+        Direction::Outbound
+    };
+    let _active = ActiveGuard::resumed(all.direction(dir));
+    let conn = Conn {
+        peer: state.peer,
+        dst: state.orig_dst,
+        dir,
+        started: state.started(),
+    };
+    let carried = Carried {
+        client_to_upstream: state.bytes_client_to_upstream,
+        upstream_to_client: state.bytes_upstream_to_client,
+        client_eof: state.client_eof,
+        upstream_eof: state.upstream_eof,
+        stay: false,
+    };
+    carry_on(client, upstream, conn, carried, idle, all).await;
+}
+
+/// Forwards from `carried` until the connection closes (then counts its duration and its
+/// destination's bytes) or it was taken by a new process (then counts nothing: the new
+/// process does at the close). A connection the new process did not take carries on here.
+async fn carry_on(
+    client: TcpStream,
+    upstream: TcpStream,
+    conn: Conn,
+    carried: Carried,
+    idle: Option<Duration>,
+    all: &Stats,
+) {
+    let report = forward_from(
+        client,
+        upstream,
+        all.direction(conn.dir),
+        idle,
+        Some(&carried),
+    )
+    .await;
+    if let Some(moving) = after_forward(report, conn, idle, all) {
+        moving.await
+    }
+}
+
+/// After the forwarder returned: counts the closed connection, or (paused to move) returns
+/// the offer to the new process, boxed so that only a connection being moved pays for it.
+/// Not async, so that the report is no part of the caller's future.
+fn after_forward(
+    mut report: ForwardReport,
+    conn: Conn,
+    idle: Option<Duration>,
+    all: &Stats,
+) -> Option<Pin<Box<impl Future<Output = ()> + Send + '_>>> {
+    match report.paused.take() {
+        None => {
+            closed(&conn, &report, all);
+            None
+        }
+        Some(paused) => Some(Box::pin(offer_or_carry_on(paused, conn, idle, all))),
+    }
+}
+
+/// Offers a paused connection to the new process; carries on here if it does not take it
+/// (and, when moving goes on nonetheless, without pausing again: it stays here).
+async fn offer_or_carry_on(paused: Paused, conn: Conn, idle: Option<Duration>, all: &Stats) {
+    let Paused {
+        client,
+        upstream,
+        mut carried,
+    } = paused;
+    let (client, upstream) = match offer(client, upstream, &conn, carried).await {
+        Some(kept) => kept,
+        None => {
+            debug!(direction = conn.dir.as_str(), client = %conn.peer, orig_dst = %conn.dst,
+                "connection moved to the new process");
+            return;
+        }
+    };
+    carried.stay = Deadline::current_move_requested();
+    Box::pin(carry_on(client, upstream, conn, carried, idle, all)).await
+}
+
+/// Offers the paused connection to the new process: both sockets (out of this process's
+/// event loop) with its state. `None` once it took them; else the sockets back, or `None`
+/// when they could not be taken out or put back (the connection is lost then).
+async fn offer(
+    client: TcpStream,
+    upstream: TcpStream,
+    conn: &Conn,
+    c: Carried,
+) -> Option<(TcpStream, TcpStream)> {
+    let state = MovedState {
+        inbound: conn.dir == Direction::Inbound,
+        peer: conn.peer,
+        orig_dst: conn.dst,
+        age_ms: conn.started.elapsed().as_millis() as u64,
+        bytes_client_to_upstream: c.client_to_upstream,
+        bytes_upstream_to_client: c.upstream_to_client,
+        client_eof: c.client_eof,
+        upstream_eof: c.upstream_eof,
+    };
+    let lost = |e: io::Error| {
+        warn!(client = %conn.peer, orig_dst = %conn.dst, error = %e,
+            "cannot take a paused connection out of the event loop; closing it");
+    };
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (OwnedFd::from(c), OwnedFd::from(u)),
+        (Err(e), _) | (_, Err(e)) => {
+            lost(e);
+            return None;
+        }
+    };
+    match Deadline::offer_current(client, upstream, state).await {
+        Offered::Taken => None,
+        Offered::Kept(c, u) => {
+            let back = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
+            match (back(c), back(u)) {
+                (Ok(c), Ok(u)) => Some((c, u)),
+                (Err(e), _) | (_, Err(e)) => {
+                    lost(e);
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Counts a closed connection: its duration, its destination's bytes; logs it.
+fn closed(conn: &Conn, report: &ForwardReport, all: &Stats) {
+    let stats = all.direction(conn.dir);
+    let Conn {
+        peer,
+        dst,
+        dir,
+        started,
+    } = *conn;
     stats.connection_seconds.observe(started.elapsed());
     all.destinations.closed(
         dir,
@@ -137,7 +312,7 @@ pub async fn connect_and_forward(
         report.upstream_to_client,
     );
     debug!(
-        direction,
+        direction = dir.as_str(),
         client = %peer,
         orig_dst = %dst,
         bytes_client_to_upstream = report.client_to_upstream,

@@ -20,8 +20,12 @@ use crate::listener::{spawn_accept_loops, AcceptShared, ConnectionLimit};
 use crate::outbound::Outbound;
 use crate::routing::{self, RouteServer};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::upgrade::{self, ControlSocket, Offer, Takeover, UpgradeError};
+use crate::upgrade::{self, Adopter, ControlSocket, Offer, Takeover, UpgradeError};
 use crate::upstream::UpstreamOptions;
+
+/// How long the end of the drain waits for the last batch of moved connections to be
+/// answered when the new process hangs.
+const MOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Proxy {
     /// Serves until `shutdown` completes, or until a new process has taken over the
@@ -40,11 +44,17 @@ impl Proxy {
         let (mut running, takeover, control) = self.start(&watch);
         let stats = running.stats.clone();
 
-        // An upgrade: now that this process accepts, the previous one may stop.
-        let (predecessor, failed) = match takeover {
+        // An upgrade: now that this process accepts, the previous one may stop; its
+        // connections move here.
+        let (mut predecessor, failed) = match takeover {
             None => (None, None),
-            Some(t) => complete_takeover(t, &stats).await,
+            Some(t) => complete_takeover(t, running.adopter.clone()).await,
         };
+        if failed.is_none() {
+            // The unit's main process from now on (a cold start, or the previous one
+            // released its listeners).
+            crate::notify::ready();
+        }
         // Serve upgrades ourselves until a new process is ready, or until shutdown.
         let (release_tx, release_rx) = oneshot::channel();
         let control_task = match (control, offer, &failed) {
@@ -77,9 +87,15 @@ impl Proxy {
             // The new process serves the admin listener from now on.
             running.stop_admin().await;
             s.released(&stats).await;
+            // The connections the previous process still moves here move on with ours,
+            // and its final counters belong in ours (it exits by its own deadline).
+            if let Some(task) = predecessor.take() {
+                let bound = drain_timeout + upgrade::HANDOFF_TIMEOUT;
+                let _ = tokio::time::timeout(bound, task).await;
+            }
         }
 
-        // Drain.
+        // Drain; with a successor, move the opaque connections to it.
         let open = drain.close();
         info!(
             open_connections = open,
@@ -87,7 +103,40 @@ impl Proxy {
             handed_over_to = successor.as_ref().map(|s| s.pid()),
             "stopped accepting; draining"
         );
+        let started = std::time::Instant::now();
+        let mover = successor.map(|mut s| {
+            let offers = drain.start_moving();
+            let deadline = watch.deadline();
+            tokio::spawn(async move {
+                let report = s.move_connections(offers, deadline).await;
+                (s, report)
+            })
+        });
+        let deadline = watch.deadline();
         drain.wait(drain_timeout).await;
+        drain::stop_moving(&deadline);
+        let successor = match mover {
+            // Every connection has ended here: the last batch is answered, unless the new
+            // process hangs (then its final counters are not sent).
+            Some(task) => match tokio::time::timeout(MOVER_GRACE, task).await {
+                Ok(Ok((s, report))) => {
+                    info!(
+                        moved_connections = report.moved,
+                        kept_connections = report.kept,
+                        batches = report.batches,
+                        drained_ms = started.elapsed().as_millis() as u64,
+                        "connections moved to the new process; nothing left to drain"
+                    );
+                    Some(s)
+                }
+                Ok(Err(_)) => None,
+                Err(_) => {
+                    error!("the new process does not answer a batch of moved connections; exiting without waiting");
+                    None
+                }
+            },
+            None => None,
+        };
         running.stop_admin().await;
         if let Some(task) = predecessor {
             // Its final counters belong in ours (it exits by its own drain deadline).
@@ -231,7 +280,14 @@ impl Proxy {
             max_connections,
             "proxy ready"
         );
+        let adopter = Adopter {
+            drain: drain.clone(),
+            limit: shared.limit.clone(),
+            stats: stats.clone(),
+            idle_timeout: config.tcp_idle_timeout,
+        };
         let running = Running {
+            adopter,
             stats,
             ready,
             accept_loops,
@@ -262,13 +318,14 @@ fn own_ports(
 }
 
 /// Tells the previous process that this one accepts; on success, follows it until it has
-/// drained. A failure is returned to stop this process the ordinary way.
+/// drained, taking over the connections it moves. A failure is returned to stop this
+/// process the ordinary way.
 async fn complete_takeover(
     t: Takeover,
-    stats: &Arc<Stats>,
+    adopter: Adopter,
 ) -> (Option<JoinHandle<()>>, Option<UpgradeError>) {
-    match t.complete(stats).await {
-        Ok(p) => (Some(tokio::spawn(p.follow(stats.clone()))), None),
+    match t.complete(&adopter.stats).await {
+        Ok(p) => (Some(tokio::spawn(p.follow(adopter))), None),
         Err(e) => {
             error!(error = %e, "upgrade failed after this process started accepting; stopping");
             (None, Some(e))
@@ -278,6 +335,7 @@ async fn complete_takeover(
 
 /// What a serving proxy runs besides its connections.
 struct Running {
+    adopter: Adopter,
     stats: Arc<Stats>,
     ready: Arc<admin::ReadyState>,
     accept_loops: Vec<JoinHandle<()>>,

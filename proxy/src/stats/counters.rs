@@ -211,6 +211,13 @@ impl<'a> ActiveGuard<'a> {
         stats.connections_active.fetch_add(1, Relaxed);
         ActiveGuard(stats)
     }
+
+    /// Counts a connection moved here from the previous process (active only: it was
+    /// accepted there).
+    pub fn resumed(stats: &'a DirectionStats) -> Self {
+        stats.connections_active.fetch_add(1, Relaxed);
+        ActiveGuard(stats)
+    }
 }
 
 impl Drop for ActiveGuard<'_> {

@@ -52,6 +52,17 @@ impl DestinationCounts {
     }
 }
 
+/// One destination's series as passed to a new process at an upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DestinationSeries {
+    pub inbound: bool,
+    /// The address, or `other`.
+    pub destination: String,
+    pub connections: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
 /// A destination: address bytes (IPv4 mapped into IPv6), port and direction, packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct DestKey {
@@ -309,6 +320,51 @@ impl Destinations {
         out.push((Direction::Outbound, "other".to_owned(), other[0]));
         out.push((Direction::Inbound, "other".to_owned(), other[1]));
         out
+    }
+
+    /// Every series with counts, for a new process to add to its own at an upgrade.
+    pub fn export(&self) -> Vec<DestinationSeries> {
+        if !self.enabled() {
+            return Vec::new();
+        }
+        self.series()
+            .into_iter()
+            .filter(|(_, _, c)| c.connections + c.bytes_up + c.bytes_down > 0)
+            .map(|(dir, destination, c)| DestinationSeries {
+                inbound: dir == Direction::Inbound,
+                destination,
+                connections: c.connections,
+                bytes_up: c.bytes_up,
+                bytes_down: c.bytes_down,
+            })
+            .collect()
+    }
+
+    /// Adds the previous process's series ([`Destinations::export`]) to these (nothing
+    /// when the family is off here).
+    pub fn merge(&self, series: &[DestinationSeries]) {
+        for s in series {
+            let dir = if s.inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            };
+            let delta = DestinationCounts {
+                connections: s.connections,
+                bytes_up: s.bytes_up,
+                bytes_down: s.bytes_down,
+                last_seen: 0,
+            };
+            match s.destination.parse::<SocketAddr>() {
+                Ok(dst) => self.update(dir, dst, delta),
+                Err(_) => {
+                    let mut other = self.other.lock().expect("other lock");
+                    if self.enabled() {
+                        other[s.inbound as usize].add(&delta);
+                    }
+                }
+            }
+        }
     }
 
     /// Evicts idle destinations periodically, for as long as the future is polled.

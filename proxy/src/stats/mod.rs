@@ -22,7 +22,7 @@ mod histogram;
 mod snapshot;
 
 pub use counters::{ActiveGuard, ConnectErrorKind, DirectionStats, Stats};
-pub use destinations::{DestinationCounts, DestinationLimits, Destinations};
+pub use destinations::{DestinationCounts, DestinationLimits, DestinationSeries, Destinations};
 pub use direction::Direction;
 pub use histogram::{Histogram, BUCKETS};
 pub use snapshot::{DirectionSnapshot, StatsSnapshot, INBOUND_PREFIX};

@@ -9,13 +9,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::UnixStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::control::{check_peer, ControlSocket};
 use super::wire::{Channel, Message, CONTROL_ID};
-use crate::drain::DrainWatch;
+use crate::drain::{self, Deadline, DrainWatch, Handoff};
 use crate::stats::Stats;
+
+/// Most connections in one `connections` message (two descriptors each).
+pub const MOVE_BATCH: usize = 256;
+
+/// What moving the connections came to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MoveReport {
+    /// Connections the new process took.
+    pub moved: u64,
+    /// Connections offered that stay here (the new process failed while taking over).
+    pub kept: u64,
+    /// Batches sent.
+    pub batches: u64,
+}
 
 /// How long the running process waits for the new one to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,11 +77,78 @@ impl Successor {
         }
     }
 
+    /// Moves the connections offered on `offers` (see [`crate::drain::Drain::start_moving`]),
+    /// in batches of up to [`MOVE_BATCH`], each confirmed by the new process before this
+    /// process lets go of them, until the channel closes. If the new process fails (the
+    /// conversation breaks), no connection is offered any more (`deadline`'s drain) and
+    /// those offered get their sockets back and carry on here.
+    pub async fn move_connections(
+        &mut self,
+        mut offers: mpsc::UnboundedReceiver<Handoff>,
+        deadline: Deadline,
+    ) -> MoveReport {
+        let mut report = MoveReport::default();
+        let mut failed = false;
+        while let Some(first) = offers.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MOVE_BATCH {
+                match offers.try_recv() {
+                    Ok(h) => batch.push(h),
+                    Err(_) => break,
+                }
+            }
+            if failed {
+                // Dropped unanswered: each carries on here.
+                report.kept += batch.len() as u64;
+                continue;
+            }
+            match self.send_batch(&batch).await {
+                Ok(()) => {
+                    report.moved += batch.len() as u64;
+                    report.batches += 1;
+                    for h in batch {
+                        h.taken();
+                    }
+                }
+                Err(reason) => {
+                    warn!(new_pid = self.pid, reason = %reason, connections = batch.len(),
+                        "moving connections failed; they and the rest stay in this process");
+                    failed = true;
+                    drain::stop_moving(&deadline);
+                    report.kept += batch.len() as u64;
+                }
+            }
+        }
+        report
+    }
+
+    /// Sends one batch and waits for the new process to say it holds it. No timeout: until
+    /// it answers, it may be copying; if it dies, the conversation breaks.
+    async fn send_batch(&mut self, batch: &[Handoff]) -> Result<(), String> {
+        let conns = batch.iter().map(|h| h.state).collect();
+        let fds: Vec<BorrowedFd<'_>> = batch.iter().flat_map(|h| h.fds()).collect();
+        self.chan
+            .send(&Message::Connections { conns }, &fds)
+            .await
+            .map_err(|e| format!("sending a batch: {e}"))?;
+        match self.chan.recv().await {
+            Ok(Some(Message::Taken { count })) if count == batch.len() => Ok(()),
+            Ok(Some(Message::Taken { count })) => Err(format!(
+                "the new process took {count} of {} connections",
+                batch.len()
+            )),
+            Ok(Some(other)) => Err(format!("expected taken, got {}", other.name())),
+            Ok(None) => Err("the new process closed the upgrade connection".to_owned()),
+            Err(e) => Err(format!("waiting for taken: {e}")),
+        }
+    }
+
     /// Sends the final counters; the new process adds them to its own.
     pub async fn exited(&self, stats: &Stats) {
         let msg = Message::Exited {
             stats: stats.snapshot(),
             histograms: stats.histogram_values(),
+            destinations: stats.destinations.export(),
         };
         if let Err(e) = self.chan.send(&msg, &[]).await {
             warn!(error = %e, "sending the final counters to the new process");

@@ -12,10 +12,27 @@
 //! 3. binds what it does not inherit, wraps everything, starts accepting (both processes
 //!    now accept from the same kernel queues), and says `ready`;
 //! 4. the old process stops accepting and closes its copies (close, never `shutdown`,
-//!    which would break the shared socket), answers `released` with its counters, drains
-//!    its open connections until they end or `--drain-timeout`, sends `exited` with its
-//!    final counters and exits. The new process adds each report to its own counters, so
-//!    totals continue across upgrades.
+//!    which would break the shared socket), answers `released` with its counters;
+//! 5. it moves its established opaque TCP connections (outbound and inbound, routed TCP
+//!    and TLS passthrough too): each forwarder, asked to, stops reading at a point where it
+//!    holds none of its connection's bytes (what it read is written first) and offers
+//!    its two sockets (taken out of its event loop, not closed) with its state (original destination, direction, peer, byte
+//!    counts, age, which side has sent its FIN) on a channel; batches of up to
+//!    [`MOVE_BATCH`] go in a `connections` message, two descriptors each. The new process
+//!    registers them, answers `taken`, and only then copies; the old one closes its
+//!    descriptors only after `taken` (never `shutdown`, never a reset). A connection still connecting
+//!    upstream moves once connected. If the conversation breaks before `taken` (the new
+//!    process died), nothing more is offered and every offered connection gets its sockets
+//!    back and carries on in the old process;
+//! 6. it drains what could not move until it holds nothing: routed HTTP connections end
+//!    between requests (hyper's graceful shutdown at the drain's start: an idle one is
+//!    closed, the HTTP/1 response in flight says `Connection: close`, HTTP/2 gets GOAWAY and
+//!    its streams in flight finish), as does anything else (a direction whose peer does not
+//!    read) or or until `--drain-timeout`, which cuts the rest
+//!    (counted and logged), sends `exited` with its final counters and per-destination
+//!    series and exits. The new process adds each report to its own counters, so totals
+//!    continue across upgrades; a moved connection's duration and per-destination bytes
+//!    are counted where it closes.
 //!
 //! If the new process fails before `ready` (a bad setting, a crash, a kill), the old one
 //! sees the connection close and keeps serving as if nothing happened: it never stopped.
@@ -41,8 +58,8 @@ mod wire;
 
 pub use control::ControlSocket;
 pub use error::UpgradeError;
-pub use handover::{serve, Offer, Successor, READY_TIMEOUT};
-pub use takeover::{take_over, Inherited, Predecessor, Takeover, HANDOFF_TIMEOUT};
+pub use handover::{serve, MoveReport, Offer, Successor, MOVE_BATCH, READY_TIMEOUT};
+pub use takeover::{take_over, Adopter, Inherited, Predecessor, Takeover, HANDOFF_TIMEOUT};
 #[cfg(feature = "fuzzing")]
 pub use wire::fuzz_receive;
 pub use wire::{inbound_id, outbound_id, ADMIN_ID, CONTROL_ID};

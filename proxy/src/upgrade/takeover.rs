@@ -16,6 +16,8 @@ use tracing::{debug, info, warn};
 use super::control::{check_peer, ControlSocket};
 use super::error::UpgradeError;
 use super::wire::{Channel, Message, CONTROL_ID};
+use crate::drain::{DrainWatch, MovedState};
+use crate::listener::{run_connection, ConnectionLimit};
 use crate::stats::{Stats, StatsSnapshot};
 
 /// How long a new process waits for the running one's answers.
@@ -227,19 +229,107 @@ pub struct Predecessor {
     pid: u32,
 }
 
+/// What a connection moved here needs to carry on: the drain it joins (so it moves on at
+/// the next upgrade), the connection limit it counts under, the counters, the idle timeout.
+#[derive(Debug, Clone)]
+pub struct Adopter {
+    pub drain: DrainWatch,
+    pub limit: Arc<ConnectionLimit>,
+    pub stats: Arc<Stats>,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Adopter {
+    /// Carries on one moved connection in a task of its own.
+    fn spawn(
+        &self,
+        client: tokio::net::TcpStream,
+        upstream: tokio::net::TcpStream,
+        state: MovedState,
+    ) {
+        let permit = self.limit.acquire_moved();
+        let (stats, idle, deadline) =
+            (self.stats.clone(), self.idle_timeout, self.drain.deadline());
+        self.drain.track(async move {
+            run_connection!(
+                deadline,
+                crate::upstream::resume(client, upstream, state, idle, &stats)
+            );
+            drop(permit);
+        });
+    }
+}
+
+/// The moved sockets registered with this runtime, in pairs; an error (nothing taken)
+/// when the count does not match or one cannot be registered.
+fn register(
+    fds: Vec<OwnedFd>,
+    conns: &[MovedState],
+) -> Result<Vec<(tokio::net::TcpStream, tokio::net::TcpStream)>, String> {
+    if fds.len() != 2 * conns.len() {
+        return Err(format!(
+            "received {} descriptors for {} connections",
+            fds.len(),
+            conns.len()
+        ));
+    }
+    let wrap = |fd: OwnedFd| {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(s)
+    };
+    let mut fds = fds.into_iter();
+    let mut pairs = Vec::with_capacity(conns.len());
+    while let (Some(c), Some(u)) = (fds.next(), fds.next()) {
+        let pair = wrap(c)
+            .and_then(|c| Ok((c, wrap(u)?)))
+            .map_err(|e| format!("registering a moved socket: {e}"))?;
+        pairs.push(pair);
+    }
+    Ok(pairs)
+}
+
 impl Predecessor {
-    /// Waits until the previous process exits and adds what it counted while draining.
-    pub async fn follow(mut self, stats: Arc<Stats>) {
+    /// Follows the previous process until it exits: takes over the connections it moves
+    /// (each batch confirmed with `taken` once registered here, and only then copied), and
+    /// adds what it counted while draining.
+    pub async fn follow(mut self, adopter: Adopter) {
+        let stats = adopter.stats.clone();
+        let mut moved = 0u64;
         loop {
             match self.chan.recv().await {
+                Ok(Some(Message::Connections { conns })) => {
+                    let fds = std::mem::take(&mut self.chan.fds);
+                    let pairs = match register(fds, &conns) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            // Closing the conversation leaves them all in the old process.
+                            warn!(previous_pid = self.pid, reason = %reason,
+                                "cannot take the moved connections; they stay in the previous process");
+                            return;
+                        }
+                    };
+                    let taken = Message::Taken { count: pairs.len() };
+                    if let Err(e) = self.chan.send(&taken, &[]).await {
+                        // The previous process is gone, so are its copies: these are ours.
+                        warn!(previous_pid = self.pid, error = %e, "confirming moved connections");
+                    }
+                    moved += pairs.len() as u64;
+                    for ((client, upstream), state) in pairs.into_iter().zip(conns) {
+                        adopter.spawn(client, upstream, state);
+                    }
+                }
                 Ok(Some(Message::Exited {
                     stats: last,
                     histograms,
+                    destinations,
                 })) => {
                     stats.add_delta(&self.last, &last);
                     stats.add_histogram_delta(&self.last_histograms, &histograms);
+                    stats.destinations.merge(&destinations);
                     info!(
                         previous_pid = self.pid,
+                        moved_connections = moved,
                         "previous process drained and exited"
                     );
                     return;

@@ -8,7 +8,9 @@
 //! | `refused` | running process | why (another upgrade is in progress, a peer of another user) |
 //! | `ready` | new process | nothing: it accepts on every listener |
 //! | `released` | running process | its counters when it stopped accepting |
-//! | `exited` | running process | its final counters, at the end of its drain |
+//! | `connections` | running process | a batch of opaque connections paused to move (their state; two descriptors each, client then upstream, batched as the listeners) |
+//! | `taken` | new process | how many of the batch it holds now: only then does the running process close its copies (without it, they carry on there) |
+//! | `exited` | running process | its final counters and per-destination series, at the end of its drain |
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -22,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
-use crate::stats::StatsSnapshot;
+use crate::drain::MovedState;
+use crate::stats::{DestinationSeries, StatsSnapshot};
 
 /// Most descriptors one `sendmsg` carries; more go in batches (see `Channel::send`).
 const MAX_FDS: usize = 64;
@@ -69,10 +72,20 @@ pub(super) enum Message {
         #[serde(default)]
         histograms: Vec<u64>,
     },
+    /// Followed by two descriptors per connection (client, upstream), in this order.
+    Connections {
+        conns: Vec<MovedState>,
+    },
+    Taken {
+        count: usize,
+    },
     Exited {
         stats: StatsSnapshot,
         #[serde(default)]
         histograms: Vec<u64>,
+        /// Per-destination series (empty when off); absent from older senders.
+        #[serde(default)]
+        destinations: Vec<DestinationSeries>,
     },
 }
 
@@ -84,6 +97,8 @@ impl Message {
             Message::Refused { .. } => "refused",
             Message::Ready => "ready",
             Message::Released { .. } => "released",
+            Message::Connections { .. } => "connections",
+            Message::Taken { .. } => "taken",
             Message::Exited { .. } => "exited",
         }
     }

@@ -9,6 +9,9 @@
 //!   also bounds the wait for the next request on a keep-alive connection);
 //! - `--http-idle-timeout`: a connection with no request in progress (a response still being
 //!   sent counts as in progress) for that long is shut down gracefully;
+//! - at a drain (an upgrade or a shutdown) a connection ends between requests: hyper's
+//!   graceful shutdown (idle: closed; HTTP/1 request in flight: answered with `Connection:
+//!   close`; HTTP/2: GOAWAY, the streams in flight finish);
 //! - bodies kept for retries: at most [`RETRY_BODY_LIMIT`] per request and
 //!   [`RETRY_BUDGET_PER_CONNECTION`] over all streams of a connection at once; a request
 //!   beyond either is answered 413.
@@ -230,30 +233,48 @@ impl HttpRouter {
         builder.http2().timer(TokioTimer::new());
         let conn = builder.serve_connection(TokioIo::new(client), svc);
         tokio::pin!(conn);
-        let result = match self.timeouts.idle {
-            None => conn.await,
-            Some(idle) => loop {
-                let due = *conn_state
+        // At a drain (an upgrade or a shutdown) the connection ends between requests:
+        // hyper's graceful shutdown closes it if idle, else answers the request in flight
+        // with `Connection: close` (HTTP/1) or sends GOAWAY and lets the streams in flight
+        // finish (HTTP/2).
+        let deadline = crate::drain::Deadline::current();
+        let draining = async {
+            match &deadline {
+                Some(d) => d.draining().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(draining);
+        let idle = self.timeouts.idle;
+        let result = loop {
+            let due = idle.map(|idle| {
+                *conn_state
                     .last_end
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    + idle;
-                tokio::select! {
-                    r = conn.as_mut() => break r,
-                    _ = tokio::time::sleep_until(due) => {
-                        let last = *conn_state.last_end.lock().unwrap_or_else(|e| e.into_inner());
-                        if conn_state.active.load(Relaxed) == 0 && last + idle <= tokio::time::Instant::now() {
-                            debug!(client = %peer, idle_ms = idle.as_millis() as u64, "HTTP connection idle; closing");
-                            conn.as_mut().graceful_shutdown();
-                            break conn.await;
-                        }
-                        if conn_state.active.load(Relaxed) > 0 {
-                            // Busy: look again one idle period from now at the latest.
-                            *conn_state.last_end.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
-                        }
+                    + idle
+            });
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = &mut draining => {
+                    debug!(client = %peer, "draining: HTTP connection ends after the requests in flight");
+                    conn.as_mut().graceful_shutdown();
+                    break conn.await;
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    let idle = idle.expect("checked");
+                    let last = *conn_state.last_end.lock().unwrap_or_else(|e| e.into_inner());
+                    if conn_state.active.load(Relaxed) == 0 && last + idle <= tokio::time::Instant::now() {
+                        debug!(client = %peer, idle_ms = idle.as_millis() as u64, "HTTP connection idle; closing");
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    if conn_state.active.load(Relaxed) > 0 {
+                        // Busy: look again one idle period from now at the latest.
+                        *conn_state.last_end.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
                     }
                 }
-            },
+            }
         };
         if let Err(e) = result {
             debug!(client = %peer, error = %e, "HTTP connection ended with an error");

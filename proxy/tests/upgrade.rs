@@ -1,0 +1,513 @@
+//! Hot upgrade in process, on 127.0.0.1, without the eBPF programs (the original-destination
+//! lookup names a local test server): established opaque connections move from each
+//! generation to the next over the upgrade socket and keep copying byte-exact, a
+//! half-closed one keeps its state, the old generation returns as soon as it holds
+//! nothing, counters and per-destination series carry over; and a new process that dies
+//! while taking the connections over leaves them working in the old one.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use interceptor_proxy::original_dst::OriginalDstError;
+use interceptor_proxy::{Config, OriginalDstLookup, Proxy, Stats, StatsSnapshot};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Long enough that a generation still holding a connection is caught: with moving, an
+/// old generation returns at once; without, only when the stream stops (much later).
+const DRAIN: Duration = Duration::from_secs(60);
+/// How long each stream runs after the last upgrade.
+const AFTER: Duration = Duration::from_millis(300);
+const CHUNK: usize = 16 * 1024;
+
+struct Generation {
+    stats: Arc<Stats>,
+    stop: Option<oneshot::Sender<()>>,
+    serve: JoinHandle<Result<StatsSnapshot, interceptor_proxy::ProxyError>>,
+}
+
+/// The test's scratch directory, removed on drop (a failing test too).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(test: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("icpt-t-upg-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn config_routes(socket: &Path, upgrade: bool, routes: Option<&Path>) -> Config {
+    Config {
+        routes: routes.map(Path::to_owned),
+        outbound: vec!["127.0.0.1:0".parse().unwrap()],
+        outbound_ipv6_optional: false,
+        inbound: vec![],
+        bypass_mark: 0,
+        connect_timeout: Duration::from_secs(2),
+        admin: None,
+        workers: 2,
+        drain_timeout: DRAIN,
+        upgrade_socket: Some(socket.to_owned()),
+        upgrade,
+        destination_stats: true,
+        ..Config::default()
+    }
+}
+
+fn to(addr: SocketAddr) -> OriginalDstLookup {
+    Arc::new(move |_: &TcpStream| Ok::<_, OriginalDstError>(addr))
+}
+
+/// Binds a generation (taking over from the running one when `upgrade`) and serves it;
+/// returns once it accepts (and, for an upgrade, the hand-off of the listeners is done).
+async fn generation(socket: &Path, upgrade: bool, server: SocketAddr) -> (Generation, SocketAddr) {
+    generation_routes(socket, upgrade, server, None).await
+}
+
+/// [`generation`] with a routing file.
+async fn generation_routes(
+    socket: &Path,
+    upgrade: bool,
+    server: SocketAddr,
+    routes: Option<&Path>,
+) -> (Generation, SocketAddr) {
+    let mut proxy = Proxy::bind(config_routes(socket, upgrade, routes))
+        .await
+        .expect("proxy binds");
+    proxy.set_original_dst_lookup(to(server));
+    let addr = proxy.outbound_addrs()[0];
+    let stats = proxy.stats();
+    let (tx, rx) = oneshot::channel();
+    let serve = tokio::spawn(async move {
+        proxy
+            .serve(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    (
+        Generation {
+            stats,
+            stop: Some(tx),
+            serve,
+        },
+        addr,
+    )
+}
+
+/// Writes the stream of `seed` until `stop`, then shuts down writing; (bytes, hash).
+async fn write_until(mut w: OwnedWriteHalf, seed: u64, stop: Arc<AtomicBool>) -> (u64, Fnv) {
+    let data = data(1 << 20, seed);
+    let (mut n, mut h) = (0u64, Fnv::default());
+    let mut at = 0;
+    while !stop.load(Relaxed) {
+        let chunk = &data[at..at + CHUNK];
+        w.write_all(chunk).await.expect("write");
+        h.update(chunk);
+        n += CHUNK as u64;
+        at = (at + CHUNK) % data.len();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    w.shutdown().await.expect("shutdown(SHUT_WR)");
+    (n, h)
+}
+
+async fn read_all(mut r: OwnedReadHalf) -> (u64, Fnv) {
+    drain(&mut r).await
+}
+
+/// What each end of one connection saw: (sent, received) for the client, and the server's.
+struct Ends {
+    client: JoinHandle<((u64, Fnv), (u64, Fnv))>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A server that, per connection, reads to EOF and writes the stream of seed 2 until
+/// `stop` (the same flag for all), reporting (sent, received) on `done`.
+async fn stream_server(
+    stop: Arc<AtomicBool>,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<((u64, Fnv), (u64, Fnv))>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let (r, w) = s.into_split();
+            let (stop, tx) = (stop.clone(), tx.clone());
+            tokio::spawn(async move {
+                let (sent, got) = tokio::join!(write_until(w, 2, stop), read_all(r));
+                let _ = tx.send((sent, got));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A client streaming both ways through the proxy at `addr`: the stream of seed 1 until
+/// `stop`; with `half_close`, only 1,000 bytes, then its FIN at once.
+async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, half_close: bool) -> Ends {
+    let s = TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    let (r, mut w) = s.into_split();
+    let own_stop = if half_close {
+        Arc::new(AtomicBool::new(false))
+    } else {
+        stop.clone()
+    };
+    let client = tokio::spawn(async move {
+        let writer = async {
+            if half_close {
+                let d = data(1000, 1);
+                w.write_all(&d).await.unwrap();
+                w.shutdown().await.unwrap();
+                (1000, hash(&d))
+            } else {
+                write_until(w, 1, own_stop).await
+            }
+        };
+        tokio::join!(writer, read_all(r))
+    });
+    Ends { client, stop }
+}
+
+fn assert_exact(name: &str, client: ((u64, Fnv), (u64, Fnv)), server: ((u64, Fnv), (u64, Fnv))) {
+    let ((c_sent, c_got), (s_sent, s_got)) = (client, server);
+    assert_eq!(c_sent, s_got, "{name}: client to server not byte-exact");
+    assert_eq!(s_sent, c_got, "{name}: server to client not byte-exact");
+    println!(
+        "{name}: {} bytes client to server, {} bytes server to client, byte-exact",
+        c_sent.0, s_sent.0
+    );
+}
+
+/// Streams both ways through three upgrades: each old generation returns long before its
+/// 60 s drain (it held nothing once its connections moved), the bytes are exact at both
+/// ends, the half-closed connection stays half-closed, and the last generation's counters
+/// and per-destination series hold the whole of both connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_connections_move_byte_exact_through_three_upgrades() {
+    let dir = scratch("move");
+    let socket = dir.0.join("proxy.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server, mut done) = stream_server(stop.clone()).await;
+    let (mut gen, addr) = generation(&socket, false, server).await;
+    let full = client(addr, stop.clone(), false).await;
+    let half = client(addr, stop.clone(), true).await;
+    // Both connections carry bytes through the first generation.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = gen.stats.snapshot().outbound;
+            s.forwarded_total == 2 && s.bytes_upstream_to_client > 4 * CHUNK as u64
+        })
+        .await,
+        "the streams did not start"
+    );
+    for g in 1..=3 {
+        let (next, _) = generation(&socket, true, server).await;
+        let old = std::mem::replace(&mut gen, next);
+        let asked = Instant::now();
+        let snapshot = tokio::time::timeout(Duration::from_secs(30), old.serve)
+            .await
+            .unwrap_or_else(|_| panic!("generation {} still holds its connections", g - 1))
+            .unwrap()
+            .expect("the old generation serves without an error");
+        println!(
+            "generation {} returned {:?} after the upgrade was asked for ({} connections active there at the end)",
+            g - 1,
+            asked.elapsed(),
+            snapshot.outbound.connections_active
+        );
+        // The streams go on in the new generation.
+        let before = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                gen.stats.snapshot().outbound.bytes_upstream_to_client > before + 4 * CHUNK as u64
+            })
+            .await,
+            "generation {g} copies nothing of the moved streams"
+        );
+        assert_eq!(gen.stats.snapshot().outbound.connections_active, 2);
+    }
+    tokio::time::sleep(AFTER).await;
+    full.stop.store(true, Relaxed);
+    let c_full = full.client.await.unwrap();
+    let c_half = half.client.await.unwrap();
+    let s1 = done.recv().await.unwrap();
+    let s2 = done.recv().await.unwrap();
+    // Which server report is the half-closed one: it received 1,000 bytes.
+    let (s_full, s_half) = if (s1.1).0 == 1000 { (s2, s1) } else { (s1, s2) };
+    assert_exact("streaming both ways", c_full, s_full);
+    assert_exact("half-closed from the start", c_half, s_half);
+
+    let last = gen.stats.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || last
+            .snapshot()
+            .outbound
+            .connections_active
+            == 0)
+        .await
+    );
+    let _ = gen.stop.take().unwrap().send(());
+    let snapshot = gen
+        .serve
+        .await
+        .unwrap()
+        .expect("the last generation stops cleanly");
+    let total_up = (c_full.0).0 + (c_half.0).0;
+    let total_down = (c_full.1).0 + (c_half.1).0;
+    assert_eq!(snapshot.outbound.connections_total, 2);
+    assert_eq!(snapshot.outbound.forwarded_total, 2);
+    assert_eq!(snapshot.outbound.bytes_client_to_upstream, total_up);
+    assert_eq!(snapshot.outbound.bytes_upstream_to_client, total_down);
+    assert_eq!(last.outbound.connection_seconds.count(), 2);
+    let series = last.destinations.series();
+    let dest = series
+        .iter()
+        .find(|(_, d, _)| *d == server.to_string())
+        .unwrap_or_else(|| panic!("no series for {server}: {series:?}"));
+    assert_eq!(
+        (dest.2.connections, dest.2.bytes_up, dest.2.bytes_down),
+        (2, total_up, total_down),
+        "per-destination series"
+    );
+    drop(dir);
+}
+
+/// A stand-in for a new process that takes the listeners, says ready, and dies when the
+/// first batch of connections arrives (its descriptors are discarded unread): the old
+/// generation keeps copying those connections byte-exact and returns when they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_dies_taking_connections_over_leaves_them_working() {
+    let dir = scratch("die");
+    let socket = dir.0.join("proxy.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server, mut done) = stream_server(stop.clone()).await;
+    let (gen, addr) = generation(&socket, false, server).await;
+    let full = client(addr, stop.clone(), false).await;
+    let half = client(addr, stop.clone(), true).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > 4 * CHUNK as u64
+        })
+        .await
+    );
+    let sock = socket.clone();
+    let fake = tokio::task::spawn_blocking(move || {
+        let s =
+            std::os::unix::net::UnixStream::connect(&sock).expect("connect to the upgrade socket");
+        let mut w = s.try_clone().unwrap();
+        let mut lines = BufReader::new(s);
+        w.write_all(b"{\"type\":\"hello\",\"pid\":1,\"version\":\"stand-in\"}\n")
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                lines.read_line(&mut line).unwrap() > 0,
+                "closed after {seen:?}"
+            );
+            let kind = serde_json::from_str::<serde_json::Value>(&line).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            seen.push(kind.clone());
+            match kind.as_str() {
+                "listeners" => w.write_all(b"{\"type\":\"ready\"}\n").unwrap(),
+                "connections" => return seen, // dies here: the socket closes
+                _ => {}
+            }
+        }
+    });
+    let seen = tokio::time::timeout(Duration::from_secs(30), fake)
+        .await
+        .expect("the stand-in got connections")
+        .unwrap();
+    println!("stand-in saw {seen:?}, then died");
+    let before = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > before + 8 * CHUNK as u64
+        })
+        .await,
+        "the old generation no longer copies the connections the stand-in was offered"
+    );
+    tokio::time::sleep(AFTER).await;
+    full.stop.store(true, Relaxed);
+    let c_full = full.client.await.unwrap();
+    let c_half = half.client.await.unwrap();
+    let s1 = done.recv().await.unwrap();
+    let s2 = done.recv().await.unwrap();
+    let (s_full, s_half) = if (s1.1).0 == 1000 { (s2, s1) } else { (s1, s2) };
+    assert_exact("streaming both ways", c_full, s_full);
+    assert_exact("half-closed", c_half, s_half);
+    let snapshot = tokio::time::timeout(Duration::from_secs(30), gen.serve)
+        .await
+        .expect("the old generation returns once its connections ended")
+        .unwrap()
+        .expect("serves without an error");
+    assert_eq!(
+        snapshot.outbound.bytes_client_to_upstream,
+        (c_full.0).0 + (c_half.0).0
+    );
+    drop(dir);
+}
+
+/// An HTTP/1.1 keep-alive server: `GET /slow` is answered after 500 ms, anything else at once.
+async fn http_server(l: TcpListener) {
+    loop {
+        let (mut s, _) = l.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match tokio::io::AsyncReadExt::read(&mut s, &mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                };
+                let slow = buf.starts_with(b"GET /slow");
+                buf.drain(..end + 4);
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(r).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one request on a kept-alive connection and reads its response head and body.
+async fn request(c: &mut TcpStream, path: &str) -> String {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.ends_with(b"ok") {
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(c, &mut chunk),
+        )
+        .await
+        .expect("a response within 10 s")
+        .expect("read the response");
+        assert!(
+            n > 0,
+            "closed before the response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).to_lowercase()
+}
+
+/// Routed HTTP/1.1 keep-alive connections are never cut mid-request at an upgrade: the
+/// old generation answers the request in flight with `Connection: close` and then closes,
+/// closes an idle one at once, and returns long before its 60 s drain; new requests go to
+/// the new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_http_connections_end_between_requests_at_an_upgrade() {
+    let dir = scratch("http");
+    let socket = dir.0.join("proxy.sock");
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    tokio::spawn(http_server(upstream));
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let (old, addr) = generation_routes(&socket, false, service, Some(&routes)).await;
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    for c in [&mut busy, &mut idle] {
+        let r = request(c, "/").await;
+        assert!(r.starts_with("http/1.1 200"), "{r}");
+        assert!(!r.contains("connection: close"), "{r}");
+    }
+    // A request in flight (answered after 500 ms) when the upgrade happens.
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (new, _) = generation_routes(&socket, true, service, Some(&routes)).await;
+    let mut got = Vec::new();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut busy, &mut got),
+    )
+    .await
+    .expect("the busy connection is answered and closed within 10 s");
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(
+        outcome.is_ok(),
+        "the busy connection was reset: {outcome:?} after {text:?}"
+    );
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(
+        text.contains("connection: close"),
+        "the response in flight says close: {text}"
+    );
+    assert!(text.ends_with("ok"), "{text}");
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut idle, &mut rest),
+    )
+    .await
+    .expect("the idle connection is closed within 10 s");
+    assert!(
+        matches!(n, Ok(0)),
+        "the idle connection ends with a FIN: {n:?}"
+    );
+    let asked = Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns long before its 60 s drain")
+        .unwrap()
+        .expect("serves without an error");
+    println!(
+        "old generation returned {:?} after the connections closed",
+        asked.elapsed()
+    );
+    // The clients reconnect to the new generation.
+    let mut again = TcpStream::connect(addr).await.unwrap();
+    let r = request(&mut again, "/").await;
+    assert!(r.starts_with("http/1.1 200"), "{r}");
+    drop(again);
+    let mut new = new;
+    let _ = new.stop.take().unwrap().send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+}
