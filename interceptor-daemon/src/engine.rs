@@ -309,10 +309,12 @@ pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval:
             let n = reconcile(&layout, &resolver, &wanted, &live, agent);
             shared.orphans_detached.fetch_add(n, Ordering::SeqCst);
             // systemd: ready once the first pass over the complete wanted set is done.
-            match crate::notify::notify("READY=1") {
-                Ok(true) => tracing::info!("told systemd: READY=1 (first attach pass done)"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "sending READY=1 to $NOTIFY_SOCKET"),
+            // (sd_notify: one datagram to `$NOTIFY_SOCKET`; nothing without it.)
+            if std::env::var_os("NOTIFY_SOCKET").is_some() {
+                match sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+                    Ok(()) => tracing::info!("told systemd: READY=1 (first attach pass done)"),
+                    Err(e) => tracing::warn!(error = %e, "sending READY=1 to $NOTIFY_SOCKET"),
+                }
             }
         }
         if let (Ok(o), Ok(i)) = (

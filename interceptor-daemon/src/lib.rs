@@ -15,7 +15,6 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
-pub mod notify;
 pub mod pods;
 pub mod resolve;
 

@@ -7,36 +7,16 @@
 //! the old process's exit does not count as the service's. Without `$NOTIFY_SOCKET`
 //! nothing is sent.
 
-use std::os::unix::{ffi::OsStrExt as _, net::UnixDatagram};
-
-/// Sends `state` to `$NOTIFY_SOCKET`; `Ok(false)` when it is not set.
-pub fn notify(state: &str) -> std::io::Result<bool> {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(false);
-    };
-    let sock = UnixDatagram::unbound()?;
-    match target.as_bytes().strip_prefix(b"@") {
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt as _;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            sock.send_to_addr(state.as_bytes(), &addr)?;
-        }
-        None => {
-            sock.send_to(state.as_bytes(), &target)?;
-        }
-    }
-    Ok(true)
-}
+use sd_notify::NotifyState;
 
 /// Tells systemd that this process is the service's main process and is ready.
 pub fn ready() {
-    let state = format!("MAINPID={}\nREADY=1", std::process::id());
-    match notify(&state) {
-        Ok(true) => tracing::info!(
-            pid = std::process::id(),
-            "told systemd: MAINPID and READY=1"
-        ),
-        Ok(false) => {}
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let pid = std::process::id();
+    match sd_notify::notify(&[NotifyState::MainPid(pid), NotifyState::Ready]) {
+        Ok(()) => tracing::info!(pid, "told systemd: MAINPID and READY=1"),
         Err(e) => {
             tracing::warn!(error = %e, "telling systemd that the proxy is ready ($NOTIFY_SOCKET)")
         }

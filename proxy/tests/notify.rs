@@ -37,7 +37,8 @@ fn start(dir: &Path, notify: &Path, upgrade: bool) -> Child {
 fn next(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 512];
     let n = sock.recv(&mut buf).expect("a notification within 30 s");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    // States are newline-separated (sd_notify ends each with one).
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {

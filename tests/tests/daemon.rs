@@ -528,7 +528,8 @@ fn daemon_notifies_systemd_ready_after_first_attach() {
         .unwrap_or_else(|e| panic!("no notification: {e}\n{}", daemon.stderr()));
     // Checked at once: an early READY=1 would find the scope not yet attached.
     let attached = attached_ids(&pin);
-    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    // States are newline-separated (sd_notify ends each with one).
+    let msg = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
     println!("READY=1 after {:?}: {msg:?}", started.elapsed());
     assert_eq!(msg, "READY=1");
     assert!(
