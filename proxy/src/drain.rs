@@ -172,19 +172,27 @@ impl Deadline {
         CONNECTION_DEADLINE.scope(self, connection)
     }
 
-    /// Whether the deadline of the connection the calling task serves has passed (see
-    /// [`Deadline::scope`]); false outside one. It registers no waker: the connection's
-    /// task is woken at the deadline by [`crate::listener::connection_task`], which polls
-    /// its handler first, so a handler that checks this on every poll sees it then.
-    pub fn current_has_passed() -> bool {
+    /// Whether the deadline of the connection the calling task serves has passed and,
+    /// unless `stay`, whether it is asked to move ([`Deadline::current_move_requested`]),
+    /// in one look-up of the task's deadline (see [`Deadline::scope`]); both false outside
+    /// one. It registers no waker: the connection's task is woken at the deadline by
+    /// [`crate::listener::connection_task`], which polls its handler first, so the opaque
+    /// forwarder, which checks this on every poll, sees it then.
+    pub fn current_passed_or_move(stay: bool) -> (bool, bool) {
         CONNECTION_DEADLINE
-            .try_with(|d| d.0.cut.is_cancelled())
-            .unwrap_or(false)
+            .try_with(|d| {
+                let d = &d.0;
+                (
+                    d.cut.is_cancelled(),
+                    !stay && d.requested.is_cancelled() && d.open(),
+                )
+            })
+            .unwrap_or((false, false))
     }
 
     /// Whether the connection the calling task serves is asked to move to a new process
     /// (see [`Drain::start_moving`]); false outside a [`Deadline::scope`]. Like
-    /// [`Deadline::current_has_passed`], it registers no waker: the connection's task is
+    /// [`Deadline::current_passed_or_move`], it registers no waker: the connection's task is
     /// woken when the request comes ([`Deadline::move_requested`]).
     pub fn current_move_requested() -> bool {
         CONNECTION_DEADLINE

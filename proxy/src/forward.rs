@@ -158,7 +158,7 @@ pub struct Carried {
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
 /// fails, or nothing flowed for `idle`, or the connection's drain deadline passes:
-/// [`Deadline::current_has_passed`]), then closes both sockets. Adds the bytes to `stats`
+/// [`Deadline::current_passed_or_move`]), then closes both sockets. Adds the bytes to `stats`
 /// as they flow.
 pub async fn forward(
     client: TcpStream,
@@ -204,10 +204,11 @@ pub fn forward_from<'a>(
         // Checked before each poll of the copy (no future of its own: every open
         // connection holds this state).
         let (result, cut) = std::future::poll_fn(|cx| {
-            if Deadline::current_has_passed() {
+            let (passed, move_requested) = Deadline::current_passed_or_move(copy.stay);
+            if passed {
                 return Poll::Ready((Ok(()), true));
             }
-            copy.pause = !copy.stay && Deadline::current_move_requested();
+            copy.pause = move_requested;
             Pin::new(&mut copy).poll(cx).map(|r| (r, false))
         })
         .await;

@@ -259,7 +259,7 @@ macro_rules! run_connection {
     ($deadline:expr, $connection:expr) => {{
         let deadline: $crate::drain::Deadline = $deadline;
         // The connection is polled first: the opaque forwarder watches the same deadline
-        // ([`Deadline::current_has_passed`]), so once it has passed the forwarder ends on
+        // ([`Deadline::current_passed_or_move`]), so once it has passed the forwarder ends on
         // that poll with its connection counted; any other handler is dropped right
         // after. The move request only wakes the task (the forwarder sees it then).
         // One future for both wake-ups: the deadline also sets the move request (see
