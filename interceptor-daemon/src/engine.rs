@@ -332,10 +332,18 @@ pub fn run(shared: Arc<Shared>, layout: PinLayout, resolver: Resolver, interval:
         *shared.last_tick.lock().unwrap() = Some(Instant::now());
         shared.first_pass.store(true, Ordering::SeqCst);
         shared.passes.fetch_add(1, Ordering::SeqCst);
+        // Until the next rescan, or sooner when a failed attach is due again ("retrying in
+        // 1 s" holds with a long rescan interval too).
+        let now = Instant::now();
+        let wait = live
+            .values()
+            .filter_map(|l| l.retry_at.filter(|t| *t > now))
+            .map(|t| t - now)
+            .fold(interval, Duration::min);
         let (m, c) = &shared.wake;
         let mut woken = m.lock().unwrap();
         if !*woken {
-            woken = c.wait_timeout(woken, interval).unwrap().0;
+            woken = c.wait_timeout(woken, wait).unwrap().0;
         }
         *woken = false;
     }
