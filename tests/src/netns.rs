@@ -7,7 +7,6 @@ use std::process::{Command, Output};
 use nix::sched::{setns, CloneFlags};
 
 use crate::names::{bounded_name, NETNS_NAME_MAX};
-use crate::process::{spawn_in, Proc};
 use crate::util::{leaked, run_cmd, run_cmd_ok, CMD_TIMEOUT};
 
 const CONNTRACK_COUNT: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
@@ -232,11 +231,6 @@ impl NetNs {
                 Err(p) => std::panic::resume_unwind(p),
             }
         })
-    }
-
-    /// Spawns `cmd` in this namespace (not in any test cgroup): `spawn_in(self, None, cmd)`.
-    pub fn spawn(&self, cmd: &[&str]) -> Proc {
-        spawn_in(self, None, cmd)
     }
 }
 

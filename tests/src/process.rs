@@ -292,6 +292,15 @@ fn label(cmd: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+impl NetNs {
+    /// Spawns `cmd` in this namespace (not in any test cgroup): `spawn_in(self, None, cmd)`.
+    /// (Here rather than in `netns.rs`, so that the namespace guard does not import the
+    /// process module back.)
+    pub fn spawn(&self, cmd: &[&str]) -> Proc {
+        spawn_in(self, None, cmd)
+    }
+}
+
 /// Spawns `cmd` inside `ns`, and inside `cgroup` if given (via `icpt-exec`, which
 /// joins the cgroup before entering the namespace).
 pub fn spawn_in(ns: &NetNs, cgroup: Option<&TestCgroup>, cmd: &[&str]) -> Proc {

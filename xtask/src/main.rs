@@ -18,6 +18,7 @@ mod bench;
 mod demo;
 mod deploy;
 mod fuzz;
+mod import_cycles;
 mod kernels;
 mod lint;
 mod setup;
