@@ -47,6 +47,7 @@ pub mod stats;
 pub mod telemetry;
 pub mod upgrade;
 pub mod upstream;
+pub mod wasm;
 
 use std::future::Future;
 use std::io;

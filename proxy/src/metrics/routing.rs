@@ -102,6 +102,50 @@ impl Collector for RoutingCollector {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             m.encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
         }
+        let plugins = r.plugins();
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_wasm_plugin_calls",
+            "Requests a Wasm routing plugin ran for.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &plugins {
+            m.encode_family(&[("plugin", name.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&s.calls.load(Relaxed), None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_wasm_plugin_failures",
+            "Wasm plugin calls that failed, by kind (trap, fuel: out of its fuel budget, memory: over its memory cap).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &plugins {
+            for (kind, v) in [
+                ("trap", &s.traps),
+                ("fuel", &s.fuel_exhausted),
+                ("memory", &s.memory_exceeded),
+            ] {
+                m.encode_family(&[("plugin", name.as_str()), ("kind", kind)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_wasm_plugin_decisions",
+            "What Wasm plugins decided for requests (routed: a cluster or route of their choice; local_reply: answered; failed_closed: 503 after a failure; failed_open: the declarative routes after a failure).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &plugins {
+            for (decision, v) in [
+                ("routed", &s.routed),
+                ("local_reply", &s.local_replies),
+                ("failed_closed", &s.failed_closed),
+                ("failed_open", &s.failed_open),
+            ] {
+                m.encode_family(&[("plugin", name.as_str()), ("decision", decision)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+            }
+        }
         Ok(())
     }
 }

@@ -83,6 +83,11 @@ pub enum Problem {
     TooManyAttempts,
     #[error("needs sniHosts")]
     NoSniHosts,
+    /// The plugin's own load error (it names the plugin and the cause).
+    #[error("{0}")]
+    WasmPlugin(crate::wasm::LoadError),
+    #[error("{0:?} is the name of two plugins")]
+    PluginNamedTwice(String),
 }
 
 fn at(path: impl Into<String>, problem: Problem) -> CompileError {
@@ -119,7 +124,43 @@ pub fn compile(file: &RoutingFile, stats: &RoutingStats) -> Result<Table, Compil
     for (i, vs) in file.virtual_services.iter().enumerate() {
         c.virtual_service(i, vs, &mut t)?;
     }
+    if !file.wasm_plugins.is_empty() {
+        c.plugin_clusters(&mut t)?;
+        t.plugins = plugins(file, stats)?;
+    }
     Ok(t)
+}
+
+/// The file's Wasm plugins, each loaded and configured (an instance made), or the first
+/// that does not load.
+fn plugins(file: &RoutingFile, stats: &RoutingStats) -> Result<crate::wasm::Plugins, CompileError> {
+    let mut loaded = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (i, spec) in file.wasm_plugins.iter().enumerate() {
+        let field = format!("wasmPlugins[{i}]");
+        if !names.insert(spec.name.clone()) {
+            return Err(at(
+                format!("{field}.name"),
+                Problem::PluginNamedTwice(spec.name.clone()),
+            ));
+        }
+        for (j, t) in spec.target_refs.iter().enumerate() {
+            if !file
+                .service_entries
+                .iter()
+                .any(|se| se.hosts.iter().any(|h| h.eq_ignore_ascii_case(&t.name)))
+            {
+                return Err(at(
+                    format!("{field}.targetRefs[{j}].name"),
+                    Problem::RuleForUnknownHost(t.name.clone()),
+                ));
+            }
+        }
+        let plugin = crate::wasm::Plugin::load(spec, stats.plugin(&spec.name))
+            .map_err(|e| at(format!("{field}.url"), Problem::WasmPlugin(e)))?;
+        loaded.push((i, plugin));
+    }
+    Ok(crate::wasm::Plugins::new(loaded))
 }
 
 /// Services by host (lower case), with their addresses and ports entered into `t`.
@@ -299,6 +340,36 @@ impl Compiler<'_, '_> {
             matches!(sp.protocol, Protocol::Grpc | Protocol::Http2),
             self.stats.cluster(&name),
         )))
+    }
+
+    /// Every service's cluster on each of its ports, whole and by subset (those with
+    /// endpoints): what a Wasm plugin may choose by name.
+    fn plugin_clusters(&self, t: &mut Table) -> Result<(), CompileError> {
+        for (host, (_, se)) in &self.services {
+            if se.endpoints.is_empty() {
+                continue;
+            }
+            let subsets: Vec<&str> = self
+                .rules
+                .get(host)
+                .map(|r| r.subsets.iter().map(|s| s.name.as_str()).collect())
+                .unwrap_or_default();
+            for p in &se.ports {
+                let field = format!("serviceEntries[{host}]");
+                let whole = self.cluster(host, None, Some(p.number), &field)?;
+                t.clusters
+                    .insert((host.clone(), p.number, String::new()), whole);
+                for s in &subsets {
+                    // A subset without endpoints cannot be chosen (it is an error only where a
+                    // route names it).
+                    if let Ok(c) = self.cluster(host, Some(s), Some(p.number), &field) {
+                        t.clusters
+                            .insert((host.clone(), p.number, (*s).to_owned()), c);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A route's weighted destinations and their total weight; `field` is the route's path.

@@ -38,6 +38,8 @@
 //!   subsets:
 //!   - {name: v1, labels: {version: v1}}
 //!   - {name: v2, labels: {version: v2}}
+//! wasmPlugins:                      # see crate::wasm::spec
+//! - {name: router, url: /etc/interceptor/router.wasm, targetRefs: [{kind: Service, name: reviews}]}
 //! ```
 
 use std::collections::BTreeMap;
@@ -54,6 +56,9 @@ pub struct RoutingFile {
     pub virtual_services: Vec<VirtualService>,
     #[serde(default)]
     pub destination_rules: Vec<DestinationRule>,
+    /// Wasm routing plugins ([`crate::wasm`]).
+    #[serde(default)]
+    pub wasm_plugins: Vec<crate::wasm::WasmPluginSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,9 +1,11 @@
-//! Route and cluster counters, kept by name across reloads: a reloaded table gets the same
+//! Route, cluster and Wasm plugin counters, kept by name across reloads: a reloaded table gets the same
 //! counters for a route or cluster of the same name.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+
+use crate::wasm::PluginStats;
 
 /// Counters of one route, kept across reloads (by virtual service and route name).
 #[derive(Debug, Default)]
@@ -28,6 +30,7 @@ pub struct ClusterStats {
 pub struct RoutingStats {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
+    plugins: Mutex<BTreeMap<String, Arc<PluginStats>>>,
     pub reloads: AtomicU64,
     pub reload_errors: AtomicU64,
     pub no_route: AtomicU64,
@@ -50,6 +53,20 @@ impl RoutingStats {
             .entry(name.to_owned())
             .or_default()
             .clone()
+    }
+
+    pub(super) fn plugin(&self, name: &str) -> Arc<PluginStats> {
+        self.plugins
+            .lock()
+            .expect("plugin stats")
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    pub fn plugins(&self) -> Vec<(String, Arc<PluginStats>)> {
+        let m = self.plugins.lock().expect("plugin stats");
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     pub fn routes(&self) -> Vec<((String, String), Arc<RouteStats>)> {

@@ -94,6 +94,10 @@ pub struct Table {
     pub(super) tls: Vec<Vec<TlsRule>>,
     /// (service host, port) -> the cluster without subset.
     pub(super) default_clusters: HashMap<(String, u16), Arc<Cluster>>,
+    /// (service host, port, subset or "") -> cluster: what a Wasm plugin may choose.
+    pub(super) clusters: HashMap<(String, u16, String), Arc<Cluster>>,
+    /// The Wasm routing plugins, in the order they run.
+    pub plugins: crate::wasm::Plugins,
 }
 
 impl Table {
@@ -123,6 +127,25 @@ impl Table {
     /// The service's own cluster on `port` (every endpoint, no subset).
     pub fn default_cluster(&self, service: &str, port: u16) -> Option<&Arc<Cluster>> {
         self.default_clusters.get(&(service.to_owned(), port))
+    }
+
+    /// The cluster a plugin named: `host` or `host/subset`, on `port` (or the host's only
+    /// port).
+    pub fn cluster_named(&self, name: &str, port: u16) -> Option<&Arc<Cluster>> {
+        let (host, subset) = name.split_once('/').unwrap_or((name, ""));
+        let host = host.to_ascii_lowercase();
+        self.clusters
+            .get(&(host.clone(), port, subset.to_owned()))
+            .or_else(|| {
+                let mut on_host = self
+                    .clusters
+                    .iter()
+                    .filter(|((h, _, s), _)| *h == host && s == subset);
+                match (on_host.next(), on_host.next()) {
+                    (Some((_, c)), None) => Some(c),
+                    _ => None,
+                }
+            })
     }
 
     /// An endpoint of the service's own cluster, or `orig_dst` when the service lists none.

@@ -41,6 +41,7 @@ use crate::routing::file::Protocol;
 use crate::routing::reload::Routing;
 use crate::routing::table::{HeaderOps, PortPlan, Route};
 use crate::upstream::{connect_upstream, UpstreamOptions};
+use crate::wasm::{LocalReply, RequestInfo, Verdict};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -212,7 +213,7 @@ impl HttpRouter {
             async move {
                 let in_progress = InProgress::start(&state);
                 let resp = this
-                    .route(req, orig_dst, &plan, workload.as_deref(), &state)
+                    .route(req, peer, orig_dst, &plan, workload.as_deref(), &state)
                     .await;
                 // The request is in progress until its response body is done with.
                 let (parts, body) = resp.into_parts();
@@ -281,9 +282,11 @@ impl HttpRouter {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn route(
         &self,
         req: Request<Incoming>,
+        peer: SocketAddr,
         orig_dst: SocketAddr,
         plan: &PortPlan,
         workload: Option<&str>,
@@ -291,27 +294,73 @@ impl HttpRouter {
     ) -> Response<Body> {
         let table = self.routing.current();
         let host = request_host(&req);
-        let (cluster, route): (Option<Arc<Cluster>>, Option<&Route>) =
-            match table.http_routes(&host, plan) {
-                Some(routes) => match routes.iter().find(|r| route_matches(r, &req, workload)) {
-                    Some(r) => {
-                        r.stats.requests.fetch_add(1, Relaxed);
-                        (
-                            Some(pick_weighted(&r.clusters, r.total_weight).clone()),
-                            Some(r),
-                        )
-                    }
+        let mut req = req;
+        // Wasm plugins first: they may edit the headers the routes match, answer, or choose
+        // the cluster or route themselves.
+        let mut chosen_route: Option<String> = None;
+        let mut chosen_cluster: Option<Arc<Cluster>> = None;
+        if table.plugins.any_for(&plan.service) {
+            let info = RequestInfo {
+                method: req.method().as_str().to_owned(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
+                host: host.clone(),
+                source: Some(peer),
+                workload: workload.map(str::to_owned),
+                destination: Some(orig_dst),
+                service: plan.service.clone(),
+                dubbo: Default::default(),
+            };
+            match table.plugins.on_request(req.headers_mut(), &info) {
+                Verdict::Continue => {}
+                Verdict::Reply(r) => return local_reply(r),
+                Verdict::Failed { plugin } => {
+                    debug!(%plugin, "wasm plugin failed (fail closed): 503");
+                    return plain(StatusCode::SERVICE_UNAVAILABLE, "routing plugin failed\n");
+                }
+                Verdict::Cluster(name) => match table.cluster_named(&name, plan.port) {
+                    Some(c) => chosen_cluster = Some(c.clone()),
                     None => {
+                        debug!(cluster = %name, "a wasm plugin chose a cluster that does not exist");
                         self.routing.stats.no_route.fetch_add(1, Relaxed);
-                        return plain(StatusCode::NOT_FOUND, "no route matched this request\n");
+                        return plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "a routing plugin chose an unknown cluster\n",
+                        );
                     }
                 },
-                None => (
-                    table.default_cluster(&plan.service, plan.port).cloned(),
-                    None,
-                ),
+                Verdict::Route(name) => chosen_route = Some(name),
+            }
+        }
+        let (cluster, route): (Option<Arc<Cluster>>, Option<&Route>) =
+            if let Some(c) = chosen_cluster {
+                (Some(c), None)
+            } else {
+                match table.http_routes(&host, plan) {
+                    Some(routes) => match routes.iter().find(|r| match &chosen_route {
+                        Some(name) => r.name == *name,
+                        None => route_matches(r, &req, workload),
+                    }) {
+                        Some(r) => {
+                            r.stats.requests.fetch_add(1, Relaxed);
+                            (
+                                Some(pick_weighted(&r.clusters, r.total_weight).clone()),
+                                Some(r),
+                            )
+                        }
+                        None => {
+                            self.routing.stats.no_route.fetch_add(1, Relaxed);
+                            return plain(StatusCode::NOT_FOUND, "no route matched this request\n");
+                        }
+                    },
+                    None => (
+                        table.default_cluster(&plan.service, plan.port).cloned(),
+                        None,
+                    ),
+                }
             };
-        let mut req = req;
         if let Some(ops) = route.and_then(|r| r.request_headers.as_ref()) {
             apply(ops, req.headers_mut());
         }
@@ -557,6 +606,22 @@ fn upstream_request(
     };
     *req.headers_mut() = headers;
     req
+}
+
+/// The response a Wasm plugin asked for.
+fn local_reply(r: LocalReply) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(r.body))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
+    for (k, v) in r.headers {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    resp
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {

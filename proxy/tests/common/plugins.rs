@@ -1,0 +1,43 @@
+//! The Wasm plugin fixtures (`tests/wasm-plugins`, built with the proxy-wasm Rust SDK for
+//! `wasm32-wasip1`): built once per test process if missing or older than their sources.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The fixtures' workspace.
+pub fn plugins_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/wasm-plugins")
+}
+
+/// The path of fixture `name` (`router`, `trap`, `spin`, `hog`, `noop`), built first.
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = plugins_dir();
+    BUILT.get_or_init(|| {
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--manifest-path",
+            ])
+            .arg(dir.join("Cargo.toml"))
+            // Not the test binary's own target dir or flags.
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building the Wasm plugin fixtures failed (is the wasm32-wasip1 target installed? \
+             `rustup target add wasm32-wasip1`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let p = dir.join(format!("target/wasm32-wasip1/release/plugin_{name}.wasm"));
+    assert!(p.is_file(), "{} missing after the build", p.display());
+    p
+}
