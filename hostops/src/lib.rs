@@ -10,6 +10,7 @@ pub mod mounts;
 pub mod netns;
 pub mod pins;
 pub mod skip;
+pub mod wasm_plugins;
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,6 @@
 //! when it traps, loops or asks for too much memory. The routed end to end path (a real
 //! HTTP client through the interception) is in tests/tests/wasm.rs.
 
-mod common;
-
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +11,7 @@ use http::{HeaderMap, HeaderValue};
 use interceptor_proxy::wasm::{Plugin, PluginStats, Plugins, RequestInfo, Verdict, WasmPluginSpec};
 use serde_json::json;
 
-use common::plugins::plugin;
+use hostops::wasm_plugins::plugin;
 
 fn spec(name: &str, fixture: &str, extra: serde_json::Value) -> WasmPluginSpec {
     let mut v = json!({"name": name, "url": format!("file://{}", plugin(fixture).display())});

@@ -83,6 +83,7 @@ fn sudo() -> &'static str {
 pub fn setup() -> Result<()> {
     let mut r = Report { failed: 0 };
     rust_src(&mut r);
+    wasm_target(&mut r);
     let pkgs_ok = packages(&mut r);
     bpf_linker(&mut r, pkgs_ok);
     bpffs(&mut r);
@@ -144,36 +145,45 @@ fn quiet(cmd: &mut Command, secs: u64) -> bool {
 }
 
 fn rust_src(r: &mut Report) {
-    let piece = "rust-src (nightly)";
-    let cmd = "rustup component add rust-src --toolchain nightly";
+    rustup_piece(r, "rust-src (nightly)", "component", "nightly", "rust-src");
+}
+
+/// The Wasm target the routing plugin fixtures are built for (tests/wasm-plugins).
+fn wasm_target(r: &mut Report) {
+    rustup_piece(
+        r,
+        "wasm32-wasip1 (stable)",
+        "target",
+        "stable",
+        "wasm32-wasip1",
+    );
+}
+
+/// A rustup component or target (`kind`) of `toolchain`: added unless installed.
+fn rustup_piece(r: &mut Report, piece: &str, kind: &str, toolchain: &str, name: &str) {
+    let cmd = format!("rustup {kind} add {name} --toolchain {toolchain}");
     let present = || {
         run_capture(
-            Command::new("rustup").args([
-                "component",
-                "list",
-                "--toolchain",
-                "nightly",
-                "--installed",
-            ]),
+            Command::new("rustup").args([kind, "list", "--toolchain", toolchain, "--installed"]),
             Duration::from_secs(30),
         )
         .is_ok_and(|o| {
             o.status.success()
                 && String::from_utf8_lossy(&o.stdout)
                     .lines()
-                    .any(|l| l.trim().starts_with("rust-src"))
+                    .any(|l| l.trim().starts_with(name))
         })
     };
     if present() {
         return r.line(piece, State::Ok);
     }
     let st = Command::new("rustup")
-        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+        .args([kind, "add", name, "--toolchain", toolchain])
         .status();
     if st.is_ok_and(|s| s.success()) && present() {
         r.line(piece, State::Installed)
     } else {
-        r.line(piece, State::Failed(cmd.into()))
+        r.line(piece, State::Failed(cmd))
     }
 }
 

@@ -1,8 +1,6 @@
 //! Helpers shared by the proxy's integration tests. Everything stays on 127.0.0.1 / ::1.
 #![allow(dead_code)]
 
-pub mod plugins;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
-//! The Wasm plugin fixtures (`tests/wasm-plugins`, built with the proxy-wasm Rust SDK for
-//! `wasm32-wasip1`): built once per test process if missing or older than their sources.
+//! The Wasm routing plugin fixtures (`tests/wasm-plugins`, built with the proxy-wasm Rust SDK
+//! for `wasm32-wasip1`), for the proxy's tests, the end-to-end tests and the bench: built
+//! once per process (cargo rebuilds only what changed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +12,7 @@ pub fn plugins_dir() -> PathBuf {
 }
 
 /// The path of fixture `name` (`router`, `trap`, `spin`, `hog`, `noop`), built first.
+/// Panics if the build fails (the message says what to install).
 pub fn plugin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let dir = plugins_dir();
