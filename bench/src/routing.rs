@@ -224,7 +224,11 @@ pub fn run(args: RoutingArgs) -> Result<()> {
     }
     let (o, r, q) = (median(&mut opaque), median(&mut routed), median(&mut ratio));
     let (co, cr) = (median(&mut cpu_o), median(&mut cpu_r));
-    let (wr, cw, pu) = (median(&mut wasm), median(&mut cpu_w), median(&mut plugin_us));
+    let (wr, cw, pu) = (
+        median(&mut wasm),
+        median(&mut cpu_w),
+        median(&mut plugin_us),
+    );
     let noop_us = plugin_call_us("noop", json!(null), args.reps)?;
     let router_us = plugin_call_us(
         "router",

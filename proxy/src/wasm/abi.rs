@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue};
 use wasmi::{Caller, Engine, Linker};
 
 use super::host::{memory, Request, RequestState};
-use super::LocalReply;
+use super::request::LocalReply;
 
 /// proxy-wasm statuses.
 const OK: i32 = 0;

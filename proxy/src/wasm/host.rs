@@ -6,7 +6,8 @@ use std::sync::Arc;
 use http::HeaderMap;
 use wasmi::{Engine, Linker, Memory, Module, Store, TypedFunc};
 
-use super::{Failure, LocalReply, PluginLimits, RequestInfo};
+use super::request::{Failure, LocalReply, RequestInfo};
+use super::spec::PluginLimits;
 
 /// The root context's id: one per instance, configured once.
 const ROOT_CONTEXT: i32 = 1;
