@@ -234,3 +234,59 @@ fn many_threads_share_a_plugin() {
     assert_eq!(stats.calls.load(Relaxed), 4000);
     assert_eq!(stats.routed.load(Relaxed), 2000);
 }
+
+/// The systemd unit runs the proxy with `MemoryDenyWriteExecute=yes`, which a JIT engine
+/// breaks (it needs memory that is written, then executed). The same rule, set on the
+/// process with `prctl(PR_SET_MDWE)` (kept across exec): the proxy loads, configures and runs
+/// a plugin (its `proxy_on_configure` logs), and serves, because wasmi interprets.
+#[test]
+fn plugins_run_where_memory_may_not_be_written_then_executed() {
+    let dir = std::env::temp_dir().join(format!("icpt-wasm-mdwe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let routes = dir.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: 8080, protocol: HTTP}}]\n\
+             wasmPlugins:\n- name: router\n  url: {}\n  pluginConfig: {{cluster: web}}\n",
+            plugin("router").display()
+        ),
+    )
+    .unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // PR_SET_MDWE = 65, PR_MDWE_REFUSE_EXEC_GAIN = 1; then exec the proxy.
+    let script = "import ctypes, os, sys\n\
+                  assert ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0, 'PR_SET_MDWE'\n\
+                  os.execv(sys.argv[1], sys.argv[1:])\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script, env!("CARGO_BIN_EXE_interceptor-proxy")])
+        .args(["--outbound", "127.0.0.1:0", "--bypass-mark", "0", "--admin"])
+        .arg(admin.to_string())
+        .arg("--routes")
+        .arg(&routes)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::net::TcpStream::connect(admin).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /ready HTTP/1.0\r\n\r\n");
+            let mut r = String::new();
+            let _ = s.read_to_string(&mut r);
+            r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200")
+        })
+    });
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(ready, "the proxy under MDWE never got ready:\n{stderr}");
+    assert!(
+        stderr.contains("router: configured, cluster web"),
+        "the plugin ran its configuration:\n{stderr}"
+    );
+}
