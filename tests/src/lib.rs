@@ -47,7 +47,9 @@ pub use bpffs::{
     AttachedProg, PinDir, BPFFS_ROOT,
 };
 pub use cgroup::{cgroup2_root, TestCgroup};
-pub use load::{listen_drops, netstat_section, Churn, Nginx, Wrk, WrkReport, NGINX_BODY};
+pub use load::{
+    listen_drops, netstat_section, nginx_named_servers, Churn, Nginx, Wrk, WrkReport, NGINX_BODY,
+};
 pub use names::{resource_name, PREFIX, RUN_LOCK};
 pub use netns::{enter_netns_current_thread, NetNs};
 pub use probe::{

@@ -366,6 +366,54 @@ impl Drop for Nginx {
     }
 }
 
+/// nginx in `ns` (files under `dir`) with one server per `(address, name)`, each answering
+/// every request 200 with `body` (nginx `return` text, variables allowed) where `{name}` is
+/// replaced by the server's name; waits (up to 10 s) until every server listens on `port`.
+pub fn nginx_named_servers(
+    ns: &NetNs,
+    dir: &std::path::Path,
+    servers: &[(&str, &str)],
+    body: &str,
+    port: u16,
+) -> Proc {
+    std::fs::create_dir_all(dir).expect("nginx directory");
+    let ds = dir.display();
+    let mut conf = String::new();
+    for (addr, name) in servers {
+        let text = body.replace("{name}", name);
+        conf.push_str(&format!(
+            "server {{ listen {addr}; location / {{ add_header x-upstream {name}; return 200 \"{text}\\n\"; }} }}\n"
+        ));
+    }
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off;\nmaster_process off;\npid {ds}/nginx.pid;\nerror_log {ds}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 100000; client_body_temp_path {ds};\n\
+             proxy_temp_path {ds}; fastcgi_temp_path {ds}; uwsgi_temp_path {ds}; scgi_temp_path {ds};\n\
+             {conf} }}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    let conf = dir.join("nginx.conf");
+    let p = crate::spawn_in(
+        ns,
+        None,
+        &["nginx", "-c", conf.to_str().expect("UTF-8 path")],
+    );
+    let filter = format!("sport = :{port}");
+    assert!(
+        crate::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            let out = ns.run(&["ss", "-Hltn", &filter]);
+            String::from_utf8_lossy(&out.stdout).lines().count() == servers.len()
+        }),
+        "nginx did not start: {}",
+        p.stderr()
+    );
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,8 +12,8 @@ use std::time::Duration;
 use interceptor::{PinLayout, ScopeSettings};
 use interceptor_tests::openmetrics::{parse_openmetrics, sum};
 use interceptor_tests::{
-    exec_command, run_cmd, spawn_in, start_proxy, wait_until, NetNs, PinDir, Proc, ScratchDir,
-    TestCgroup, Wrk,
+    exec_command, nginx_named_servers, run_cmd, spawn_in, start_proxy, wait_until, NetNs, PinDir,
+    Proc, ScratchDir, TestCgroup, Wrk,
 };
 
 const ADMIN: &str = "127.0.0.1:15000";
@@ -195,38 +195,13 @@ impl World {
     }
 
     fn start_nginx(&mut self) {
-        let d = self.dir.join("nginx");
-        std::fs::create_dir_all(&d).unwrap();
-        let ds = d.display();
-        let mut servers = String::new();
-        for (addr, name) in [("127.0.20.1:8080", "v1"), ("127.0.20.2:8080", "v2")] {
-            servers.push_str(&format!(
-                "server {{ listen {addr}; location / {{ add_header x-upstream {name}; \
-                 return 200 \"{name} uri=$request_uri tag=$http_x_route_tag proto=$server_protocol\\n\"; }} }}\n"
-            ));
-        }
-        std::fs::write(
-            d.join("nginx.conf"),
-            format!(
-                "daemon off;\nmaster_process off;\npid {ds}/nginx.pid;\nerror_log {ds}/error.log;\n\
-                 events {{ worker_connections 4096; }}\n\
-                 http {{ access_log off; keepalive_requests 100000; client_body_temp_path {ds};\n\
-                 proxy_temp_path {ds}; fastcgi_temp_path {ds}; uwsgi_temp_path {ds}; scgi_temp_path {ds};\n\
-                 {servers} }}\n"
-            ),
-        )
-        .unwrap();
-        let conf = d.join("nginx.conf");
-        let mut p = spawn_in(&self.ns, None, &["nginx", "-c", conf.to_str().unwrap()]);
-        assert!(
-            wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-                let out = self.ns.run(&["ss", "-Hltn", "sport = :8080"]);
-                String::from_utf8_lossy(&out.stdout).lines().count() == 2
-            }),
-            "nginx did not start: {}",
-            p.stderr()
+        let p = nginx_named_servers(
+            &self.ns,
+            &self.dir.join("nginx"),
+            &[("127.0.20.1:8080", "v1"), ("127.0.20.2:8080", "v2")],
+            "{name} uri=$request_uri tag=$http_x_route_tag proto=$server_protocol",
+            8080,
         );
-        assert!(p.is_running());
         self.servers.push(p);
         // The greeter's two versions: real gRPC servers (tonic).
         for (addr, name) in [

@@ -13,7 +13,7 @@ use hostops::wasm_plugins::plugin;
 use interceptor::{PinLayout, ScopeSettings};
 use interceptor_tests::openmetrics::parse_openmetrics;
 use interceptor_tests::{
-    exec_command, run_cmd, spawn_in, start_proxy, wait_until, NetNs, PinDir, Proc, ScratchDir,
+    exec_command, nginx_named_servers, run_cmd, start_proxy, NetNs, PinDir, Proc, ScratchDir,
     TestCgroup, Wrk,
 };
 
@@ -139,36 +139,12 @@ impl World {
     }
 
     fn start_nginx(&mut self) {
-        let d = self.dir.join("nginx");
-        std::fs::create_dir_all(&d).unwrap();
-        let ds = d.display();
-        let mut servers = String::new();
-        for (addr, name) in [("127.0.20.1:8080", "v1"), ("127.0.20.2:8080", "v2")] {
-            servers.push_str(&format!(
-                "server {{ listen {addr}; location / {{ \
-                 return 200 \"{name} plugin=$http_x_plugin removed=$http_x_remove_me\\n\"; }} }}\n"
-            ));
-        }
-        std::fs::write(
-            d.join("nginx.conf"),
-            format!(
-                "daemon off;\nmaster_process off;\npid {ds}/nginx.pid;\nerror_log {ds}/error.log;\n\
-                 events {{ worker_connections 4096; }}\n\
-                 http {{ access_log off; keepalive_requests 100000; client_body_temp_path {ds};\n\
-                 proxy_temp_path {ds}; fastcgi_temp_path {ds}; uwsgi_temp_path {ds}; scgi_temp_path {ds};\n\
-                 {servers} }}\n"
-            ),
-        )
-        .unwrap();
-        let conf = d.join("nginx.conf");
-        let p = spawn_in(&self.ns, None, &["nginx", "-c", conf.to_str().unwrap()]);
-        assert!(
-            wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-                let out = self.ns.run(&["ss", "-Hltn", "sport = :8080"]);
-                String::from_utf8_lossy(&out.stdout).lines().count() == 2
-            }),
-            "nginx did not start: {}",
-            p.stderr()
+        let p = nginx_named_servers(
+            &self.ns,
+            &self.dir.join("nginx"),
+            &[("127.0.20.1:8080", "v1"), ("127.0.20.2:8080", "v2")],
+            "{name} plugin=$http_x_plugin removed=$http_x_remove_me",
+            8080,
         );
         self.servers.push(p);
     }

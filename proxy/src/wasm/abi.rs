@@ -443,94 +443,29 @@ fn env(l: &mut Linker<RequestState>) -> Result<(), wasmi::errors::LinkerError> {
         |_: C<'_>, _: i32, _: i32, _: i32| -> i32 { NOT_FOUND },
     )?;
     // Shared data: none (each instance is on its own); queues, callouts, foreign
-    // functions: not offered to routing plugins.
-    l.func_wrap(
-        "env",
-        "proxy_get_shared_data",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { NOT_FOUND },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_set_shared_data",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { UNIMPLEMENTED },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_register_shared_queue",
-        |_: C<'_>, _: i32, _: i32, _: i32| -> i32 { UNIMPLEMENTED },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_resolve_shared_queue",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { NOT_FOUND },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_dequeue_shared_queue",
-        |_: C<'_>, _: i32, _: i32, _: i32| -> i32 { NOT_FOUND },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_enqueue_shared_queue",
-        |_: C<'_>, _: i32, _: i32, _: i32| -> i32 { NOT_FOUND },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_http_call",
-        |_: C<'_>,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32|
-         -> i32 { UNIMPLEMENTED },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_call",
-        |_: C<'_>,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32|
-         -> i32 { UNIMPLEMENTED },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_stream",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 {
-            UNIMPLEMENTED
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_send",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32| -> i32 { NOT_FOUND },
-    )?;
-    l.func_wrap("env", "proxy_grpc_cancel", |_: C<'_>, _: i32| -> i32 {
-        NOT_FOUND
-    })?;
-    l.func_wrap("env", "proxy_grpc_close", |_: C<'_>, _: i32| -> i32 {
-        NOT_FOUND
-    })?;
-    l.func_wrap(
-        "env",
-        "proxy_call_foreign_function",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { NOT_FOUND },
-    )?;
+    // functions: not offered to routing plugins. Each answers one status, whatever its
+    // arguments (all i32).
+    for (name, params, status) in [
+        ("proxy_get_shared_data", 5, NOT_FOUND),
+        ("proxy_set_shared_data", 5, UNIMPLEMENTED),
+        ("proxy_register_shared_queue", 3, UNIMPLEMENTED),
+        ("proxy_resolve_shared_queue", 5, NOT_FOUND),
+        ("proxy_dequeue_shared_queue", 3, NOT_FOUND),
+        ("proxy_enqueue_shared_queue", 3, NOT_FOUND),
+        ("proxy_http_call", 10, UNIMPLEMENTED),
+        ("proxy_grpc_call", 12, UNIMPLEMENTED),
+        ("proxy_grpc_stream", 9, UNIMPLEMENTED),
+        ("proxy_grpc_send", 4, NOT_FOUND),
+        ("proxy_grpc_cancel", 1, NOT_FOUND),
+        ("proxy_grpc_close", 1, NOT_FOUND),
+        ("proxy_call_foreign_function", 6, NOT_FOUND),
+    ] {
+        let ty = wasmi::FuncType::new(vec![wasmi::ValType::I32; params], [wasmi::ValType::I32]);
+        l.func_new("env", name, ty, move |_, _, results| {
+            results[0] = wasmi::Val::I32(status);
+            Ok(())
+        })?;
+    }
     Ok(())
 }
 
