@@ -52,7 +52,7 @@ fn scratch(test: &str) -> Scratch {
     Scratch(dir)
 }
 
-fn config_routes(socket: &Path, upgrade: bool, routes: Option<&Path>) -> Config {
+fn config_drain(socket: &Path, upgrade: bool, routes: Option<&Path>, drain: Duration) -> Config {
     Config {
         routes: routes.map(Path::to_owned),
         outbound: vec!["127.0.0.1:0".parse().unwrap()],
@@ -62,7 +62,7 @@ fn config_routes(socket: &Path, upgrade: bool, routes: Option<&Path>) -> Config 
         connect_timeout: Duration::from_secs(2),
         admin: None,
         workers: 2,
-        drain_timeout: DRAIN,
+        drain_timeout: drain,
         upgrade_socket: Some(socket.to_owned()),
         upgrade,
         destination_stats: true,
@@ -87,7 +87,18 @@ async fn generation_routes(
     server: SocketAddr,
     routes: Option<&Path>,
 ) -> (Generation, SocketAddr) {
-    let mut proxy = Proxy::bind(config_routes(socket, upgrade, routes))
+    generation_drain(socket, upgrade, server, routes, DRAIN).await
+}
+
+/// [`generation_routes`] with a drain deadline of `drain`.
+async fn generation_drain(
+    socket: &Path,
+    upgrade: bool,
+    server: SocketAddr,
+    routes: Option<&Path>,
+    drain: Duration,
+) -> (Generation, SocketAddr) {
+    let mut proxy = Proxy::bind(config_drain(socket, upgrade, routes, drain))
         .await
         .expect("proxy binds");
     proxy.set_original_dst_lookup(to(server));
@@ -510,4 +521,243 @@ async fn routed_http_connections_end_between_requests_at_an_upgrade() {
     let mut new = new;
     let _ = new.stop.take().unwrap().send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+}
+
+/// What the HTTP/2 upstream of [`h2_server`] saw: connections accepted and ended.
+#[derive(Default)]
+struct H2Upstream {
+    accepted: std::sync::atomic::AtomicU64,
+    ended: std::sync::atomic::AtomicU64,
+    /// `GET /stream` ends its body once this is set.
+    finish: AtomicBool,
+}
+
+/// A response body fed from a channel, one data frame per message.
+struct ChannelBody(mpsc::Receiver<bytes::Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
+/// An HTTP/2 (prior knowledge) server: `GET /stream` sends `chunk N\n` every 50 ms until
+/// [`H2Upstream::finish`] is set (at most 20 s), then `end\n`; anything else `ok`.
+async fn h2_server(l: TcpListener, seen: Arc<H2Upstream>) {
+    loop {
+        let (s, _) = l.accept().await.unwrap();
+        seen.accepted.fetch_add(1, Relaxed);
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let svc_seen = seen.clone();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = svc_seen.clone();
+                    async move {
+                        let (tx, rx) = mpsc::channel(4);
+                        if req.uri().path() == "/stream" {
+                            tokio::spawn(async move {
+                                for i in 0..400 {
+                                    if seen.finish.load(Relaxed) {
+                                        break;
+                                    }
+                                    if tx.send(format!("chunk {i}\n").into()).await.is_err() {
+                                        return;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                                let _ = tx.send("end\n".into()).await;
+                            });
+                        } else {
+                            let _ = tx.try_send("ok".into());
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(ChannelBody(rx)))
+                    }
+                });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+            seen.ended.fetch_add(1, Relaxed);
+        });
+    }
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`: its sender and the task that
+/// drives it (its result: how the connection ended).
+async fn h2_client(addr: SocketAddr) -> (H2Sender, JoinHandle<hyper::Result<()>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake through the proxy");
+    (sender, tokio::spawn(conn))
+}
+
+fn h2_get(path: &str) -> hyper::Request<http_body_util::Empty<bytes::Bytes>> {
+    hyper::Request::get(format!("http://web{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// `GET path` on `sender`: the whole body, or the error (the request was refused).
+async fn h2_fetch(sender: &mut H2Sender, path: &str) -> Result<String, hyper::Error> {
+    use http_body_util::BodyExt as _;
+    sender.ready().await?;
+    let resp = sender.send_request(h2_get(path)).await?;
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Routed HTTP/2 at an upgrade with a 2 s drain: the old generation sends GOAWAY (a new
+/// request on the old connection is refused, never half-served), the stream in flight
+/// then still runs to its end, byte for byte, and the connection closes cleanly; new
+/// requests go to the new generation over a new connection, which reaches the upstream
+/// over an upstream connection of its own (the pools are re-opened by the new process,
+/// not moved: the upstream sees a second connection, and the old one ends with the old
+/// generation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_http2_streams_in_flight_finish_after_goaway_at_an_upgrade() {
+    use http_body_util::BodyExt as _;
+    let dir = scratch("h2");
+    let socket = dir.0.join("proxy.sock");
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let seen = Arc::new(H2Upstream::default());
+    tokio::spawn(h2_server(upstream, seen.clone()));
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: h2, protocol: HTTP2}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let drain = Duration::from_secs(2);
+    let (old, addr) = generation_drain(&socket, false, service, Some(&routes), drain).await;
+    let (mut sender, conn) = h2_client(addr).await;
+    assert_eq!(h2_fetch(&mut sender, "/").await.unwrap(), "ok");
+    // A long stream in flight.
+    sender.ready().await.unwrap();
+    let resp = sender.send_request(h2_get("/stream")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a first chunk").unwrap();
+    assert_eq!(first.into_data().unwrap(), "chunk 0\n");
+    let chunks = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let counted = chunks.clone();
+    let reader = tokio::spawn(async move {
+        let mut got = String::from("chunk 0\n");
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the stream broke after {got:?}: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                got.push_str(&String::from_utf8_lossy(&data));
+                counted.fetch_add(1, Relaxed);
+            }
+        }
+        Ok::<_, String>(got)
+    });
+    assert_eq!(
+        seen.accepted.load(Relaxed),
+        1,
+        "one pooled upstream connection"
+    );
+
+    let (new, _) = generation_drain(&socket, true, service, Some(&routes), drain).await;
+    // Until the old generation's GOAWAY, requests on the old connection are served there;
+    // after it, a new one is refused (not half-served).
+    let mut served_before = 0;
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_secs(10), h2_fetch(&mut sender, "/"))
+            .await
+            .expect("a request on the old connection is answered or refused within 10 s")
+        {
+            Ok(body) => {
+                assert_eq!(body, "ok");
+                served_before += 1;
+                assert!(served_before < 500, "no GOAWAY within 500 requests");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    println!(
+        "old connection: {served_before} requests served, then refused after GOAWAY: {refused}"
+    );
+    assert!(
+        !reader.is_finished(),
+        "the stream must still be in flight after the GOAWAY"
+    );
+    // The stream in flight goes on after the GOAWAY, then finishes, complete.
+    let at_goaway = chunks.load(Relaxed);
+    assert!(
+        eventually(Duration::from_secs(10), || chunks.load(Relaxed)
+            > at_goaway + 2)
+        .await,
+        "the stream in flight stopped at the GOAWAY"
+    );
+    seen.finish.store(true, Relaxed);
+    let got = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the stream ends within 10 s")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.last(), Some(&"end"), "{got}");
+    for (i, l) in lines[..lines.len() - 1].iter().enumerate() {
+        assert_eq!(
+            *l,
+            format!("chunk {i}"),
+            "the stream is complete and in order"
+        );
+    }
+    println!(
+        "the stream in flight completed after the GOAWAY: {} chunks, {at_goaway} of them \
+         before it",
+        lines.len() - 1
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the old connection closes once its stream is done")
+        .unwrap();
+    assert!(ended.is_ok(), "the old connection ended with {ended:?}");
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns")
+        .unwrap()
+        .expect("serves without an error");
+    // New requests: a new connection, to the new generation, which opens its own
+    // upstream connection; the old generation's pooled one has ended with it.
+    let (mut again, conn2) = h2_client(addr).await;
+    for _ in 0..3 {
+        assert_eq!(h2_fetch(&mut again, "/").await.unwrap(), "ok");
+    }
+    assert_eq!(
+        seen.accepted.load(Relaxed),
+        2,
+        "the new generation re-opened the upstream pool once"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || seen.ended.load(Relaxed) == 1).await,
+        "the old generation's upstream connection ends with it"
+    );
+    drop(again);
+    let _ = conn2.await;
+    let mut new = new;
+    let _ = new.stop.take().unwrap().send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+    drop(dir);
 }
