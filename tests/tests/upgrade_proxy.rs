@@ -1126,3 +1126,149 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     assert!(out_up >= (size + (256 << 20)) as f64);
     w.assert_both_directions_proxied();
 }
+
+const GRPC_BIN: &str = env!("CARGO_BIN_EXE_icpt-grpc");
+
+/// Starts `icpt-grpc serve` in `ns` and waits until it listens.
+fn grpc_server(ns: &NetNs, listen: &str, name: &str) -> Proc {
+    let mut p = spawn_in(
+        ns,
+        None,
+        &[GRPC_BIN, "serve", "--listen", listen, "--name", name],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.stdout().contains("listening") {
+        assert!(
+            p.is_running() && Instant::now() < deadline,
+            "gRPC server {listen}: {}{}",
+            p.stdout(),
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// The last line of `icpt-grpc stream`, once it has ended.
+fn grpc_result(p: &mut Proc, name: &str) -> Value {
+    p.wait_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("{name} gRPC client still runs"));
+    let out = p.stdout();
+    serde_json::from_str(out.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{name} gRPC client output {out:?}{}: {e}", p.stderr()))
+}
+
+/// gRPC streaming calls through ten upgrades, each generation with the 2 s drain:
+/// outbound, routed (HTTP/2 by the routing file), one server-streaming call after another
+/// (ten replies 100 ms apart) the whole time: each old generation sends GOAWAY, the call
+/// in flight finishes there and the next one goes to the new generation; inbound, opaque,
+/// one streaming call of 300 replies 100 ms apart that outlives all ten upgrades (it
+/// moves with each). Both: every reply in order, 0 errors (a call refused by a GOAWAY
+/// before it started is retried once and counted, as gRPC's transparent retry does),
+/// each old generation gone (the times printed) having cut nothing.
+#[test]
+fn grpc_streaming_calls_through_ten_upgrades_with_a_two_second_drain() {
+    let files = ScratchDir::new("upg-grpc-f");
+    let routes = files.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        "serviceEntries:\n- hosts: [greeter]\n  addresses: [127.0.10.2]\n  ports: [{number: 8081, name: grpc, protocol: GRPC}]\n  endpoints:\n  - {address: 127.0.0.1}\n",
+    )
+    .unwrap();
+    let stop = files.join("stop");
+    let mut w = World::new_with("upg-grpc", DRAIN, &["--routes", routes.to_str().unwrap()]);
+    let _out_server = grpc_server(&w.ns, "127.0.0.1:8081", "out");
+    let _in_server = grpc_server(&w.ns, "0.0.0.0:8082", "in");
+    let stop_s = stop.to_str().unwrap();
+    let mut out = spawn_in(
+        &w.ns,
+        Some(&w.cg),
+        &[
+            GRPC_BIN,
+            "stream",
+            "127.0.10.2:8081",
+            "--calls",
+            "1",
+            "--replies",
+            "10",
+            "--every-ms",
+            "100",
+            "--until-file",
+            stop_s,
+        ],
+    );
+    let inbound = format!("{APP4}:8082");
+    let mut inb = spawn_in(
+        &w.peer,
+        None,
+        &[
+            GRPC_BIN,
+            "stream",
+            &inbound,
+            "--calls",
+            "1",
+            "--replies",
+            "300",
+            "--every-ms",
+            "100",
+        ],
+    );
+    // Both calls under way.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(out.stdout().contains("\"call\":1") && inb.stdout().contains("\"call\":0")) {
+        assert!(
+            out.is_running() && inb.is_running() && Instant::now() < deadline,
+            "gRPC clients did not start: {}{} / {}{}",
+            out.stdout(),
+            out.stderr(),
+            inb.stdout(),
+            inb.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut gone = Vec::new();
+    for g in 0..10 {
+        w.upgrade(DRAIN);
+        let handed_over = Instant::now();
+        let old = &mut w.proxies[g];
+        let status = old
+            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
+        assert!(status.success(), "generation {g}: {status}");
+        gone.push(handed_over.elapsed());
+    }
+    println!("each old generation gone after the new one reported its hand-off: {gone:?}");
+    assert!(
+        inb.is_running(),
+        "the inbound streaming call ended before the last upgrade"
+    );
+    std::fs::write(&stop, b"").unwrap();
+    let out_r = grpc_result(&mut out, "outbound");
+    let in_r = grpc_result(&mut inb, "inbound");
+    println!("outbound gRPC streaming calls through ten upgrades: {out_r}");
+    println!("inbound gRPC streaming call through ten upgrades: {in_r}");
+    assert_eq!(out_r["errors"], serde_json::json!([]), "outbound: {out_r}");
+    assert_eq!(in_r["errors"], serde_json::json!([]), "inbound: {in_r}");
+    let calls = out_r["calls"].as_u64().unwrap();
+    assert_eq!(out_r["replies"].as_u64(), Some(10 * calls), "{out_r}");
+    assert!(calls >= 10, "{calls} outbound calls over ten upgrades");
+    assert_eq!(in_r["replies"], 300, "{in_r}");
+    assert_eq!(
+        in_r["refused"], 0,
+        "the inbound call is never refused: {in_r}"
+    );
+    let cut: u64 = w.proxies[..10]
+        .iter()
+        .map(|p| cut_at_deadline(&p.stderr()))
+        .sum();
+    assert_eq!(cut, 0, "connections cut at a drain deadline");
+    // The inbound call moved with each generation.
+    for (g, p) in w.proxies[..10].iter().enumerate() {
+        let (moved, kept, _) = moved_line(&p.stderr())
+            .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&p.stderr())));
+        assert!(
+            moved >= 1 && kept == 0,
+            "generation {g}: moved {moved}, kept {kept}"
+        );
+    }
+}
