@@ -59,7 +59,8 @@ fn config_drain(socket: &Path, upgrade: bool, routes: Option<&Path>, drain: Dura
         outbound_ipv6_optional: false,
         inbound: vec![],
         bypass_mark: 0,
-        connect_timeout: Duration::from_secs(2),
+        // Long enough for a SYN sent again after 1 s, and again after 3 s.
+        connect_timeout: Duration::from_secs(10),
         admin: None,
         workers: 2,
         drain_timeout: drain,
@@ -756,6 +757,207 @@ async fn routed_http2_streams_in_flight_finish_after_goaway_at_an_upgrade() {
     );
     drop(again);
     let _ = conn2.await;
+    let mut new = new;
+    let _ = new.stop.take().unwrap().send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+    drop(dir);
+}
+
+/// A stand-in new process on the upgrade socket at `socket`: hello, `ready` after the
+/// listeners; at the first `connections` it does not answer (a new process that hangs
+/// while taking connections over) until `answer_late` is set, then says `taken` anyway.
+/// Returns the message types it saw until the socket closed.
+fn hanging_stand_in(socket: PathBuf, answer_late: Arc<AtomicBool>) -> JoinHandle<Vec<String>> {
+    tokio::task::spawn_blocking(move || {
+        let s = std::os::unix::net::UnixStream::connect(&socket)
+            .expect("connect to the upgrade socket");
+        let mut w = s.try_clone().unwrap();
+        let mut lines = BufReader::new(s);
+        w.write_all(b"{\"type\":\"hello\",\"pid\":1,\"version\":\"stand-in\"}\n")
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                return seen;
+            }
+            let v = serde_json::from_str::<serde_json::Value>(&line).unwrap();
+            let kind = v["type"].as_str().unwrap().to_owned();
+            seen.push(kind.clone());
+            match kind.as_str() {
+                "listeners" => w.write_all(b"{\"type\":\"ready\"}\n").unwrap(),
+                "connections" => {
+                    let n = v["conns"].as_array().unwrap().len();
+                    // Bounded, so that a failing test does not hang in its runtime's drop.
+                    let asked = Instant::now();
+                    while !answer_late.load(Relaxed) && asked.elapsed() < Duration::from_secs(60) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let _ =
+                        w.write_all(format!("{{\"type\":\"taken\",\"count\":{n}}}\n").as_bytes());
+                }
+                "exited" => return seen,
+                _ => {}
+            }
+        }
+    })
+}
+
+/// A new process that takes the listeners and then hangs when the first batch of
+/// connections arrives (alive, never confirming): the old generation waits for `taken`
+/// only for its own timeout (1 s, within its 60 s drain), answers `kept`, and keeps copying
+/// those connections byte-exact; a `taken` that comes after that changes nothing; the
+/// old generation returns once the connections end, long before its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_does_not_confirm_in_time_leaves_the_connections_working() {
+    let dir = scratch("hang");
+    let socket = dir.0.join("proxy.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server, mut done) = stream_server(stop.clone()).await;
+    let (gen, addr) = generation(&socket, false, server).await;
+    let full = client(addr, stop.clone(), false).await;
+    let half = client(addr, stop.clone(), true).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > 4 * CHUNK as u64
+        })
+        .await
+    );
+    let answer_late = Arc::new(AtomicBool::new(false));
+    let stand_in = hanging_stand_in(socket.clone(), answer_late.clone());
+    // The old generation goes on copying after its timeout.
+    let before = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > before + 64 * CHUNK as u64
+        })
+        .await,
+        "the old generation no longer copies the connections the hanging process was offered"
+    );
+    // The late `taken`: the batch stays where it is.
+    answer_late.store(true, Relaxed);
+    let at_taken = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > at_taken + 16 * CHUNK as u64
+        })
+        .await,
+        "the old generation stopped copying after a late taken"
+    );
+    full.stop.store(true, Relaxed);
+    let c_full = full.client.await.unwrap();
+    let c_half = half.client.await.unwrap();
+    let s1 = done.recv().await.unwrap();
+    let s2 = done.recv().await.unwrap();
+    let (s_full, s_half) = if (s1.1).0 == 1000 { (s2, s1) } else { (s1, s2) };
+    assert_exact("streaming both ways", c_full, s_full);
+    assert_exact("half-closed", c_half, s_half);
+    let snapshot = tokio::time::timeout(Duration::from_secs(30), gen.serve)
+        .await
+        .expect("the old generation returns once its connections ended")
+        .unwrap()
+        .expect("serves without an error");
+    assert_eq!(
+        snapshot.outbound.bytes_client_to_upstream,
+        (c_full.0).0 + (c_half.0).0
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(10), stand_in)
+        .await
+        .expect("the stand-in's conversation ends with the old generation")
+        .unwrap();
+    println!("the hanging stand-in saw {seen:?}");
+    let at = seen
+        .iter()
+        .position(|m| m == "connections")
+        .expect("a batch was offered");
+    assert_eq!(
+        seen.get(at + 1).map(String::as_str),
+        Some("kept"),
+        "the batch not confirmed in time is answered kept: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|m| m == "handed"),
+        "nothing was handed over: {seen:?}"
+    );
+    drop(dir);
+}
+
+/// A connection still connecting upstream when the upgrade starts (the upstream's accept
+/// queue is full, so its SYN goes unanswered until the queue has room and the SYN is
+/// sent again): it is not lost, and once connected it moves to the new generation: the
+/// old generation returns (60 s drain) while the connection is still open, and it keeps
+/// working in the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_connecting_upstream_at_the_upgrade_moves_once_connected() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = scratch("connecting");
+    let socket = dir.0.join("proxy.sock");
+    // A listener whose accept queue holds one connection; a filler takes that place.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let server: SocketAddr = sock.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(server).unwrap();
+    let (old, addr) = generation(&socket, false, server).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"early\n").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || old
+            .stats
+            .snapshot()
+            .outbound
+            .connections_total
+            == 1)
+        .await
+    );
+    // The upstream connect is under way (unanswered) when the new generation takes over.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        old.stats.snapshot().outbound.forwarded_total,
+        0,
+        "still connecting"
+    );
+    let (new, _) = generation(&socket, true, server).await;
+    // Room in the queue: the SYN sent again is answered.
+    sock.set_nonblocking(true).unwrap();
+    let upstream = std::net::TcpListener::from(sock);
+    let _ = upstream.accept().unwrap();
+    drop(filler);
+    let upstream = TcpListener::from_std(upstream).unwrap();
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), upstream.accept())
+        .await
+        .expect("the connect completes once the queue has room")
+        .unwrap();
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"early\n");
+    // The old generation moves it and returns while it is open.
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns long before its 60 s drain: it moved the connection")
+        .unwrap()
+        .expect("serves without an error");
+    // It works in the new generation, both ways.
+    for i in 0..3 {
+        let line = format!("ping {i}\n");
+        c.write_all(line.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; line.len()];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, line.as_bytes());
+        s.write_all(line.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; line.len()];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, line.as_bytes());
+    }
+    let snap = new.stats.snapshot();
+    println!(
+        "moved once connected: the new generation counts {} outbound connection(s) active",
+        snap.outbound.connections_active
+    );
+    assert_eq!(snap.outbound.connections_active, 1);
+    drop((c, s));
     let mut new = new;
     let _ = new.stop.take().unwrap().send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;

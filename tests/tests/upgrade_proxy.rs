@@ -1196,8 +1196,11 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     let sent = ip["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
     let received = ip["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     println!("iperf3 through ten upgrades: {sent} bytes sent, {received} received");
+    // iperf3's receiver stops counting when the test ends, not when the bytes in flight
+    // (the socket buffers along the way, a few MiB at most) have arrived; byte-exactness
+    // is the bulk streams' claim.
     assert!(
-        sent > 0 && received == sent,
+        sent > 0 && received <= sent && sent - received < 16 << 20,
         "iperf3: sent {sent}, received {received}"
     );
     let out = bulk_result(&mut out_bulk, Duration::from_secs(600));
