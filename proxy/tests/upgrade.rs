@@ -963,3 +963,91 @@ async fn a_connection_still_connecting_upstream_at_the_upgrade_moves_once_connec
     let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
     drop(dir);
 }
+
+/// A routed TCP connection (a service port of protocol TCP in the routing file, forwarded
+/// to the service's endpoint, not to the address dialled) moves at an upgrade like an
+/// opaque one: the old generation returns long before its 60 s drain, the stream goes on
+/// byte-exact in the new generation, and the last generation's counters and the
+/// per-destination series of the endpoint hold the whole connection (TCP routes keep no
+/// counters of their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_tcp_connections_move_with_their_endpoint_series() {
+    let dir = scratch("rtcp");
+    let socket = dir.0.join("proxy.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server, mut done) = stream_server(stop.clone()).await;
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [db]\n  addresses: [127.0.10.1]\n  ports: [{{number: {}, name: tcp, protocol: TCP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n",
+            server.port()
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{}", server.port()).parse().unwrap();
+    let (old, addr) = generation_routes(&socket, false, service, Some(&routes)).await;
+    let full = client(addr, stop.clone(), false).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = old.stats.snapshot().outbound;
+            s.forwarded_total == 1 && s.bytes_upstream_to_client > 4 * CHUNK as u64
+        })
+        .await,
+        "the routed stream did not start"
+    );
+    let (mut gen, _) = generation_routes(&socket, true, service, Some(&routes)).await;
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns long before its 60 s drain: the connection moved")
+        .unwrap()
+        .expect("serves without an error");
+    let before = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > before + 4 * CHUNK as u64
+        })
+        .await,
+        "the new generation copies nothing of the moved routed stream"
+    );
+    assert_eq!(gen.stats.snapshot().outbound.connections_active, 1);
+    tokio::time::sleep(AFTER).await;
+    full.stop.store(true, Relaxed);
+    let c_full = full.client.await.unwrap();
+    let s_full = done.recv().await.unwrap();
+    assert_exact("routed TCP", c_full, s_full);
+    let last = gen.stats.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || last
+            .snapshot()
+            .outbound
+            .connections_active
+            == 0)
+        .await
+    );
+    let _ = gen.stop.take().unwrap().send(());
+    let snapshot = gen
+        .serve
+        .await
+        .unwrap()
+        .expect("the last generation stops cleanly");
+    assert_eq!(snapshot.outbound.forwarded_total, 1);
+    assert_eq!(snapshot.outbound.bytes_client_to_upstream, (c_full.0).0);
+    assert_eq!(snapshot.outbound.bytes_upstream_to_client, (c_full.1).0);
+    let series = last.destinations.series();
+    let dest = series
+        .iter()
+        .find(|(_, d, _)| *d == server.to_string())
+        .unwrap_or_else(|| panic!("no series for the endpoint {server}: {series:?}"));
+    assert_eq!(
+        (dest.2.connections, dest.2.bytes_up, dest.2.bytes_down),
+        (1, (c_full.0).0, (c_full.1).0),
+        "the endpoint's per-destination series"
+    );
+    println!(
+        "routed TCP moved: {} bytes up, {} down, all in the endpoint's series",
+        (c_full.0).0,
+        (c_full.1).0
+    );
+    drop(dir);
+}
