@@ -52,17 +52,18 @@ fn scratch(test: &str) -> Scratch {
     Scratch(dir)
 }
 
-fn config_routes(socket: &Path, upgrade: bool, routes: Option<&Path>) -> Config {
+fn config_drain(socket: &Path, upgrade: bool, routes: Option<&Path>, drain: Duration) -> Config {
     Config {
         routes: routes.map(Path::to_owned),
         outbound: vec!["127.0.0.1:0".parse().unwrap()],
         outbound_ipv6_optional: false,
         inbound: vec![],
         bypass_mark: 0,
-        connect_timeout: Duration::from_secs(2),
+        // Long enough for a SYN sent again after 1 s, and again after 3 s.
+        connect_timeout: Duration::from_secs(10),
         admin: None,
         workers: 2,
-        drain_timeout: DRAIN,
+        drain_timeout: drain,
         upgrade_socket: Some(socket.to_owned()),
         upgrade,
         destination_stats: true,
@@ -87,7 +88,18 @@ async fn generation_routes(
     server: SocketAddr,
     routes: Option<&Path>,
 ) -> (Generation, SocketAddr) {
-    let mut proxy = Proxy::bind(config_routes(socket, upgrade, routes))
+    generation_drain(socket, upgrade, server, routes, DRAIN).await
+}
+
+/// [`generation_routes`] with a drain deadline of `drain`.
+async fn generation_drain(
+    socket: &Path,
+    upgrade: bool,
+    server: SocketAddr,
+    routes: Option<&Path>,
+    drain: Duration,
+) -> (Generation, SocketAddr) {
+    let mut proxy = Proxy::bind(config_drain(socket, upgrade, routes, drain))
         .await
         .expect("proxy binds");
     proxy.set_original_dst_lookup(to(server));
@@ -510,4 +522,532 @@ async fn routed_http_connections_end_between_requests_at_an_upgrade() {
     let mut new = new;
     let _ = new.stop.take().unwrap().send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+}
+
+/// What the HTTP/2 upstream of [`h2_server`] saw: connections accepted and ended.
+#[derive(Default)]
+struct H2Upstream {
+    accepted: std::sync::atomic::AtomicU64,
+    ended: std::sync::atomic::AtomicU64,
+    /// `GET /stream` ends its body once this is set.
+    finish: AtomicBool,
+}
+
+/// A response body fed from a channel, one data frame per message.
+struct ChannelBody(mpsc::Receiver<bytes::Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
+/// An HTTP/2 (prior knowledge) server: `GET /stream` sends `chunk N\n` every 50 ms until
+/// [`H2Upstream::finish`] is set (at most 20 s), then `end\n`; anything else `ok`.
+async fn h2_server(l: TcpListener, seen: Arc<H2Upstream>) {
+    loop {
+        let (s, _) = l.accept().await.unwrap();
+        seen.accepted.fetch_add(1, Relaxed);
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let svc_seen = seen.clone();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = svc_seen.clone();
+                    async move {
+                        let (tx, rx) = mpsc::channel(4);
+                        if req.uri().path() == "/stream" {
+                            tokio::spawn(async move {
+                                for i in 0..400 {
+                                    if seen.finish.load(Relaxed) {
+                                        break;
+                                    }
+                                    if tx.send(format!("chunk {i}\n").into()).await.is_err() {
+                                        return;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                                let _ = tx.send("end\n".into()).await;
+                            });
+                        } else {
+                            let _ = tx.try_send("ok".into());
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(ChannelBody(rx)))
+                    }
+                });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+            seen.ended.fetch_add(1, Relaxed);
+        });
+    }
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`: its sender and the task that
+/// drives it (its result: how the connection ended).
+async fn h2_client(addr: SocketAddr) -> (H2Sender, JoinHandle<hyper::Result<()>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake through the proxy");
+    (sender, tokio::spawn(conn))
+}
+
+fn h2_get(path: &str) -> hyper::Request<http_body_util::Empty<bytes::Bytes>> {
+    hyper::Request::get(format!("http://web{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// `GET path` on `sender`: the whole body, or the error (the request was refused).
+async fn h2_fetch(sender: &mut H2Sender, path: &str) -> Result<String, hyper::Error> {
+    use http_body_util::BodyExt as _;
+    sender.ready().await?;
+    let resp = sender.send_request(h2_get(path)).await?;
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Routed HTTP/2 at an upgrade with a 2 s drain: the old generation sends GOAWAY (a new
+/// request on the old connection is refused, never half-served), the stream in flight
+/// then still runs to its end, byte for byte, and the connection closes cleanly; new
+/// requests go to the new generation over a new connection, which reaches the upstream
+/// over an upstream connection of its own (the pools are re-opened by the new process,
+/// not moved: the upstream sees a second connection, and the old one ends with the old
+/// generation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_http2_streams_in_flight_finish_after_goaway_at_an_upgrade() {
+    use http_body_util::BodyExt as _;
+    let dir = scratch("h2");
+    let socket = dir.0.join("proxy.sock");
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let seen = Arc::new(H2Upstream::default());
+    tokio::spawn(h2_server(upstream, seen.clone()));
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: h2, protocol: HTTP2}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let drain = Duration::from_secs(2);
+    let (old, addr) = generation_drain(&socket, false, service, Some(&routes), drain).await;
+    let (mut sender, conn) = h2_client(addr).await;
+    assert_eq!(h2_fetch(&mut sender, "/").await.unwrap(), "ok");
+    // A long stream in flight.
+    sender.ready().await.unwrap();
+    let resp = sender.send_request(h2_get("/stream")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a first chunk").unwrap();
+    assert_eq!(first.into_data().unwrap(), "chunk 0\n");
+    let chunks = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let counted = chunks.clone();
+    let reader = tokio::spawn(async move {
+        let mut got = String::from("chunk 0\n");
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the stream broke after {got:?}: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                got.push_str(&String::from_utf8_lossy(&data));
+                counted.fetch_add(1, Relaxed);
+            }
+        }
+        Ok::<_, String>(got)
+    });
+    assert_eq!(
+        seen.accepted.load(Relaxed),
+        1,
+        "one pooled upstream connection"
+    );
+
+    let (new, _) = generation_drain(&socket, true, service, Some(&routes), drain).await;
+    // Until the old generation's GOAWAY, requests on the old connection are served there;
+    // after it, a new one is refused (not half-served).
+    let mut served_before = 0;
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_secs(10), h2_fetch(&mut sender, "/"))
+            .await
+            .expect("a request on the old connection is answered or refused within 10 s")
+        {
+            Ok(body) => {
+                assert_eq!(body, "ok");
+                served_before += 1;
+                assert!(served_before < 500, "no GOAWAY within 500 requests");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    println!(
+        "old connection: {served_before} requests served, then refused after GOAWAY: {refused}"
+    );
+    assert!(
+        !reader.is_finished(),
+        "the stream must still be in flight after the GOAWAY"
+    );
+    // The stream in flight goes on after the GOAWAY, then finishes, complete.
+    let at_goaway = chunks.load(Relaxed);
+    assert!(
+        eventually(Duration::from_secs(10), || chunks.load(Relaxed)
+            > at_goaway + 2)
+        .await,
+        "the stream in flight stopped at the GOAWAY"
+    );
+    seen.finish.store(true, Relaxed);
+    let got = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the stream ends within 10 s")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.last(), Some(&"end"), "{got}");
+    for (i, l) in lines[..lines.len() - 1].iter().enumerate() {
+        assert_eq!(
+            *l,
+            format!("chunk {i}"),
+            "the stream is complete and in order"
+        );
+    }
+    println!(
+        "the stream in flight completed after the GOAWAY: {} chunks, {at_goaway} of them \
+         before it",
+        lines.len() - 1
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the old connection closes once its stream is done")
+        .unwrap();
+    assert!(ended.is_ok(), "the old connection ended with {ended:?}");
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns")
+        .unwrap()
+        .expect("serves without an error");
+    // New requests: a new connection, to the new generation, which opens its own
+    // upstream connection; the old generation's pooled one has ended with it.
+    let (mut again, conn2) = h2_client(addr).await;
+    for _ in 0..3 {
+        assert_eq!(h2_fetch(&mut again, "/").await.unwrap(), "ok");
+    }
+    assert_eq!(
+        seen.accepted.load(Relaxed),
+        2,
+        "the new generation re-opened the upstream pool once"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || seen.ended.load(Relaxed) == 1).await,
+        "the old generation's upstream connection ends with it"
+    );
+    drop(again);
+    let _ = conn2.await;
+    let mut new = new;
+    let _ = new.stop.take().unwrap().send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+    drop(dir);
+}
+
+/// A stand-in new process on the upgrade socket at `socket`: hello, `ready` after the
+/// listeners; at the first `connections` it does not answer (a new process that hangs
+/// while taking connections over) until `answer_late` is set, then says `taken` anyway.
+/// Returns the message types it saw until the socket closed.
+fn hanging_stand_in(socket: PathBuf, answer_late: Arc<AtomicBool>) -> JoinHandle<Vec<String>> {
+    tokio::task::spawn_blocking(move || {
+        let s = std::os::unix::net::UnixStream::connect(&socket)
+            .expect("connect to the upgrade socket");
+        let mut w = s.try_clone().unwrap();
+        let mut lines = BufReader::new(s);
+        w.write_all(b"{\"type\":\"hello\",\"pid\":1,\"version\":\"stand-in\"}\n")
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                return seen;
+            }
+            let v = serde_json::from_str::<serde_json::Value>(&line).unwrap();
+            let kind = v["type"].as_str().unwrap().to_owned();
+            seen.push(kind.clone());
+            match kind.as_str() {
+                "listeners" => w.write_all(b"{\"type\":\"ready\"}\n").unwrap(),
+                "connections" => {
+                    let n = v["conns"].as_array().unwrap().len();
+                    // Bounded, so that a failing test does not hang in its runtime's drop.
+                    let asked = Instant::now();
+                    while !answer_late.load(Relaxed) && asked.elapsed() < Duration::from_secs(60) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let _ =
+                        w.write_all(format!("{{\"type\":\"taken\",\"count\":{n}}}\n").as_bytes());
+                }
+                "exited" => return seen,
+                _ => {}
+            }
+        }
+    })
+}
+
+/// A new process that takes the listeners and then hangs when the first batch of
+/// connections arrives (alive, never confirming): the old generation waits for `taken`
+/// only for its own timeout (1 s, within its 60 s drain), answers `kept`, and keeps copying
+/// those connections byte-exact; a `taken` that comes after that changes nothing; the
+/// old generation returns once the connections end, long before its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_does_not_confirm_in_time_leaves_the_connections_working() {
+    let dir = scratch("hang");
+    let socket = dir.0.join("proxy.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server, mut done) = stream_server(stop.clone()).await;
+    let (gen, addr) = generation(&socket, false, server).await;
+    let full = client(addr, stop.clone(), false).await;
+    let half = client(addr, stop.clone(), true).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > 4 * CHUNK as u64
+        })
+        .await
+    );
+    let answer_late = Arc::new(AtomicBool::new(false));
+    let stand_in = hanging_stand_in(socket.clone(), answer_late.clone());
+    // The old generation goes on copying after its timeout.
+    let before = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > before + 64 * CHUNK as u64
+        })
+        .await,
+        "the old generation no longer copies the connections the hanging process was offered"
+    );
+    // The late `taken`: the batch stays where it is.
+    answer_late.store(true, Relaxed);
+    let at_taken = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > at_taken + 16 * CHUNK as u64
+        })
+        .await,
+        "the old generation stopped copying after a late taken"
+    );
+    full.stop.store(true, Relaxed);
+    let c_full = full.client.await.unwrap();
+    let c_half = half.client.await.unwrap();
+    let s1 = done.recv().await.unwrap();
+    let s2 = done.recv().await.unwrap();
+    let (s_full, s_half) = if (s1.1).0 == 1000 { (s2, s1) } else { (s1, s2) };
+    assert_exact("streaming both ways", c_full, s_full);
+    assert_exact("half-closed", c_half, s_half);
+    let snapshot = tokio::time::timeout(Duration::from_secs(30), gen.serve)
+        .await
+        .expect("the old generation returns once its connections ended")
+        .unwrap()
+        .expect("serves without an error");
+    assert_eq!(
+        snapshot.outbound.bytes_client_to_upstream,
+        (c_full.0).0 + (c_half.0).0
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(10), stand_in)
+        .await
+        .expect("the stand-in's conversation ends with the old generation")
+        .unwrap();
+    println!("the hanging stand-in saw {seen:?}");
+    let at = seen
+        .iter()
+        .position(|m| m == "connections")
+        .expect("a batch was offered");
+    assert_eq!(
+        seen.get(at + 1).map(String::as_str),
+        Some("kept"),
+        "the batch not confirmed in time is answered kept: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|m| m == "handed"),
+        "nothing was handed over: {seen:?}"
+    );
+    drop(dir);
+}
+
+/// A connection still connecting upstream when the upgrade starts (the upstream's accept
+/// queue is full, so its SYN goes unanswered until the queue has room and the SYN is
+/// sent again): it is not lost, and once connected it moves to the new generation: the
+/// old generation returns (60 s drain) while the connection is still open, and it keeps
+/// working in the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_connecting_upstream_at_the_upgrade_moves_once_connected() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = scratch("connecting");
+    let socket = dir.0.join("proxy.sock");
+    // A listener whose accept queue holds one connection; a filler takes that place.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let server: SocketAddr = sock.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(server).unwrap();
+    let (old, addr) = generation(&socket, false, server).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"early\n").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || old
+            .stats
+            .snapshot()
+            .outbound
+            .connections_total
+            == 1)
+        .await
+    );
+    // The upstream connect is under way (unanswered) when the new generation takes over.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        old.stats.snapshot().outbound.forwarded_total,
+        0,
+        "still connecting"
+    );
+    let (new, _) = generation(&socket, true, server).await;
+    // Room in the queue: the SYN sent again is answered.
+    sock.set_nonblocking(true).unwrap();
+    let upstream = std::net::TcpListener::from(sock);
+    let _ = upstream.accept().unwrap();
+    drop(filler);
+    let upstream = TcpListener::from_std(upstream).unwrap();
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), upstream.accept())
+        .await
+        .expect("the connect completes once the queue has room")
+        .unwrap();
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"early\n");
+    // The old generation moves it and returns while it is open.
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns long before its 60 s drain: it moved the connection")
+        .unwrap()
+        .expect("serves without an error");
+    // It works in the new generation, both ways.
+    for i in 0..3 {
+        let line = format!("ping {i}\n");
+        c.write_all(line.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; line.len()];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, line.as_bytes());
+        s.write_all(line.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; line.len()];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, line.as_bytes());
+    }
+    let snap = new.stats.snapshot();
+    println!(
+        "moved once connected: the new generation counts {} outbound connection(s) active",
+        snap.outbound.connections_active
+    );
+    assert_eq!(snap.outbound.connections_active, 1);
+    drop((c, s));
+    let mut new = new;
+    let _ = new.stop.take().unwrap().send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+    drop(dir);
+}
+
+/// A routed TCP connection (a service port of protocol TCP in the routing file, forwarded
+/// to the service's endpoint, not to the address dialled) moves at an upgrade like an
+/// opaque one: the old generation returns long before its 60 s drain, the stream goes on
+/// byte-exact in the new generation, and the last generation's counters and the
+/// per-destination series of the endpoint hold the whole connection (TCP routes keep no
+/// counters of their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_tcp_connections_move_with_their_endpoint_series() {
+    let dir = scratch("rtcp");
+    let socket = dir.0.join("proxy.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server, mut done) = stream_server(stop.clone()).await;
+    let routes = dir.0.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [db]\n  addresses: [127.0.10.1]\n  ports: [{{number: {}, name: tcp, protocol: TCP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n",
+            server.port()
+        ),
+    )
+    .unwrap();
+    let service: SocketAddr = format!("127.0.10.1:{}", server.port()).parse().unwrap();
+    let (old, addr) = generation_routes(&socket, false, service, Some(&routes)).await;
+    let full = client(addr, stop.clone(), false).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = old.stats.snapshot().outbound;
+            s.forwarded_total == 1 && s.bytes_upstream_to_client > 4 * CHUNK as u64
+        })
+        .await,
+        "the routed stream did not start"
+    );
+    let (mut gen, _) = generation_routes(&socket, true, service, Some(&routes)).await;
+    tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns long before its 60 s drain: the connection moved")
+        .unwrap()
+        .expect("serves without an error");
+    let before = gen.stats.snapshot().outbound.bytes_upstream_to_client;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gen.stats.snapshot().outbound.bytes_upstream_to_client > before + 4 * CHUNK as u64
+        })
+        .await,
+        "the new generation copies nothing of the moved routed stream"
+    );
+    assert_eq!(gen.stats.snapshot().outbound.connections_active, 1);
+    tokio::time::sleep(AFTER).await;
+    full.stop.store(true, Relaxed);
+    let c_full = full.client.await.unwrap();
+    let s_full = done.recv().await.unwrap();
+    assert_exact("routed TCP", c_full, s_full);
+    let last = gen.stats.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || last
+            .snapshot()
+            .outbound
+            .connections_active
+            == 0)
+        .await
+    );
+    let _ = gen.stop.take().unwrap().send(());
+    let snapshot = gen
+        .serve
+        .await
+        .unwrap()
+        .expect("the last generation stops cleanly");
+    assert_eq!(snapshot.outbound.forwarded_total, 1);
+    assert_eq!(snapshot.outbound.bytes_client_to_upstream, (c_full.0).0);
+    assert_eq!(snapshot.outbound.bytes_upstream_to_client, (c_full.1).0);
+    let series = last.destinations.series();
+    let dest = series
+        .iter()
+        .find(|(_, d, _)| *d == server.to_string())
+        .unwrap_or_else(|| panic!("no series for the endpoint {server}: {series:?}"));
+    assert_eq!(
+        (dest.2.connections, dest.2.bytes_up, dest.2.bytes_down),
+        (1, (c_full.0).0, (c_full.1).0),
+        "the endpoint's per-destination series"
+    );
+    println!(
+        "routed TCP moved: {} bytes up, {} down, all in the endpoint's series",
+        (c_full.0).0,
+        (c_full.1).0
+    );
+    drop(dir);
 }

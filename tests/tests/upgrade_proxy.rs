@@ -936,6 +936,33 @@ fn bulk_result(p: &mut Proc, within: Duration) -> Value {
         .unwrap_or_else(|e| panic!("bulk output {out:?}: {e}"))
 }
 
+/// Waits until an `icpt-probe ping` has printed `n` more full rounds than when called;
+/// panics after `within`, or if it ended.
+fn probe_rounds_after(p: &mut Proc, n: u64, within: Duration) {
+    let rounds = |p: &mut Proc| {
+        p.stdout()
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok()?["round"].as_u64())
+            .unwrap_or(0)
+    };
+    let want = rounds(p) + n;
+    let deadline = Instant::now() + within;
+    while rounds(p) < want {
+        assert!(
+            p.is_running(),
+            "the outbound pinger ended: {}{}",
+            tail(&p.stdout()),
+            p.stderr()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no full outbound ping round within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `drained_ms` of a generation's "connections moved" log line.
 fn moved_line(log: &str) -> Option<(u64, u64, u64)> {
     let line = log
@@ -955,15 +982,16 @@ fn moved_line(log: &str) -> Option<(u64, u64, u64)> {
 }
 
 /// Ten upgrades in a row, each generation with the 2 s drain, under a long byte stream
-/// each way (outbound from the workload, inbound from the peer) and 1,000 idle inbound
-/// connections pinging every 500 ms: every established connection moves to each new
-/// generation, so no client sees an error, every idle connection answers after each
-/// upgrade, both streams arrive byte-exact, each old generation exits before its
-/// deadline having cut nothing (the times are printed), and the counters and
-/// per-destination series carry over to the last generation exactly.
+/// each way (outbound from the workload, inbound from the peer), 1,000 idle inbound and
+/// 1,000 idle outbound connections pinging every 500 ms, a long iperf3 stream, wrk
+/// keep-alive on 16 connections and wrk `Connection: close` (outbound): every established
+/// connection moves to each new generation, so no client sees an error, every idle
+/// connection answers after each upgrade, both streams arrive byte-exact, each old
+/// generation exits before its deadline having cut nothing (the times are printed), and
+/// the counters and per-destination series carry over to the last generation exactly.
 #[test]
 fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
-    let mut w = World::new_with("upg-move", DRAIN, &["--destination-stats", "on"]);
+    let mut w = World::new_with("upg-move", DRAIN, &["--destination-stats", "on"]).with_nginx();
     let echo_addr: SocketAddr = format!("0.0.0.0:{ECHO_PORT}").parse().unwrap();
     let _echo = Echo::start_in(&w.ns, echo_addr);
     let echo_inbound: SocketAddr = format!("{APP4}:{ECHO_PORT}").parse().unwrap();
@@ -986,8 +1014,6 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         "256 MiB each way took {ms} ms: streaming {} MiB each way",
         size >> 20
     );
-    let mut out_bulk = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
-    let mut in_bulk = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
     let conns: Vec<std::net::TcpStream> = w.peer.in_ns(|| {
         (0..IDLE_CONNS)
             .map(|_| {
@@ -997,7 +1023,68 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
             .collect()
     });
     let pinger = Pinger::start(conns);
+    // As many idle connections outbound, from the workload to the same echo server.
+    let echo_outbound = format!("127.0.0.1:{ECHO_PORT}");
+    let ping_stop = w.scratch.join("ping-stop");
+    let mut out_pinger = spawn_in(
+        &w.ns,
+        Some(&w.cg),
+        &[
+            probe_bin().to_str().unwrap(),
+            "ping",
+            &echo_outbound,
+            "--count",
+            &IDLE_CONNS.to_string(),
+            "--every-ms",
+            &PING_EVERY.as_millis().to_string(),
+            "--stop",
+            ping_stop.to_str().unwrap(),
+        ],
+    );
     pinger.rounds_after(1, Duration::from_secs(30));
+    probe_rounds_after(&mut out_pinger, 1, Duration::from_secs(30));
+    // A long iperf3 stream (rate-capped so that it shares the machine), wrk keep-alive on
+    // 16 connections and wrk with a new connection per request, all outbound: each must
+    // outlast the ten upgrades.
+    let run = Duration::from_secs(45);
+    let mut iperf_server = spawn_in(
+        &w.ns,
+        None,
+        &["iperf3", "-s", "-p", "5201", "-1", "--forceflush"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !iperf_server.stdout().contains("listening") {
+        assert!(
+            iperf_server.is_running() && Instant::now() < deadline,
+            "iperf3 server: {}{}",
+            iperf_server.stdout(),
+            iperf_server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut iperf = spawn_in(
+        &w.ns,
+        Some(&w.cg),
+        &[
+            "iperf3",
+            "-c",
+            "127.0.0.1",
+            "-p",
+            "5201",
+            "-t",
+            &run.as_secs().to_string(),
+            "-b",
+            "200M",
+            "-J",
+        ],
+    );
+    let url = format!("http://{NGINX}/");
+    let mut keepalive = Wrk::start(&w.ns, Some(&w.cg), &url, 16, run, false);
+    let mut closing = Wrk::start(&w.ns, Some(&w.cg), &url, 4, run, true);
+    // The streams last, started the last.
+    let mut out_bulk = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
+    let mut in_bulk = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
+    std::thread::sleep(Duration::from_secs(1));
     let mut gone: Vec<Duration> = Vec::new();
     for g in 0..10 {
         w.upgrade(DRAIN);
@@ -1009,8 +1096,23 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
             .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
         assert!(status.success(), "generation {g}: {status}");
         gone.push(handed_over.elapsed());
-        // Every idle connection answers in the new generation.
-        pinger.rounds_after(1, Duration::from_secs(60));
+        // An upgrade every 1.5 s at most, while the pings go on (a round of 1,000 pings
+        // takes seconds on a loaded machine, so pings are in flight at every move).
+        if let Some(rest) = Duration::from_millis(1500).checked_sub(handed_over.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    // Every idle connection answers in the last generation, after all ten upgrades (one
+    // that failed once is never pinged again and is reported: 0 errors at the end means
+    // each one answered through every upgrade).
+    pinger.rounds_after(1, Duration::from_secs(60));
+    probe_rounds_after(&mut out_pinger, 1, Duration::from_secs(60));
+    for (name, p) in [
+        ("iperf3", &mut iperf),
+        ("wrk keep-alive", keepalive.proc()),
+        ("wrk close", closing.proc()),
+    ] {
+        assert!(p.is_running(), "{name} ended before the last upgrade");
     }
     assert!(
         out_bulk.is_running(),
@@ -1035,8 +1137,9 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         );
         assert_eq!(kept, 0, "generation {g}");
         assert!(
-            moved >= IDLE_CONNS as u64 + 2,
-            "generation {g} moved {moved} connections (the {IDLE_CONNS} idle ones and 2 streams at least)"
+            moved >= 2 * IDLE_CONNS as u64 + 2 + 2,
+            "generation {g} moved {moved} connections (the {IDLE_CONNS} idle ones each way, 2 \
+             streams and iperf3's two at least)"
         );
         assert!(
             ms < DRAIN_TIME.as_millis() as u64,
@@ -1048,7 +1151,58 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
 
     let (rounds, errors, ping_bytes) = pinger.finish();
     assert!(errors.is_empty(), "idle connections failed: {errors:?}");
-    println!("{IDLE_CONNS} idle connections: {rounds} full rounds, 0 errors, {ping_bytes} bytes each way");
+    println!("{IDLE_CONNS} idle inbound connections: {rounds} full rounds, 0 errors, {ping_bytes} bytes each way");
+    std::fs::write(&ping_stop, b"").unwrap();
+    out_pinger
+        .wait_timeout(Duration::from_secs(60))
+        .expect("the outbound pinger stops");
+    let last = out_pinger.stdout();
+    let out_ping: Value = serde_json::from_str(last.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("outbound pinger {last:?}: {e}"));
+    assert_eq!(
+        out_ping["errors"],
+        serde_json::json!([]),
+        "idle outbound connections failed: {out_ping}"
+    );
+    let out_ping_bytes = out_ping["bytes"].as_u64().unwrap();
+    println!(
+        "{IDLE_CONNS} idle outbound connections: {} full rounds, 0 errors, {out_ping_bytes} bytes each way",
+        out_ping["rounds"]
+    );
+    let keepalive = keepalive.finish();
+    let closing = closing.finish();
+    println!(
+        "wrk keep-alive (16 connections): {} requests, {} errors; wrk Connection: close: {} \
+         requests, {} errors",
+        keepalive.requests,
+        keepalive.errors(),
+        closing.requests,
+        closing.errors()
+    );
+    assert!(keepalive.requests > 0 && closing.requests > 0);
+    assert_eq!(
+        keepalive.errors(),
+        0,
+        "keep-alive wrk: {}",
+        keepalive.output
+    );
+    assert_eq!(closing.errors(), 0, "closing wrk: {}", closing.output);
+    iperf
+        .wait_timeout(run + Duration::from_secs(120))
+        .expect("iperf3 ends");
+    let ip: Value = serde_json::from_str(&iperf.stdout())
+        .unwrap_or_else(|e| panic!("iperf3 output {}{}: {e}", iperf.stdout(), iperf.stderr()));
+    assert!(ip.get("error").is_none(), "iperf3: {}", ip["error"]);
+    let sent = ip["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
+    let received = ip["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    println!("iperf3 through ten upgrades: {sent} bytes sent, {received} received");
+    // iperf3's receiver stops counting when the test ends, not when the bytes in flight
+    // (the socket buffers along the way, a few MiB at most) have arrived; byte-exactness
+    // is the bulk streams' claim.
+    assert!(
+        sent > 0 && received <= sent && sent - received < 16 << 20,
+        "iperf3: sent {sent}, received {received}"
+    );
     let out = bulk_result(&mut out_bulk, Duration::from_secs(600));
     let inb = bulk_result(&mut in_bulk, Duration::from_secs(600));
     assert_eq!(
@@ -1118,11 +1272,184 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         "outbound",
         &app_out,
     );
-    assert_eq!(
-        out_up,
-        w.proxy_stat("bytes_client_to_upstream") as f64,
-        "outbound bytes: series vs counter"
+    let all_out_up = interceptor_tests::openmetrics::sum(
+        &m,
+        "interceptor_proxy_destination_client_to_upstream_bytes_total",
+        &[("direction", "outbound")],
     );
+    assert_eq!(
+        all_out_up,
+        w.proxy_stat("bytes_client_to_upstream") as f64,
+        "outbound bytes: the series over all destinations vs the counter"
+    );
+    let out_echo = format!("127.0.0.1:{ECHO_PORT}");
+    let (oc, ou, od) = (
+        series(
+            "interceptor_proxy_destination_connections_total",
+            "outbound",
+            &out_echo,
+        ),
+        series(
+            "interceptor_proxy_destination_client_to_upstream_bytes_total",
+            "outbound",
+            &out_echo,
+        ),
+        series(
+            "interceptor_proxy_destination_upstream_to_client_bytes_total",
+            "outbound",
+            &out_echo,
+        ),
+    );
+    println!("series for {out_echo}: {oc} connections, {ou} bytes up, {od} bytes down");
+    assert_eq!(oc, IDLE_CONNS as f64, "connections to {out_echo}");
+    assert_eq!(ou, out_ping_bytes as f64, "bytes to {out_echo}");
+    assert_eq!(od, out_ping_bytes as f64, "bytes from {out_echo}");
     assert!(out_up >= (size + (256 << 20)) as f64);
     w.assert_both_directions_proxied();
+}
+
+const GRPC_BIN: &str = env!("CARGO_BIN_EXE_icpt-grpc");
+
+/// Starts `icpt-grpc serve` in `ns` and waits until it listens.
+fn grpc_server(ns: &NetNs, listen: &str, name: &str) -> Proc {
+    let mut p = spawn_in(
+        ns,
+        None,
+        &[GRPC_BIN, "serve", "--listen", listen, "--name", name],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.stdout().contains("listening") {
+        assert!(
+            p.is_running() && Instant::now() < deadline,
+            "gRPC server {listen}: {}{}",
+            p.stdout(),
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// The last line of `icpt-grpc stream`, once it has ended.
+fn grpc_result(p: &mut Proc, name: &str) -> Value {
+    p.wait_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("{name} gRPC client still runs"));
+    let out = p.stdout();
+    serde_json::from_str(out.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{name} gRPC client output {out:?}{}: {e}", p.stderr()))
+}
+
+/// gRPC streaming calls through ten upgrades, each generation with the 2 s drain:
+/// outbound, routed (HTTP/2 by the routing file), one server-streaming call after another
+/// (ten replies 100 ms apart) the whole time: each old generation sends GOAWAY, the call
+/// in flight finishes there and the next one goes to the new generation; inbound, opaque,
+/// one streaming call of 300 replies 100 ms apart that outlives all ten upgrades (it
+/// moves with each). Both: every reply in order, 0 errors (a call refused by a GOAWAY
+/// before it started is retried once and counted, as gRPC's transparent retry does),
+/// each old generation gone (the times printed) having cut nothing.
+#[test]
+fn grpc_streaming_calls_through_ten_upgrades_with_a_two_second_drain() {
+    let files = ScratchDir::new("upg-grpc-f");
+    let routes = files.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        "serviceEntries:\n- hosts: [greeter]\n  addresses: [127.0.10.2]\n  ports: [{number: 8081, name: grpc, protocol: GRPC}]\n  endpoints:\n  - {address: 127.0.0.1}\n",
+    )
+    .unwrap();
+    let stop = files.join("stop");
+    let mut w = World::new_with("upg-grpc", DRAIN, &["--routes", routes.to_str().unwrap()]);
+    let _out_server = grpc_server(&w.ns, "127.0.0.1:8081", "out");
+    let _in_server = grpc_server(&w.ns, "0.0.0.0:8082", "in");
+    let stop_s = stop.to_str().unwrap();
+    let mut out = spawn_in(
+        &w.ns,
+        Some(&w.cg),
+        &[
+            GRPC_BIN,
+            "stream",
+            "127.0.10.2:8081",
+            "--calls",
+            "1",
+            "--replies",
+            "10",
+            "--every-ms",
+            "100",
+            "--until-file",
+            stop_s,
+        ],
+    );
+    let inbound = format!("{APP4}:8082");
+    let mut inb = spawn_in(
+        &w.peer,
+        None,
+        &[
+            GRPC_BIN,
+            "stream",
+            &inbound,
+            "--calls",
+            "1",
+            "--replies",
+            "300",
+            "--every-ms",
+            "100",
+        ],
+    );
+    // Both calls under way.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(out.stdout().contains("\"call\":1") && inb.stdout().contains("\"call\":0")) {
+        assert!(
+            out.is_running() && inb.is_running() && Instant::now() < deadline,
+            "gRPC clients did not start: {}{} / {}{}",
+            out.stdout(),
+            out.stderr(),
+            inb.stdout(),
+            inb.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut gone = Vec::new();
+    for g in 0..10 {
+        w.upgrade(DRAIN);
+        let handed_over = Instant::now();
+        let old = &mut w.proxies[g];
+        let status = old
+            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
+        assert!(status.success(), "generation {g}: {status}");
+        gone.push(handed_over.elapsed());
+    }
+    println!("each old generation gone after the new one reported its hand-off: {gone:?}");
+    assert!(
+        inb.is_running(),
+        "the inbound streaming call ended before the last upgrade"
+    );
+    std::fs::write(&stop, b"").unwrap();
+    let out_r = grpc_result(&mut out, "outbound");
+    let in_r = grpc_result(&mut inb, "inbound");
+    println!("outbound gRPC streaming calls through ten upgrades: {out_r}");
+    println!("inbound gRPC streaming call through ten upgrades: {in_r}");
+    assert_eq!(out_r["errors"], serde_json::json!([]), "outbound: {out_r}");
+    assert_eq!(in_r["errors"], serde_json::json!([]), "inbound: {in_r}");
+    let calls = out_r["calls"].as_u64().unwrap();
+    assert_eq!(out_r["replies"].as_u64(), Some(10 * calls), "{out_r}");
+    assert!(calls >= 10, "{calls} outbound calls over ten upgrades");
+    assert_eq!(in_r["replies"], 300, "{in_r}");
+    assert_eq!(
+        in_r["refused"], 0,
+        "the inbound call is never refused: {in_r}"
+    );
+    let cut: u64 = w.proxies[..10]
+        .iter()
+        .map(|p| cut_at_deadline(&p.stderr()))
+        .sum();
+    assert_eq!(cut, 0, "connections cut at a drain deadline");
+    // The inbound call moved with each generation.
+    for (g, p) in w.proxies[..10].iter().enumerate() {
+        let (moved, kept, _) = moved_line(&p.stderr())
+            .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&p.stderr())));
+        assert!(
+            moved >= 1 && kept == 0,
+            "generation {g}: moved {moved}, kept {kept}"
+        );
+    }
 }

@@ -104,11 +104,12 @@ impl Proxy {
             "stopped accepting; draining"
         );
         let started = std::time::Instant::now();
+        let cut_at = tokio::time::Instant::now() + drain_timeout;
         let mover = successor.map(|mut s| {
             let offers = drain.start_moving();
             let deadline = watch.deadline();
             tokio::spawn(async move {
-                let report = s.move_connections(offers, deadline).await;
+                let report = s.move_connections(offers, deadline, cut_at).await;
                 (s, report)
             })
         });
@@ -123,6 +124,7 @@ impl Proxy {
                     info!(
                         moved_connections = report.moved,
                         kept_connections = report.kept,
+                        unconfirmed_connections = report.unconfirmed,
                         batches = report.batches,
                         drained_ms = started.elapsed().as_millis() as u64,
                         "connections moved to the new process; nothing left to drain"

@@ -20,6 +20,11 @@ use crate::stats::Stats;
 /// Most connections in one `connections` message (two descriptors each).
 pub const MOVE_BATCH: usize = 256;
 
+/// How long the running process waits for the new one to confirm a batch (`taken`), and
+/// never past the drain deadline: a batch not confirmed by then stays here (`kept`), and
+/// no more connections are offered.
+pub const TAKEN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What moving the connections came to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MoveReport {
@@ -27,8 +32,19 @@ pub struct MoveReport {
     pub moved: u64,
     /// Connections offered that stay here (the new process failed while taking over).
     pub kept: u64,
+    /// Of `kept`, those of a batch the new process did not confirm within
+    /// [`TAKEN_TIMEOUT`] (or before the drain deadline).
+    pub unconfirmed: u64,
     /// Batches sent.
     pub batches: u64,
+}
+
+/// Why a batch was not moved.
+enum BatchError {
+    /// No `taken` within the timeout (it waited this long).
+    Unconfirmed(Duration),
+    /// The conversation broke or went wrong.
+    Failed(String),
 }
 
 /// How long the running process waits for the new one to become ready.
@@ -81,11 +97,15 @@ impl Successor {
     /// in batches of up to [`MOVE_BATCH`], each confirmed by the new process before this
     /// process lets go of them, until the channel closes. If the new process fails (the
     /// conversation breaks), no connection is offered any more (`deadline`'s drain) and
-    /// those offered get their sockets back and carry on here.
+    /// those offered get their sockets back and carry on here. A batch is the new
+    /// process's only once it said `taken` and this process answered `handed`; one it does
+    /// not confirm within [`TAKEN_TIMEOUT`] (and before `cut_at`, the drain deadline) is
+    /// answered `kept` and stays here, as does every later one.
     pub async fn move_connections(
         &mut self,
         mut offers: mpsc::UnboundedReceiver<Handoff>,
         deadline: Deadline,
+        cut_at: tokio::time::Instant,
     ) -> MoveReport {
         let mut report = MoveReport::default();
         let mut failed = false;
@@ -102,7 +122,7 @@ impl Successor {
                 report.kept += batch.len() as u64;
                 continue;
             }
-            match self.send_batch(&batch).await {
+            match self.send_batch(&batch, cut_at).await {
                 Ok(()) => {
                     report.moved += batch.len() as u64;
                     report.batches += 1;
@@ -110,7 +130,16 @@ impl Successor {
                         h.taken();
                     }
                 }
-                Err(reason) => {
+                Err(BatchError::Unconfirmed(waited)) => {
+                    warn!(new_pid = self.pid, connections = batch.len(),
+                        waited_ms = waited.as_millis() as u64,
+                        "the new process did not confirm moved connections in time; they and the rest stay in this process");
+                    failed = true;
+                    drain::stop_moving(&deadline);
+                    report.kept += batch.len() as u64;
+                    report.unconfirmed += batch.len() as u64;
+                }
+                Err(BatchError::Failed(reason)) => {
                     warn!(new_pid = self.pid, reason = %reason, connections = batch.len(),
                         "moving connections failed; they and the rest stay in this process");
                     failed = true;
@@ -122,25 +151,57 @@ impl Successor {
         report
     }
 
-    /// Sends one batch and waits for the new process to say it holds it. No timeout: until
-    /// it answers, it may be copying; if it dies, the conversation breaks.
-    async fn send_batch(&mut self, batch: &[Handoff]) -> Result<(), String> {
+    /// Sends one batch, waits for the new process to say it holds it (`taken`, within
+    /// [`TAKEN_TIMEOUT`] and before `cut_at`) and hands it over (`handed`): the new process
+    /// copies a batch only after `handed`, so that the two never both copy one connection.
+    /// Without `taken` in time, the batch is answered `kept` (the new process closes its
+    /// copies) and stays here.
+    async fn send_batch(
+        &mut self,
+        batch: &[Handoff],
+        cut_at: tokio::time::Instant,
+    ) -> Result<(), BatchError> {
+        let failed = |s: String| BatchError::Failed(s);
         let conns = batch.iter().map(|h| h.state).collect();
         let fds: Vec<BorrowedFd<'_>> = batch.iter().flat_map(|h| h.fds()).collect();
+        let count = batch.len();
         self.chan
             .send(&Message::Connections { conns }, &fds)
             .await
-            .map_err(|e| format!("sending a batch: {e}"))?;
-        match self.chan.recv().await {
-            Ok(Some(Message::Taken { count })) if count == batch.len() => Ok(()),
-            Ok(Some(Message::Taken { count })) => Err(format!(
-                "the new process took {count} of {} connections",
-                batch.len()
-            )),
-            Ok(Some(other)) => Err(format!("expected taken, got {}", other.name())),
-            Ok(None) => Err("the new process closed the upgrade connection".to_owned()),
-            Err(e) => Err(format!("waiting for taken: {e}")),
+            .map_err(|e| failed(format!("sending a batch: {e}")))?;
+        let sent = tokio::time::Instant::now();
+        let until = (sent + TAKEN_TIMEOUT).min(cut_at);
+        let answer = match tokio::time::timeout_at(until, self.chan.recv()).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // Not ours to copy: the new process closes its copies when it reads this.
+                if let Err(e) = self.chan.send(&Message::Kept { count }, &[]).await {
+                    warn!(new_pid = self.pid, error = %e, "telling the new process a batch stays here");
+                }
+                return Err(BatchError::Unconfirmed(sent.elapsed()));
+            }
+        };
+        match answer {
+            Ok(Some(Message::Taken { count: n })) if n == count => {}
+            Ok(Some(Message::Taken { count: n })) => {
+                return Err(failed(format!(
+                    "the new process took {n} of {count} connections"
+                )))
+            }
+            Ok(Some(other)) => return Err(failed(format!("expected taken, got {}", other.name()))),
+            Ok(None) => {
+                return Err(failed(
+                    "the new process closed the upgrade connection".to_owned(),
+                ))
+            }
+            Err(e) => return Err(failed(format!("waiting for taken: {e}"))),
         }
+        // Without `handed` the new process does not copy: if this fails, it died, and the
+        // connections carry on here.
+        self.chan
+            .send(&Message::Handed { count }, &[])
+            .await
+            .map_err(|e| failed(format!("handing over a batch: {e}")))
     }
 
     /// Sends the final counters; the new process adds them to its own.
@@ -272,6 +333,7 @@ async fn session(
                 ids,
                 stats: stats.snapshot(),
                 histograms: stats.histogram_values(),
+                commits: true,
             },
             &fds,
         )

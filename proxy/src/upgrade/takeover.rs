@@ -90,6 +90,8 @@ pub struct Takeover {
     pub stats: StatsSnapshot,
     /// Its histogram cells then (empty from a sender without them).
     pub histograms: Vec<u64>,
+    /// It answers each `taken` with `handed` or `kept` (see [`Predecessor::follow`]).
+    commits: bool,
 }
 
 /// Connects to the running proxy at `path` and receives its listeners.
@@ -130,6 +132,7 @@ pub async fn take_over(path: &Path) -> Result<(Takeover, Inherited), UpgradeErro
             ids,
             stats,
             histograms,
+            commits,
         }) => {
             let fds = std::mem::take(&mut chan.fds);
             if fds.len() != ids.len() {
@@ -151,6 +154,7 @@ pub async fn take_over(path: &Path) -> Result<(Takeover, Inherited), UpgradeErro
                     previous_pid: pid,
                     stats,
                     histograms,
+                    commits,
                 },
                 inherited,
             ))
@@ -180,6 +184,7 @@ impl Takeover {
             previous_pid,
             stats: handed,
             histograms: handed_hist,
+            commits,
         } = self;
         let protocol = |reason: String| UpgradeError::Protocol {
             path: path.clone(),
@@ -208,6 +213,7 @@ impl Takeover {
                     last: released,
                     last_histograms: histograms,
                     pid: previous_pid,
+                    commits,
                 })
             }
             Some(other) => Err(protocol(format!(
@@ -227,6 +233,7 @@ pub struct Predecessor {
     last: StatsSnapshot,
     last_histograms: Vec<u64>,
     pid: u32,
+    commits: bool,
 }
 
 /// What a connection moved here needs to carry on: the drain it joins (so it moves on at
@@ -260,12 +267,12 @@ impl Adopter {
     }
 }
 
+/// A moved connection's client and upstream sockets, registered here.
+type MovedPair = (tokio::net::TcpStream, tokio::net::TcpStream);
+
 /// The moved sockets registered with this runtime, in pairs; an error (nothing taken)
 /// when the count does not match or one cannot be registered.
-fn register(
-    fds: Vec<OwnedFd>,
-    conns: &[MovedState],
-) -> Result<Vec<(tokio::net::TcpStream, tokio::net::TcpStream)>, String> {
+fn register(fds: Vec<OwnedFd>, conns: &[MovedState]) -> Result<Vec<MovedPair>, String> {
     if fds.len() != 2 * conns.len() {
         return Err(format!(
             "received {} descriptors for {} connections",
@@ -291,13 +298,44 @@ fn register(
 
 impl Predecessor {
     /// Follows the previous process until it exits: takes over the connections it moves
-    /// (each batch confirmed with `taken` once registered here, and only then copied), and
-    /// adds what it counted while draining.
+    /// (each batch confirmed with `taken` once registered here, and copied only once the
+    /// previous process answered `handed`; one it answered `kept` is closed here without
+    /// touching the connections, which carry on there), and adds what it counted while
+    /// draining. If the conversation ends between `taken` and the answer, the previous
+    /// process is gone (it ends the conversation only when it exits), so are its copies:
+    /// the batch is carried on here.
     pub async fn follow(mut self, adopter: Adopter) {
         let stats = adopter.stats.clone();
         let mut moved = 0u64;
+        // A batch taken, waiting for `handed` or `kept`.
+        let mut pending: Option<(Vec<MovedPair>, Vec<MovedState>)> = None;
         loop {
-            match self.chan.recv().await {
+            let msg = self.chan.recv().await;
+            if let Some((pairs, conns)) = pending.take() {
+                match &msg {
+                    Ok(Some(Message::Kept { count })) => {
+                        warn!(previous_pid = self.pid, connections = count,
+                            "the previous process keeps a batch it did not see confirmed in time; closing our copies");
+                        drop(pairs);
+                        continue;
+                    }
+                    Ok(Some(Message::Handed { .. })) => {
+                        moved += pairs.len() as u64;
+                        for ((client, upstream), state) in pairs.into_iter().zip(conns) {
+                            adopter.spawn(client, upstream, state);
+                        }
+                        continue;
+                    }
+                    _ => {
+                        // Gone (or an unexpected message): its copies are closed; ours carry on.
+                        moved += pairs.len() as u64;
+                        for ((client, upstream), state) in pairs.into_iter().zip(conns) {
+                            adopter.spawn(client, upstream, state);
+                        }
+                    }
+                }
+            }
+            match msg {
                 Ok(Some(Message::Connections { conns })) => {
                     let fds = std::mem::take(&mut self.chan.fds);
                     let pairs = match register(fds, &conns) {
@@ -313,6 +351,10 @@ impl Predecessor {
                     if let Err(e) = self.chan.send(&taken, &[]).await {
                         // The previous process is gone, so are its copies: these are ours.
                         warn!(previous_pid = self.pid, error = %e, "confirming moved connections");
+                    }
+                    if self.commits {
+                        pending = Some((pairs, conns));
+                        continue;
                     }
                     moved += pairs.len() as u64;
                     for ((client, upstream), state) in pairs.into_iter().zip(conns) {

@@ -9,7 +9,9 @@
 //! | `ready` | new process | nothing: it accepts on every listener |
 //! | `released` | running process | its counters when it stopped accepting |
 //! | `connections` | running process | a batch of opaque connections paused to move (their state; two descriptors each, client then upstream, batched as the listeners) |
-//! | `taken` | new process | how many of the batch it holds now: only then does the running process close its copies (without it, they carry on there) |
+//! | `taken` | new process | how many of the batch it holds now (registered, not yet copying) |
+//! | `handed` | running process | the batch is the new process's: the running one closed its copies, the new one starts copying |
+//! | `kept` | running process | the batch stays in the running process (no `taken` within its confirm timeout): the new one closes its copies without touching the connections |
 //! | `exited` | running process | its final counters and per-destination series, at the end of its drain |
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -62,6 +64,11 @@ pub(super) enum Message {
         /// Histogram cells (`Stats::histogram_values`); absent from older senders.
         #[serde(default)]
         histograms: Vec<u64>,
+        /// The sender answers each `taken` with `handed` or `kept` (the new process copies
+        /// a batch only after `handed`); false from older senders, which close their
+        /// copies at `taken` without a word.
+        #[serde(default)]
+        commits: bool,
     },
     Refused {
         reason: String,
@@ -77,6 +84,14 @@ pub(super) enum Message {
         conns: Vec<MovedState>,
     },
     Taken {
+        count: usize,
+    },
+    /// The batch just taken is the new process's now.
+    Handed {
+        count: usize,
+    },
+    /// The batch offered last stays in the running process.
+    Kept {
         count: usize,
     },
     Exited {
@@ -99,6 +114,8 @@ impl Message {
             Message::Released { .. } => "released",
             Message::Connections { .. } => "connections",
             Message::Taken { .. } => "taken",
+            Message::Handed { .. } => "handed",
+            Message::Kept { .. } => "kept",
             Message::Exited { .. } => "exited",
         }
     }
@@ -309,6 +326,7 @@ mod tests {
             ids: ids.clone(),
             stats: StatsSnapshot::default(),
             histograms: vec![],
+            commits: true,
         };
         let (sent, got) = tokio::join!(tx.send(&msg, &fds), rx.recv());
         sent.expect("sent");

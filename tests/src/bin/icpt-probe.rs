@@ -104,6 +104,20 @@ enum Cmd {
         #[arg(long)]
         count: u64,
     },
+    /// COUNT idle connections to a line echo server at ADDR, each sending a ping line every
+    /// EVERY_MS and checking the echo, round after round, until the file STOP exists.
+    /// Prints {"connected": N} once all are open, {"round": R} after each full round in
+    /// which every connection answered, and at the end {"rounds": R, "bytes": B (each way),
+    /// "errors": [...]}; exits 1 if any error. A connection that failed is not used again.
+    Ping {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 500)]
+        every_ms: u64,
+        #[arg(long)]
+        stop: std::path::PathBuf,
+    },
     /// HTTP/1.0 GET ADDR/PATH (e.g. 127.0.0.1:15000/stats); prints the body; exits 1 unless 2xx.
     HttpGet {
         target: String,
@@ -127,6 +141,85 @@ fn fail(e: ProbeError) -> ! {
 
 fn print<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string(v).expect("serialize"));
+}
+
+/// Sends `line` and reads the same back.
+fn ping_once(c: &mut std::net::TcpStream, line: &[u8]) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    c.write_all(line)?;
+    let mut got = Vec::with_capacity(line.len());
+    let mut buf = [0u8; 64];
+    while got.len() < line.len() {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    if got != line {
+        return Err(std::io::Error::other(format!(
+            "sent {:?}, got {:?}",
+            String::from_utf8_lossy(line),
+            String::from_utf8_lossy(&got)
+        )));
+    }
+    Ok(())
+}
+
+/// `icpt-probe ping`: see [`Cmd::Ping`].
+fn ping(addr: SocketAddr, count: usize, every: Duration, stop: &std::path::Path) {
+    let flush = || {
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    };
+    let mut conns: Vec<Option<std::net::TcpStream>> = Vec::with_capacity(count);
+    for i in 0..count {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(c) => {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                conns.push(Some(c));
+            }
+            Err(e) => fail(ProbeError::new(
+                ErrorKind::Other,
+                format!("connection {i} to {addr}: {e}"),
+            )),
+        }
+    }
+    println!("{}", json!({ "connected": count }));
+    flush();
+    let (mut rounds, mut bytes, mut errors) = (0u64, 0u64, Vec::new());
+    let mut round = 0u64;
+    while !stop.exists() {
+        let started = std::time::Instant::now();
+        let mut clean = true;
+        for (i, slot) in conns.iter_mut().enumerate() {
+            let Some(c) = slot else { continue };
+            let line = format!("ping {i} {round}\n");
+            match ping_once(c, line.as_bytes()) {
+                Ok(()) => bytes += line.len() as u64,
+                Err(e) => {
+                    clean = false;
+                    *slot = None;
+                    errors.push(format!("connection {i}, round {round}: {e}"));
+                }
+            }
+        }
+        if clean {
+            rounds += 1;
+            println!("{}", json!({ "round": rounds }));
+            flush();
+        }
+        round += 1;
+        if let Some(rest) = every.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    println!(
+        "{}",
+        json!({ "rounds": rounds, "bytes": bytes, "errors": errors })
+    );
+    if !errors.is_empty() {
+        exit(1);
+    }
 }
 
 fn main() {
@@ -183,6 +276,12 @@ fn main() {
             });
             print(&r);
         }
+        Cmd::Ping {
+            addr,
+            count,
+            every_ms,
+            stop,
+        } => ping(addr, count, Duration::from_millis(every_ms), &stop),
         Cmd::Escape { kind, addr, count } => match escape::escape(kind, addr, count) {
             Ok(r) => print(&r),
             Err(e) => fail(ProbeError::new(ErrorKind::Other, format!("escape: {e}"))),
