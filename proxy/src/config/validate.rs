@@ -10,9 +10,9 @@ use super::cli::Cli;
 use super::error::ConfigError;
 use super::parse::{
     parse_addr, parse_admin, parse_connect_timeout, parse_destination_cap, parse_destination_idle,
-    parse_duration, parse_header_timeout, parse_log_format, parse_mark, parse_max_connections,
-    parse_optional_timeout, parse_source4, parse_source6, parse_switch, parse_upgrade_socket,
-    parse_workers,
+    parse_dubbo_max_body, parse_duration, parse_header_timeout, parse_log_format, parse_mark,
+    parse_max_connections, parse_optional_timeout, parse_source4, parse_source6, parse_switch,
+    parse_upgrade_socket, parse_workers,
 };
 use super::settings::{default_workers, Config};
 use crate::stats::DestinationLimits;
@@ -100,6 +100,7 @@ impl Config {
                 "--protocol-detection-timeout",
                 &cli.protocol_detection_timeout,
             )?,
+            dubbo_max_body: parse_dubbo_max_body(&cli.dubbo_max_body)?,
             destination_stats: parse_switch("--destination-stats", &cli.destination_stats)?,
             destination_limits: DestinationLimits {
                 cap: parse_destination_cap(&cli.destination_stats_cap)?,
