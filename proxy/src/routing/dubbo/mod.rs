@@ -273,6 +273,31 @@ mod tests {
         }
     }
 
+    /// What dubbo-ssl-python 0.9.6 encodes for `lookup(Car{name, seats, price}, [1, 2, 3],
+    /// ["a", "b"], [car, car], True, 1 << 40, -3.25, "é€" * 40, range(10))` (a fuzz seed,
+    /// made with that client's encoder): typed objects with their class definition, typed
+    /// lists with type references, compact and long numbers, thousandths doubles.
+    #[test]
+    fn what_the_python_client_sends_decodes() {
+        let body = include_bytes!("../../../../fuzz/seeds/hessian2/typed_values");
+        let inv = decode_request(body).unwrap();
+        assert_eq!(inv.method, "lookup");
+        assert_eq!(inv.args.len(), 9);
+        assert_eq!(inv.args[0], None, "an object");
+        assert_eq!(inv.args[1], None, "a list");
+        assert_eq!(inv.args[4].as_deref(), Some("true"));
+        assert_eq!(inv.args[5].as_deref(), Some("1099511627776"));
+        assert_eq!(inv.args[6].as_deref(), Some("-3.25"));
+        assert_eq!(inv.args[7].as_deref(), Some("é€".repeat(40).as_str()));
+        assert_eq!(inv.attachment("group"), Some("g"));
+        let frame = include_bytes!("../../../../fuzz/seeds/dubbo_frame/request");
+        let h = Header::parse(frame[..16].try_into().unwrap(), 1 << 20).unwrap();
+        assert_eq!(h.flags, FLAG_REQUEST | FLAG_TWO_WAY | HESSIAN2);
+        let inv = decode_request(&frame[16..]).unwrap();
+        assert_eq!(inv.args, vec![Some("bob".into()), Some("7".into())]);
+        assert_eq!(inv.attachment("application"), Some("web"));
+    }
+
     #[test]
     fn headers_parse_and_bad_ones_are_refused() {
         let h = Header {
