@@ -26,6 +26,8 @@ const ADMIN: &str = "127.0.0.1:15000";
 const GREETER: &str = "127.0.10.1:20880";
 const STRICT: &str = "127.0.10.2:20880";
 const AUTO: &str = "127.0.10.3:20880";
+/// Two endpoints, one refusing connections (nothing listens on 127.0.20.9).
+const FLAKY: &str = "127.0.10.4:20880";
 /// The providers: name (= subset label) and address.
 const PROVIDERS: [(&str, &str); 5] = [
     ("v1", "127.0.20.1:20880"),
@@ -56,6 +58,10 @@ serviceEntries:
   endpoints:
   - {address: 127.0.20.1}
   - {address: 127.0.20.5, labels: {version: c}}
+- hosts: [flaky]
+  addresses: [127.0.10.4]
+  ports: [{number: 20880, name: dubbo, protocol: DUBBO}]
+  endpoints: [{address: 127.0.20.9}, {address: 127.0.20.1}]
 virtualServices:
 - name: greeter
   hosts: [greeter]
@@ -89,6 +95,12 @@ virtualServices:
   - name: hello
     match: [{dubbo: {method: {exact: sayHello}}}]
     route: [{destination: {host: auto, subset: c}}]
+- name: flaky
+  hosts: [flaky]
+  http:
+  - name: retried
+    route: [{destination: {host: flaky}}]
+    retries: {attempts: 1, retryOn: connect-failure}
 destinationRules:
 - host: greeter
   subsets:
@@ -210,10 +222,21 @@ impl World {
         })
     }
 
-    /// Counts of a `tally` run, by `METHOD:K>PROVIDER`.
+    /// Counts of a `tally` run to `GREETER`, by `METHOD:K>PROVIDER`.
     fn tally(&self, n: u32, methods: &str, args: &str, app: &str) -> BTreeMap<String, u64> {
+        self.tally_to(GREETER, n, methods, args, app)
+    }
+
+    fn tally_to(
+        &self,
+        addr: &str,
+        n: u32,
+        methods: &str,
+        args: &str,
+        app: &str,
+    ) -> BTreeMap<String, u64> {
         let n = n.to_string();
-        let v = self.client(&["tally", GREETER, &n, methods, args, app]);
+        let v = self.client(&["tally", addr, &n, methods, args, app]);
         v.as_object()
             .unwrap()
             .iter()
@@ -474,5 +497,30 @@ fn bad_frames_close_the_connection_and_an_undecodable_body_gets_bad_request() {
     assert_eq!(
         sum(&m, "interceptor_proxy_no_route_requests_total", &[]),
         1.0
+    );
+}
+
+#[test]
+fn a_failed_connect_is_retried_on_another_endpoint() {
+    let w = World::new("db-retry");
+    // Round robin over a dead endpoint and a live one, one retry on connect failure: every
+    // request is served. The dead endpoint's pool slot tries to connect again each time, so
+    // about half of the 40 requests meet it first.
+    let t = w.tally_to(FLAKY, 40, "sayHello", "r{i}", "-");
+    assert_eq!(get(&t, "sayHello:0>v1"), 40, "{t:?}");
+    let m = w.metrics();
+    let retries = sum(
+        &m,
+        "interceptor_proxy_cluster_retries_total",
+        &[("cluster", "flaky|20880|")],
+    );
+    assert!(retries >= 10.0, "{retries}");
+    assert_eq!(
+        sum(
+            &m,
+            "interceptor_proxy_cluster_upstream_errors_total",
+            &[("cluster", "flaky|20880|"), ("kind", "connect")]
+        ),
+        retries
     );
 }
