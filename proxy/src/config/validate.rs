@@ -223,6 +223,22 @@ mod tests {
     }
 
     #[test]
+    fn dubbo_max_body_sizes() {
+        assert_eq!(parse(&[]).unwrap().dubbo_max_body, 8 << 20);
+        for (v, want) in [("65536", 65536), ("64KiB", 65536), ("16MiB", 16 << 20)] {
+            assert_eq!(
+                parse(&["--dubbo-max-body", v]).unwrap().dubbo_max_body,
+                want
+            );
+        }
+        for v in ["1", "8MB", "2048MiB", "1.5MiB", ""] {
+            let e = invalid(&["--dubbo-max-body", v]);
+            assert_eq!((e.setting, e.value.as_str()), ("--dubbo-max-body", v));
+            assert!(e.to_string().contains("e.g. 8MiB"), "{e}");
+        }
+    }
+
+    #[test]
     fn inbound_repeatable_and_validated() {
         let c = parse(&["--inbound", "0.0.0.0:15006", "--inbound", "[::]:15006"]).unwrap();
         assert_eq!(
