@@ -524,3 +524,79 @@ fn a_failed_connect_is_retried_on_another_endpoint() {
         retries
     );
 }
+
+#[test]
+fn requests_in_flight_on_an_upstream_that_dies_are_answered_and_the_pool_reconnects() {
+    let mut w = World::new("db-died");
+    // A call answered after 3 s (split route: v1 or v2, no timeout); both providers of the
+    // split are killed while it waits.
+    let python = dubbo_python();
+    let script = python_script("dubbo_client.py");
+    let mut cmd = exec_command(
+        Some(&w.ns),
+        Some(&w.cg),
+        None,
+        &[
+            python.to_str().unwrap(),
+            script.to_str().unwrap(),
+            "call",
+            GREETER,
+            "sleep",
+            "3000",
+        ],
+    );
+    cmd.stdout(std::process::Stdio::piped());
+    let client = cmd.spawn().expect("spawn the Dubbo client");
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            ["v1", "v2"]
+                .iter()
+                .any(|p| w.provider_stats(p)["requests"].as_u64() == Some(1))
+        }),
+        "the call did not reach a provider"
+    );
+    w.providers[0].kill();
+    w.providers[1].kill();
+    let out = client.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = v["result"].as_str().unwrap();
+    assert!(
+        r.starts_with("error:") && r.contains("closed the connection"),
+        "{r}"
+    );
+    // Nothing listens now: refused, SERVER_ERROR naming it.
+    let r = w.client(&["call", GREETER, "other", "x"]);
+    assert!(
+        r["result"].as_str().unwrap().contains("Connection refused"),
+        "{r}"
+    );
+    // The providers back: the pool connects again.
+    let python = python.to_str().unwrap().to_owned();
+    let provider = python_script("dubbo_provider.py");
+    for (i, (name, addr)) in PROVIDERS[..2].iter().enumerate() {
+        let stats = w.stats_path(name);
+        w.providers[i] = spawn_in(
+            &w.ns,
+            None,
+            &[
+                &python,
+                provider.to_str().unwrap(),
+                addr,
+                name,
+                stats.to_str().unwrap(),
+                "0",
+            ],
+        );
+    }
+    assert!(wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let out = w.ns.run(&["ss", "-Hltn", "sport = :20880"]);
+            String::from_utf8_lossy(&out.stdout).lines().count() == PROVIDERS.len()
+        }
+    ));
+    let r = w.client(&["call", GREETER, "other", "x"]);
+    let r = r["result"].as_str().unwrap();
+    assert!(r.starts_with("v1|") || r.starts_with("v2|"), "{r}");
+}
