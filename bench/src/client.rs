@@ -107,6 +107,26 @@ pub enum Role {
         #[arg(long, default_value_t = 300)]
         hold_s: u64,
     },
+    /// Dubbo provider for `routing`: answers every request with the same value.
+    #[command(hide = true)]
+    DubboServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 600)]
+        lifetime_s: u64,
+    },
+    /// Dubbo client for `routing`: CONNS connections, DEPTH requests in flight on each.
+    #[command(hide = true)]
+    DubboLoad {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 16)]
+        conns: u32,
+        #[arg(long, default_value_t = 4)]
+        depth: u32,
+        #[arg(long)]
+        duration_ms: u64,
+    },
     /// Idle server: accepts, writes one byte, holds the connection (never reads);
     /// exits after LIFETIME_S seconds.
     #[command(hide = true)]
@@ -154,6 +174,15 @@ pub fn run(role: Role) -> Result<()> {
             hold_s,
         } => return idle(addr, count, Duration::from_secs(hold_s)),
         Role::Hold { listen, lifetime_s } => return hold(listen, Duration::from_secs(lifetime_s)),
+        Role::DubboServer { listen, lifetime_s } => {
+            return crate::dubbo::server(listen, Duration::from_secs(lifetime_s))
+        }
+        Role::DubboLoad {
+            addr,
+            conns,
+            depth,
+            duration_ms,
+        } => return crate::dubbo::load(addr, conns, depth, Duration::from_millis(duration_ms)),
     };
     println!("{out}");
     Ok(())

@@ -8,6 +8,7 @@
 
 mod client;
 mod detect;
+mod dubbo;
 mod report;
 mod routing;
 mod stats;

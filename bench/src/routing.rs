@@ -12,14 +12,21 @@
 //!   request minus routed's.
 //!
 //! The two alternate for `--reps` repetitions; the figures are medians, and the ratio is
-//! taken within each repetition.
+//! taken within each repetition. Then the same for Dubbo 2 (`dubbo.rs`: a Rust provider and
+//! a client keeping 4 requests in flight on each of 16 connections): **opaque** to the
+//! provider's own address, **routed** to a service address whose port is `DUBBO` (the proxy
+//! decodes each request's Hessian 2 body, evaluates a non-matching route then the
+//! matching one, maps the request id onto its pooled upstream connection and back).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use interceptor::{PinLayout, ScopeSettings};
-use interceptor_tests::{start_proxy, NetNs, Nginx, PinDir, Proc, TestCgroup, Wrk};
+use interceptor_tests::{
+    exec_command, run_cmd, spawn_in, start_proxy, wait_until, NetNs, Nginx, PinDir, Proc,
+    TestCgroup, Wrk,
+};
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -42,9 +49,13 @@ serviceEntries:
   ports: [{number: 8080, name: http, protocol: HTTP}]
   endpoints: [{address: 127.0.20.1}]
 - hosts: [web-wasm]
-  addresses: [127.0.10.2]
+  addresses: [127.0.10.3]
   ports: [{number: 8080, name: http, protocol: HTTP}]
   endpoints: [{address: 127.0.20.1}]
+- hosts: [greeter]
+  addresses: [127.0.10.2]
+  ports: [{number: 20880, name: dubbo, protocol: DUBBO}]
+  endpoints: [{address: 127.0.20.2}]
 virtualServices:
 - name: web
   hosts: [web]
@@ -54,6 +65,15 @@ virtualServices:
     route: [{destination: {host: web}}]
   - name: default
     route: [{destination: {host: web}}]
+- name: greeter
+  hosts: [greeter]
+  http:
+  - name: vip
+    match: [{dubbo: {method: {exact: lookup}, args: [{index: 0, prefix: vip-}]}}]
+    route: [{destination: {host: greeter}}]
+  - name: hello
+    match: [{dubbo: {service: {exact: org.example.Greeter}, method: {exact: sayHello}, attachments: {application: {exact: bench}}}}]
+    route: [{destination: {host: greeter}}]
 "#;
 
 /// Fields drop in order: processes, programs, cgroup, namespace.
@@ -200,11 +220,11 @@ pub fn run(args: RoutingArgs) -> Result<()> {
     // Warm up both paths.
     measure("http://127.0.20.1:8080/")?;
     measure("http://127.0.10.1:8080/")?;
-    measure("http://127.0.10.2:8080/")?;
+    measure("http://127.0.10.3:8080/")?;
     for rep in 0..args.reps {
         let (o, co) = measure("http://127.0.20.1:8080/")?;
         let (r, cr) = measure("http://127.0.10.1:8080/")?;
-        let (wr, cw) = measure("http://127.0.10.2:8080/")?;
+        let (wr, cw) = measure("http://127.0.10.3:8080/")?;
         // core-ms per 1,000 requests = core-us per request.
         let pu = cw - cr;
         println!(
@@ -235,13 +255,92 @@ pub fn run(args: RoutingArgs) -> Result<()> {
         json!({"threshold": 1000, "workload": "bench", "cluster": "web"}),
         args.reps,
     )?;
-    let text = format!(
+    let mut text = format!(
         "HTTP routing vs opaque TCP, wrk -t2 -c16 keep-alive through the eBPF interception, {} reps x {}s (medians)\n\n\
          {:<10} {:>12} {:>22}\n{:<10} {:>12.0} {:>22.1}\n{:<10} {:>12.0} {:>22.1}\n{:<10} {:>12.0} {:>22.1}\n\n\
          routed / opaque: {q:.2}\ntrivial Wasm plugin: {pu:.2} us of proxy CPU per request (wasm - routed, whole path; target <= 5)\n\
          plugin host, in process (thread CPU per request, median): noop {noop_us:.2} us, router {router_us:.2} us\n",
         args.reps, args.duration, "path", "req/s", "proxy core-ms per 1k", "opaque", o, co, "routed", r, cr, "wasm", wr, cw
     );
+
+    // Dubbo 2: a provider on 127.0.20.2:20880, the client pipelining from the workload.
+    let exe = std::env::current_exe()?;
+    let exe = exe.to_str().expect("UTF-8 path").to_owned();
+    let provider = spawn_in(
+        &w.ns,
+        None,
+        &[&exe, "dubbo-server", "--listen", "127.0.20.2:20880"],
+    );
+    if !wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let out = w.ns.run(&["ss", "-Hltn", "sport = :20880"]);
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    }) {
+        bail!("Dubbo provider did not start: {}", provider.stderr());
+    }
+    let duration_ms = (args.duration * 1000).to_string();
+    let measure_dubbo = |addr: &str| -> Result<(f64, f64)> {
+        let c0 = cpu_usec(w.proxy.pid());
+        let mut cmd = exec_command(
+            Some(&w.ns),
+            Some(&w.cg),
+            None,
+            &[
+                &exe,
+                "dubbo-load",
+                "--addr",
+                addr,
+                "--conns",
+                "16",
+                "--depth",
+                "4",
+                "--duration-ms",
+                &duration_ms,
+            ],
+        );
+        let out = run_cmd(&mut cmd, dur + Duration::from_secs(60))?;
+        let c1 = cpu_usec(w.proxy.pid());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).map_err(|e| {
+            anyhow!(
+                "Dubbo client {addr}: {e}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let n = v["responses"].as_u64().unwrap_or(0);
+        if n == 0 || v["bad"].as_u64() != Some(0) {
+            bail!("Dubbo client {addr}: {v}");
+        }
+        Ok((
+            n as f64 / dur.as_secs_f64(),
+            (c1 - c0) as f64 / 1000.0 / (n as f64 / 1000.0),
+        ))
+    };
+    measure_dubbo("127.0.20.2:20880")?;
+    measure_dubbo("127.0.10.2:20880")?;
+    let (mut d_o, mut d_r, mut d_q, mut d_co, mut d_cr) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..args.reps {
+        let (o, co) = measure_dubbo("127.0.20.2:20880")?;
+        let (r, cr) = measure_dubbo("127.0.10.2:20880")?;
+        println!(
+            "rep {rep}: Dubbo opaque {o:.0} req/s ({co:.1} core-ms/1k), routed {r:.0} req/s ({cr:.1} core-ms/1k), routed/opaque {:.2}",
+            r / o
+        );
+        rows.push(json!({"rep": rep, "dubbo_opaque_rps": o, "dubbo_routed_rps": r, "dubbo_opaque_cpu_ms_per_1k": co, "dubbo_routed_cpu_ms_per_1k": cr}));
+        d_o.push(o);
+        d_r.push(r);
+        d_q.push(r / o);
+        d_co.push(co);
+        d_cr.push(cr);
+    }
+    let (dq, dco, dcr) = (median(&mut d_q), median(&mut d_co), median(&mut d_cr));
+    let (dro, drr) = (median(&mut d_o), median(&mut d_r));
+    text.push_str(&format!(
+        "\nDubbo 2 routing vs opaque TCP, 16 connections x 4 requests in flight, same reps (medians)\n\n\
+         {:<10} {:>12} {:>22}\n{:<10} {:>12.0} {:>22.1}\n{:<10} {:>12.0} {:>22.1}\n\nrouted / opaque: {dq:.2}\n",
+        "path", "req/s", "proxy core-ms per 1k", "opaque", dro, dco, "routed", drr, dcr
+    ));
+    drop(provider);
     println!("\n{text}");
     let doc = json!({
         "date_utc": crate::report::now_utc(),
@@ -249,7 +348,9 @@ pub fn run(args: RoutingArgs) -> Result<()> {
         "median": {"opaque_rps": o, "routed_rps": r, "routed_over_opaque": q,
                    "opaque_cpu_ms_per_1k": co, "routed_cpu_ms_per_1k": cr,
                    "wasm_rps": wr, "wasm_cpu_ms_per_1k": cw, "plugin_cpu_us_per_request": pu,
-                   "noop_plugin_call_us": noop_us, "router_plugin_call_us": router_us},
+                   "noop_plugin_call_us": noop_us, "router_plugin_call_us": router_us,
+                   "dubbo_opaque_rps": dro, "dubbo_routed_rps": drr, "dubbo_routed_over_opaque": dq,
+                   "dubbo_opaque_cpu_ms_per_1k": dco, "dubbo_routed_cpu_ms_per_1k": dcr},
     });
     let out = args.out.unwrap_or_else(|| {
         interceptor_tests::workspace_dir()

@@ -35,6 +35,14 @@ pub const TARGETS: &[(&str, &str)] = &[
         "upgrade_wire",
         "the proxy upgrade's messages as received (upgrade/wire.rs)",
     ),
+    (
+        "dubbo_frame",
+        "Dubbo 2 frames and request bodies as a DUBBO port reads them (routing/dubbo/mod.rs)",
+    ),
+    (
+        "hessian2",
+        "Hessian 2 values of a Dubbo body (routing/dubbo/hessian.rs)",
+    ),
 ];
 
 /// The cargo-fuzz this project is checked with.

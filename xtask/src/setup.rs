@@ -88,6 +88,7 @@ pub fn setup() -> Result<()> {
     bpf_linker(&mut r, pkgs_ok);
     bpffs(&mut r);
     kubernetes_validate(&mut r);
+    dubbo_client(&mut r);
     if r.failed > 0 {
         bail!(
             "setup: {} piece(s) missing; run the commands above",
@@ -339,6 +340,61 @@ fn kubernetes_validate(r: &mut Report) {
         r.line(&piece, State::Installed)
     } else {
         r.line(&piece, State::Failed(crate::deploy::install_command()))
+    }
+}
+
+/// The Dubbo 2 client (with its Hessian 2 codec) that tests/tests/dubbo.rs runs as the
+/// workload and builds its test provider on.
+pub const DUBBO_CLIENT: &str = "dubbo-ssl-python";
+pub const DUBBO_CLIENT_VERSION: &str = "0.9.6";
+
+fn dubbo_client(r: &mut Report) {
+    let piece = format!("{DUBBO_CLIENT} {DUBBO_CLIENT_VERSION} (venv)");
+    let venv = crate::util::target_dir().join("dubbo-venv");
+    let python = venv.join("bin/python");
+    let installed = || {
+        Command::new(&python)
+            .args([
+                "-c",
+                "import importlib.metadata as m; print(m.version('dubbo-ssl-python'))",
+            ])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == DUBBO_CLIENT_VERSION)
+    };
+    if installed() {
+        return r.line(&piece, State::Ok);
+    }
+    println!(
+        "setup: installing {DUBBO_CLIENT} from PyPI into {}",
+        venv.display()
+    );
+    let ok = (python.exists()
+        || quiet(
+            Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+            120,
+        ))
+        && quiet(
+            Command::new(venv.join("bin/pip")).args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                &format!("{DUBBO_CLIENT}=={DUBBO_CLIENT_VERSION}"),
+            ]),
+            300,
+        );
+    if ok && installed() {
+        r.line(&piece, State::Installed)
+    } else {
+        r.line(
+            &piece,
+            State::Failed(format!(
+                "/usr/bin/python3 -m venv {v} && {v}/bin/pip install {DUBBO_CLIENT}=={DUBBO_CLIENT_VERSION}",
+                v = venv.display()
+            )),
+        )
     }
 }
 

@@ -126,6 +126,11 @@ pub struct Cli {
     )]
     pub protocol_detection_timeout: String,
 
+    /// Largest body of a Dubbo frame (bytes, or with KiB/MiB). A frame announcing more, or
+    /// one without Dubbo's magic, closes the connection and is counted.
+    #[arg(long = "dubbo-max-body", value_name = "SIZE", default_value = "8MiB")]
+    pub dubbo_max_body: String,
+
     /// Most connections open at once over all listeners (both directions). One more is
     /// accepted and closed at once (a reset) and counted in `connections_refused_limit`;
     /// the open ones keep being served. Lowered at start when the open-file limit cannot

@@ -263,6 +263,32 @@ pub(super) fn parse_max_connections(s: &str) -> Result<usize, ConfigError> {
     }
 }
 
+/// `--dubbo-max-body`: bytes, plain or with a `KiB`/`MiB` suffix, 1 KiB to 2 GiB - 1.
+pub(super) fn parse_dubbo_max_body(s: &str) -> Result<u32, ConfigError> {
+    let t = s.trim();
+    let (num, unit) = if let Some(n) = t.strip_suffix("MiB") {
+        (n, 1u64 << 20)
+    } else if let Some(n) = t.strip_suffix("KiB") {
+        (n, 1 << 10)
+    } else {
+        (t, 1)
+    };
+    match num
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+    {
+        Some(n) if (1024..=i32::MAX as u64).contains(&n) => Ok(n as u32),
+        _ => Err(ConfigError::new(
+            "--dubbo-max-body",
+            s,
+            "not a size from 1KiB to 2047MiB",
+            "give the largest Dubbo frame body in bytes or with KiB/MiB, e.g. 8MiB",
+        )),
+    }
+}
+
 /// A timeout where 0 means none (`--tcp-idle-timeout`, `--http-idle-timeout`).
 pub(super) fn parse_optional_timeout(
     setting: &'static str,

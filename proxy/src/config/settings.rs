@@ -85,6 +85,8 @@ pub struct Config {
     pub routes: Option<PathBuf>,
     /// Detection time of AUTO ports.
     pub protocol_detection_timeout: Duration,
+    /// Largest Dubbo frame body, in bytes.
+    pub dubbo_max_body: u32,
     /// Most connections open at once (before fitting to the open-file limit).
     pub max_connections: usize,
     /// Idle timeout of opaque TCP connections; `None`: never.
@@ -99,6 +101,8 @@ pub struct Config {
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 /// Default `--tcp-idle-timeout` and `--http-idle-timeout` (Envoy's).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `--dubbo-max-body`: 8 MiB, Dubbo's own default `payload`.
+pub const DEFAULT_DUBBO_MAX_BODY: u32 = 8 << 20;
 /// Default `--http-header-timeout`.
 pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,6 +126,7 @@ impl Default for Config {
             destination_limits: DestinationLimits::default(),
             routes: None,
             protocol_detection_timeout: Duration::from_millis(100),
+            dubbo_max_body: DEFAULT_DUBBO_MAX_BODY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tcp_idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
@@ -148,6 +153,7 @@ impl Config {
             "upgrade_socket": self.upgrade_socket.as_ref().map(|p| p.display().to_string()),
             "routes": self.routes.as_ref().map(|p| p.display().to_string()),
             "protocol_detection_timeout_ms": ms(self.protocol_detection_timeout),
+            "dubbo_max_body": self.dubbo_max_body,
             "destination_stats": self.destination_stats,
             "destination_stats_cap": self.destination_limits.cap,
             "destination_stats_idle_ms": ms(self.destination_limits.idle),

@@ -10,9 +10,9 @@ use super::cli::Cli;
 use super::error::ConfigError;
 use super::parse::{
     parse_addr, parse_admin, parse_connect_timeout, parse_destination_cap, parse_destination_idle,
-    parse_duration, parse_header_timeout, parse_log_format, parse_mark, parse_max_connections,
-    parse_optional_timeout, parse_source4, parse_source6, parse_switch, parse_upgrade_socket,
-    parse_workers,
+    parse_dubbo_max_body, parse_duration, parse_header_timeout, parse_log_format, parse_mark,
+    parse_max_connections, parse_optional_timeout, parse_source4, parse_source6, parse_switch,
+    parse_upgrade_socket, parse_workers,
 };
 use super::settings::{default_workers, Config};
 use crate::stats::DestinationLimits;
@@ -100,6 +100,7 @@ impl Config {
                 "--protocol-detection-timeout",
                 &cli.protocol_detection_timeout,
             )?,
+            dubbo_max_body: parse_dubbo_max_body(&cli.dubbo_max_body)?,
             destination_stats: parse_switch("--destination-stats", &cli.destination_stats)?,
             destination_limits: DestinationLimits {
                 cap: parse_destination_cap(&cli.destination_stats_cap)?,
@@ -219,6 +220,22 @@ mod tests {
                 ..Config::default()
             }
         );
+    }
+
+    #[test]
+    fn dubbo_max_body_sizes() {
+        assert_eq!(parse(&[]).unwrap().dubbo_max_body, 8 << 20);
+        for (v, want) in [("65536", 65536), ("64KiB", 65536), ("16MiB", 16 << 20)] {
+            assert_eq!(
+                parse(&["--dubbo-max-body", v]).unwrap().dubbo_max_body,
+                want
+            );
+        }
+        for v in ["1", "8MB", "2048MiB", "1.5MiB", ""] {
+            let e = invalid(&["--dubbo-max-body", v]);
+            assert_eq!((e.setting, e.value.as_str()), ("--dubbo-max-body", v));
+            assert!(e.to_string().contains("e.g. 8MiB"), "{e}");
+        }
     }
 
     #[test]

@@ -34,6 +34,12 @@
 //! | `interceptor_proxy_no_route_requests_total` | counter | |
 //! | `interceptor_proxy_route_reloads_total` | counter | |
 //! | `interceptor_proxy_route_reload_errors_total` | counter | |
+//! | `interceptor_proxy_dubbo_requests_total` | counter | |
+//! | `interceptor_proxy_dubbo_heartbeats_total` | counter | |
+//! | `interceptor_proxy_dubbo_bad_requests_total` | counter | |
+//! | `interceptor_proxy_dubbo_unmatched_responses_total` | counter | |
+//! | `interceptor_proxy_dubbo_upstream_connections_total` | counter | |
+//! | `interceptor_proxy_dubbo_closed_connections_total` | counter | `reason` (bad_magic, over_cap) |
 //!
 //! Both histograms share [`crate::stats::BUCKETS`]. The `destination` families exist only
 //! while per-destination stats are on (see [`crate::stats::Destinations`]).

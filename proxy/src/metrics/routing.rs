@@ -85,7 +85,7 @@ impl Collector for RoutingCollector {
         for (name, help, v) in [
             (
                 "interceptor_proxy_no_route_requests",
-                "HTTP requests that matched no route (404).",
+                "Requests that matched no route (HTTP: 404, Dubbo: SERVICE_NOT_FOUND).",
                 &r.no_route,
             ),
             (
@@ -97,6 +97,31 @@ impl Collector for RoutingCollector {
                 "interceptor_proxy_route_reload_errors",
                 "Routing files refused (the previous routes stayed).",
                 &r.reload_errors,
+            ),
+            (
+                "interceptor_proxy_dubbo_requests",
+                "Dubbo requests read from clients (heartbeats not counted).",
+                &r.dubbo.requests,
+            ),
+            (
+                "interceptor_proxy_dubbo_heartbeats",
+                "Dubbo heartbeat requests answered (from clients and upstreams).",
+                &r.dubbo.heartbeats,
+            ),
+            (
+                "interceptor_proxy_dubbo_bad_requests",
+                "Dubbo requests whose body did not decode (answered BAD_REQUEST).",
+                &r.dubbo.bad_requests,
+            ),
+            (
+                "interceptor_proxy_dubbo_unmatched_responses",
+                "Dubbo responses for no waiting request (late after a timeout).",
+                &r.dubbo.unmatched_responses,
+            ),
+            (
+                "interceptor_proxy_dubbo_upstream_connections",
+                "Pooled Dubbo upstream connections opened.",
+                &r.dubbo.upstream_connections,
             ),
         ] {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -145,6 +170,19 @@ impl Collector for RoutingCollector {
                 m.encode_family(&[("plugin", name.as_str()), ("decision", decision)])?
                     .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
             }
+        }
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_dubbo_closed_connections",
+            "Dubbo connections closed for a bad frame, by reason (bad_magic, over_cap).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in [
+            ("bad_magic", &r.dubbo.bad_magic),
+            ("over_cap", &r.dubbo.over_cap),
+        ] {
+            m.encode_family(&[("reason", reason)])?
+                .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
         }
         Ok(())
     }

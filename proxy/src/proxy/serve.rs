@@ -215,6 +215,7 @@ impl Proxy {
                     header: config.http_header_timeout,
                     idle: config.http_idle_timeout,
                 },
+                config.dubbo_max_body,
             ))
         });
         let outbound_ctx = Arc::new(Outbound {

@@ -13,7 +13,7 @@ use regex::Regex;
 use super::balance::{Cluster, Endpoint, WeightedCluster};
 use super::file::{self, DestinationRule, Lb, Protocol, RoutingFile, ServiceEntry};
 use super::stats::RoutingStats;
-use super::table::{HeaderOps, Match, Matcher, PortPlan, Route, Table, TlsRule};
+use super::table::{DubboMatch, HeaderOps, Match, Matcher, PortPlan, Route, Table, TlsRule};
 use crate::config::parse_duration;
 
 /// Why a routing file does not compile: where (the YAML path) and what.
@@ -88,6 +88,10 @@ pub enum Problem {
     WasmPlugin(crate::wasm::LoadError),
     #[error("{0:?} is the name of two plugins")]
     PluginNamedTwice(String),
+    #[error("give exactly one of exact, prefix, regex")]
+    ArgMatchKinds,
+    #[error("index {0} is given twice")]
+    ArgIndexTwice(usize),
 }
 
 fn at(path: impl Into<String>, problem: Problem) -> CompileError {
@@ -569,7 +573,44 @@ fn http_match(mf: &str, m: &file::HttpMatch) -> Result<Match, CompileError> {
         c.grpc_service = Some(g.service.clone());
         c.grpc_method = g.method.clone();
     }
+    if let Some(d) = &m.dubbo {
+        c.dubbo = Some(dubbo_match(&format!("{mf}.dubbo"), d)?);
+    }
     Ok(c)
+}
+
+/// The `dubbo` part of a match; `df` is its path.
+fn dubbo_match(df: &str, d: &file::DubboMatch) -> Result<DubboMatch, CompileError> {
+    let opt = |x: &Option<file::StringMatch>, name: &str| {
+        x.as_ref()
+            .map(|x| matcher(x, &format!("{df}.{name}")))
+            .transpose()
+    };
+    let mut args: Vec<(usize, Matcher)> = Vec::new();
+    for (k, a) in d.args.iter().enumerate() {
+        let af = format!("{df}.args[{k}]");
+        let one = match (&a.exact, &a.prefix, &a.regex) {
+            (Some(s), None, None) => file::StringMatch::Exact(s.clone()),
+            (None, Some(s), None) => file::StringMatch::Prefix(s.clone()),
+            (None, None, Some(s)) => file::StringMatch::Regex(s.clone()),
+            _ => return Err(at(af, Problem::ArgMatchKinds)),
+        };
+        if args.iter().any(|(i, _)| *i == a.index) {
+            return Err(at(format!("{af}.index"), Problem::ArgIndexTwice(a.index)));
+        }
+        args.push((a.index, matcher(&one, &af)?));
+    }
+    let mut attachments = Vec::new();
+    for (key, x) in &d.attachments {
+        attachments.push((key.clone(), matcher(x, &format!("{df}.attachments.{key}"))?));
+    }
+    Ok(DubboMatch {
+        service: opt(&d.service, "service")?,
+        version: opt(&d.version, "version")?,
+        method: opt(&d.method, "method")?,
+        args,
+        attachments,
+    })
 }
 
 /// A string match; `field` is its path.
@@ -699,6 +740,52 @@ destinationRules:
             assert_ne!(bad, GOOD, "{from}");
             let e = compile_text(&bad).err().unwrap_or_else(|| panic!("{to} accepted"));
             assert!(e.contains(want), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn dubbo_matches_compile_and_bad_ones_name_the_field() {
+        let with = |m: &str| {
+            GOOD.replacen("protocol: HTTP}", "protocol: DUBBO}", 1)
+                .replacen(
+                    "  - match: [{uri: {regex: \"/items/[0-9]+\"}}]",
+                    &format!("  - match: [{{dubbo: {m}}}]"),
+                    1,
+                )
+        };
+        let t = compile_text(&with(
+            "{service: {exact: org.example.Greeter}, method: {prefix: say}, args: [{index: 1, regex: \"vip-.*\"}], attachments: {application: {exact: web}}}",
+        ))
+        .unwrap();
+        let plan = t.plan("10.96.0.20:9080".parse().unwrap()).unwrap();
+        assert_eq!(plan.protocol, Protocol::Dubbo);
+        let d = t.http_routes("reviews", plan).unwrap()[0].matches[0]
+            .dubbo
+            .clone()
+            .unwrap();
+        assert!(d.args[0].1.matches("vip-1") && !d.args[0].1.matches("xvip-1"));
+        assert_eq!(d.attachments[0].0, "application");
+        for (m, want) in [
+            (
+                "{args: [{index: 0, exact: a, prefix: b}]}",
+                "virtualServices[0].http[0].match[0].dubbo.args[0]: give exactly one of exact, prefix, regex",
+            ),
+            (
+                "{args: [{index: 0, exact: a}, {index: 0, exact: b}]}",
+                "virtualServices[0].http[0].match[0].dubbo.args[1].index: index 0 is given twice",
+            ),
+            (
+                "{args: [{index: 0, regex: \"(\"}]}",
+                "virtualServices[0].http[0].match[0].dubbo.args[0].regex",
+            ),
+            (
+                "{attachments: {application: {regex: \"[\"}}}",
+                "virtualServices[0].http[0].match[0].dubbo.attachments.application.regex",
+            ),
+            ("{servce: {exact: a}}", "servce"),
+        ] {
+            let e = compile_text(&with(m)).expect_err(m);
+            assert!(e.contains(want), "{m}: {e}");
         }
     }
 

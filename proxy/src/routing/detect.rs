@@ -17,6 +17,8 @@ pub enum Detected {
     Http1,
     /// A TLS handshake record.
     Tls,
+    /// A Dubbo 2 frame (magic 0xdabb).
+    Dubbo,
     /// Anything else, or nothing within the detection time (a server-first protocol).
     Opaque,
 }
@@ -38,6 +40,13 @@ const METHODS: [&[u8]; 9] = [
 pub fn classify(buf: &[u8]) -> Option<Detected> {
     if buf.is_empty() {
         return None;
+    }
+    if buf[0] == 0xda {
+        return match buf.get(1) {
+            None => None,
+            Some(0xbb) => Some(Detected::Dubbo),
+            Some(_) => Some(Detected::Opaque),
+        };
     }
     if buf[0] == 0x16 {
         return Some(if buf.len() >= 3 && buf[1] == 3 {
@@ -217,6 +226,9 @@ mod tests {
         assert_eq!(classify(&[0x16, 3, 1, 0, 10]), Some(Detected::Tls));
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
         assert_eq!(classify(b"HELLO\n"), Some(Detected::Opaque));
+        assert_eq!(classify(&[0xda]), None);
+        assert_eq!(classify(&[0xda, 0xbb, 0xc2]), Some(Detected::Dubbo));
+        assert_eq!(classify(&[0xda, 0xbc]), Some(Detected::Opaque));
     }
 
     /// A ClientHello with SNI `a.example` (handcrafted, minimal).

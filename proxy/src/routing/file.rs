@@ -1,12 +1,12 @@
 //! The routing file (YAML): a documented subset of Istio's `ServiceEntry`,
-//! `VirtualService` and `DestinationRule`, with two extensions in `match` (`grpc` and
-//! `sourceWorkload`). Unknown fields are errors, so a typo is reported, not ignored.
+//! `VirtualService` and `DestinationRule`, with three extensions in `match` (`grpc`,
+//! `sourceWorkload` and `dubbo`). Unknown fields are errors, so a typo is reported, not ignored.
 //!
 //! ```yaml
 //! serviceEntries:
 //! - hosts: [reviews]
 //!   addresses: [10.0.0.20]          # the address(es) the workload dials
-//!   ports: [{number: 8080, name: http, protocol: HTTP}]   # HTTP, HTTP2, GRPC, TLS, TCP, AUTO
+//!   ports: [{number: 8080, name: http, protocol: HTTP}]   # HTTP, HTTP2, GRPC, TLS, TCP, DUBBO, AUTO
 //!   endpoints:
 //!   - {address: 10.1.0.5, labels: {version: v1}}
 //!   - {address: 10.1.0.6, ports: {http: 9080}, labels: {version: v2}}
@@ -22,6 +22,15 @@
 //!       queryParams: {debug: {exact: "1"}}
 //!       grpc: {service: helloworld.Greeter, method: SayHello}
 //!       sourceWorkload: {prefix: /sys/fs/cgroup/frontend}
+//!     route: [{destination: {host: reviews, subset: v2}}]
+//!   - name: dubbo-vip             # on a DUBBO (or AUTO) port: per Dubbo request
+//!     match:
+//!     - dubbo:
+//!         service: {exact: org.example.Greeter}
+//!         version: {exact: 1.0.0}
+//!         method: {prefix: say}
+//!         args: [{index: 0, regex: "vip-.*"}]
+//!         attachments: {application: {exact: web}}
 //!     route: [{destination: {host: reviews, subset: v2}}]
 //!   - route:
 //!     - {destination: {host: reviews, subset: v1}, weight: 90}
@@ -81,6 +90,8 @@ pub enum Protocol {
     Tls,
     Tcp,
     Auto,
+    /// Dubbo 2 frames with Hessian 2 bodies, routed per request.
+    Dubbo,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +164,44 @@ pub struct HttpMatch {
     /// cgroup path the workload was attached with).
     #[serde(default)]
     pub source_workload: Option<StringMatch>,
+    /// Extension: a Dubbo request's service, version, method, arguments and attachments
+    /// (on `DUBBO` ports, and `AUTO` ports that detect Dubbo). A match with it never holds
+    /// for an HTTP request, and one with HTTP conditions never holds for a Dubbo request.
+    #[serde(default)]
+    pub dubbo: Option<DubboMatch>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DubboMatch {
+    /// The service path (interface), e.g. `{exact: org.example.DemoService}`.
+    #[serde(default)]
+    pub service: Option<StringMatch>,
+    /// The service version.
+    #[serde(default)]
+    pub version: Option<StringMatch>,
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+    /// Arguments by position (0 first), as strings: numbers in decimal, booleans as
+    /// `true`/`false`; null, lists, maps and objects match nothing.
+    #[serde(default)]
+    pub args: Vec<ArgMatch>,
+    /// Attachments by key, e.g. `{application: {exact: web}}`.
+    #[serde(default)]
+    pub attachments: BTreeMap<String, StringMatch>,
+}
+
+/// One argument's match: its `index` and one of `exact`, `prefix`, `regex`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArgMatch {
+    pub index: usize,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

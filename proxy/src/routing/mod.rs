@@ -1,8 +1,8 @@
 //! RPC-aware routing of intercepted outbound connections.
 //!
 //! A connection whose original destination is a port of a `serviceEntries` address is
-//! handled by that port's protocol ([`server`]): HTTP/1.1 and HTTP/2 (gRPC) requests are
-//! routed one by one by the `virtualServices` rules, TLS by the SNI of its ClientHello,
+//! handled by that port's protocol ([`server`]): HTTP/1.1 and HTTP/2 (gRPC) requests and
+//! Dubbo 2 requests are routed one by one by the `virtualServices` rules, TLS by the SNI of its ClientHello,
 //! passed through untouched, TCP as opaque bytes; `AUTO` ports are inspected for a short
 //! while (`--protocol-detection-timeout`, [`detect`]) and go opaque when the client says
 //! nothing (server-first protocols). Every other destination is forwarded as opaque TCP
@@ -22,11 +22,13 @@
 //! | `stats.rs` | route and cluster counters, kept by name across reloads |
 //! | `reload.rs` | [`Routing`]: the table in force, reloaded on change; [`watch`] |
 //! | `detect.rs` | what a client speaks, from its first bytes; the SNI of a ClientHello |
-//! | `server/` | [`RouteServer`]: serves a routed connection by protocol (`http.rs`, `tls.rs`, `tcp.rs`) |
+//! | `dubbo/` | Dubbo 2 frames and request bodies (`hessian.rs`: the Hessian 2 subset) |
+//! | `server/` | [`RouteServer`]: serves a routed connection by protocol (`http.rs`, `dubbo.rs`, `tls.rs`, `tcp.rs`) |
 
 pub mod balance;
 pub mod compile;
 pub mod detect;
+pub mod dubbo;
 pub mod file;
 pub mod reload;
 pub mod server;

@@ -34,6 +34,26 @@ pub struct RoutingStats {
     pub reloads: AtomicU64,
     pub reload_errors: AtomicU64,
     pub no_route: AtomicU64,
+    pub dubbo: DubboStats,
+}
+
+/// Counters of Dubbo connections (every port).
+#[derive(Debug, Default)]
+pub struct DubboStats {
+    /// Requests read from clients (heartbeats not counted).
+    pub requests: AtomicU64,
+    /// Heartbeat requests answered, from clients and from upstreams.
+    pub heartbeats: AtomicU64,
+    /// Connections closed for a frame without the magic.
+    pub bad_magic: AtomicU64,
+    /// Connections closed for a frame body over `--dubbo-max-body`.
+    pub over_cap: AtomicU64,
+    /// Requests whose body did not decode, answered BAD_REQUEST.
+    pub bad_requests: AtomicU64,
+    /// Upstream responses whose request id was not waiting (late after a timeout).
+    pub unmatched_responses: AtomicU64,
+    /// Upstream connections opened (pooled, shared by every client connection).
+    pub upstream_connections: AtomicU64,
 }
 
 impl RoutingStats {

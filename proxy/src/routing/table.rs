@@ -41,6 +41,30 @@ pub struct Match {
     pub grpc_service: Option<String>,
     pub grpc_method: Option<String>,
     pub source: Option<Matcher>,
+    pub dubbo: Option<DubboMatch>,
+}
+
+impl Match {
+    /// Whether it says anything about an HTTP request (so it cannot hold for a Dubbo one).
+    pub fn has_http_conditions(&self) -> bool {
+        self.uri.is_some()
+            || self.method.is_some()
+            || !self.headers.is_empty()
+            || !self.query.is_empty()
+            || self.grpc_service.is_some()
+    }
+}
+
+/// The `dubbo` part of a match: every condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct DubboMatch {
+    pub service: Option<Matcher>,
+    pub version: Option<Matcher>,
+    pub method: Option<Matcher>,
+    /// (argument index, match)
+    pub args: Vec<(usize, Matcher)>,
+    /// (attachment key, match)
+    pub attachments: Vec<(String, Matcher)>,
 }
 
 #[derive(Debug, Clone)]

@@ -512,7 +512,9 @@ fn route_matches<B>(r: &Route, req: &Request<B>, workload: Option<&str>) -> bool
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
     r.matches.iter().any(|m| {
-        m.uri.as_ref().is_none_or(|u| u.matches(path))
+        // A Dubbo match never holds for an HTTP request.
+        m.dubbo.is_none()
+            && m.uri.as_ref().is_none_or(|u| u.matches(path))
             && m.method
                 .as_ref()
                 .is_none_or(|x| x.matches(req.method().as_str()))

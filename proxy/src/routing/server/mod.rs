@@ -5,9 +5,11 @@
 //! | file | protocol |
 //! |---|---|
 //! | `http.rs` | HTTP/1.1, HTTP/2, gRPC: each request routed on its own |
+//! | `dubbo.rs` | Dubbo 2: each request routed on its own, onto pooled upstream connections |
 //! | `tls.rs` | TLS: by the ClientHello's SNI, passed through untouched |
 //! | `tcp.rs` | TCP: opaque, to one of the service's endpoints |
 
+pub mod dubbo;
 pub mod http;
 pub mod tcp;
 pub mod tls;
@@ -18,6 +20,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use self::dubbo::DubboRouter;
 use self::http::{HttpRouter, HttpTimeouts};
 use super::detect::{self, Detected};
 use super::file::Protocol;
@@ -36,6 +39,7 @@ pub struct RouteServer {
     /// How upstream connections are made.
     pub opts: UpstreamOptions,
     http: Arc<HttpRouter>,
+    dubbo: Arc<DubboRouter>,
 }
 
 impl std::fmt::Debug for RouteServer {
@@ -50,9 +54,11 @@ impl RouteServer {
         stats: Arc<Stats>,
         opts: UpstreamOptions,
         http: HttpTimeouts,
+        dubbo_max_body: u32,
     ) -> Self {
         RouteServer {
             http: Arc::new(HttpRouter::new(routing.clone(), opts, http)),
+            dubbo: Arc::new(DubboRouter::new(routing.clone(), opts, dubbo_max_body)),
             routing,
             stats,
             opts,
@@ -77,6 +83,7 @@ impl RouteServer {
                 {
                     Detected::Http1 | Detected::Http2 => Protocol::Http,
                     Detected::Tls => Protocol::Tls,
+                    Detected::Dubbo => Protocol::Dubbo,
                     Detected::Opaque => Protocol::Tcp,
                 }
             }
@@ -86,6 +93,13 @@ impl RouteServer {
             Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
                 self.stats.outbound.forwarded_total.fetch_add(1, Relaxed);
                 self.http
+                    .clone()
+                    .serve(client, peer, orig_dst, plan, workload)
+                    .await
+            }
+            Protocol::Dubbo => {
+                self.stats.outbound.forwarded_total.fetch_add(1, Relaxed);
+                self.dubbo
                     .clone()
                     .serve(client, peer, orig_dst, plan, workload)
                     .await
