@@ -125,6 +125,10 @@ struct World {
 
 impl World {
     fn new(test: &str) -> World {
+        World::with_routes(test, ROUTES)
+    }
+
+    fn with_routes(test: &str, routes_text: &str) -> World {
         interceptor_tests::register_helper_bins!();
         let python = dubbo_python();
         let ns = NetNs::new(test);
@@ -172,7 +176,7 @@ impl World {
             w.providers[0].stderr()
         );
         let routes = w.dir.join("routes.yaml");
-        std::fs::write(&routes, ROUTES).unwrap();
+        std::fs::write(&routes, routes_text).unwrap();
         w.proxy = Some(start_proxy(
             &w.ns,
             &[
@@ -599,4 +603,48 @@ fn requests_in_flight_on_an_upstream_that_dies_are_answered_and_the_pool_reconne
     let r = w.client(&["call", GREETER, "other", "x"]);
     let r = r["result"].as_str().unwrap();
     assert!(r.starts_with("v1|") || r.starts_with("v2|"), "{r}");
+}
+
+/// A Wasm routing plugin (tests/wasm-plugins/router) sees each Dubbo call's service, method,
+/// arguments and attachments as properties: it sends `greet` calls whose first argument
+/// starts with "vip" from a caller naming its application to the cluster of its
+/// configuration (subset `m`, which no declarative route gives `greet`), the others to the
+/// declarative routes (the 70/30 split).
+#[test]
+fn a_wasm_plugin_routes_dubbo_calls_by_their_properties() {
+    let plugin = hostops::wasm_plugins::plugin("router");
+    let routes = format!(
+        "{ROUTES}wasmPlugins:\n- name: router\n  url: {}\n  targetRefs: [{{kind: Service, name: greeter}}]\n  \
+         pluginConfig: {{cluster: greeter/m}}\n",
+        plugin.display()
+    );
+    let w = World::with_routes("db-wasm", &routes);
+    let t = w.tally(400, "greet", "vip-{i};user-{i}", "shop");
+    assert_eq!(get(&t, "greet:0>m"), 200, "vip calls by the plugin: {t:?}");
+    assert_eq!(
+        get(&t, "greet:1>v1") + get(&t, "greet:1>v2"),
+        200,
+        "the others by the routes: {t:?}"
+    );
+    // Without an application attachment the plugin leaves every call to the routes.
+    let t = w.tally(100, "greet", "vip-{i}", "-");
+    assert_eq!(get(&t, "greet:0>m"), 0, "{t:?}");
+    assert_eq!(get(&t, "greet:0>v1") + get(&t, "greet:0>v2"), 100, "{t:?}");
+    let m = w.metrics();
+    assert_eq!(
+        sum(
+            &m,
+            "interceptor_proxy_wasm_plugin_calls_total",
+            &[("plugin", "router")]
+        ),
+        500.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "interceptor_proxy_wasm_plugin_decisions_total",
+            &[("plugin", "router"), ("decision", "routed")]
+        ),
+        200.0
+    );
 }

@@ -40,6 +40,7 @@ use crate::routing::reload::Routing;
 use crate::routing::stats::RoutingStats;
 use crate::routing::table::{DubboMatch, PortPlan, Route};
 use crate::upstream::{connect_upstream, UpstreamOptions};
+use crate::wasm::{RequestInfo, Verdict};
 
 /// Most requests of one client connection waiting for their responses at once.
 pub const MAX_IN_FLIGHT: usize = 1024;
@@ -345,32 +346,80 @@ impl DubboRouter {
             }
         };
         let table = self.routing.current();
-        let (cluster, route): (Option<Arc<Cluster>>, Option<&Route>) =
-            match table.http_routes(&plan.service, plan) {
-                Some(routes) => match routes.iter().find(|r| route_matches(r, &inv, workload)) {
-                    Some(r) => {
-                        r.stats.requests.fetch_add(1, Relaxed);
-                        (
-                            Some(pick_weighted(&r.clusters, r.total_weight).clone()),
-                            Some(r),
-                        )
-                    }
+        // Wasm plugins first, with the call's service, method, arguments and attachments as
+        // properties: they may choose the cluster or route, or answer.
+        let mut chosen_route: Option<String> = None;
+        let mut chosen_cluster: Option<Arc<Cluster>> = None;
+        if table.plugins.any_for(&plan.service) {
+            match table.plugins.on_request(
+                &mut http::HeaderMap::new(),
+                &plugin_info(&inv, orig_dst, plan, workload),
+            ) {
+                Verdict::Continue => {}
+                Verdict::Reply(r) => {
+                    // An HTTP-style answer in Dubbo's terms: the body is the message.
+                    let code = if r.status < 500 {
+                        status::BAD_REQUEST
+                    } else {
+                        status::SERVER_ERROR
+                    };
+                    reply(code, &String::from_utf8_lossy(&r.body));
+                    return;
+                }
+                Verdict::Failed { plugin } => {
+                    reply(
+                        status::SERVER_ERROR,
+                        &format!("interceptor-proxy: routing plugin {plugin} failed"),
+                    );
+                    return;
+                }
+                Verdict::Cluster(name) => match table.cluster_named(&name, plan.port) {
+                    Some(c) => chosen_cluster = Some(c.clone()),
                     None => {
                         stats.no_route.fetch_add(1, Relaxed);
                         reply(
                             status::SERVICE_NOT_FOUND,
-                            &format!(
-                                "interceptor-proxy: no route matched {}:{}.{}",
-                                inv.service, inv.version, inv.method
-                            ),
+                            &format!("interceptor-proxy: a routing plugin chose {name:?}, which is no cluster"),
                         );
                         return;
                     }
                 },
-                None => (
-                    table.default_cluster(&plan.service, plan.port).cloned(),
-                    None,
-                ),
+                Verdict::Route(name) => chosen_route = Some(name),
+            }
+        }
+        let (cluster, route): (Option<Arc<Cluster>>, Option<&Route>) =
+            if let Some(c) = chosen_cluster {
+                (Some(c), None)
+            } else {
+                match table.http_routes(&plan.service, plan) {
+                    Some(routes) => match routes.iter().find(|r| match &chosen_route {
+                        Some(name) => r.name == *name,
+                        None => route_matches(r, &inv, workload),
+                    }) {
+                        Some(r) => {
+                            r.stats.requests.fetch_add(1, Relaxed);
+                            (
+                                Some(pick_weighted(&r.clusters, r.total_weight).clone()),
+                                Some(r),
+                            )
+                        }
+                        None => {
+                            stats.no_route.fetch_add(1, Relaxed);
+                            reply(
+                                status::SERVICE_NOT_FOUND,
+                                &format!(
+                                    "interceptor-proxy: no route matched {}:{}.{}",
+                                    inv.service, inv.version, inv.method
+                                ),
+                            );
+                            return;
+                        }
+                    },
+                    None => (
+                        table.default_cluster(&plan.service, plan.port).cloned(),
+                        None,
+                    ),
+                }
             };
         let retries = route.map_or(0, |r| r.connect_retries);
         let timeout = route.and_then(|r| r.timeout);
@@ -558,6 +607,39 @@ async fn upstream_read_loop(
                 stats.dubbo.unmatched_responses.fetch_add(1, Relaxed);
             }
         }
+    }
+}
+
+/// What a Wasm plugin sees of a Dubbo call: `dubbo.service`, `dubbo.version`,
+/// `dubbo.method`, `dubbo.args.N` (as strings, as a `dubbo` match sees them) and
+/// `dubbo.attachments.KEY`; `request.path` is `/service/method`.
+fn plugin_info(
+    inv: &Invocation,
+    orig_dst: SocketAddr,
+    plan: &PortPlan,
+    workload: Option<&str>,
+) -> RequestInfo {
+    let mut dubbo = std::collections::BTreeMap::new();
+    dubbo.insert("service".to_owned(), inv.service.clone());
+    dubbo.insert("version".to_owned(), inv.version.clone());
+    dubbo.insert("method".to_owned(), inv.method.clone());
+    for (i, a) in inv.args.iter().enumerate() {
+        if let Some(a) = a {
+            dubbo.insert(format!("args.{i}"), a.clone());
+        }
+    }
+    for (k, v) in &inv.attachments {
+        dubbo.insert(format!("attachments.{k}"), v.clone());
+    }
+    RequestInfo {
+        method: inv.method.clone(),
+        path: format!("/{}/{}", inv.service, inv.method),
+        host: plan.service.clone(),
+        source: None,
+        workload: workload.map(str::to_owned),
+        destination: Some(orig_dst),
+        service: plan.service.clone(),
+        dubbo,
     }
 }
 
