@@ -59,6 +59,24 @@ impl World {
 
     /// [`World::new`], every generation started with `extra` arguments too.
     fn new_with(test: &str, drain: &str, extra: &[&str]) -> World {
+        let mut w = World::without_proxy(test, extra);
+        let args = w.proxy_args(drain);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        w.proxies.push(start_proxy(&w.ns, &args));
+        let pid = w.current().pid() as i32;
+        w.register_inbound(pid);
+        w
+    }
+
+    /// Registers the inbound listener of the proxy process `pid` (a host pid).
+    fn register_inbound(&self, pid: i32) {
+        let regs = interceptor::register(&self.layout(), self.ns.path(), pid)
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        assert_eq!(regs.len(), 1, "the inbound listener: {regs:?}");
+    }
+
+    /// The world with interception attached both ways and no proxy yet.
+    fn without_proxy(test: &str, extra: &[&str]) -> World {
         interceptor_tests::register_helper_bins!();
         let ns = NetNs::new(test);
         let peer = NetNs::new(&format!("{test}-p"));
@@ -75,7 +93,7 @@ impl World {
         let app =
             ProbeServer::start_in(ns.path(), &[format!("0.0.0.0:{APP_PORT}").parse().unwrap()])
                 .expect("app server");
-        let mut w = World {
+        let w = World {
             proxies: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nginx: None,
@@ -91,13 +109,6 @@ impl World {
             .unwrap_or_else(|e| panic!("attach: {e}"));
         interceptor::attach_inbound(&layout, w.ns.path(), &InboundSettings::default())
             .unwrap_or_else(|e| panic!("attach --netns: {e}"));
-        let args = w.proxy_args(drain);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        w.proxies.push(start_proxy(&w.ns, &args));
-        let pid = w.current().pid() as i32;
-        let regs = interceptor::register(&layout, w.ns.path(), pid)
-            .unwrap_or_else(|e| panic!("register: {e}"));
-        assert_eq!(regs.len(), 1, "the inbound listener: {regs:?}");
         w
     }
 
@@ -1452,4 +1463,258 @@ fn grpc_streaming_calls_through_ten_upgrades_with_a_two_second_drain() {
             "generation {g}: moved {moved}, kept {kept}"
         );
     }
+}
+
+/// The host pid of the only child of `parent` (the PID 1 that `unshare --fork` started).
+fn only_child(parent: u32, within: Duration) -> u32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            return pid.parse().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unshare {parent} started no child"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The processes of the PID namespace of `pid1` (host pids), each with its state letter.
+fn pidns_processes(pid1: u32) -> Vec<(u32, char)> {
+    let ns = std::fs::read_link(format!("/proc/{pid1}/ns/pid")).expect("PID 1's namespace");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                .ok()
+                .as_ref()
+                == Some(&ns)
+        })
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+            Some((pid, state))
+        })
+        .collect()
+}
+
+/// The listening sockets (TCP, TCP6, Unix) among the descriptors of `pid`, as
+/// `socket:[inode]` strings.
+fn listening_sockets_of(pid: u32) -> Vec<String> {
+    let mut listening = std::collections::HashSet::new();
+    for file in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap();
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f[3] == "0A" {
+                listening.insert(f[9].to_owned());
+            }
+        }
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap();
+    for l in text.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Flags __SO_ACCEPTCON: a listening socket.
+        if f[3] == "00010000" {
+            listening.insert(f[6].to_owned());
+        }
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .filter(|l| {
+            l.strip_prefix("socket:[")
+                .and_then(|i| i.strip_suffix(']'))
+                .is_some_and(|i| listening.contains(i))
+        })
+        .collect()
+}
+
+/// Waits until `needle` occurs `n` times in `p`'s stderr.
+fn wait_log_count(p: &mut Proc, needle: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = p.stderr();
+        if log.matches(needle).count() >= n {
+            return;
+        }
+        if let Some(status) = p.try_status() {
+            panic!(
+                "{} exited ({status}) before logging {needle:?} {n} times\n{}",
+                p.name(),
+                tail(&log)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not logged {n} times within {within:?}\n{}",
+            tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 15, the upgrade in a Kubernetes container: the proxy is PID 1 of its PID namespace
+/// (`unshare --pid --fork --mount-proc`, as a container's first process), and a SIGUSR2
+/// sent to it from outside starts the next generation as its child, three times in a row,
+/// under HELLO churn both ways. PID 1 stays alive after its own hand-off holding no
+/// listening socket, reaps each drained generation (no zombie: the namespace holds PID 1
+/// and the current generation between upgrades), and a SIGTERM to it ends the last
+/// generation and then itself with that generation's status.
+#[test]
+fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() {
+    let mut w = World::without_proxy("upg-pid1", &[]);
+    let mut cmd = vec![
+        "unshare".to_owned(),
+        "--pid".into(),
+        "--fork".into(),
+        "--mount-proc".into(),
+        proxy_bin().to_str().unwrap().to_owned(),
+    ];
+    cmd.extend(w.proxy_args(DRAIN));
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let mut unshare = spawn_in(&w.ns, None, &cmd);
+    if let Err(why) =
+        interceptor_tests::wait_proxy_ready(&w.ns, &mut unshare, ADMIN, Duration::from_secs(10))
+    {
+        panic!(
+            "the proxy as PID 1 is not ready: {why}\n{}",
+            unshare.stderr()
+        );
+    }
+    let pid1 = only_child(unshare.pid(), Duration::from_secs(5));
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid1}/status"))
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "the proxy is not PID 1 of its namespace"
+    );
+    w.register_inbound(pid1 as i32);
+    w.proxies.push(unshare);
+    w.assert_both_directions_proxied();
+
+    let run = Duration::from_secs(25);
+    let mut churn_out = Churn::start(&w.ns, Some(&w.cg), &w.app_outbound(), 4, run);
+    let mut churn_in = Churn::start(&w.peer, None, &w.app_inbound(), 2, run);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut most = 0;
+    for n in 1..=3 {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGUSR2)
+            .expect("SIGUSR2 to PID 1");
+        // The new generation took over, and the one it replaced (PID 1 itself the first
+        // time) drained.
+        wait_log_count(w.current(), "upgrade complete", n, Duration::from_secs(30));
+        wait_log_count(
+            w.current(),
+            "previous process drained and exited",
+            n,
+            Duration::from_secs(30),
+        );
+        if n > 1 {
+            // PID 1 reaped it.
+            wait_log_count(
+                w.current(),
+                "a proxy generation ended",
+                n - 1,
+                Duration::from_secs(10),
+            );
+        }
+        assert!(
+            w.current().is_running() && std::path::Path::new(&format!("/proc/{pid1}")).exists(),
+            "upgrade {n}: PID 1 exited after its hand-off\n{}",
+            tail(&w.current().stderr())
+        );
+        let procs = pidns_processes(pid1);
+        most = most.max(procs.len());
+        assert!(
+            procs.iter().all(|(_, s)| *s != 'Z'),
+            "upgrade {n}: a zombie in the namespace: {procs:?}"
+        );
+        assert_eq!(
+            procs.len(),
+            2,
+            "upgrade {n}: PID 1 and the current generation, nothing else: {procs:?}"
+        );
+        let held = listening_sockets_of(pid1);
+        assert!(
+            held.is_empty(),
+            "upgrade {n}: PID 1 still listens: {held:?}"
+        );
+        // The new generation serves both ways (the old one is gone).
+        w.assert_both_directions_proxied();
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert!(
+        churn_out.proc().is_running(),
+        "churn ended before the last upgrade"
+    );
+    assert!(
+        churn_in.proc().is_running(),
+        "churn ended before the last upgrade"
+    );
+    let churn_out = churn_out.finish();
+    let churn_in = churn_in.finish();
+    w.churn_clean("outbound churn", &churn_out);
+    w.churn_clean("inbound churn", &churn_in);
+
+    // SIGTERM to PID 1: forwarded to the last generation, which drains and exits; then PID
+    // 1 exits with its status, and the namespace is empty.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGTERM)
+        .expect("SIGTERM to PID 1");
+    let status = w
+        .current()
+        .wait_timeout(DRAIN_TIME + Duration::from_secs(15))
+        .unwrap_or_else(|| {
+            panic!(
+                "PID 1 still runs after SIGTERM\n{}",
+                tail(&w.current().stderr())
+            )
+        });
+    let log = w.current().stderr();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("started the next proxy generation"))
+        .collect();
+    assert_eq!(
+        started.len(),
+        3,
+        "three generations started by PID 1: {started:?}"
+    );
+    let last_pid = started[2]
+        .split_whitespace()
+        .find(|w| w.starts_with("pid="))
+        .unwrap()
+        .to_owned();
+    let last_end = log
+        .lines()
+        .find(|l| l.contains("a proxy generation ended") && l.contains("current=true"))
+        .unwrap_or_else(|| panic!("no current generation ended\n{}", tail(&log)));
+    assert!(
+        last_end.contains(&format!("{last_pid} ")) && last_end.contains("exit_code=0"),
+        "the last generation ({last_pid}) ended: {last_end}"
+    );
+    assert!(
+        log.contains("exiting with the last generation's status exit_code=0"),
+        "{}",
+        tail(&log)
+    );
+    assert!(
+        status.success(),
+        "PID 1 (through unshare): {status}\n{}",
+        tail(&log)
+    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid1}")).exists());
+    println!(
+        "3 upgrades by SIGUSR2 to PID 1: churn out {} ok / {} failed, in {} ok / {} failed; \
+         at most {most} processes in the namespace between upgrades; PID 1 exit {status}",
+        churn_out.ok, churn_out.failed, churn_in.ok, churn_in.failed
+    );
 }

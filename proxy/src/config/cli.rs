@@ -164,4 +164,14 @@ pub struct Cli {
     /// become ready, then let it drain and exit. Nothing is refused meanwhile.
     #[arg(long = "upgrade", requires = "upgrade_socket")]
     pub upgrade: bool,
+
+    /// The binary a SIGUSR2 starts as this proxy's successor (with this process's arguments
+    /// plus --upgrade), e.g. a new version copied into the container. Default: this
+    /// process's own binary (/proc/self/exe).
+    #[arg(
+        long = "upgrade-binary",
+        value_name = "PATH",
+        requires = "upgrade_socket"
+    )]
+    pub upgrade_binary: Option<String>,
 }
