@@ -8,7 +8,11 @@ use clap::Parser;
 use interceptor_proxy::{config::Cli, restart, telemetry, Config};
 
 fn main() -> ExitCode {
-    let config = match Config::from_cli(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Some(pid) = cli.signal_upgrade {
+        return signal_upgrade(pid);
+    }
+    let config = match Config::from_cli(cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("interceptor-proxy: {e}");
@@ -57,4 +61,19 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// `--signal-upgrade PID`: SIGUSR2 to the serving proxy, which starts its successor.
+fn signal_upgrade(pid: i32) -> ExitCode {
+    use nix::sys::signal::{kill, Signal};
+    match kill(nix::unistd::Pid::from_raw(pid), Signal::SIGUSR2) {
+        Ok(()) => {
+            eprintln!("interceptor-proxy: sent SIGUSR2 to pid {pid}: it starts its successor (--upgrade); its log says how the hand-off went");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("interceptor-proxy: --signal-upgrade {pid}: {e}; give the pid of the serving proxy (1 in its container), run as its user");
+            ExitCode::FAILURE
+        }
+    }
 }

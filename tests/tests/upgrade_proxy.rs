@@ -1563,7 +1563,9 @@ fn wait_log_count(p: &mut Proc, needle: &str, n: usize, within: Duration) {
 
 /// Issue 15, the upgrade in a Kubernetes container: the proxy is PID 1 of its PID namespace
 /// (`unshare --pid --fork --mount-proc`, as a container's first process), and a SIGUSR2
-/// sent to it from outside starts the next generation as its child, three times in a row,
+/// sent to it from outside (the second time by `interceptor-proxy --signal-upgrade 1` from
+/// inside its PID namespace, as `kubectl exec` runs it) starts the next generation as its
+/// child, three times in a row,
 /// under HELLO churn both ways. PID 1 stays alive after its own hand-off holding no
 /// listening socket, reaps each drained generation (no zombie: the namespace holds PID 1
 /// and the current generation between upgrades), and a SIGTERM to it ends the last
@@ -1607,8 +1609,25 @@ fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() 
     std::thread::sleep(Duration::from_secs(1));
     let mut most = 0;
     for n in 1..=3 {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGUSR2)
-            .expect("SIGUSR2 to PID 1");
+        if n == 2 {
+            // As `kubectl exec POD -c proxy -- interceptor-proxy --signal-upgrade 1` does it
+            // (the image has no `kill`): from a process that joined the container's PID
+            // namespace.
+            let out = std::process::Command::new("nsenter")
+                .args(["--target", &pid1.to_string(), "--pid", "--"])
+                .arg(proxy_bin())
+                .args(["--signal-upgrade", "1"])
+                .output()
+                .expect("nsenter");
+            assert!(
+                out.status.success(),
+                "--signal-upgrade 1: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGUSR2)
+                .expect("SIGUSR2 to PID 1");
+        }
         // The new generation took over, and the one it replaced (PID 1 itself the first
         // time) drained.
         wait_log_count(w.current(), "upgrade complete", n, Duration::from_secs(30));
@@ -1713,8 +1732,66 @@ fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() 
     );
     assert!(!std::path::Path::new(&format!("/proc/{pid1}")).exists());
     println!(
-        "3 upgrades by SIGUSR2 to PID 1: churn out {} ok / {} failed, in {} ok / {} failed; \
+        "3 upgrades by SIGUSR2 to PID 1 (one by --signal-upgrade 1): churn out {} ok / {} failed, in {} ok / {} failed; \
          at most {most} processes in the namespace between upgrades; PID 1 exit {status}",
+        churn_out.ok, churn_out.failed, churn_in.ok, churn_in.failed
+    );
+}
+
+/// SIGUSR2 outside a container (issue 15): a proxy without `--upgrade-socket` refuses it in
+/// its log and keeps serving; one with it starts its successor (its own binary, its own
+/// arguments plus `--upgrade`), which takes over under HELLO churn while the old one, not
+/// PID 1, drains and exits 0 as after any upgrade.
+#[test]
+fn sigusr2_starts_the_successor_of_a_proxy_that_is_not_pid1() {
+    let mut w = World::new("upg-usr2", DRAIN);
+    let mut plain = start_proxy(&w.peer, &["--admin", ADMIN]);
+    plain.signal(Signal::SIGUSR2);
+    wait_log(
+        &mut plain,
+        "no new process can take over",
+        Duration::from_secs(10),
+    );
+    interceptor_tests::wait_proxy_ready(&w.peer, &mut plain, ADMIN, Duration::from_secs(10))
+        .unwrap_or_else(|why| panic!("the proxy without --upgrade-socket: {why}"));
+    assert!(
+        !plain.stderr().contains("started the next proxy generation"),
+        "{}",
+        plain.stderr()
+    );
+
+    let run = Duration::from_secs(10);
+    let mut churn_out = Churn::start(&w.ns, Some(&w.cg), &w.app_outbound(), 4, run);
+    let churn_in = Churn::start(&w.peer, None, &w.app_inbound(), 2, run);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = w.current().pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGUSR2)
+        .expect("SIGUSR2");
+    wait_log(w.current(), "upgrade complete", Duration::from_secs(30));
+    let status = w
+        .current()
+        .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the old proxy still runs\n{}", tail(&w.current().stderr())));
+    assert!(status.success(), "the old proxy: {status}");
+    let log = w.current().stderr();
+    assert!(
+        log.contains("started the next proxy generation"),
+        "{}",
+        tail(&log)
+    );
+    assert!(!log.contains("stays as init"), "not PID 1: {}", tail(&log));
+    // The successor (in the old one's process group, killed with it at the end) serves.
+    w.assert_both_directions_proxied();
+    assert!(
+        churn_out.proc().is_running(),
+        "churn ended before the upgrade"
+    );
+    let churn_out = churn_out.finish();
+    let churn_in = churn_in.finish();
+    w.churn_clean("outbound churn", &churn_out);
+    w.churn_clean("inbound churn", &churn_in);
+    println!(
+        "SIGUSR2 to a proxy not PID 1: churn out {} ok / {} failed, in {} ok / {} failed",
         churn_out.ok, churn_out.failed, churn_in.ok, churn_in.failed
     );
 }

@@ -174,4 +174,10 @@ pub struct Cli {
         requires = "upgrade_socket"
     )]
     pub upgrade_binary: Option<String>,
+
+    /// Do not serve: send SIGUSR2 to the proxy with process id PID (in its container: 1), so
+    /// that it starts its successor (hot upgrade), then exit. For images without `kill`:
+    /// `kubectl exec POD -c proxy -- interceptor-proxy --signal-upgrade 1`.
+    #[arg(long = "signal-upgrade", value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
+    pub signal_upgrade: Option<i32>,
 }
