@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         config.upgrade_binary.as_deref(),
         config.upgrade_socket.is_some(),
     );
+    successor.install();
     let code = runtime.block_on(async move {
         let mut signals = match restart::Signals::install() {
             Ok(s) => s,

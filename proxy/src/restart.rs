@@ -4,7 +4,7 @@
 //! started beside it (`kubectl exec ... --upgrade`) dies with it when the old one drains
 //! away. Instead (the nginx and Envoy hot-restarter model):
 //!
-//! - on SIGUSR2 the proxy starts `--upgrade-binary` (default: its own binary,
+//! - on SIGUSR2 (or `POST /upgrade` on the admin listener) the proxy starts `--upgrade-binary` (default: its own binary,
 //!   `/proc/self/exe`) with its own arguments plus `--upgrade`, as its child; the hand-off
 //!   goes over `--upgrade-socket` as for any upgrade ([`crate::upgrade`]). Without
 //!   `--upgrade-socket` the signal is refused in the log and nothing is started;
@@ -39,6 +39,21 @@ pub const SELF_EXE: &str = "/proc/self/exe";
 static LIVE: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 /// The exit status of the last generation that was the current one when it ended.
 static LAST_STATUS: Mutex<Option<i32>> = Mutex::new(None);
+/// How this process starts its successor: set by the binary ([`Successor::install`]).
+static LAUNCHER: std::sync::OnceLock<Successor> = std::sync::OnceLock::new();
+
+/// `POST /upgrade`: starts the successor as a SIGUSR2 does. The error says why not.
+pub fn request_upgrade() -> Result<i32, &'static str> {
+    let successor = LAUNCHER.get().ok_or(
+        "this process does not start successors (the library without the interceptor-proxy binary)",
+    )?;
+    if !successor.upgrade_socket {
+        return Err("this proxy runs without --upgrade-socket, so no new process can take over; restart it with --upgrade-socket PATH to upgrade in place");
+    }
+    successor
+        .spawn()
+        .ok_or("the next proxy generation could not be started; see this proxy's log")
+}
 
 /// Whether this process is the first process of its PID namespace.
 pub fn is_pid1() -> bool {
@@ -89,6 +104,11 @@ impl Successor {
         }
     }
 
+    /// Makes this the launcher `POST /upgrade` uses (once; later calls change nothing).
+    pub fn install(&self) {
+        let _ = LAUNCHER.set(self.clone());
+    }
+
     /// Starts the next generation as this process's child (stdin, stdout and stderr
     /// shared), and makes it the current one.
     fn spawn(&self) -> Option<i32> {
@@ -105,11 +125,11 @@ impl Successor {
                 // Reaped by `reap` (waitpid), never through the `Child`.
                 let pid = child.id() as i32;
                 LIVE.lock().unwrap().push(pid);
-                info!(pid, binary = %self.binary.display(), "SIGUSR2: started the next proxy generation (--upgrade)");
+                info!(pid, binary = %self.binary.display(), "started the next proxy generation (--upgrade)");
                 Some(pid)
             }
             Err(e) => {
-                error!(error = %e, binary = %self.binary.display(), "SIGUSR2: cannot start the next proxy generation; check --upgrade-binary; this one keeps serving");
+                error!(error = %e, binary = %self.binary.display(), "cannot start the next proxy generation; check --upgrade-binary; this one keeps serving");
                 None
             }
         }

@@ -1565,7 +1565,8 @@ fn wait_log_count(p: &mut Proc, needle: &str, n: usize, within: Duration) {
 /// (`unshare --pid --fork --mount-proc`, as a container's first process), and a SIGUSR2
 /// sent to it from outside (the second time by `interceptor-proxy --signal-upgrade 1` from
 /// inside its PID namespace, as `kubectl exec` runs it) starts the next generation as its
-/// child, three times in a row,
+/// child, three times in a row, then a fourth upgrade by `POST /upgrade` to the current
+/// generation (whose successor PID 1 adopts),
 /// under HELLO churn both ways. PID 1 stays alive after its own hand-off holding no
 /// listening socket, reaps each drained generation (no zombie: the namespace holds PID 1
 /// and the current generation between upgrades), and a SIGTERM to it ends the last
@@ -1603,7 +1604,7 @@ fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() 
     w.proxies.push(unshare);
     w.assert_both_directions_proxied();
 
-    let run = Duration::from_secs(25);
+    let run = Duration::from_secs(30);
     let mut churn_out = Churn::start(&w.ns, Some(&w.cg), &w.app_outbound(), 4, run);
     let mut churn_in = Churn::start(&w.peer, None, &w.app_inbound(), 2, run);
     std::thread::sleep(Duration::from_secs(1));
@@ -1671,6 +1672,32 @@ fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() 
         w.assert_both_directions_proxied();
         std::thread::sleep(Duration::from_millis(1500));
     }
+    // A fourth upgrade by `POST /upgrade` to the current generation (not PID 1): its
+    // successor is its child, reparented to PID 1 when it exits, and adopted there.
+    let answer = w.ns.run_ok(&[
+        "curl",
+        "-sS",
+        "--fail-with-body",
+        "--max-time",
+        "10",
+        "-X",
+        "POST",
+        &format!("http://{ADMIN}/upgrade"),
+    ]);
+    let answer: Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let fourth = answer["started_pid"].as_u64().expect("started_pid");
+    wait_log_count(w.current(), "upgrade complete", 4, Duration::from_secs(30));
+    wait_log_count(
+        w.current(),
+        "adopted a proxy generation",
+        1,
+        Duration::from_secs(30),
+    );
+    let procs = pidns_processes(pid1);
+    assert_eq!(procs.len(), 2, "after the fourth upgrade: {procs:?}");
+    assert!(procs.iter().all(|(_, s)| *s != 'Z'), "{procs:?}");
+    assert!(listening_sockets_of(pid1).is_empty());
+    w.assert_both_directions_proxied();
     assert!(
         churn_out.proc().is_running(),
         "churn ended before the last upgrade"
@@ -1704,17 +1731,13 @@ fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() 
         .collect();
     assert_eq!(
         started.len(),
-        3,
-        "three generations started by PID 1: {started:?}"
+        4,
+        "three generations started by PID 1, one by the third: {started:?}"
     );
-    let last_pid = started[2]
-        .split_whitespace()
-        .find(|w| w.starts_with("pid="))
-        .unwrap()
-        .to_owned();
+    let last_pid = format!("pid={fourth}");
     let last_end = log
         .lines()
-        .find(|l| l.contains("a proxy generation ended") && l.contains("current=true"))
+        .rfind(|l| l.contains("a proxy generation ended") && l.contains("current=true"))
         .unwrap_or_else(|| panic!("no current generation ended\n{}", tail(&log)));
     assert!(
         last_end.contains(&format!("{last_pid} ")) && last_end.contains("exit_code=0"),
@@ -1732,14 +1755,14 @@ fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() 
     );
     assert!(!std::path::Path::new(&format!("/proc/{pid1}")).exists());
     println!(
-        "3 upgrades by SIGUSR2 to PID 1 (one by --signal-upgrade 1): churn out {} ok / {} failed, in {} ok / {} failed; \
+        "3 upgrades by SIGUSR2 to PID 1 (one by --signal-upgrade 1), 1 by POST /upgrade: churn out {} ok / {} failed, in {} ok / {} failed; \
          at most {most} processes in the namespace between upgrades; PID 1 exit {status}",
         churn_out.ok, churn_out.failed, churn_in.ok, churn_in.failed
     );
 }
 
 /// SIGUSR2 outside a container (issue 15): a proxy without `--upgrade-socket` refuses it in
-/// its log and keeps serving; one with it starts its successor (its own binary, its own
+/// its log (and `POST /upgrade` with a 503 saying why) and keeps serving; one with it starts its successor (its own binary, its own
 /// arguments plus `--upgrade`), which takes over under HELLO churn while the old one, not
 /// PID 1, drains and exits 0 as after any upgrade.
 #[test]
@@ -1754,6 +1777,22 @@ fn sigusr2_starts_the_successor_of_a_proxy_that_is_not_pid1() {
     );
     interceptor_tests::wait_proxy_ready(&w.peer, &mut plain, ADMIN, Duration::from_secs(10))
         .unwrap_or_else(|why| panic!("the proxy without --upgrade-socket: {why}"));
+    // `POST /upgrade` the same: refused, saying why (503).
+    let answer = w.peer.run_ok(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        " %{http_code}",
+        "-X",
+        "POST",
+        &format!("http://{ADMIN}/upgrade"),
+    ]);
+    assert!(
+        answer.contains("without --upgrade-socket") && answer.trim_end().ends_with(" 503"),
+        "POST /upgrade without --upgrade-socket: {answer}"
+    );
     assert!(
         !plain.stderr().contains("started the next proxy generation"),
         "{}",
