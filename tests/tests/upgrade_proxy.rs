@@ -1561,6 +1561,44 @@ fn wait_log_count(p: &mut Proc, needle: &str, n: usize, within: Duration) {
     }
 }
 
+impl World {
+    /// Starts the first proxy generation as PID 1 of a PID namespace of its own
+    /// (`unshare --pid --fork --mount-proc`, as a container's first process), waits until
+    /// it is ready and registers its inbound listener; returns its host pid.
+    fn start_pid1(&mut self) -> u32 {
+        let w = self;
+        let mut cmd = vec![
+            "unshare".to_owned(),
+            "--pid".into(),
+            "--fork".into(),
+            "--mount-proc".into(),
+            proxy_bin().to_str().unwrap().to_owned(),
+        ];
+        cmd.extend(w.proxy_args(DRAIN));
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let mut unshare = spawn_in(&w.ns, None, &cmd);
+        if let Err(why) =
+            interceptor_tests::wait_proxy_ready(&w.ns, &mut unshare, ADMIN, Duration::from_secs(10))
+        {
+            panic!(
+                "the proxy as PID 1 is not ready: {why}\n{}",
+                unshare.stderr()
+            );
+        }
+        let pid1 = only_child(unshare.pid(), Duration::from_secs(5));
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid1}/status"))
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+            "the proxy is not PID 1 of its namespace"
+        );
+        w.register_inbound(pid1 as i32);
+        w.proxies.push(unshare);
+        pid1
+    }
+}
+
 /// Issue 15, the upgrade in a Kubernetes container: the proxy is PID 1 of its PID namespace
 /// (`unshare --pid --fork --mount-proc`, as a container's first process), and a SIGUSR2
 /// sent to it from outside (the second time by `interceptor-proxy --signal-upgrade 1` from
@@ -1574,34 +1612,7 @@ fn wait_log_count(p: &mut Proc, needle: &str, n: usize, within: Duration) {
 #[test]
 fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() {
     let mut w = World::without_proxy("upg-pid1", &[]);
-    let mut cmd = vec![
-        "unshare".to_owned(),
-        "--pid".into(),
-        "--fork".into(),
-        "--mount-proc".into(),
-        proxy_bin().to_str().unwrap().to_owned(),
-    ];
-    cmd.extend(w.proxy_args(DRAIN));
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let mut unshare = spawn_in(&w.ns, None, &cmd);
-    if let Err(why) =
-        interceptor_tests::wait_proxy_ready(&w.ns, &mut unshare, ADMIN, Duration::from_secs(10))
-    {
-        panic!(
-            "the proxy as PID 1 is not ready: {why}\n{}",
-            unshare.stderr()
-        );
-    }
-    let pid1 = only_child(unshare.pid(), Duration::from_secs(5));
-    assert!(
-        std::fs::read_to_string(format!("/proc/{pid1}/status"))
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
-        "the proxy is not PID 1 of its namespace"
-    );
-    w.register_inbound(pid1 as i32);
-    w.proxies.push(unshare);
+    let pid1 = w.start_pid1();
     w.assert_both_directions_proxied();
 
     let run = Duration::from_secs(30);
@@ -1833,4 +1844,36 @@ fn sigusr2_starts_the_successor_of_a_proxy_that_is_not_pid1() {
         "SIGUSR2 to a proxy not PID 1: churn out {} ok / {} failed, in {} ok / {} failed",
         churn_out.ok, churn_out.failed, churn_in.ok, churn_in.failed
     );
+}
+
+/// PID 1 exits with its last generation's status, not its own (issue 15): after one upgrade
+/// by SIGUSR2, the current generation killed (SIGKILL, so it cannot exit 0) makes PID 1 exit
+/// with 128 + 9, and the namespace is empty.
+#[test]
+fn pid1_exits_with_the_status_of_its_last_generation() {
+    let mut w = World::without_proxy("upg-pid1st", &[]);
+    let pid1 = w.start_pid1();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGUSR2)
+        .expect("SIGUSR2 to PID 1");
+    wait_log_count(
+        w.current(),
+        "previous process drained and exited",
+        1,
+        Duration::from_secs(30),
+    );
+    w.assert_both_directions_proxied();
+    let generation = only_child(pid1, Duration::from_secs(5));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(generation as i32),
+        Signal::SIGKILL,
+    )
+    .expect("SIGKILL to the current generation");
+    let status = w
+        .current()
+        .wait_timeout(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("PID 1 still runs\n{}", tail(&w.current().stderr())));
+    let log = w.current().stderr();
+    println!("current generation killed: PID 1 (through unshare) {status}");
+    assert_eq!(status.code(), Some(137), "{}", tail(&log));
+    assert!(log.contains("exit_code=137"), "{}", tail(&log));
 }
