@@ -9,6 +9,7 @@
 //! | `GET /config` | JSON: the running configuration |
 //! | `GET /runtime`, `POST /runtime?destination_stats=on\|off` | JSON: the run-time switches |
 //! | `GET /routes`, `POST /routes/reload` | JSON: the routing file in force, its version and reloads |
+//! | `POST /upgrade` | 202 `{"started_pid": N}`: the successor started as on SIGUSR2 ([`crate::restart`]); 503 when it cannot be |
 //!
 //! The POST endpoints change the proxy, so they answer only a client on a loopback address
 //! that names a loopback host (`127.0.0.1`, `[::1]`, `localhost`, with or without a port)
@@ -273,6 +274,16 @@ fn route(
 ) -> Response<Full<Bytes>> {
     if method == Method::POST && path == "/runtime" {
         return set_runtime(query, state);
+    }
+    if method == Method::POST && path == "/upgrade" {
+        return match crate::restart::request_upgrade() {
+            Ok(pid) => {
+                let mut r = json(&serde_json::json!({ "started_pid": pid }));
+                *r.status_mut() = StatusCode::ACCEPTED;
+                r
+            }
+            Err(why) => owned_text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        };
     }
     if method == Method::POST && path == "/routes/reload" {
         return match state.routing.reload() {

@@ -42,6 +42,7 @@ pub mod notify;
 pub mod original_dst;
 pub mod outbound;
 mod proxy;
+pub mod restart;
 pub mod routing;
 pub mod stats;
 pub mod telemetry;

@@ -59,6 +59,24 @@ impl World {
 
     /// [`World::new`], every generation started with `extra` arguments too.
     fn new_with(test: &str, drain: &str, extra: &[&str]) -> World {
+        let mut w = World::without_proxy(test, extra);
+        let args = w.proxy_args(drain);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        w.proxies.push(start_proxy(&w.ns, &args));
+        let pid = w.current().pid() as i32;
+        w.register_inbound(pid);
+        w
+    }
+
+    /// Registers the inbound listener of the proxy process `pid` (a host pid).
+    fn register_inbound(&self, pid: i32) {
+        let regs = interceptor::register(&self.layout(), self.ns.path(), pid)
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        assert_eq!(regs.len(), 1, "the inbound listener: {regs:?}");
+    }
+
+    /// The world with interception attached both ways and no proxy yet.
+    fn without_proxy(test: &str, extra: &[&str]) -> World {
         interceptor_tests::register_helper_bins!();
         let ns = NetNs::new(test);
         let peer = NetNs::new(&format!("{test}-p"));
@@ -75,7 +93,7 @@ impl World {
         let app =
             ProbeServer::start_in(ns.path(), &[format!("0.0.0.0:{APP_PORT}").parse().unwrap()])
                 .expect("app server");
-        let mut w = World {
+        let w = World {
             proxies: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nginx: None,
@@ -91,13 +109,6 @@ impl World {
             .unwrap_or_else(|e| panic!("attach: {e}"));
         interceptor::attach_inbound(&layout, w.ns.path(), &InboundSettings::default())
             .unwrap_or_else(|e| panic!("attach --netns: {e}"));
-        let args = w.proxy_args(drain);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        w.proxies.push(start_proxy(&w.ns, &args));
-        let pid = w.current().pid() as i32;
-        let regs = interceptor::register(&layout, w.ns.path(), pid)
-            .unwrap_or_else(|e| panic!("register: {e}"));
-        assert_eq!(regs.len(), 1, "the inbound listener: {regs:?}");
         w
     }
 
@@ -1452,4 +1463,417 @@ fn grpc_streaming_calls_through_ten_upgrades_with_a_two_second_drain() {
             "generation {g}: moved {moved}, kept {kept}"
         );
     }
+}
+
+/// The host pid of the only child of `parent` (the PID 1 that `unshare --fork` started).
+fn only_child(parent: u32, within: Duration) -> u32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            return pid.parse().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unshare {parent} started no child"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The processes of the PID namespace of `pid1` (host pids), each with its state letter.
+fn pidns_processes(pid1: u32) -> Vec<(u32, char)> {
+    let ns = std::fs::read_link(format!("/proc/{pid1}/ns/pid")).expect("PID 1's namespace");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                .ok()
+                .as_ref()
+                == Some(&ns)
+        })
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+            Some((pid, state))
+        })
+        .collect()
+}
+
+/// The listening sockets (TCP, TCP6, Unix) among the descriptors of `pid`, as
+/// `socket:[inode]` strings.
+fn listening_sockets_of(pid: u32) -> Vec<String> {
+    let mut listening = std::collections::HashSet::new();
+    for file in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap();
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f[3] == "0A" {
+                listening.insert(f[9].to_owned());
+            }
+        }
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap();
+    for l in text.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Flags __SO_ACCEPTCON: a listening socket.
+        if f[3] == "00010000" {
+            listening.insert(f[6].to_owned());
+        }
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .filter(|l| {
+            l.strip_prefix("socket:[")
+                .and_then(|i| i.strip_suffix(']'))
+                .is_some_and(|i| listening.contains(i))
+        })
+        .collect()
+}
+
+/// Waits until `needle` occurs `n` times in `p`'s stderr.
+fn wait_log_count(p: &mut Proc, needle: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = p.stderr();
+        if log.matches(needle).count() >= n {
+            return;
+        }
+        if let Some(status) = p.try_status() {
+            panic!(
+                "{} exited ({status}) before logging {needle:?} {n} times\n{}",
+                p.name(),
+                tail(&log)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not logged {n} times within {within:?}\n{}",
+            tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl World {
+    /// Starts the first proxy generation as PID 1 of a PID namespace of its own
+    /// (`unshare --pid --fork --mount-proc`, as a container's first process), waits until
+    /// it is ready and registers its inbound listener; returns its host pid.
+    fn start_pid1(&mut self) -> u32 {
+        let w = self;
+        let mut cmd = vec![
+            "unshare".to_owned(),
+            "--pid".into(),
+            "--fork".into(),
+            "--mount-proc".into(),
+            proxy_bin().to_str().unwrap().to_owned(),
+        ];
+        cmd.extend(w.proxy_args(DRAIN));
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let mut unshare = spawn_in(&w.ns, None, &cmd);
+        if let Err(why) =
+            interceptor_tests::wait_proxy_ready(&w.ns, &mut unshare, ADMIN, Duration::from_secs(10))
+        {
+            panic!(
+                "the proxy as PID 1 is not ready: {why}\n{}",
+                unshare.stderr()
+            );
+        }
+        let pid1 = only_child(unshare.pid(), Duration::from_secs(5));
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid1}/status"))
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+            "the proxy is not PID 1 of its namespace"
+        );
+        w.register_inbound(pid1 as i32);
+        w.proxies.push(unshare);
+        pid1
+    }
+}
+
+/// Issue 15, the upgrade in a Kubernetes container: the proxy is PID 1 of its PID namespace
+/// (`unshare --pid --fork --mount-proc`, as a container's first process), and a SIGUSR2
+/// sent to it from outside (the second time by `interceptor-proxy --signal-upgrade 1` from
+/// inside its PID namespace, as `kubectl exec` runs it) starts the next generation as its
+/// child, three times in a row, then a fourth upgrade by `POST /upgrade` to the current
+/// generation (whose successor PID 1 adopts),
+/// under HELLO churn both ways. PID 1 stays alive after its own hand-off holding no
+/// listening socket, reaps each drained generation (no zombie: the namespace holds PID 1
+/// and the current generation between upgrades), and a SIGTERM to it ends the last
+/// generation and then itself with that generation's status.
+#[test]
+fn sigusr2_to_pid1_of_a_container_upgrades_three_times_and_pid1_stays_as_init() {
+    let mut w = World::without_proxy("upg-pid1", &[]);
+    let pid1 = w.start_pid1();
+    w.assert_both_directions_proxied();
+
+    let run = Duration::from_secs(30);
+    let mut churn_out = Churn::start(&w.ns, Some(&w.cg), &w.app_outbound(), 4, run);
+    let mut churn_in = Churn::start(&w.peer, None, &w.app_inbound(), 2, run);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut most = 0;
+    for n in 1..=3 {
+        if n == 2 {
+            // As `kubectl exec POD -c proxy -- interceptor-proxy --signal-upgrade 1` does it
+            // (the image has no `kill`): from a process that joined the container's PID
+            // namespace.
+            let out = std::process::Command::new("nsenter")
+                .args(["--target", &pid1.to_string(), "--pid", "--"])
+                .arg(proxy_bin())
+                .args(["--signal-upgrade", "1"])
+                .output()
+                .expect("nsenter");
+            assert!(
+                out.status.success(),
+                "--signal-upgrade 1: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGUSR2)
+                .expect("SIGUSR2 to PID 1");
+        }
+        // The new generation took over, and the one it replaced (PID 1 itself the first
+        // time) drained.
+        wait_log_count(w.current(), "upgrade complete", n, Duration::from_secs(30));
+        wait_log_count(
+            w.current(),
+            "previous process drained and exited",
+            n,
+            Duration::from_secs(30),
+        );
+        if n > 1 {
+            // PID 1 reaped it.
+            wait_log_count(
+                w.current(),
+                "a proxy generation ended",
+                n - 1,
+                Duration::from_secs(10),
+            );
+        }
+        assert!(
+            w.current().is_running() && std::path::Path::new(&format!("/proc/{pid1}")).exists(),
+            "upgrade {n}: PID 1 exited after its hand-off\n{}",
+            tail(&w.current().stderr())
+        );
+        let procs = pidns_processes(pid1);
+        most = most.max(procs.len());
+        assert!(
+            procs.iter().all(|(_, s)| *s != 'Z'),
+            "upgrade {n}: a zombie in the namespace: {procs:?}"
+        );
+        assert_eq!(
+            procs.len(),
+            2,
+            "upgrade {n}: PID 1 and the current generation, nothing else: {procs:?}"
+        );
+        let held = listening_sockets_of(pid1);
+        assert!(
+            held.is_empty(),
+            "upgrade {n}: PID 1 still listens: {held:?}"
+        );
+        // The new generation serves both ways (the old one is gone).
+        w.assert_both_directions_proxied();
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // A fourth upgrade by `POST /upgrade` to the current generation (not PID 1): its
+    // successor is its child, reparented to PID 1 when it exits, and adopted there.
+    let answer = w.ns.run_ok(&[
+        "curl",
+        "-sS",
+        "--fail-with-body",
+        "--max-time",
+        "10",
+        "-X",
+        "POST",
+        &format!("http://{ADMIN}/upgrade"),
+    ]);
+    let answer: Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let fourth = answer["started_pid"].as_u64().expect("started_pid");
+    wait_log_count(w.current(), "upgrade complete", 4, Duration::from_secs(30));
+    wait_log_count(
+        w.current(),
+        "adopted a proxy generation",
+        1,
+        Duration::from_secs(30),
+    );
+    let procs = pidns_processes(pid1);
+    assert_eq!(procs.len(), 2, "after the fourth upgrade: {procs:?}");
+    assert!(procs.iter().all(|(_, s)| *s != 'Z'), "{procs:?}");
+    assert!(listening_sockets_of(pid1).is_empty());
+    w.assert_both_directions_proxied();
+    assert!(
+        churn_out.proc().is_running(),
+        "churn ended before the last upgrade"
+    );
+    assert!(
+        churn_in.proc().is_running(),
+        "churn ended before the last upgrade"
+    );
+    let churn_out = churn_out.finish();
+    let churn_in = churn_in.finish();
+    w.churn_clean("outbound churn", &churn_out);
+    w.churn_clean("inbound churn", &churn_in);
+
+    // SIGTERM to PID 1: forwarded to the last generation, which drains and exits; then PID
+    // 1 exits with its status, and the namespace is empty.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGTERM)
+        .expect("SIGTERM to PID 1");
+    let status = w
+        .current()
+        .wait_timeout(DRAIN_TIME + Duration::from_secs(15))
+        .unwrap_or_else(|| {
+            panic!(
+                "PID 1 still runs after SIGTERM\n{}",
+                tail(&w.current().stderr())
+            )
+        });
+    let log = w.current().stderr();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("started the next proxy generation"))
+        .collect();
+    assert_eq!(
+        started.len(),
+        4,
+        "three generations started by PID 1, one by the third: {started:?}"
+    );
+    let last_pid = format!("pid={fourth}");
+    let last_end = log
+        .lines()
+        .rfind(|l| l.contains("a proxy generation ended") && l.contains("current=true"))
+        .unwrap_or_else(|| panic!("no current generation ended\n{}", tail(&log)));
+    assert!(
+        last_end.contains(&format!("{last_pid} ")) && last_end.contains("exit_code=0"),
+        "the last generation ({last_pid}) ended: {last_end}"
+    );
+    assert!(
+        log.contains("exiting with the last generation's status exit_code=0"),
+        "{}",
+        tail(&log)
+    );
+    assert!(
+        status.success(),
+        "PID 1 (through unshare): {status}\n{}",
+        tail(&log)
+    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid1}")).exists());
+    println!(
+        "3 upgrades by SIGUSR2 to PID 1 (one by --signal-upgrade 1), 1 by POST /upgrade: churn out {} ok / {} failed, in {} ok / {} failed; \
+         at most {most} processes in the namespace between upgrades; PID 1 exit {status}",
+        churn_out.ok, churn_out.failed, churn_in.ok, churn_in.failed
+    );
+}
+
+/// SIGUSR2 outside a container (issue 15): a proxy without `--upgrade-socket` refuses it in
+/// its log (and `POST /upgrade` with a 503 saying why) and keeps serving; one with it starts its successor (its own binary, its own
+/// arguments plus `--upgrade`), which takes over under HELLO churn while the old one, not
+/// PID 1, drains and exits 0 as after any upgrade.
+#[test]
+fn sigusr2_starts_the_successor_of_a_proxy_that_is_not_pid1() {
+    let mut w = World::new("upg-usr2", DRAIN);
+    let mut plain = start_proxy(&w.peer, &["--admin", ADMIN]);
+    plain.signal(Signal::SIGUSR2);
+    wait_log(
+        &mut plain,
+        "no new process can take over",
+        Duration::from_secs(10),
+    );
+    interceptor_tests::wait_proxy_ready(&w.peer, &mut plain, ADMIN, Duration::from_secs(10))
+        .unwrap_or_else(|why| panic!("the proxy without --upgrade-socket: {why}"));
+    // `POST /upgrade` the same: refused, saying why (503).
+    let answer = w.peer.run_ok(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        " %{http_code}",
+        "-X",
+        "POST",
+        &format!("http://{ADMIN}/upgrade"),
+    ]);
+    assert!(
+        answer.contains("without --upgrade-socket") && answer.trim_end().ends_with(" 503"),
+        "POST /upgrade without --upgrade-socket: {answer}"
+    );
+    assert!(
+        !plain.stderr().contains("started the next proxy generation"),
+        "{}",
+        plain.stderr()
+    );
+
+    let run = Duration::from_secs(10);
+    let mut churn_out = Churn::start(&w.ns, Some(&w.cg), &w.app_outbound(), 4, run);
+    let churn_in = Churn::start(&w.peer, None, &w.app_inbound(), 2, run);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = w.current().pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGUSR2)
+        .expect("SIGUSR2");
+    wait_log(w.current(), "upgrade complete", Duration::from_secs(30));
+    let status = w
+        .current()
+        .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the old proxy still runs\n{}", tail(&w.current().stderr())));
+    assert!(status.success(), "the old proxy: {status}");
+    let log = w.current().stderr();
+    assert!(
+        log.contains("started the next proxy generation"),
+        "{}",
+        tail(&log)
+    );
+    assert!(!log.contains("stays as init"), "not PID 1: {}", tail(&log));
+    // The successor (in the old one's process group, killed with it at the end) serves.
+    w.assert_both_directions_proxied();
+    assert!(
+        churn_out.proc().is_running(),
+        "churn ended before the upgrade"
+    );
+    let churn_out = churn_out.finish();
+    let churn_in = churn_in.finish();
+    w.churn_clean("outbound churn", &churn_out);
+    w.churn_clean("inbound churn", &churn_in);
+    println!(
+        "SIGUSR2 to a proxy not PID 1: churn out {} ok / {} failed, in {} ok / {} failed",
+        churn_out.ok, churn_out.failed, churn_in.ok, churn_in.failed
+    );
+}
+
+/// PID 1 exits with its last generation's status, not its own (issue 15): after one upgrade
+/// by SIGUSR2, the current generation killed (SIGKILL, so it cannot exit 0) makes PID 1 exit
+/// with 128 + 9, and the namespace is empty.
+#[test]
+fn pid1_exits_with_the_status_of_its_last_generation() {
+    let mut w = World::without_proxy("upg-pid1st", &[]);
+    let pid1 = w.start_pid1();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), Signal::SIGUSR2)
+        .expect("SIGUSR2 to PID 1");
+    wait_log_count(
+        w.current(),
+        "previous process drained and exited",
+        1,
+        Duration::from_secs(30),
+    );
+    w.assert_both_directions_proxied();
+    let generation = only_child(pid1, Duration::from_secs(5));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(generation as i32),
+        Signal::SIGKILL,
+    )
+    .expect("SIGKILL to the current generation");
+    let status = w
+        .current()
+        .wait_timeout(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("PID 1 still runs\n{}", tail(&w.current().stderr())));
+    let log = w.current().stderr();
+    println!("current generation killed: PID 1 (through unshare) {status}");
+    assert_eq!(status.code(), Some(137), "{}", tail(&log));
+    assert!(log.contains("exit_code=137"), "{}", tail(&log));
 }

@@ -169,4 +169,20 @@ pub struct Cli {
     /// become ready, then let it drain and exit. Nothing is refused meanwhile.
     #[arg(long = "upgrade", requires = "upgrade_socket")]
     pub upgrade: bool,
+
+    /// The binary a SIGUSR2 starts as this proxy's successor (with this process's arguments
+    /// plus --upgrade), e.g. a new version copied into the container. Default: this
+    /// process's own binary (/proc/self/exe).
+    #[arg(
+        long = "upgrade-binary",
+        value_name = "PATH",
+        requires = "upgrade_socket"
+    )]
+    pub upgrade_binary: Option<String>,
+
+    /// Do not serve: send SIGUSR2 to the proxy with process id PID (in its container: 1), so
+    /// that it starts its successor (hot upgrade), then exit. For images without `kill`:
+    /// `kubectl exec POD -c proxy -- interceptor-proxy --signal-upgrade 1`.
+    #[arg(long = "signal-upgrade", value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
+    pub signal_upgrade: Option<i32>,
 }

@@ -77,6 +77,8 @@ pub struct Config {
     pub upgrade_socket: Option<PathBuf>,
     /// Take over from the proxy serving `upgrade_socket`.
     pub upgrade: bool,
+    /// What a SIGUSR2 starts as the successor; `None`: this process's own binary.
+    pub upgrade_binary: Option<PathBuf>,
     /// Per-destination stats on at start.
     pub destination_stats: bool,
     /// Cap and idle time of per-destination stats.
@@ -122,6 +124,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(5),
             upgrade_socket: None,
             upgrade: false,
+            upgrade_binary: None,
             destination_stats: false,
             destination_limits: DestinationLimits::default(),
             routes: None,
@@ -151,6 +154,7 @@ impl Config {
             "log_format": match self.log_format { LogFormat::Text => "text", LogFormat::Json => "json" },
             "drain_timeout_ms": ms(self.drain_timeout),
             "upgrade_socket": self.upgrade_socket.as_ref().map(|p| p.display().to_string()),
+            "upgrade_binary": self.upgrade_binary.as_ref().map(|p| p.display().to_string()),
             "routes": self.routes.as_ref().map(|p| p.display().to_string()),
             "protocol_detection_timeout_ms": ms(self.protocol_detection_timeout),
             "dubbo_max_body": self.dubbo_max_body,

@@ -95,6 +95,18 @@ impl Config {
             drain_timeout: parse_duration("--drain-timeout", &cli.drain_timeout)?,
             upgrade_socket: parse_upgrade_socket(cli.upgrade_socket.as_deref())?,
             upgrade: cli.upgrade,
+            upgrade_binary: match cli.upgrade_binary.as_deref() {
+                None => None,
+                Some("") => {
+                    return Err(ConfigError::new(
+                        "--upgrade-binary",
+                        "",
+                        "empty",
+                        "give the path of the new interceptor-proxy binary, or leave the option out to start this one's own binary",
+                    ))
+                }
+                Some(p) => Some(PathBuf::from(p)),
+            },
             routes: cli.routes.as_deref().map(PathBuf::from),
             protocol_detection_timeout: parse_duration(
                 "--protocol-detection-timeout",
