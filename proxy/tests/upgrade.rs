@@ -203,13 +203,43 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, half_close: bool) -> En
     Ends { client, stop }
 }
 
-fn assert_exact(name: &str, client: ((u64, Fnv), (u64, Fnv)), server: ((u64, Fnv), (u64, Fnv))) {
+/// Bytes and hash sent, then received, by one end of a connection.
+type Transfer = ((u64, Fnv), (u64, Fnv));
+
+fn assert_exact(name: &str, client: Transfer, server: Transfer) {
     let ((c_sent, c_got), (s_sent, s_got)) = (client, server);
     assert_eq!(c_sent, s_got, "{name}: client to server not byte-exact");
     assert_eq!(s_sent, c_got, "{name}: server to client not byte-exact");
     println!(
         "{name}: {} bytes client to server, {} bytes server to client, byte-exact",
         c_sent.0, s_sent.0
+    );
+}
+
+/// Stops the streaming client, checks both connections byte-exact at both ends, waits for
+/// `gen` (which kept them) to return and checks it copied every byte the clients sent.
+async fn finish_in_the_old_generation(
+    full: Ends,
+    half: Ends,
+    done: &mut mpsc::UnboundedReceiver<Transfer>,
+    gen: Generation,
+) {
+    full.stop.store(true, Relaxed);
+    let c_full = full.client.await.unwrap();
+    let c_half = half.client.await.unwrap();
+    let s1 = done.recv().await.unwrap();
+    let s2 = done.recv().await.unwrap();
+    let (s_full, s_half) = if (s1.1).0 == 1000 { (s2, s1) } else { (s1, s2) };
+    assert_exact("streaming both ways", c_full, s_full);
+    assert_exact("half-closed", c_half, s_half);
+    let snapshot = tokio::time::timeout(Duration::from_secs(30), gen.serve)
+        .await
+        .expect("the old generation returns once its connections ended")
+        .unwrap()
+        .expect("serves without an error");
+    assert_eq!(
+        snapshot.outbound.bytes_client_to_upstream,
+        (c_full.0).0 + (c_half.0).0
     );
 }
 
@@ -367,23 +397,7 @@ async fn a_new_process_that_dies_taking_connections_over_leaves_them_working() {
         "the old generation no longer copies the connections the stand-in was offered"
     );
     tokio::time::sleep(AFTER).await;
-    full.stop.store(true, Relaxed);
-    let c_full = full.client.await.unwrap();
-    let c_half = half.client.await.unwrap();
-    let s1 = done.recv().await.unwrap();
-    let s2 = done.recv().await.unwrap();
-    let (s_full, s_half) = if (s1.1).0 == 1000 { (s2, s1) } else { (s1, s2) };
-    assert_exact("streaming both ways", c_full, s_full);
-    assert_exact("half-closed", c_half, s_half);
-    let snapshot = tokio::time::timeout(Duration::from_secs(30), gen.serve)
-        .await
-        .expect("the old generation returns once its connections ended")
-        .unwrap()
-        .expect("serves without an error");
-    assert_eq!(
-        snapshot.outbound.bytes_client_to_upstream,
-        (c_full.0).0 + (c_half.0).0
-    );
+    finish_in_the_old_generation(full, half, &mut done, gen).await;
     drop(dir);
 }
 
@@ -845,23 +859,7 @@ async fn a_new_process_that_does_not_confirm_in_time_leaves_the_connections_work
         .await,
         "the old generation stopped copying after a late taken"
     );
-    full.stop.store(true, Relaxed);
-    let c_full = full.client.await.unwrap();
-    let c_half = half.client.await.unwrap();
-    let s1 = done.recv().await.unwrap();
-    let s2 = done.recv().await.unwrap();
-    let (s_full, s_half) = if (s1.1).0 == 1000 { (s2, s1) } else { (s1, s2) };
-    assert_exact("streaming both ways", c_full, s_full);
-    assert_exact("half-closed", c_half, s_half);
-    let snapshot = tokio::time::timeout(Duration::from_secs(30), gen.serve)
-        .await
-        .expect("the old generation returns once its connections ended")
-        .unwrap()
-        .expect("serves without an error");
-    assert_eq!(
-        snapshot.outbound.bytes_client_to_upstream,
-        (c_full.0).0 + (c_half.0).0
-    );
+    finish_in_the_old_generation(full, half, &mut done, gen).await;
     let seen = tokio::time::timeout(Duration::from_secs(10), stand_in)
         .await
         .expect("the stand-in's conversation ends with the old generation")

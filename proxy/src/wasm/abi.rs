@@ -473,34 +473,20 @@ fn env(l: &mut Linker<RequestState>) -> Result<(), wasmi::errors::LinkerError> {
 /// files; what it writes to stdout or stderr goes to the log.
 fn wasi(l: &mut Linker<RequestState>) -> Result<(), wasmi::errors::LinkerError> {
     const W: &str = "wasi_snapshot_preview1";
-    l.func_wrap(
-        W,
-        "environ_sizes_get",
-        |mut c: C<'_>, count: i32, size: i32| -> i32 {
+    // No environment variables and no arguments: zero of each.
+    for (sizes, get) in [
+        ("environ_sizes_get", "environ_get"),
+        ("args_sizes_get", "args_get"),
+    ] {
+        l.func_wrap(W, sizes, |mut c: C<'_>, count: i32, size: i32| -> i32 {
             if write_u32(&mut c, count, 0) && write_u32(&mut c, size, 0) {
                 ERRNO_SUCCESS
             } else {
                 ERRNO_BADF
             }
-        },
-    )?;
-    l.func_wrap(W, "environ_get", |_: C<'_>, _: i32, _: i32| -> i32 {
-        ERRNO_SUCCESS
-    })?;
-    l.func_wrap(
-        W,
-        "args_sizes_get",
-        |mut c: C<'_>, count: i32, size: i32| -> i32 {
-            if write_u32(&mut c, count, 0) && write_u32(&mut c, size, 0) {
-                ERRNO_SUCCESS
-            } else {
-                ERRNO_BADF
-            }
-        },
-    )?;
-    l.func_wrap(W, "args_get", |_: C<'_>, _: i32, _: i32| -> i32 {
-        ERRNO_SUCCESS
-    })?;
+        })?;
+        l.func_wrap(W, get, |_: C<'_>, _: i32, _: i32| -> i32 { ERRNO_SUCCESS })?;
+    }
     l.func_wrap(
         W,
         "fd_write",
