@@ -988,6 +988,29 @@ fn handle_conn(s: TcpStream) -> io::Result<()> {
     }
 }
 
+/// Sends `line` on `c` and reads the same back (an echo server's round): an error if the
+/// connection ends first or the bytes differ.
+pub fn echo_round(c: &mut TcpStream, line: &[u8]) -> io::Result<()> {
+    c.write_all(line)?;
+    let mut got = Vec::with_capacity(line.len());
+    let mut buf = [0u8; 64];
+    while got.len() < line.len() {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    if got != line {
+        return Err(io::Error::other(format!(
+            "sent {:?}, got {:?}",
+            String::from_utf8_lossy(line),
+            String::from_utf8_lossy(&got)
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -852,7 +852,7 @@ impl Pinger {
                 for (i, slot) in conns.iter_mut().enumerate() {
                     let Some(c) = slot else { continue };
                     let line = format!("ping {i} {round}\n");
-                    match ping(c, line.as_bytes()) {
+                    match interceptor_tests::probe::echo_round(c, line.as_bytes()) {
                         Ok(()) => {
                             b.fetch_add(line.len() as u64, Relaxed);
                         }
@@ -906,28 +906,6 @@ impl Pinger {
         let errors = self.errors.lock().unwrap().clone();
         (self.rounds.load(Relaxed), errors, self.bytes.load(Relaxed))
     }
-}
-
-/// Sends `line` and reads the same back.
-fn ping(c: &mut std::net::TcpStream, line: &[u8]) -> std::io::Result<()> {
-    c.write_all(line)?;
-    let mut got = Vec::with_capacity(line.len());
-    let mut buf = [0u8; 64];
-    while got.len() < line.len() {
-        let n = c.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    if got != line {
-        return Err(std::io::Error::other(format!(
-            "sent {:?}, got {:?}",
-            String::from_utf8_lossy(line),
-            String::from_utf8_lossy(&got)
-        )));
-    }
-    Ok(())
 }
 
 /// `icpt-probe bulk` of `size` bytes each way (seed `seed`) through `ns`/`cg` to `addr`.

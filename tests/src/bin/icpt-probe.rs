@@ -143,29 +143,6 @@ fn print<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string(v).expect("serialize"));
 }
 
-/// Sends `line` and reads the same back.
-fn ping_once(c: &mut std::net::TcpStream, line: &[u8]) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    c.write_all(line)?;
-    let mut got = Vec::with_capacity(line.len());
-    let mut buf = [0u8; 64];
-    while got.len() < line.len() {
-        let n = c.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    if got != line {
-        return Err(std::io::Error::other(format!(
-            "sent {:?}, got {:?}",
-            String::from_utf8_lossy(line),
-            String::from_utf8_lossy(&got)
-        )));
-    }
-    Ok(())
-}
-
 /// `icpt-probe ping`: see [`Cmd::Ping`].
 fn ping(addr: SocketAddr, count: usize, every: Duration, stop: &std::path::Path) {
     let flush = || {
@@ -194,7 +171,7 @@ fn ping(addr: SocketAddr, count: usize, every: Duration, stop: &std::path::Path)
         for (i, slot) in conns.iter_mut().enumerate() {
             let Some(c) = slot else { continue };
             let line = format!("ping {i} {round}\n");
-            match ping_once(c, line.as_bytes()) {
+            match probe::echo_round(c, line.as_bytes()) {
                 Ok(()) => bytes += line.len() as u64,
                 Err(e) => {
                     clean = false;
