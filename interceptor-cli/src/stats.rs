@@ -59,5 +59,6 @@ pub fn run(layout: &PinLayout, a: StatsArgs) -> Result<()> {
         }
     }
     println!("records: {} awaiting the proxy's side", st.handoff_records);
+    println!("kernel forwarding: {} sockets", st.kernel_forward_sockets);
     Ok(())
 }

@@ -11,7 +11,7 @@
 
 /// Version of the map layout below. Bump it whenever a key, a value or a map's meaning
 /// changes: a loader refuses to reuse pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as pinned under `<pin dir>/maps/`.
 pub mod maps {
@@ -33,10 +33,18 @@ pub mod maps {
     pub const IN_CONFIG: &str = "ICP_IN_CONFIG";
     pub const IN_PORTS: &str = "ICP_IN_PORTS";
     pub const IN_SOCKS: &str = "ICP_IN_SOCKS";
+    /// Socket storage (cloned into accepted sockets): the proxy asked for kernel forwarding
+    /// on this socket (or on the listener it was accepted from), and its cookie once in `FWD`.
+    pub const KFWD: &str = "ICP_KFWD";
+    /// SOCKHASH socket cookie -> socket: the proxy's sockets that kernel forwarding may
+    /// redirect to; its stream verdict program (`forward_verdict`) runs on their bytes.
+    pub const FWD: &str = "ICP_FWD";
+    /// Socket cookie -> `FwdState`: each socket of `FWD`, its peer and its counts.
+    pub const FWD_STATE: &str = "ICP_FWD_STATE";
     /// All pinned maps, for listing and removal.
     pub const ALL: &[&str] = &[
         LAYOUT, CONFIG, META, PORTS, UIDS, EXCL4, EXCL6, INCL4, INCL6, CONN, ACCEPTED, HANDOFF,
-        COUNTERS, IN_CONFIG, IN_PORTS, IN_SOCKS,
+        COUNTERS, IN_CONFIG, IN_PORTS, IN_SOCKS, KFWD, FWD, FWD_STATE,
     ];
 }
 
@@ -49,6 +57,10 @@ pub mod programs {
     pub const SOCK_OPS: &str = "track_sockops";
     pub const GETSOCKOPT: &str = "answer_getsockopt";
     pub const SK_LOOKUP: &str = "steer_inbound";
+    /// `cgroup/setsockopt` at the cgroup2 root: the proxy's kernel-forwarding requests.
+    pub const SETSOCKOPT: &str = "answer_setsockopt";
+    /// `sk_skb/stream_verdict` attached to the `ICP_FWD` map: redirects an armed socket's bytes.
+    pub const VERDICT: &str = "forward_verdict";
 }
 
 /// Name of the read-only global that tells a loaded instance of the scope programs which
@@ -74,6 +86,10 @@ pub mod capacity {
     pub const COUNTERS: u32 = 16384;
     /// Inbound listener sockets: one per family per inbound scope.
     pub const IN_SOCKS: u32 = 2048;
+    /// Sockets under kernel forwarding at once (two per connection, `ICP_FWD` and
+    /// `ICP_FWD_STATE`). When full, a new socket is not put in, and the proxy copies that
+    /// connection's bytes itself (counted there).
+    pub const FWD: u32 = 131072;
 }
 
 /// Address families as the kernel numbers them.
@@ -385,6 +401,67 @@ pub const SO_ICP_WORKLOAD: i32 = 0x4943;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
+/// `setsockopt(SOL_IP, SO_ICP_KFWD, &u32)`: 1 asks for kernel forwarding of this socket (a
+/// listener's accepted sockets inherit it; an upstream socket asks before `connect()`), 0
+/// withdraws the request. The root `cgroup/setsockopt` program answers it (the kernel itself
+/// has no option with this number: `ENOPROTOOPT` means the programs are not attached, which
+/// is how the proxy probes). A socket that asked is put into `ICP_FWD` when established.
+pub const SO_ICP_KFWD: i32 = 0x4944;
+/// `setsockopt(SOL_IP, SO_ICP_KFWD_ARM, &FwdArm)` on a socket in `ICP_FWD`: pair it with the
+/// socket `peer` (0: disarm) once its user has read `read` bytes of it. `ENOENT`: the socket
+/// is not in `ICP_FWD` (the proxy copies itself).
+pub const SO_ICP_KFWD_ARM: i32 = 0x4945;
+
+/// The value of `SO_ICP_KFWD_ARM`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdArm {
+    /// Socket cookie (`SO_COOKIE`) of the peer socket; 0 disarms.
+    pub peer: u64,
+    /// Bytes the caller has read from this socket since it was established (and written to
+    /// the peer before arming).
+    pub read: u64,
+}
+
+/// Value of `ICP_FWD_STATE`, keyed by socket cookie. Written by the `setsockopt` program
+/// (`peer`, `armed`) and the verdict program (`passed`, `redirected`), both under the
+/// socket's lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdState {
+    /// Cookie of the peer socket; 0 while not armed.
+    pub peer: u64,
+    /// `FwdArm::read + 1` of the last arm; 0 while not armed. The verdict redirects only
+    /// while `armed - 1 == passed`: every byte it passed to the socket has been read by its
+    /// user (and written to the peer), so a redirected byte never overtakes one of them.
+    pub armed: u64,
+    /// Bytes the verdict passed to the socket (for its user to read).
+    pub passed: u64,
+    /// Bytes the verdict redirected to the peer.
+    pub redirected: u64,
+}
+
+/// Value of `ICP_KFWD` (socket storage).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KfwdSock {
+    /// 1: kernel forwarding asked for (`SO_ICP_KFWD`).
+    pub want: u32,
+    /// `KFWD_IN_MAP`: the socket is in `ICP_FWD` (and `ICP_FWD_STATE`) under `cookie`;
+    /// `KFWD_CLOSED`: it was, until it reached `TCP_CLOSE` (its counts are kept below, for
+    /// the proxy that still holds it and reads what the kernel passed it).
+    pub inserted: u32,
+    /// The socket's cookie, once inserted.
+    pub cookie: u64,
+    /// `FwdState::passed` and `FwdState::redirected` when it reached `TCP_CLOSE`.
+    pub passed: u64,
+    pub redirected: u64,
+}
+
+/// `KfwdSock::inserted` values.
+pub const KFWD_IN_MAP: u32 = 1;
+pub const KFWD_CLOSED: u32 = 2;
+
 /// Defaults of the conventions that the kernel programs, the loader and the proxy share
 /// (DESIGN.md's port and mark table). Each side takes them from here.
 pub mod defaults {
@@ -464,6 +541,8 @@ mod pod {
         CounterKey,
         InboundConfig,
         SockKey,
+        FwdState,
+        KfwdSock,
     );
 }
 
@@ -484,6 +563,9 @@ mod tests {
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<InboundConfig>(), 8);
         assert_eq!(size_of::<SockKey>(), 16);
+        assert_eq!(size_of::<FwdArm>(), 16);
+        assert_eq!(size_of::<FwdState>(), 32);
+        assert_eq!(size_of::<KfwdSock>(), 32);
     }
 
     #[test]

@@ -9,15 +9,57 @@ use aya_ebpf::{
     programs::SockoptContext,
 };
 use interceptor_common::{
-    Counter, OrigDst, ScopedValue, AF_INET, AF_INET6, META_PATH_LEN, SOL_IP, SOL_IPV6,
-    SO_ICP_WORKLOAD, SO_ORIGINAL_DST,
+    Counter, OrigDst, ScopedValue, AF_INET, AF_INET6, KFWD_CLOSED, KFWD_IN_MAP, META_PATH_LEN,
+    SOL_IP, SOL_IPV6, SO_ICP_KFWD_ARM, SO_ICP_WORKLOAD, SO_ORIGINAL_DST,
 };
 
 use crate::{
     counters::count,
     ctx::{rd, SOCK_STREAM},
-    maps::{ICP_ACCEPTED, ICP_META, ICP_UIDS},
+    maps::{ICP_ACCEPTED, ICP_FWD_STATE, ICP_KFWD, ICP_META, ICP_UIDS},
 };
+
+/// `getsockopt(SOL_IP, SO_ICP_KFWD_ARM)`: the socket's own kernel-forwarding state
+/// (`FwdState`, 32 bytes), to whoever holds the socket; the kernel's answer when it is not
+/// under kernel forwarding.
+#[inline(always)]
+fn write_fwd_state(sopt: *mut bpf_sockopt, sk: *mut aya_ebpf::bindings::bpf_sock) {
+    // SAFETY: `sk` is the context's full socket, checked non-null by the caller; every store
+    // is bounds-checked against `optval_end` first.
+    unsafe {
+        let k = ICP_KFWD.get(sk, false);
+        if k.is_null() {
+            return;
+        }
+        let words = if (*k).inserted == KFWD_IN_MAP {
+            let Some(st) = ICP_FWD_STATE.get_ptr((*k).cookie) else {
+                return;
+            };
+            [(*st).peer, (*st).armed, (*st).passed, (*st).redirected]
+        } else if (*k).inserted == KFWD_CLOSED {
+            // Closed (TCP_CLOSE): the counts it had then.
+            [0, 0, (*k).passed, (*k).redirected]
+        } else {
+            return;
+        };
+        let start = (*sopt).__bindgen_anon_2.optval as *mut u8;
+        let end = (*sopt).__bindgen_anon_3.optval_end as *mut u8;
+        if start.add(32) > end || (*sopt).optlen < 32 {
+            return;
+        }
+        let mut w = 0;
+        while w < 4 {
+            let b = words[w].to_ne_bytes();
+            let mut i = 0;
+            while i < 8 {
+                *start.add(w * 8 + i) = b[i];
+                i += 1;
+            }
+            w += 1;
+        }
+        write_result(sopt, 32);
+    }
+}
 
 /// Writes `sockaddr_in` (16 bytes) or `sockaddr_in6` (28 bytes) for `dst` into the option
 /// buffer and reports success, or leaves everything as it was and returns false.
@@ -142,6 +184,13 @@ pub fn answer_getsockopt(ctx: SockoptContext) -> i32 {
     unsafe {
         let level = (*sopt).level;
         let optname = (*sopt).optname;
+        if level == SOL_IP && optname == SO_ICP_KFWD_ARM {
+            let sk = (*sopt).__bindgen_anon_1.sk;
+            if !sk.is_null() && (*sk).type_ == SOCK_STREAM {
+                write_fwd_state(sopt, sk);
+            }
+            return 1;
+        }
         let workload = optname == SO_ICP_WORKLOAD && level == SOL_IP;
         if !workload && (optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6)) {
             return 1;

@@ -17,6 +17,12 @@
 //! * `answer_getsockopt` ([`getsockopt`]) answers `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`
 //!   and `SO_ICP_WORKLOAD` on the proxy's accepted socket from that record.
 //!
+//! Kernel forwarding, for the proxy's opaque connections ([`forward`]):
+//! * `answer_setsockopt` (`cgroup/setsockopt` at the cgroup2 root) takes the proxy's request
+//!   (`SO_ICP_KFWD`) and its arming of a pair (`SO_ICP_KFWD_ARM`);
+//! * `forward_verdict` (`sk_skb/stream_verdict` on the `ICP_FWD` map) redirects an armed
+//!   socket's bytes to its peer.
+//!
 //! Inbound, per scope (a network namespace):
 //! * `steer_inbound` ([`sk_lookup`]) steers new connections into the proxy's inbound listener
 //!   (`ICP_IN_SOCKS`), rewriting nothing.
@@ -37,6 +43,7 @@
 mod connect;
 mod counters;
 mod ctx;
+mod forward;
 mod getpeername;
 mod getsockopt;
 mod maps;

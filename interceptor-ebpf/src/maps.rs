@@ -4,7 +4,7 @@
 //! are, so none of them changes without a version bump.
 use aya_ebpf::{
     bindings::{
-        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, BPF_F_NO_PREALLOC,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, BPF_F_CLONE, BPF_F_NO_PREALLOC,
         BPF_SK_STORAGE_GET_F_CREATE,
     },
     helpers::{bpf_sk_storage_delete, bpf_sk_storage_get},
@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuHashMap, SockHash},
 };
 use interceptor_common::{
-    capacity, CounterKey, InboundConfig, OrigDst, ScopeConfig, ScopeMeta, ScopedV4, ScopedV6,
-    ScopedValue, SockKey, TupleKey,
+    capacity, CounterKey, FwdState, InboundConfig, KfwdSock, OrigDst, ScopeConfig, ScopeMeta,
+    ScopedV4, ScopedV6, ScopedValue, SockKey, TupleKey,
 };
 
 /// Which scope this instance serves (the attached cgroup's id, or the network namespace's
@@ -81,24 +81,41 @@ pub(crate) static ICP_IN_PORTS: HashMap<ScopedValue, u8> = HashMap::pinned(capac
 #[map(name = "ICP_IN_SOCKS")]
 pub(crate) static ICP_IN_SOCKS: SockHash<SockKey> = SockHash::pinned(capacity::IN_SOCKS, 0);
 
+// Kernel forwarding (see `forward.rs`).
+/// Whether the proxy asked for kernel forwarding of a socket, and its cookie once it is in
+/// `ICP_FWD`. Cloned into accepted sockets (`BPF_F_CLONE`), so asking on a listener asks for
+/// every connection it accepts.
+#[btf_map(name = "ICP_KFWD")]
+pub(crate) static ICP_KFWD: SkStorage<KfwdSock, { (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize }> =
+    SkStorage::new();
+/// The proxy's sockets under kernel forwarding, by socket cookie; `forward_verdict` is
+/// attached to this map and redirects into it. The kernel removes a socket when it closes.
+#[map(name = "ICP_FWD")]
+pub(crate) static ICP_FWD: SockHash<u64> = SockHash::pinned(capacity::FWD, 0);
+/// Socket cookie -> pairing and counts of each socket in `ICP_FWD`; removed at its close
+/// (`track_sockops`, `TCP_CLOSE`).
+#[map(name = "ICP_FWD_STATE")]
+pub(crate) static ICP_FWD_STATE: HashMap<u64, FwdState> = HashMap::pinned(capacity::FWD, 0);
+
 /// A `BPF_MAP_TYPE_SK_STORAGE` map, declared with BTF (the kernel requires BTF for its key and
 /// value) and pinned by name like the others. The fields are never read: the loader takes the
 /// map's type, key, value, flags and pinning from their BTF types.
+/// `FLAGS` are the map flags (`BPF_F_NO_PREALLOC`, which the kernel requires, by default).
 #[repr(C)]
-pub(crate) struct SkStorage<T> {
+pub(crate) struct SkStorage<T, const FLAGS: usize = { BPF_F_NO_PREALLOC as usize }> {
     r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
     key: *const i32,
     value: *const T,
     max_entries: *const [i32; 0],
-    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    map_flags: *const [i32; FLAGS],
     /// `LIBBPF_PIN_BY_NAME`.
     pinning: *const [i32; 1],
 }
 
 // SAFETY: the fields are null placeholders the loader reads as BTF; nothing dereferences them.
-unsafe impl<T> Sync for SkStorage<T> {}
+unsafe impl<T, const FLAGS: usize> Sync for SkStorage<T, FLAGS> {}
 
-impl<T> SkStorage<T> {
+impl<T, const FLAGS: usize> SkStorage<T, FLAGS> {
     pub(crate) const fn new() -> Self {
         SkStorage {
             r#type: core::ptr::null(),

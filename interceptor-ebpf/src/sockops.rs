@@ -5,23 +5,95 @@
 //! the accepted socket's storage (`ICP_ACCEPTED`) and leaves `ICP_HANDOFF`. A client socket
 //! that closes first takes its `ICP_HANDOFF` entry with it. Records in socket storage go with
 //! their socket.
+//!
+//! Kernel forwarding: a socket the proxy asked it for (`ICP_KFWD`, see `forward.rs`) goes
+//! into `ICP_FWD` and `ICP_FWD_STATE` when it is established (the only moment a sock_ops
+//! program may insert it), and its `ICP_FWD_STATE` entry goes at its `TCP_CLOSE`.
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use interceptor_common::{mapped_v4, Counter, TupleKey, AF_INET};
+use interceptor_common::{
+    mapped_v4, Counter, FwdState, TupleKey, AF_INET, KFWD_CLOSED, KFWD_IN_MAP,
+};
 
 use crate::{
     counters::count,
     ctx::rd,
-    maps::{ICP_ACCEPTED, ICP_CONN, ICP_HANDOFF},
+    maps::{ICP_ACCEPTED, ICP_CONN, ICP_FWD, ICP_FWD_STATE, ICP_HANDOFF, ICP_KFWD},
 };
+
+/// `BPF_NOEXIST`.
+const NOEXIST: u64 = 1;
+
+/// An established socket that asked for kernel forwarding goes into `ICP_FWD` under its
+/// cookie, with a fresh `ICP_FWD_STATE` entry (nothing passed yet: no byte has arrived), and
+/// asks for state callbacks so that its close removes the entry. When either map is full it
+/// stays out (the proxy's arm then fails and it copies that connection itself).
+#[inline(always)]
+fn kfwd_insert(ctx: &SockOpsContext, sk: *mut bpf_sock) {
+    // SAFETY: `sk` is this context's full socket, checked non-null by the caller.
+    let k = unsafe { ICP_KFWD.get(sk, false) };
+    if k.is_null() {
+        return;
+    }
+    // SAFETY: this socket's storage, valid for this program run.
+    let k = unsafe { &mut *k };
+    if k.want == 0 || k.inserted != 0 {
+        return;
+    }
+    // SAFETY: the helper takes the sock_ops context.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if ICP_FWD_STATE
+        .insert(cookie, FwdState::default(), NOEXIST)
+        .is_err()
+    {
+        return;
+    }
+    // SAFETY: the context pointer is valid for this program run.
+    if ICP_FWD
+        .update(&mut cookie, unsafe { &mut *ctx.ops }, NOEXIST)
+        .is_err()
+    {
+        let _ = ICP_FWD_STATE.remove(cookie);
+        return;
+    }
+    k.cookie = cookie;
+    k.inserted = KFWD_IN_MAP;
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
+}
+
+/// At `TCP_CLOSE`: the socket's `ICP_FWD_STATE` entry goes, its counts kept in its storage
+/// (the proxy may still be reading what was passed to it; the kernel removes the socket from
+/// `ICP_FWD` when it is closed).
+#[inline(always)]
+fn kfwd_remove(sk: *mut bpf_sock) {
+    // SAFETY: as in `kfwd_insert`.
+    let k = unsafe { ICP_KFWD.get(sk, false) };
+    if k.is_null() {
+        return;
+    }
+    // SAFETY: as in `kfwd_insert`.
+    let k = unsafe { &mut *k };
+    if k.inserted == KFWD_IN_MAP {
+        if let Some(st) = ICP_FWD_STATE.get_ptr(k.cookie) {
+            // SAFETY: the value pointer is valid for this program run.
+            unsafe {
+                k.passed = (*st).passed;
+                k.redirected = (*st).redirected;
+            }
+        }
+        let _ = ICP_FWD_STATE.remove(k.cookie);
+        k.inserted = KFWD_CLOSED;
+    }
+}
 
 /// The 4-tuple of a sock_ops socket, as the client (the workload's socket) sees it: from the
 /// client's own socket (`passive` false) or from the proxy's accepted socket (`passive` true).
@@ -97,6 +169,11 @@ pub fn track_sockops(ctx: SockOpsContext) -> u32 {
     let sk = full_sock(ctx.ops);
     if sk.is_null() {
         return 1;
+    }
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        kfwd_insert(&ctx, sk);
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        kfwd_remove(sk);
     }
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // The proxy's side of a redirected connection (or any other accepted socket).

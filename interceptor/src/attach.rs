@@ -294,6 +294,7 @@ fn attach_steps(
     let root_progs = [
         (progs::SOCK_OPS, AttachType::SockOps),
         (progs::GETSOCKOPT, AttachType::CgroupGetsockopt),
+        (progs::SETSOCKOPT, AttachType::CgroupSetsockopt),
     ];
     for (name, (prog, kind)) in ROOT_LINKS.iter().zip(root_progs) {
         let pin = layout.root_link(name);
@@ -304,6 +305,10 @@ fn attach_steps(
         let link = link_program(&mut ebpf, prog, kind, &root_dir, &root)?;
         pin_link(link, &pin, undo)?;
         new_links.push(pin);
+    }
+    // Kernel forwarding's verdict, on its map (optional: without it the proxy copies).
+    if let Err(e) = programs::attach_verdict(&mut ebpf, layout) {
+        tracing::warn!(error = %e, "kernel forwarding unavailable: the proxy copies the bytes itself");
     }
 
     make_dir(&layout.scopes_dir(), undo)?;

@@ -112,7 +112,8 @@ struct Hook {
 const GET_CURRENT_UID_GID: (i32, &str) = (15, "bpf_get_current_uid_gid");
 const SOCK_OPS_CB_FLAGS_SET: (i32, &str) = (59, "bpf_sock_ops_cb_flags_set");
 const SOCK_HASH_UPDATE: (i32, &str) = (70, "bpf_sock_hash_update");
-const MSG_REDIRECT_HASH: (i32, &str) = (71, "bpf_msg_redirect_hash");
+const SK_REDIRECT_HASH: (i32, &str) = (72, "bpf_sk_redirect_hash");
+const GET_SOCKET_COOKIE: (i32, &str) = (46, "bpf_get_socket_cookie");
 const SK_LOOKUP_TCP: (i32, &str) = (84, "bpf_sk_lookup_tcp");
 const SK_RELEASE: (i32, &str) = (86, "bpf_sk_release");
 const SK_STORAGE_GET: (i32, &str) = (107, "bpf_sk_storage_get");
@@ -179,7 +180,13 @@ const HOOKS: &[Hook] = &[
         link: Some(sys::AttachType::SockOps as u32),
         used_by: "track_sockops",
         required: true,
-        helpers: &[GET_NETNS_COOKIE, SOCK_OPS_CB_FLAGS_SET, SK_STORAGE_GET],
+        helpers: &[
+            GET_NETNS_COOKIE,
+            SOCK_OPS_CB_FLAGS_SET,
+            SK_STORAGE_GET,
+            GET_SOCKET_COOKIE,
+            SOCK_HASH_UPDATE,
+        ],
     },
     Hook {
         name: "cgroup/getsockopt",
@@ -199,23 +206,32 @@ const HOOKS: &[Hook] = &[
         required: true,
         helpers: &[SK_ASSIGN, SK_RELEASE],
     },
-    // Kernel forwarding (a later feature): sockets put into a SOCKHASH from sock_ops, their
-    // messages redirected by an sk_msg verdict program. Optional: without it the proxy
-    // forwards the bytes itself.
+    // Kernel forwarding: the proxy's sockets put into a SOCKHASH from sock_ops, their bytes
+    // redirected by a stream verdict program; the proxy's requests taken by a
+    // cgroup/setsockopt program. Optional: without them the proxy copies the bytes itself.
     Hook {
-        name: "sk_msg",
-        prog_type: ProgType::SkMsg,
-        expected: 7, // BPF_SK_MSG_VERDICT
+        name: "sk_skb/stream_verdict",
+        prog_type: ProgType::SkSkb,
+        expected: sys::AttachType::SkSkbStreamVerdict as u32,
         link: None,
         used_by: "kernel forwarding (optional)",
         required: false,
-        helpers: &[MSG_REDIRECT_HASH],
+        helpers: &[SK_REDIRECT_HASH, GET_SOCKET_COOKIE],
+    },
+    Hook {
+        name: "cgroup/setsockopt",
+        prog_type: ProgType::CgroupSockopt,
+        expected: sys::AttachType::CgroupSetsockopt as u32,
+        link: Some(sys::AttachType::CgroupSetsockopt as u32),
+        used_by: "kernel forwarding (optional)",
+        required: false,
+        helpers: &[SK_STORAGE_GET],
     },
 ];
 
 /// Helpers of optional features called from a required hook: (hook, helper, used by).
-const OPTIONAL_HELPERS: &[(&str, (i32, &str), &str)] =
-    &[("sock_ops", SOCK_HASH_UPDATE, "kernel forwarding (optional)")];
+/// (None now: `track_sockops` inserts into `ICP_FWD` itself, so its helpers are required.)
+const OPTIONAL_HELPERS: &[(&str, (i32, &str), &str)] = &[];
 
 /// The map types of `interceptor-ebpf/src/maps.rs` (and aya-log's ring buffer).
 const MAPS: &[(MapType, &str, &str)] = &[
@@ -228,7 +244,7 @@ const MAPS: &[(MapType, &str, &str)] = &[
     (MapType::Array, "array", "ICP_LAYOUT, read-only globals"),
     (MapType::LpmTrie, "LPM trie", "ICP_EXCL4/6, ICP_INCL4/6"),
     (MapType::PerCpuHash, "per-CPU hash", "ICP_COUNTERS"),
-    (MapType::SockHash, "sockhash", "ICP_IN_SOCKS"),
+    (MapType::SockHash, "sockhash", "ICP_IN_SOCKS, ICP_FWD"),
     (MapType::RingBuf, "ring buffer", "AYA_LOGS (kernel log)"),
 ];
 

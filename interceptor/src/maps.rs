@@ -420,6 +420,18 @@ pub fn handoff_count(layout: &PinLayout) -> Result<usize> {
     Ok(handoff.keys().count())
 }
 
+/// Kernel forwarding: entries of `ICP_FWD_STATE` and sockets in `ICP_FWD` (both 0 when the
+/// maps are not pinned, as in a pin dir made by an older build).
+pub fn kernel_forward_count(layout: &PinLayout) -> Result<(usize, usize)> {
+    if !layout.map(names::FWD_STATE).exists() {
+        return Ok((0, 0));
+    }
+    let state: HashMap<MapData, u64, interceptor_common::FwdState> =
+        typed(layout, names::FWD_STATE, Map::HashMap)?;
+    let socks: aya::maps::SockHash<MapData, u64> = typed(layout, names::FWD, Map::SockHash)?;
+    Ok((state.keys().count(), socks.keys().count()))
+}
+
 fn scope_meta(path: &Path) -> ScopeMeta {
     let mut m = ScopeMeta {
         path_len: 0,

@@ -5,6 +5,7 @@
 //!   maps/ICP_*                   shared maps, pinned by name
 //!   root/sock_ops                link: track_sockops at the cgroup2 root
 //!   root/getsockopt              link: answer_getsockopt at the cgroup2 root
+//!   root/setsockopt              link: answer_setsockopt at the cgroup2 root
 //!   scopes/<cgroup id>/connect4  link: redirect_connect4 on the scope's cgroup
 //!   scopes/<cgroup id>/connect6  link: redirect_connect6 on the scope's cgroup
 //!   scopes/<cgroup id>/getpeername4, getpeername6
@@ -29,7 +30,7 @@ pub const SCOPE_LINKS: [&str; 4] = ["connect4", "connect6", "getpeername4", "get
 /// The link pinned for an inbound scope (a network namespace).
 pub const INBOUND_LINK: &str = "sk_lookup";
 /// The links pinned once, at the cgroup2 root.
-pub const ROOT_LINKS: [&str; 2] = ["sock_ops", "getsockopt"];
+pub const ROOT_LINKS: [&str; 3] = ["sock_ops", "getsockopt", "setsockopt"];
 
 impl PinLayout {
     pub fn new(root: impl Into<PathBuf>) -> Self {

@@ -51,11 +51,31 @@ pub(crate) fn program_fd<'a>(
             Program::SockOps(p) => p.load().map_err(err)?,
             Program::CgroupSockopt(p) => p.load().map_err(err)?,
             Program::SkLookup(p) => p.load().map_err(err)?,
+            Program::SkSkb(p) => p.load().map_err(err)?,
             _ => unreachable!("the object holds only these program types"),
         }
     }
     let prog = ebpf.program(name).expect("found above");
     Ok(prog.fd().map_err(err)?.as_fd())
+}
+
+/// Attaches this load's `forward_verdict` to the pinned `ICP_FWD` map (replacing the program
+/// it had: sockets put in from now on run this one). Kernel forwarding is optional: a kernel
+/// that refuses it leaves the proxy copying every connection itself, so the caller logs the
+/// error and goes on.
+pub(crate) fn attach_verdict(ebpf: &mut Ebpf, layout: &PinLayout) -> Result<()> {
+    use interceptor_common::{maps, programs as p};
+    let map_path = layout.maps_dir().join(maps::FWD);
+    let fd = program_fd(ebpf, p::VERDICT, &map_path)?;
+    let map = crate::sys::obj_get(&map_path)
+        .map_err(|e| Error::io(format!("opening {}", map_path.display()), e))?;
+    crate::sys::prog_attach_map(fd, map.as_fd(), crate::sys::AttachType::SkSkbStreamVerdict)
+        .map_err(|e| {
+            Error::io(
+                format!("attaching {} to {}", p::VERDICT, map_path.display()),
+                e,
+            )
+        })
 }
 
 /// The kernel program each pinned link runs.
@@ -68,6 +88,7 @@ pub(crate) fn program_for_link(link: &str) -> &'static str {
         "getpeername6" => p::GETPEERNAME6,
         "sock_ops" => p::SOCK_OPS,
         "getsockopt" => p::GETSOCKOPT,
+        "setsockopt" => p::SETSOCKOPT,
         INBOUND_LINK => p::SK_LOOKUP,
         other => unreachable!("no program for link {other}"),
     }

@@ -25,6 +25,10 @@ pub struct Stats {
     /// Entries of `ICP_HANDOFF`: connections established on the client's side whose proxy's
     /// side is not yet (records themselves live in socket storage and go with their sockets).
     pub handoff_records: usize,
+    /// Sockets under kernel forwarding now: entries of `ICP_FWD_STATE` and of the `ICP_FWD`
+    /// sockhash (each removed when its socket closes).
+    pub kernel_forward_sockets: usize,
+    pub kernel_forward_sockhash: usize,
 }
 
 impl Stats {
@@ -105,6 +109,8 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         m.encode_family(&[("state", "handoff")])?
             .encode_gauge(&(self.0.handoff_records as u64))?;
+        m.encode_family(&[("state", "kernel_forward")])?
+            .encode_gauge(&(self.0.kernel_forward_sockets as u64))?;
         Ok(())
     }
 }
@@ -138,6 +144,7 @@ fn read(layout: &PinLayout) -> Result<Stats> {
     }
     let mut counters = maps::read_counters(layout)?;
     let handoff_records = maps::handoff_count(layout)?;
+    let (kernel_forward_sockets, kernel_forward_sockhash) = maps::kernel_forward_count(layout)?;
     let global = counters.remove(&0).unwrap_or_default();
     let mut scope = |kind, path, id, names: &[Counter]| {
         let mut c: BTreeMap<&'static str, u64> = names.iter().map(|c| (c.name(), 0)).collect();
@@ -164,5 +171,7 @@ fn read(layout: &PinLayout) -> Result<Stats> {
         scopes,
         global,
         handoff_records,
+        kernel_forward_sockets,
+        kernel_forward_sockhash,
     })
 }

@@ -11,6 +11,8 @@
 //!   BPF_LINK_UPDATE of no link: `interceptor check` (`features.rs`) asks the kernel for each
 //!   hook, helper and link kind by its exact program type and expected attach type, which
 //!   aya's probes do not take.
+//! - BPF_PROG_ATTACH of the kernel-forwarding verdict program to its pinned map: aya's
+//!   attachment would detach it again when dropped.
 //! - setrlimit(RLIMIT_MEMLOCK): kernels before 5.11 charge bpf programs and maps to it (a
 //!   64 KiB default), so probes and loads fail with EPERM once a few are alive.
 //! - pidfd_open / pidfd_getfd: to take a copy of the proxy's inbound listening socket from
@@ -29,6 +31,7 @@ use std::{
 };
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -43,9 +46,11 @@ const BPF_F_REPLACE: u32 = 1 << 2;
 #[repr(u32)]
 pub enum AttachType {
     SockOps = 3,
+    SkSkbStreamVerdict = 5,
     Inet4Connect = 10,
     Inet6Connect = 11,
     CgroupGetsockopt = 21,
+    CgroupSetsockopt = 22,
     Inet4Getpeername = 29,
     Inet6Getpeername = 30,
     SkLookup = 36,
@@ -56,7 +61,7 @@ pub enum AttachType {
 #[repr(u32)]
 pub enum ProgType {
     SockOps = 13,
-    SkMsg = 16,
+    SkSkb = 14,
     CgroupSockAddr = 18,
     CgroupSockopt = 25,
     SkLookup = 30,
@@ -98,6 +103,21 @@ pub fn link_create(
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: on success the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches a loaded `sk_skb` program to a sockmap or sockhash (BPF_PROG_ATTACH: this kernel
+/// generation has no bpf_link for it). The map holds the program, replacing the one it had;
+/// sockets already in the map keep the program they were inserted with.
+pub fn prog_attach_map(
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    kind: AttachType,
+) -> io::Result<()> {
+    let mut attr = Attr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[8..12].copy_from_slice(&(kind as u32).to_ne_bytes());
+    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
 }
 
 /// Pins a bpf object (here: a link) at `path` on a bpf filesystem.

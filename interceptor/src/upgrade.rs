@@ -136,5 +136,12 @@ pub fn upgrade(layout: &PinLayout) -> Result<Upgraded> {
         out.links.push(r);
         test_hook::test_pause();
     }
+    // Kernel forwarding's verdict on its map: sockets put in from now on run the new one
+    // (those in the map keep theirs, which shares the maps of this same layout).
+    if let Some((_, ebpf)) = loads.first_mut() {
+        if let Err(e) = programs::attach_verdict(ebpf, layout) {
+            tracing::warn!(error = %e, "kernel forwarding's verdict not upgraded");
+        }
+    }
     Ok(out)
 }

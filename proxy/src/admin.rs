@@ -225,6 +225,10 @@ fn runtime_json(state: &AdminState) -> serde_json::Value {
         "destination_stats_cap": limits.cap,
         "destination_stats_idle_ms": limits.idle.as_millis() as u64,
         "destination_series": d.tracked() * 3,
+        "kernel_forward": crate::kforward::enabled(),
+        "kernel_forward_connections": crate::kforward::ARMED.load(std::sync::atomic::Ordering::Relaxed),
+        "kernel_forward_fallbacks": crate::kforward::FALLBACKS.load(std::sync::atomic::Ordering::Relaxed),
+        "kernel_forward_bytes": crate::kforward::BYTES.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 

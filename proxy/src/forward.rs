@@ -21,6 +21,16 @@
 //!   each direction stops reading at the point where it holds no byte (what it read is
 //!   written first), and the forwarder returns the two sockets with the state to carry
 //!   on from ([`Paused`]); [`forward_from`] carries on from such a state.
+//! - Kernel forwarding ([`crate::kforward`], on unless `--kernel-forward off`): once a
+//!   direction has written everything it read, it arms its source socket with the peer's
+//!   cookie and the bytes read so far; from then on the kernel moves that direction's bytes
+//!   (the direction still waits on its source, and reads what the kernel passed it instead:
+//!   bytes that arrived before the pair was armed, then arms again). At EOF it waits until
+//!   the peer socket has been handed every byte the kernel redirected (`TCP_INFO`) before it
+//!   passes the EOF on, so the FIN never overtakes them. Errors and resets end the
+//!   connection as before. A socket that cannot be armed (not in the kernel's map) is copied
+//!   here (`kforward::FALLBACKS`). The byte counts take the kernel's redirected bytes when
+//!   the connection ends.
 //! - Idle timeout (`--tcp-idle-timeout`, default 1 h as in Envoy): a connection with no
 //!   byte in either direction for that long is closed (FIN both ways). The timer is armed
 //!   once and only moved when it fires early, so traffic costs a clock read per wake-up.
@@ -41,6 +51,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::drain::Deadline;
+use crate::kforward;
 use crate::stats::DirectionStats;
 
 /// Size of one copy buffer.
@@ -182,13 +193,21 @@ pub fn forward_from<'a>(
     idle: Option<Duration>,
     carried: Option<&Carried>,
 ) -> impl Future<Output = ForwardReport> + Send + 'a {
+    let moved = carried.is_some();
     let carried = carried.copied().unwrap_or_default();
+    let kernel = kernel_pair(&client, &upstream);
+    if kernel.is_none() && kforward::enabled() {
+        kforward::FALLBACKS.fetch_add(1, Relaxed);
+    }
+    let check = kernel.is_some() || moved;
     let mut copy = Bidirectional {
         client,
         upstream,
         stats,
-        c2u: Direction::carried(carried.client_to_upstream, carried.client_eof),
-        u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof),
+        c2u: Direction::carried(carried.client_to_upstream, carried.client_eof, check),
+        u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof, check),
+        kernel,
+        kernel_counted: false,
         pause: false,
         stay: carried.stay,
         paused: false,
@@ -197,6 +216,7 @@ pub fn forward_from<'a>(
             after,
             last: Instant::now(),
             sleep: Box::pin(tokio::time::sleep(after)),
+            kernel_moved: 0,
         }),
         idle_timed_out: false,
     };
@@ -216,6 +236,26 @@ pub fn forward_from<'a>(
     }
 }
 
+/// The cookies of the two sockets when both can be forwarded in the kernel: kernel
+/// forwarding is on and each socket is in the kernel's map (the arm of a socket that is not
+/// fails later, and that direction is copied here).
+fn kernel_pair(client: &TcpStream, upstream: &TcpStream) -> Option<Pair> {
+    if !kforward::enabled() {
+        return None;
+    }
+    Some(Pair {
+        client: kforward::cookie(client).ok()?,
+        upstream: kforward::cookie(upstream).ok()?,
+    })
+}
+
+/// The socket cookies of a kernel-forwarded pair.
+#[derive(Clone, Copy)]
+struct Pair {
+    client: u64,
+    upstream: u64,
+}
+
 impl Bidirectional<'_> {
     /// The report once the copy has returned: the sockets back if it paused, else closed
     /// (reset both ways after an error or at the deadline).
@@ -227,16 +267,36 @@ impl Bidirectional<'_> {
             u2c,
             paused,
             idle_timed_out,
+            stats,
             ..
         } = self;
-        let (client_to_upstream, upstream_to_client) = (c2u.copied, u2c.copied);
-        let paused = if paused && result.is_ok() && !cut {
+        let (mut client_to_upstream, mut upstream_to_client) = (c2u.copied, u2c.copied);
+        let paused = paused && result.is_ok() && !cut;
+        if !paused {
+            // What the kernel moved, over the connection's life (also in earlier processes):
+            // counted here, once, when the connection ends.
+            if c2u.check {
+                let r = kforward::state(&client).map_or(0, |s| s.redirected);
+                kforward::BYTES.fetch_add(r, Relaxed);
+                client_to_upstream += r;
+                stats.bytes_client_to_upstream.fetch_add(r, Relaxed);
+            }
+            if u2c.check {
+                let r = kforward::state(&upstream).map_or(0, |s| s.redirected);
+                kforward::BYTES.fetch_add(r, Relaxed);
+                upstream_to_client += r;
+                stats.bytes_upstream_to_client.fetch_add(r, Relaxed);
+            }
+        }
+        let paused = if paused {
             Some(Paused {
                 client,
                 upstream,
+                // The bytes this process read (the kernel counts the rest): what the next
+                // process arms with.
                 carried: Carried {
-                    client_to_upstream,
-                    upstream_to_client,
+                    client_to_upstream: c2u.copied,
+                    upstream_to_client: u2c.copied,
                     client_eof: c2u.done,
                     upstream_eof: u2c.done,
                     stay: false,
@@ -268,6 +328,8 @@ struct IdleTimer {
     /// When a byte last moved.
     last: Instant,
     sleep: Pin<Box<Sleep>>,
+    /// Bytes the kernel had moved (both ways) when the timer last fired.
+    kernel_moved: u64,
 }
 
 /// Makes the coming close send an RST instead of a FIN (SO_LINGER 0). Best effort.
@@ -283,6 +345,10 @@ struct Bidirectional<'a> {
     stats: &'a DirectionStats,
     c2u: Direction,
     u2c: Direction,
+    /// Forwarded in the kernel (`None`: copied here).
+    kernel: Option<Pair>,
+    /// Counted in `kforward::ARMED` or `kforward::FALLBACKS` already.
+    kernel_counted: bool,
     idle: Option<IdleTimer>,
     idle_timed_out: bool,
     /// Asked to move: stop reading once nothing read is unwritten.
@@ -302,12 +368,14 @@ impl Future for Bidirectional<'_> {
         let pause = this.pause;
         let (mut client_rd, mut client_wr) = this.client.split();
         let (mut upstream_rd, mut upstream_wr) = this.upstream.split();
+        let (to_upstream, to_client) = this.kernel.map_or((0, 0), |k| (k.upstream, k.client));
         let c2u = this.c2u.poll_copy(
             cx,
             (&mut client_rd, Side::Client),
             (&mut upstream_wr, Side::Upstream),
             &this.stats.bytes_client_to_upstream,
             pause,
+            to_upstream,
         )?;
         let u2c = this.u2c.poll_copy(
             cx,
@@ -315,7 +383,17 @@ impl Future for Bidirectional<'_> {
             (&mut client_wr, Side::Client),
             &this.stats.bytes_upstream_to_client,
             pause,
+            to_client,
         )?;
+        if this.kernel.is_some() && !this.kernel_counted {
+            if this.c2u.arm_failed || this.u2c.arm_failed {
+                this.kernel_counted = true;
+                kforward::FALLBACKS.fetch_add(1, Relaxed);
+            } else if this.c2u.armed_at.is_some() && this.u2c.armed_at.is_some() {
+                this.kernel_counted = true;
+                kforward::ARMED.fetch_add(1, Relaxed);
+            }
+        }
         if let (Poll::Ready(()), Poll::Ready(())) = (c2u, u2c) {
             this.paused = !(this.c2u.done && this.u2c.done);
             return Poll::Ready(Ok(()));
@@ -327,6 +405,17 @@ impl Future for Bidirectional<'_> {
             idle.last = Instant::now();
         }
         while idle.sleep.as_mut().poll(cx).is_ready() {
+            if this.c2u.check || this.u2c.check {
+                // Bytes the kernel moved count as traffic too.
+                let moved = [&this.client, &this.upstream]
+                    .iter()
+                    .map(|s| kforward::state(*s).map_or(0, |st| st.redirected))
+                    .sum();
+                if moved != idle.kernel_moved {
+                    idle.kernel_moved = moved;
+                    idle.last = Instant::now();
+                }
+            }
             let due = idle.last + idle.after;
             if Instant::now() >= due {
                 this.idle_timed_out = true;
@@ -349,15 +438,124 @@ struct Direction {
     end: u32,
     copied: u64,
     done: bool,
+    /// The source may be under kernel forwarding (armed here, or moved here from a process
+    /// that may have armed it): its EOF waits for the kernel's bytes, its count takes them.
+    check: bool,
+    /// Kernel forwarding: `copied` at the last arm (`None`: not armed here yet).
+    armed_at: Option<u64>,
+    /// The source cannot be armed: copied here.
+    arm_failed: bool,
+    /// EOF read from the source, not yet passed on (waiting for the kernel's bytes).
+    eof: bool,
+    /// At EOF, waiting for the peer to be handed the kernel's bytes.
+    wait: Option<Pin<Box<Sleep>>>,
 }
 
+/// How long an EOF waits before it looks at the peer's send queue again: first, then after.
+const EOF_WAIT_FIRST: Duration = Duration::from_micros(200);
+const EOF_WAIT_NEXT: Duration = Duration::from_millis(2);
+
 impl Direction {
-    fn carried(copied: u64, done: bool) -> Direction {
+    fn carried(copied: u64, done: bool, check: bool) -> Direction {
         Direction {
             copied,
             done,
+            check,
             ..Direction::default()
         }
+    }
+
+    /// Whether `dst` has been handed every byte meant for it, so that EOF may follow: the
+    /// bytes written here plus those the kernel redirected from `src` (the counts of the
+    /// connection's whole life). Ready(true) when so (or when there is nothing to wait for),
+    /// Pending while waiting (a timer wakes the task).
+    fn poll_kernel_drained(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+    ) -> Poll<()> {
+        loop {
+            let Ok(st) = kforward::state(src) else {
+                self.wait = None;
+                return Poll::Ready(());
+            };
+            let target = self.copied + st.redirected;
+            match kforward::queued(dst) {
+                Ok((queued, open)) if open && queued < target => {}
+                _ => {
+                    self.wait = None;
+                    return Poll::Ready(());
+                }
+            }
+            let sleep = self
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(EOF_WAIT_FIRST)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + EOF_WAIT_NEXT);
+        }
+    }
+
+    /// Everything read is written and the source has nothing more to read now: (re)arms the
+    /// kernel with what was read (see [`crate::kforward`]). Arming only when the source is
+    /// drained gives the kernel its best chance to find every byte it passed read.
+    fn arm(&mut self, src: &TcpStream, peer_cookie: u64) {
+        if peer_cookie == 0 || self.arm_failed || self.armed_at == Some(self.copied) {
+            return;
+        }
+        match kforward::arm(src, peer_cookie, self.copied) {
+            Ok(()) => {
+                self.check = true;
+                self.armed_at = Some(self.copied);
+            }
+            Err(_) => self.arm_failed = true,
+        }
+    }
+
+    /// EOF from `src` (seen now or earlier): passed on as `shutdown(SHUT_WR)` on `dst` once
+    /// `dst` has every byte meant for it.
+    fn poll_eof(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        dst_side: Side,
+    ) -> Poll<Result<(), ForwardError>> {
+        self.buf = None;
+        if self.check && !self.eof {
+            // A read of 0 while bytes the kernel passed to the socket are still on their way
+            // into it (queued behind the socket's receive memory) is not the end: read on.
+            if let Ok(st) = kforward::state(src) {
+                if st.passed > self.copied {
+                    let sleep = self
+                        .wait
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(EOF_WAIT_FIRST)));
+                    sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + EOF_WAIT_FIRST);
+                    let _ = sleep.as_mut().poll(cx);
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.eof = true;
+        if self.check {
+            ready!(self.poll_kernel_drained(cx, src, dst));
+        }
+        self.done = true;
+        Poll::Ready(match SockRef::from(dst).shutdown(Shutdown::Write) {
+            Ok(()) => Ok(()),
+            // The peer is gone already; its own direction reports how.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Err(error) => Err(ForwardError {
+                side: dst_side,
+                error,
+            }),
+        })
     }
 
     /// Copies `src` to `dst` until `src` would block (Pending, holding no buffer), or until
@@ -370,6 +568,7 @@ impl Direction {
         (dst, dst_side): (&mut WriteHalf<'_>, Side),
         total: &AtomicU64,
         pause: bool,
+        peer_cookie: u64,
     ) -> Poll<Result<(), ForwardError>> {
         let src_err = |error| ForwardError {
             side: src_side,
@@ -381,6 +580,9 @@ impl Direction {
         };
         if self.done {
             return Poll::Ready(Ok(()));
+        }
+        if self.eof {
+            return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
         }
         loop {
             // Flush what was read. Waiting for the peer to take it keeps the buffer.
@@ -410,6 +612,7 @@ impl Direction {
             match src.as_ref().poll_read_ready(cx) {
                 Poll::Pending => {
                     self.buf = None;
+                    self.arm(src.as_ref(), peer_cookie);
                     return Poll::Pending;
                 }
                 Poll::Ready(r) => r.map_err(src_err)?,
@@ -419,19 +622,11 @@ impl Direction {
             match Pin::new(&mut *src).poll_read(cx, &mut rb) {
                 Poll::Pending => {
                     self.buf = None;
+                    self.arm(src.as_ref(), peer_cookie);
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    self.buf = None;
-                    self.done = true;
-                    return Poll::Ready(
-                        match SockRef::from(dst.as_ref()).shutdown(Shutdown::Write) {
-                            Ok(()) => Ok(()),
-                            // The peer is gone already; its own direction reports how.
-                            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                            Err(e) => Err(dst_err(e)),
-                        },
-                    );
+                    return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
                 }
                 Poll::Ready(Ok(())) => {
                     self.end = rb.filled().len() as u32;

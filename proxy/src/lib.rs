@@ -26,8 +26,9 @@
 //! Use [`Proxy::bind`] then [`Proxy::serve`], or [`run`] which does both and stops on
 //! SIGTERM/SIGINT. Counters are in [`stats`], rendered for Prometheus by [`metrics`] and
 //! served with the rest of the admin API by [`admin`]; the command line is [`config`].
-// One system call has no safe wrapper: getsockopt with the kernel programs' own options
-// (`original_dst::getsockopt`, for SO_ORIGINAL_DST and SO_ICP_WORKLOAD).
+// Two system calls have no safe wrapper: getsockopt and setsockopt with the kernel programs'
+// own options (`original_dst::getsockopt`, for SO_ORIGINAL_DST, SO_ICP_WORKLOAD and the
+// kernel-forwarding counts; `kforward::setsockopt`, for the kernel-forwarding requests).
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -35,6 +36,7 @@ pub mod config;
 pub mod drain;
 pub mod forward;
 pub mod inbound;
+pub mod kforward;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -114,7 +114,7 @@ pub fn calling_workload<S: AsFd>(socket: &S) -> Option<String> {
 /// `getsockopt(level, name)` into `buf`; returns how many bytes the kernel wrote. The one
 /// system call of this crate without a safe wrapper: the options are the kernel programs'
 /// (socket2, nix and rustix know only Linux's own), so the raw call it is.
-fn getsockopt<S: AsFd>(
+pub(crate) fn getsockopt<S: AsFd>(
     socket: &S,
     level: libc::c_int,
     name: libc::c_int,

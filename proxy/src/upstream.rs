@@ -38,6 +38,17 @@ pub async fn connect_upstream(
     dst: SocketAddr,
     opts: &UpstreamOptions,
 ) -> Result<TcpStream, (ConnectErrorKind, io::Error)> {
+    connect_upstream_with(dst, opts, false).await
+}
+
+/// [`connect_upstream`], asking for kernel forwarding of the socket first when `kernel` (an
+/// opaque connection, with [`crate::kforward`] on): the kernel puts it into its map when it
+/// is established. Failing to ask only leaves the connection to be copied here.
+async fn connect_upstream_with(
+    dst: SocketAddr,
+    opts: &UpstreamOptions,
+    kernel: bool,
+) -> Result<TcpStream, (ConnectErrorKind, io::Error)> {
     let other = |e| (ConnectErrorKind::Other, e);
     // Created nonblocking (SOCK_NONBLOCK): one system call fewer per connection.
     let sock = Socket::new(
@@ -73,6 +84,9 @@ pub async fn connect_upstream(
     }
     sock.set_tcp_nodelay(true).map_err(other)?;
     crate::listener::set_keepalive(&sock).map_err(other)?;
+    if kernel {
+        let _ = crate::kforward::request(&sock, true);
+    }
     let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
     match tokio::time::timeout(opts.connect_timeout, sock.connect(dst)).await {
         Ok(Ok(s)) => Ok(s),
@@ -116,7 +130,8 @@ pub async fn connect_and_forward(
     all.destinations.connection(dir, dst);
     let started = Instant::now();
     // Boxed so the connect state does not grow every idle connection's future.
-    let connected = Box::pin(async { connect_upstream(dst, &opts(dst)).await }).await;
+    let kernel = crate::kforward::enabled();
+    let connected = Box::pin(async { connect_upstream_with(dst, &opts(dst), kernel).await }).await;
     let upstream = match connected {
         Ok(s) => s,
         Err((kind, e)) => {

@@ -30,6 +30,7 @@
 mod bins;
 mod bpffs;
 mod cgroup;
+pub mod chaos;
 pub mod dubbo;
 pub mod escape;
 mod load;

@@ -147,6 +147,13 @@ pub struct Cli {
     )]
     pub tcp_idle_timeout: String,
 
+    /// Opaque TCP: forward the bytes in the kernel (sockmap programs of the interceptor)
+    /// instead of copying them here. `on` uses it where the kernel and the attached programs
+    /// offer it (probed at start; otherwise the proxy copies, and says so), `off` never.
+    /// Off by default until it is byte-exact under every test (see ARCHITECTURE.md).
+    #[arg(long = "kernel-forward", value_name = "on|off", default_value = "off")]
+    pub kernel_forward: String,
+
     /// Routed HTTP: how long a client may take to send a request's headers; a slower one
     /// (slowloris) is disconnected.
     #[arg(

@@ -93,6 +93,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Idle timeout of opaque TCP connections; `None`: never.
     pub tcp_idle_timeout: Option<Duration>,
+    /// Forward opaque TCP in the kernel where available (`--kernel-forward`).
+    pub kernel_forward: bool,
     /// Routed HTTP: time allowed for a request's headers.
     pub http_header_timeout: Duration,
     /// Routed HTTP: idle timeout of a connection without a request in progress.
@@ -132,6 +134,7 @@ impl Default for Config {
             dubbo_max_body: DEFAULT_DUBBO_MAX_BODY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tcp_idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            kernel_forward: false,
             http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
             http_idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
@@ -159,6 +162,7 @@ impl Config {
             "protocol_detection_timeout_ms": ms(self.protocol_detection_timeout),
             "dubbo_max_body": self.dubbo_max_body,
             "destination_stats": self.destination_stats,
+            "kernel_forward": self.kernel_forward,
             "destination_stats_cap": self.destination_limits.cap,
             "destination_stats_idle_ms": ms(self.destination_limits.idle),
             "max_connections": self.max_connections,

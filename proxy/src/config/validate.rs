@@ -120,6 +120,7 @@ impl Config {
             },
             max_connections: parse_max_connections(&cli.max_connections)?,
             tcp_idle_timeout: parse_optional_timeout("--tcp-idle-timeout", &cli.tcp_idle_timeout)?,
+            kernel_forward: parse_switch("--kernel-forward", &cli.kernel_forward)?,
             http_header_timeout: parse_header_timeout(&cli.http_header_timeout)?,
             http_idle_timeout: parse_optional_timeout(
                 "--http-idle-timeout",

@@ -53,6 +53,7 @@ impl Proxy {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        kernel_forward(&config, outbound.iter().chain(&inbound));
         let admin = match config.admin {
             None => None,
             Some(addr) => Some({
@@ -195,4 +196,30 @@ fn is_ipv6_unavailable(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
     )
+}
+
+/// Turns kernel forwarding on (`--kernel-forward on` and the kernel answers) or off, and asks
+/// for it on the listeners (their accepted sockets inherit it) or withdraws the request (a
+/// listener inherited from a process that had it on).
+fn kernel_forward<'a>(config: &Config, listeners: impl Iterator<Item = &'a TcpListener>) {
+    let on = match crate::kforward::start(config.kernel_forward) {
+        Ok(on) => on,
+        Err(e) => {
+            tracing::info!(error = %e,
+                "kernel forwarding unavailable (the interceptor's programs do not answer on this \
+                 host: not attached, or a kernel without sockmap): opaque TCP is copied by the proxy");
+            false
+        }
+    };
+    for l in listeners {
+        if let Err(e) = crate::kforward::request(l, on) {
+            if on {
+                tracing::warn!(listener = ?l.local_addr().ok(), error = %e,
+                    "cannot ask for kernel forwarding on this listener: its connections are copied by the proxy");
+            }
+        }
+    }
+    if on {
+        tracing::info!("kernel forwarding on: opaque TCP bytes flow in the kernel");
+    }
 }

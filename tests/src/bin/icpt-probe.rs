@@ -118,6 +118,18 @@ enum Cmd {
         #[arg(long)]
         stop: std::path::PathBuf,
     },
+    /// COUNT connections to a chaos server (`interceptor_tests::chaos`), seeds SEED.., PARALLEL
+    /// at a time: random sizes, random write chunks (1 B to 1 MiB), random shutdown order,
+    /// both directions checked byte for byte; prints the report, exits 2 on any failure.
+    Chaos {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 1)]
+        parallel: u64,
+    },
     /// HTTP/1.0 GET ADDR/PATH (e.g. 127.0.0.1:15000/stats); prints the body; exits 1 unless 2xx.
     HttpGet {
         target: String,
@@ -259,6 +271,18 @@ fn main() {
             every_ms,
             stop,
         } => ping(addr, count, Duration::from_millis(every_ms), &stop),
+        Cmd::Chaos {
+            addr,
+            count,
+            seed,
+            parallel,
+        } => {
+            let r = interceptor_tests::chaos::run(addr, seed, count, parallel);
+            print(&r);
+            if r.failed > 0 {
+                exit(2);
+            }
+        }
         Cmd::Escape { kind, addr, count } => match escape::escape(kind, addr, count) {
             Ok(r) => print(&r),
             Err(e) => fail(ProbeError::new(ErrorKind::Other, format!("escape: {e}"))),

@@ -1,0 +1,125 @@
+//! Kernel forwarding of the proxy's opaque connections: the proxy still accepts, connects and
+//! watches both sockets, but their bytes go from one to the other in the kernel.
+//!
+//! * The proxy asks for it with `setsockopt(SOL_IP, SO_ICP_KFWD, 1)` on its listeners and on
+//!   each upstream socket before `connect()`; `answer_setsockopt` keeps the request in the
+//!   socket's storage (`ICP_KFWD`, cloned into accepted sockets).
+//! * `track_sockops` puts such a socket into `ICP_FWD` (a SOCKHASH keyed by socket cookie)
+//!   when it is established: from then on every segment it receives runs `forward_verdict`.
+//! * Once the upstream is connected, the proxy arms each socket with its peer's cookie and
+//!   the bytes it has read from it (`SO_ICP_KFWD_ARM`, written to the peer before arming).
+//! * `forward_verdict` redirects a segment to the peer's send side only when both sockets
+//!   are armed with each other (the peer's owner agreed: no process can push bytes into a
+//!   socket it does not hold) and every byte passed to the socket so far has been read
+//!   (`armed - 1 == passed`); otherwise it passes the segment to the socket and counts it.
+//!   So a redirected byte never overtakes one the proxy still had to copy: the proxy reads
+//!   what was passed, writes it to the peer and arms again with the new total.
+//!
+//! The verdict and the `setsockopt` program of one socket never run at once: the first runs
+//! with the socket locked (softirq or its backlog), the second under `lock_sock`.
+use aya_ebpf::{
+    bindings::{bpf_sockopt, sk_action},
+    helpers::bpf_get_socket_cookie,
+    macros::{cgroup_sockopt, stream_verdict},
+    programs::{SkBuffContext, SockoptContext},
+};
+use interceptor_common::{FwdArm, KFWD_IN_MAP, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM};
+
+use crate::{
+    ctx::SOCK_STREAM,
+    maps::{ICP_FWD, ICP_FWD_STATE, ICP_KFWD},
+};
+
+/// A `cgroup/setsockopt` verdict: carry on (with `optlen` -1: the kernel's own handler is
+/// skipped and the call returns 0).
+const ALLOW: i32 = 1;
+/// A `cgroup/setsockopt` verdict: fail the call with `EPERM`.
+const REFUSE: i32 = 0;
+
+#[stream_verdict]
+pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the helper takes the skb; its socket is the receiving one.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let len = ctx.len() as u64;
+    let Some(st) = ICP_FWD_STATE.get_ptr_mut(cookie) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: the value pointer is valid for this program run; only this socket's programs
+    // write it, serialised by the socket's lock.
+    let st = unsafe { &mut *st };
+    // SAFETY: as above.
+    let armed = unsafe { core::ptr::read_volatile(&st.armed) };
+    // A segment without data (the FIN's) is never redirected: the peer's send of 0 bytes
+    // counts as a broken pipe there (the kernel would report EPIPE on the peer socket).
+    if len != 0 && armed != 0 && armed - 1 == st.passed {
+        // SAFETY: as above.
+        let mut peer = unsafe { core::ptr::read_volatile(&st.peer) };
+        let agreed = match ICP_FWD_STATE.get_ptr(peer) {
+            Some(p) => {
+                // SAFETY: as above (read only).
+                let peer_of_peer = unsafe { core::ptr::read_volatile(&(*p).peer) };
+                peer_of_peer == cookie
+            }
+            None => false,
+        };
+        if agreed && ICP_FWD.redirect_skb(&ctx, &mut peer, 0) == sk_action::SK_PASS as i64 {
+            st.redirected += len;
+            return sk_action::SK_PASS;
+        }
+    }
+    st.passed += len;
+    sk_action::SK_PASS
+}
+
+#[cgroup_sockopt(setsockopt)]
+pub fn answer_setsockopt(ctx: SockoptContext) -> i32 {
+    let sopt: *mut bpf_sockopt = ctx.sockopt;
+    // SAFETY: reads of the kernel-provided context; `sk` is checked before use, every optval
+    // access is bounds-checked against `optval_end` first.
+    unsafe {
+        let level = (*sopt).level;
+        let optname = (*sopt).optname;
+        if level != SOL_IP || (optname != SO_ICP_KFWD && optname != SO_ICP_KFWD_ARM) {
+            return ALLOW;
+        }
+        let sk = (*sopt).__bindgen_anon_1.sk;
+        if sk.is_null() || (*sk).type_ != SOCK_STREAM {
+            return REFUSE;
+        }
+        let start = (*sopt).__bindgen_anon_2.optval as *const u8;
+        let end = (*sopt).__bindgen_anon_3.optval_end as *const u8;
+        if optname == SO_ICP_KFWD {
+            if start.add(4) > end {
+                return REFUSE;
+            }
+            let want = u32::from_ne_bytes([*start, *start.add(1), *start.add(2), *start.add(3)]);
+            let k = ICP_KFWD.get(sk, true);
+            if k.is_null() {
+                return REFUSE;
+            }
+            (*k).want = (want != 0) as u32;
+        } else {
+            if start.add(16) > end {
+                return REFUSE;
+            }
+            let arm: FwdArm = core::ptr::read_unaligned(start.cast());
+            let k = ICP_KFWD.get(sk, false);
+            if k.is_null() || (*k).inserted != KFWD_IN_MAP {
+                return REFUSE;
+            }
+            let Some(st) = ICP_FWD_STATE.get_ptr_mut((*k).cookie) else {
+                return REFUSE;
+            };
+            if arm.peer == 0 {
+                core::ptr::write_volatile(&mut (*st).armed, 0);
+                core::ptr::write_volatile(&mut (*st).peer, 0);
+            } else {
+                // The peer first: the verdict reads `armed`, then `peer`.
+                core::ptr::write_volatile(&mut (*st).peer, arm.peer);
+                core::ptr::write_volatile(&mut (*st).armed, arm.read + 1);
+            }
+        }
+        core::ptr::write_volatile(&mut (*sopt).optlen, -1);
+    }
+    ALLOW
+}

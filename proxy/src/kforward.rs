@@ -1,0 +1,133 @@
+//! Kernel forwarding of opaque connections (`--kernel-forward on|off`): the bytes between a
+//! client socket and its upstream socket flow in the kernel, not through this process.
+//!
+//! The kernel side is the interceptor's (`interceptor-ebpf/src/forward.rs`); this process
+//! needs no bpf privilege for it. It only calls `setsockopt`/`getsockopt` on its own sockets,
+//! answered by the root `cgroup/setsockopt` and `cgroup/getsockopt` programs:
+//! - `SO_ICP_KFWD` 1 on the listeners (accepted sockets inherit it) and on each opaque
+//!   upstream socket before `connect()`: the socket goes into the kernel's `ICP_FWD` map when
+//!   it is established, where a verdict program sees every byte it receives (passing it to
+//!   this process until the pair is armed);
+//! - `SO_ICP_KFWD_ARM` {peer cookie, bytes read}: once everything read from a socket has been
+//!   written to its peer, the forwarder arms it; the kernel then redirects the socket's bytes
+//!   to the peer as long as it has passed none that this process did not read (so no byte
+//!   overtakes another), and both sockets are armed with each other;
+//! - `getsockopt(SO_ICP_KFWD_ARM)`: the socket's counts (`FwdState`: passed, redirected).
+//!
+//! Probed once at start: without the programs (not attached, or a kernel without sockmap)
+//! the kernel answers `ENOPROTOOPT` and the proxy copies as before. A pair that cannot be
+//! armed (a socket not in the map: map full, or accepted before the request) is copied by
+//! the proxy, counted in `kernel_forward_fallbacks`.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd as _};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use interceptor_common::{FwdArm, FwdState, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM};
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Connections whose two sockets were armed with each other.
+pub static ARMED: AtomicU64 = AtomicU64::new(0);
+/// Bytes the kernel redirected, counted when their connection ended here.
+pub static BYTES: AtomicU64 = AtomicU64::new(0);
+/// Connections copied by the proxy although kernel forwarding is on (a socket not in the map).
+pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether new opaque connections are forwarded in the kernel.
+pub fn enabled() -> bool {
+    ENABLED.load(Relaxed)
+}
+
+/// Turns kernel forwarding on when `wanted` and the kernel answers the request on a throwaway
+/// socket; returns whether it is on, and why not.
+pub fn start(wanted: bool) -> Result<bool, io::Error> {
+    if !wanted {
+        ENABLED.store(false, Relaxed);
+        return Ok(false);
+    }
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let r = request(&probe, true);
+    ENABLED.store(r.is_ok(), Relaxed);
+    r.map(|()| true)
+}
+
+/// `SO_ICP_KFWD`: asks for (or withdraws) kernel forwarding of `socket` (a listener: of the
+/// sockets it accepts from now on).
+pub fn request<S: AsFd>(socket: &S, on: bool) -> io::Result<()> {
+    setsockopt(socket, SO_ICP_KFWD, &u32::from(on).to_ne_bytes())
+}
+
+/// The socket's cookie (`SO_COOKIE`), by which the kernel's map knows it.
+pub fn cookie<S: AsFd>(socket: &S) -> io::Result<u64> {
+    rustix::net::sockopt::socket_cookie(socket).map_err(io::Error::from)
+}
+
+/// `SO_ICP_KFWD_ARM`: redirect `socket`'s bytes to `peer` (0: stop) once `read` bytes have
+/// been read from it (all of them already written to the peer).
+pub fn arm<S: AsFd>(socket: &S, peer: u64, read: u64) -> io::Result<()> {
+    let a = FwdArm { peer, read };
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&a.peer.to_ne_bytes());
+    b[8..].copy_from_slice(&a.read.to_ne_bytes());
+    setsockopt(socket, SO_ICP_KFWD_ARM, &b)
+}
+
+/// The kernel's counts for `socket` (bytes passed to this process, bytes redirected).
+pub fn state<S: AsFd>(socket: &S) -> io::Result<FwdState> {
+    let mut b = [0u8; 32];
+    let n = crate::original_dst::getsockopt(socket, SOL_IP, SO_ICP_KFWD_ARM, &mut b)?;
+    if n < 32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SO_ICP_KFWD_ARM answered {n} bytes, not 32"),
+        ));
+    }
+    let u = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    Ok(FwdState {
+        peer: u(0),
+        armed: u(8),
+        passed: u(16),
+        redirected: u(24),
+    })
+}
+
+/// Bytes ever handed to `socket` for sending (its `write_seq` since the handshake), from one
+/// `TCP_INFO` snapshot: data bytes sent once (`bytes_sent - bytes_retrans`) plus those not
+/// yet sent (`notsent_bytes`). Also whether the socket is still open for sending (not
+/// closed by an error or a reset).
+pub fn queued<S: AsFd>(socket: &S) -> io::Result<(u64, bool)> {
+    let mut b = [0u8; 216];
+    let n = crate::original_dst::getsockopt(socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut b)?;
+    if n < 216 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("TCP_INFO of {n} bytes has no bytes_sent"),
+        ));
+    }
+    let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let notsent = u32::from_ne_bytes(b[144..148].try_into().expect("4 bytes"));
+    let (sent, retrans) = (u64_at(200), u64_at(208));
+    // tcpi_state: TCP_CLOSE (7) after a reset or an error.
+    let open = b[0] != 7;
+    Ok((sent.saturating_sub(retrans) + u64::from(notsent), open))
+}
+
+fn setsockopt<S: AsFd>(socket: &S, name: libc::c_int, value: &[u8]) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(value.len()).map_err(io::Error::other)?;
+    // SAFETY: `value` is valid for reads of `len` bytes; the fd is borrowed for the call.
+    // The options are the kernel programs' (no crate knows them), so the raw call it is.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            SOL_IP,
+            name,
+            value.as_ptr().cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
