@@ -199,6 +199,7 @@ fn expected_program(link: &str) -> &'static str {
         "getpeername6" => "restore_getpeername6",
         "sock_ops" => "track_sockops",
         "getsockopt" => "answer_getsockopt",
+        "setsockopt" => "answer_setsockopt",
         "sk_lookup" => "steer_inbound",
         other => panic!("unexpected pin {other}"),
     }
@@ -212,7 +213,11 @@ fn assert_complete(
     what: &str,
 ) -> BTreeMap<String, (u64, u64, String)> {
     let l = links(pin);
-    let mut want: Vec<String> = vec!["root/getsockopt".into(), "root/sock_ops".into()];
+    let mut want: Vec<String> = vec![
+        "root/getsockopt".into(),
+        "root/setsockopt".into(),
+        "root/sock_ops".into(),
+    ];
     for cg in scopes {
         for n in ["connect4", "connect6", "getpeername4", "getpeername6"] {
             want.push(format!("scopes/{}/{n}", cg.id()));
@@ -469,7 +474,7 @@ fn incompatible_layout_is_refused_and_nothing_changes() {
     set_layout(ours);
     let r = w.cli(&["upgrade"]);
     assert!(r.ok, "{r:?}");
-    assert!(r.stdout.contains("6 of 6 link(s)"), "{}", r.stdout);
+    assert!(r.stdout.contains("7 of 7 link(s)"), "{}", r.stdout);
     assert_eq!(w.churn_ok(&w.cg, 50, "after the upgrade"), 50);
 }
 
@@ -717,10 +722,11 @@ fn upgrade_reports_a_removed_cgroup_and_an_empty_pin_dir() {
         .iter()
         .filter(|l| l["result"] == "upgraded")
         .count();
-    assert_eq!(upgraded, 6, "the live links were upgraded: {v}");
+    // 3 root links and the live scope's 4.
+    assert_eq!(upgraded, 7, "the live links were upgraded: {v}");
     assert_eq!(w.churn_ok(&w.cg, 20, "after"), 20);
     let r = w.cli(&["detach", "--cgroup", gone.to_str().unwrap()]);
     assert!(r.ok, "{r:?}");
     let r = w.cli(&["upgrade"]);
-    assert!(r.ok && r.stdout.contains("6 of 6 link(s)"), "{r:?}");
+    assert!(r.ok && r.stdout.contains("7 of 7 link(s)"), "{r:?}");
 }
