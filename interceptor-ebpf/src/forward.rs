@@ -23,7 +23,7 @@ use aya_ebpf::{
     macros::{cgroup_sockopt, stream_verdict},
     programs::{SkBuffContext, SockoptContext},
 };
-use interceptor_common::{FwdArm, KFWD_IN_MAP, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM};
+use interceptor_common::{FwdArm, KFWD_CLOSED, KFWD_IN_MAP, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM};
 
 use crate::{
     ctx::SOCK_STREAM,
@@ -41,6 +41,17 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper takes the skb; its socket is the receiving one.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let len = ctx.len() as u64;
+    // A segment without data (a FIN alone) is dropped, neither redirected nor passed: the
+    // socket reports its EOF anyway (the FIN has set `SOCK_DONE` and `RCV_SHUTDOWN` before
+    // this runs), and an empty segment in the kernel's queues breaks the socket. Redirected,
+    // the peer's send of 0 bytes counts as a broken pipe; passed while the socket's psock
+    // still holds segments redirected to it (its queue is then the way in for passed ones
+    // too), `sk_psock_backlog` takes the 0 bytes queued for its user for a hard error: it
+    // reports EPIPE on the socket and stops its transmit, and from then on every segment
+    // redirected to the socket or passed to its user is dropped.
+    if len == 0 {
+        return sk_action::SK_DROP;
+    }
     let Some(st) = ICP_FWD_STATE.get_ptr_mut(cookie) else {
         return sk_action::SK_PASS;
     };
@@ -49,9 +60,7 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
     let st = unsafe { &mut *st };
     // SAFETY: as above.
     let armed = unsafe { core::ptr::read_volatile(&st.armed) };
-    // A segment without data (the FIN's) is never redirected: the peer's send of 0 bytes
-    // counts as a broken pipe there (the kernel would report EPIPE on the peer socket).
-    if len != 0 && armed != 0 && armed - 1 == st.passed {
+    if armed != 0 && armed - 1 == st.passed {
         // SAFETY: as above.
         let mut peer = unsafe { core::ptr::read_volatile(&st.peer) };
         let agreed = match ICP_FWD_STATE.get_ptr(peer) {
@@ -104,7 +113,17 @@ pub fn answer_setsockopt(ctx: SockoptContext) -> i32 {
             }
             let arm: FwdArm = core::ptr::read_unaligned(start.cast());
             let k = ICP_KFWD.get(sk, false);
-            if k.is_null() || (*k).inserted != KFWD_IN_MAP {
+            if k.is_null() {
+                return REFUSE;
+            }
+            if (*k).inserted == KFWD_CLOSED {
+                // Closed (`TCP_CLOSE`) since it was put into the map: it receives nothing
+                // more, so there is nothing left to redirect; the arm is a no-op, not a
+                // failure (the proxy reads what was passed to it and sees EOF).
+                core::ptr::write_volatile(&mut (*sopt).optlen, -1);
+                return ALLOW;
+            }
+            if (*k).inserted != KFWD_IN_MAP {
                 return REFUSE;
             }
             let Some(st) = ICP_FWD_STATE.get_ptr_mut((*k).cookie) else {

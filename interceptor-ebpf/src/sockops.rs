@@ -57,10 +57,8 @@ fn kfwd_insert(ctx: &SockOpsContext, sk: *mut bpf_sock) {
         return;
     }
     // SAFETY: the context pointer is valid for this program run.
-    if ICP_FWD
-        .update(&mut cookie, unsafe { &mut *ctx.ops }, NOEXIST)
-        .is_err()
-    {
+    let ops = unsafe { &mut *ctx.ops };
+    if ICP_FWD.update(&mut cookie, ops, NOEXIST).is_err() {
         let _ = ICP_FWD_STATE.remove(cookie);
         return;
     }

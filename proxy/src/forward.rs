@@ -447,8 +447,14 @@ struct Direction {
     arm_failed: bool,
     /// EOF read from the source, not yet passed on (waiting for the kernel's bytes).
     eof: bool,
-    /// At EOF, waiting for the peer to be handed the kernel's bytes.
+    /// At EOF, or before writing what was read, waiting for the peer to be handed the
+    /// kernel's bytes.
     wait: Option<Pin<Box<Sleep>>>,
+    /// The source's `redirected` count when the peer was last seen holding every byte the
+    /// kernel redirected to it: while it is unchanged there is nothing to wait for.
+    drained_redirected: u64,
+    /// `buf[start..end]` may be written: the peer holds every byte redirected before it.
+    ordered: bool,
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
@@ -465,10 +471,11 @@ impl Direction {
         }
     }
 
-    /// Whether `dst` has been handed every byte meant for it, so that EOF may follow: the
-    /// bytes written here plus those the kernel redirected from `src` (the counts of the
-    /// connection's whole life). Ready(true) when so (or when there is nothing to wait for),
-    /// Pending while waiting (a timer wakes the task).
+    /// Whether `dst` has been handed every byte meant for it so far, so that EOF, or bytes
+    /// read here, may follow: the bytes written here plus those the kernel redirected from
+    /// `src` (the counts of the connection's whole life). Ready when so (or when there is
+    /// nothing to wait for: no redirect since the last time it was so), Pending while
+    /// waiting (a timer wakes the task).
     fn poll_kernel_drained(
         &mut self,
         cx: &mut Context<'_>,
@@ -480,9 +487,18 @@ impl Direction {
                 self.wait = None;
                 return Poll::Ready(());
             };
+            if st.redirected == self.drained_redirected {
+                self.wait = None;
+                return Poll::Ready(());
+            }
             let target = self.copied + st.redirected;
             match kforward::queued(dst) {
                 Ok((queued, open)) if open && queued < target => {}
+                Ok((_, true)) => {
+                    self.drained_redirected = st.redirected;
+                    self.wait = None;
+                    return Poll::Ready(());
+                }
                 _ => {
                     self.wait = None;
                     return Poll::Ready(());
@@ -585,6 +601,14 @@ impl Direction {
             return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
         }
         loop {
+            // Bytes the kernel passed to the source after it had redirected others (because
+            // the peer stopped being armed, or the source closed and left the map) go to
+            // the peer only once the peer holds the redirected ones: the kernel sends those
+            // from a queue of its own, which a write from here would overtake.
+            if self.check && !self.ordered && self.buf.is_some() && self.start < self.end {
+                ready!(self.poll_kernel_drained(cx, src.as_ref(), dst.as_ref()));
+                self.ordered = true;
+            }
             // Flush what was read. Waiting for the peer to take it keeps the buffer.
             if let Some(buf) = &self.buf {
                 while self.start < self.end {
@@ -631,6 +655,7 @@ impl Direction {
                 Poll::Ready(Ok(())) => {
                     self.end = rb.filled().len() as u32;
                     self.start = 0;
+                    self.ordered = false;
                 }
                 Poll::Ready(Err(e)) if is_retry(&e) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(src_err(e))),

@@ -126,31 +126,27 @@ fn bulk_each_way(w: &World, n: u64) {
     );
 }
 
-/// KNOWN FAILURE (most runs here since the EOF wait): the last segment before the server's
-/// FIN (its 34-byte trailer) is counted redirected by the kernel but never sent on the
-/// client socket; the upstream socket had reached TIME_WAIT (its write side shut down by
-/// the proxy earlier). See ARCHITECTURE.md "Kernel forwarding".
+/// The client's FIN reaches the client socket while the server's bytes are still queued for
+/// it in the kernel, and the server's trailer follows the proxy's half-close: the two cases
+/// that lost bytes before (see ARCHITECTURE.md "Kernel forwarding").
 #[test]
-#[ignore = "known failure: the segment before a FIN that takes the source to TIME_WAIT is lost"]
 fn kernel_forward_100mb_each_way_byte_exact_with_half_close() {
     let w = World::new("kf-bulk", "on");
     bulk_each_way(&w, 100 << 20);
 }
 
-/// KNOWN FAILURE at times: one direction stalls (bytes the kernel took never arrive), as in
-/// the two other ignored tests.
 #[test]
-#[ignore = "known failure at times: a direction stalls with bytes missing"]
 fn kernel_forward_1gib_each_way_byte_exact() {
     let w = World::new("kf-1g", "on");
     bulk_each_way(&w, 1 << 30);
 }
 
-/// KNOWN FAILURE (why kernel forwarding is off by default): of 300 connections, 7 to 30
-/// lose or misorder bytes (the server sees a byte that differs, or its read stalls with
-/// bytes missing), in either direction. Not yet explained; see ARCHITECTURE.md.
+/// KNOWN FAILURE (why kernel forwarding is off by default): in about half of the runs one
+/// of the 300 connections sees a byte that differs, mid-stream, in either direction (was 7
+/// to 30 of 300 in every run before the FIN and ordering fixes). Not yet explained; see
+/// ARCHITECTURE.md.
 #[test]
-#[ignore = "known failure: kernel forwarding loses bytes under random sizes and shutdowns"]
+#[ignore = "known failure: about one run in two has one connection of 300 with a differing byte"]
 fn kernel_forward_random_write_sizes_and_shutdowns_byte_exact() {
     let mut w = World::new("kf-chaos", "on");
     let count = 300u64;
@@ -166,14 +162,20 @@ fn kernel_forward_random_write_sizes_and_shutdowns_byte_exact() {
         "4",
     ]);
     let r: ChaosReport = serde_json::from_value(v.clone()).expect("chaos report");
-    assert_eq!(r.failed, 0, "client side: {v}");
-    assert_eq!(r.ok, count, "{v}");
     let srv = w.chaos.as_ref().unwrap().report();
+    assert_eq!(
+        r.failed, 0,
+        "client side: {v}; server side: {:?}",
+        srv.errors
+    );
+    assert_eq!(r.ok, count, "{v}");
     assert!(srv.errors.is_empty(), "server side: {:?}", srv.errors);
     assert_eq!(srv.ok, count);
     let rt = w.runtime();
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
-    assert_eq!(u(&rt, "kernel_forward_connections"), count, "{rt}");
+    // Both directions armed: most connections (one whose exchange ends before its second
+    // arm is counted in neither).
+    assert!(u(&rt, "kernel_forward_connections") >= count / 2, "{rt}");
     assert!(
         u(&rt, "kernel_forward_bytes") > (r.up + r.down) / 2,
         "the kernel carried little of {} bytes: {rt}",
