@@ -455,6 +455,10 @@ struct Direction {
     drained_redirected: u64,
     /// `buf[start..end]` may be written: the peer holds every byte redirected before it.
     ordered: bool,
+    /// Armed (or moved here) and nothing read since: the kernel may have redirected bytes
+    /// that come before the next ones read, so those wait for the peer to hold them (after
+    /// a read the kernel redirects nothing more until the next arm).
+    armed_since_read: bool,
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
@@ -467,6 +471,7 @@ impl Direction {
             copied,
             done,
             check,
+            armed_since_read: check,
             ..Direction::default()
         }
     }
@@ -526,6 +531,7 @@ impl Direction {
         match kforward::arm(src, peer_cookie, self.copied) {
             Ok(()) => {
                 self.check = true;
+                self.armed_since_read = true;
                 self.armed_at = Some(self.copied);
             }
             Err(_) => self.arm_failed = true,
@@ -605,8 +611,11 @@ impl Direction {
             // the peer stopped being armed, or the source closed and left the map) go to
             // the peer only once the peer holds the redirected ones: the kernel sends those
             // from a queue of its own, which a write from here would overtake.
-            if self.check && !self.ordered && self.buf.is_some() && self.start < self.end {
-                ready!(self.poll_kernel_drained(cx, src.as_ref(), dst.as_ref()));
+            if !self.ordered && self.buf.is_some() && self.start < self.end {
+                if self.armed_since_read {
+                    ready!(self.poll_kernel_drained(cx, src.as_ref(), dst.as_ref()));
+                    self.armed_since_read = false;
+                }
                 self.ordered = true;
             }
             // Flush what was read. Waiting for the peer to take it keeps the buffer.
