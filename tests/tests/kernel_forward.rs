@@ -147,8 +147,9 @@ fn kernel_forward_1gib_each_way_byte_exact() {
 
 /// KNOWN FAILURE (why kernel forwarding is off by default): in about half of the runs one
 /// or two of the 300 connections see a byte that differs, mid-stream, in either direction (was 7
-/// to 30 of 300 in every run before the FIN and ordering fixes). Not yet explained; see
-/// ARCHITECTURE.md.
+/// to 30 of 300 in every run before the FIN and ordering fixes). Cause found, not fixed:
+/// bytes of a retransmitted segment that overlaps ones already received are forwarded twice
+/// (`tcp_read_skb`; ARCHITECTURE.md "Kernel forwarding").
 #[test]
 #[ignore = "known failure: about one run in two has one or two connections of 300 with a differing byte"]
 fn kernel_forward_random_write_sizes_and_shutdowns_byte_exact() {
