@@ -439,7 +439,25 @@ pub struct FwdState {
     pub passed: u64,
     /// Bytes the verdict redirected to the peer.
     pub redirected: u64,
+    /// TCP sequence number just after the last data byte the verdict has seen (valid once
+    /// `seq_known` is 1): a segment that starts before it repeats bytes already handed on.
+    pub next_seq: u32,
+    /// 1 once `next_seq` holds a sequence number.
+    pub seq_known: u32,
+    /// Bytes the verdict cut from the front of segments because they repeated bytes already
+    /// handed on (a retransmitted segment partly overlapping what had been received).
+    pub trimmed: u64,
+    /// Repeated bytes the verdict found but could not cut (`bpf_skb_adjust_room` failed).
+    pub uncut: u64,
+    /// Segments whose TCP control block did not read as expected (nothing cut in them).
+    pub unchecked: u64,
 }
+
+/// Offset of `cb` in the kernel's `struct sk_buff`, where TCP keeps a received segment's
+/// `struct tcp_skb_cb` (`seq` at 0, `end_seq` at 4). The same on every 64-bit kernel the
+/// project supports (`next`, `prev`, `dev`, `sk`, `tstamp` before it); the verdict checks it on
+/// every segment (`end_seq - seq` must be the segment's length) and trims nothing otherwise.
+pub const SKB_CB_OFFSET: usize = 40;
 
 /// Value of `ICP_KFWD` (socket storage).
 #[repr(C)]
@@ -453,9 +471,13 @@ pub struct KfwdSock {
     pub inserted: u32,
     /// The socket's cookie, once inserted.
     pub cookie: u64,
-    /// `FwdState::passed` and `FwdState::redirected` when it reached `TCP_CLOSE`.
+    /// `FwdState::passed`, `FwdState::redirected` and `FwdState::trimmed` when it reached
+    /// `TCP_CLOSE`.
     pub passed: u64,
     pub redirected: u64,
+    pub trimmed: u64,
+    pub uncut: u64,
+    pub unchecked: u64,
 }
 
 /// `KfwdSock::inserted` values.

@@ -19,11 +19,13 @@
 //! with the socket locked (softirq or its backlog), the second under `lock_sock`.
 use aya_ebpf::{
     bindings::{bpf_sockopt, sk_action},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::{cgroup_sockopt, stream_verdict},
     programs::{SkBuffContext, SockoptContext},
 };
-use interceptor_common::{FwdArm, KFWD_CLOSED, KFWD_IN_MAP, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM};
+use interceptor_common::{
+    FwdArm, FwdState, KFWD_CLOSED, KFWD_IN_MAP, SKB_CB_OFFSET, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM,
+};
 
 use crate::{
     ctx::SOCK_STREAM,
@@ -58,6 +60,10 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the value pointer is valid for this program run; only this socket's programs
     // write it, serialised by the socket's lock.
     let st = unsafe { &mut *st };
+    let len = cut_repeated(&ctx, st, len);
+    if len == 0 {
+        return sk_action::SK_DROP;
+    }
     // SAFETY: as above.
     let armed = unsafe { core::ptr::read_volatile(&st.armed) };
     if armed != 0 && armed - 1 == st.passed {
@@ -78,6 +84,76 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
     }
     st.passed += len;
     sk_action::SK_PASS
+}
+
+/// Most bytes one `bpf_skb_adjust_room` call cuts from a segment's front.
+const CUT_STEP: u32 = 0xfff;
+/// Calls enough to cut 1 MiB, more than a segment TCP queues can hold (coalesced segments
+/// reach about 600 KiB: 17 page fragments of up to 32 KiB).
+const CUT_CALLS: u32 = 256;
+
+/// Cuts from the front of the segment the bytes the verdict has already handed on, and
+/// returns how many bytes are left (0: all of them were repeats).
+///
+/// TCP queues a retransmitted segment that partly overlaps bytes it had already received (a
+/// sender that retransmits after its segments were dropped under receive-memory pressure)
+/// whole, with its own starting sequence number: `tcp_recvmsg` skips the overlap by the
+/// socket's `copied_seq`, but `tcp_read_skb`, sockmap's reader, hands the whole segment to
+/// this verdict, so without this cut the overlap would be forwarded twice. The verdict keeps
+/// the sequence number after the last byte it saw (`FwdState::next_seq`; it sees every byte
+/// from the first, the socket being in `ICP_FWD` from its establishment) and reads the
+/// segment's own from TCP's control block in the skb (`SKB_CB_OFFSET`). It trusts that read
+/// only when the block's `end_seq - seq` is the segment's length (plus one for a FIN); if
+/// not (a kernel whose layout differs) it cuts nothing.
+#[inline(always)]
+fn cut_repeated(ctx: &SkBuffContext, st: &mut FwdState, len: u64) -> u64 {
+    let cb = (ctx.skb.skb as *const u8).wrapping_add(SKB_CB_OFFSET);
+    // SAFETY: a read of kernel memory through the helper, which fails cleanly on a bad
+    // address; the context is the kernel's `struct sk_buff`.
+    let Ok([seq, end_seq]) = (unsafe { bpf_probe_read_kernel(cb as *const [u32; 2]) }) else {
+        return len;
+    };
+    let span = u64::from(end_seq.wrapping_sub(seq));
+    if span != len && span != len + 1 {
+        st.unchecked += 1;
+        return len;
+    }
+    let data_end = seq.wrapping_add(len as u32);
+    if st.seq_known == 0 {
+        st.seq_known = 1;
+        st.next_seq = data_end;
+        return len;
+    }
+    let overlap = st.next_seq.wrapping_sub(seq) as i32;
+    if overlap <= 0 {
+        st.next_seq = data_end;
+        return len;
+    }
+    let overlap = overlap as u64;
+    if overlap >= len {
+        st.trimmed += len;
+        return 0;
+    }
+    let mut left = overlap as u32;
+    // The overlap made linear at once (one copy), so that each cut below only moves the
+    // skb's data pointer instead of pulling 4 KiB from its fragments each time.
+    if left > CUT_STEP {
+        let _ = ctx.pull_data(left);
+    }
+    let mut calls = 0;
+    while left > 0 && calls < CUT_CALLS {
+        let step = if left > CUT_STEP { CUT_STEP } else { left };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+        calls += 1;
+    }
+    let cut = overlap - u64::from(left);
+    st.trimmed += cut;
+    st.uncut += u64::from(left);
+    st.next_seq = data_end;
+    len - cut
 }
 
 #[cgroup_sockopt(setsockopt)]

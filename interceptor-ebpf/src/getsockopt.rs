@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// `getsockopt(SOL_IP, SO_ICP_KFWD_ARM)`: the socket's own kernel-forwarding state
-/// (`FwdState`, 32 bytes), to whoever holds the socket; the kernel's answer when it is not
+/// (`FwdState`'s peer, armed, passed, redirected and trimmed: 40 bytes), to whoever holds the socket; the kernel's answer when it is not
 /// under kernel forwarding.
 #[inline(always)]
 fn write_fwd_state(sopt: *mut bpf_sockopt, sk: *mut aya_ebpf::bindings::bpf_sock) {
@@ -35,20 +35,36 @@ fn write_fwd_state(sopt: *mut bpf_sockopt, sk: *mut aya_ebpf::bindings::bpf_sock
             let Some(st) = ICP_FWD_STATE.get_ptr((*k).cookie) else {
                 return;
             };
-            [(*st).peer, (*st).armed, (*st).passed, (*st).redirected]
+            [
+                (*st).peer,
+                (*st).armed,
+                (*st).passed,
+                (*st).redirected,
+                (*st).trimmed,
+                (*st).uncut,
+                (*st).unchecked,
+            ]
         } else if (*k).inserted == KFWD_CLOSED {
             // Closed (TCP_CLOSE): the counts it had then.
-            [0, 0, (*k).passed, (*k).redirected]
+            [
+                0,
+                0,
+                (*k).passed,
+                (*k).redirected,
+                (*k).trimmed,
+                (*k).uncut,
+                (*k).unchecked,
+            ]
         } else {
             return;
         };
         let start = (*sopt).__bindgen_anon_2.optval as *mut u8;
         let end = (*sopt).__bindgen_anon_3.optval_end as *mut u8;
-        if start.add(32) > end || (*sopt).optlen < 32 {
+        if start.add(56) > end || (*sopt).optlen < 56 {
             return;
         }
         let mut w = 0;
-        while w < 4 {
+        while w < 7 {
             let b = words[w].to_ne_bytes();
             let mut i = 0;
             while i < 8 {
@@ -57,7 +73,7 @@ fn write_fwd_state(sopt: *mut bpf_sockopt, sk: *mut aya_ebpf::bindings::bpf_sock
             }
             w += 1;
         }
-        write_result(sopt, 32);
+        write_result(sopt, 56);
     }
 }
 

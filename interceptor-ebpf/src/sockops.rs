@@ -86,6 +86,9 @@ fn kfwd_remove(sk: *mut bpf_sock) {
             unsafe {
                 k.passed = (*st).passed;
                 k.redirected = (*st).redirected;
+                k.trimmed = (*st).trimmed;
+                k.uncut = (*st).uncut;
+                k.unchecked = (*st).unchecked;
             }
         }
         let _ = ICP_FWD_STATE.remove(k.cookie);

@@ -12,7 +12,8 @@
 //!   written to its peer, the forwarder arms it; the kernel then redirects the socket's bytes
 //!   to the peer as long as it has passed none that this process did not read (so no byte
 //!   overtakes another), and both sockets are armed with each other;
-//! - `getsockopt(SO_ICP_KFWD_ARM)`: the socket's counts (`FwdState`: passed, redirected).
+//! - `getsockopt(SO_ICP_KFWD_ARM)`: the socket's counts (`FwdState`: passed, redirected,
+//!   trimmed).
 //!
 //! Probed once at start: without the programs (not attached, or a kernel without sockmap)
 //! the kernel answers `ENOPROTOOPT` and the proxy copies as before. A pair that cannot be
@@ -30,6 +31,29 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 pub static ARMED: AtomicU64 = AtomicU64::new(0);
 /// Bytes the kernel redirected, counted when their connection ended here.
 pub static BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes the kernel cut from received segments because they repeated bytes already handed
+/// on (retransmitted overlap), counted when their connection ended here.
+pub static TRIMMED: AtomicU64 = AtomicU64::new(0);
+/// Repeated bytes the kernel found but could not cut (handed on twice): should stay 0.
+pub static UNCUT: AtomicU64 = AtomicU64::new(0);
+/// Segments whose TCP control block the kernel could not read as expected (nothing cut in
+/// them): should stay 0; not 0, the kernel's `struct sk_buff` layout differs.
+pub static UNCHECKED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a socket's cuts of repeated bytes (`FwdState::trimmed`, `uncut`, `unchecked`) when
+/// its connection ends here; a repeat not cut is an error worth a line.
+pub fn count_cuts(s: &FwdState) {
+    TRIMMED.fetch_add(s.trimmed, Relaxed);
+    UNCUT.fetch_add(s.uncut, Relaxed);
+    UNCHECKED.fetch_add(s.unchecked, Relaxed);
+    if s.uncut > 0 || s.unchecked > 0 {
+        tracing::error!(
+            uncut_bytes = s.uncut,
+            unchecked_segments = s.unchecked,
+            "kernel forwarding handed repeated bytes on (a retransmitted segment's overlap not cut)"
+        );
+    }
+}
 /// Connections copied by the proxy although kernel forwarding is on (a socket not in the map).
 pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
@@ -74,12 +98,12 @@ pub fn arm<S: AsFd>(socket: &S, peer: u64, read: u64) -> io::Result<()> {
 
 /// The kernel's counts for `socket` (bytes passed to this process, bytes redirected).
 pub fn state<S: AsFd>(socket: &S) -> io::Result<FwdState> {
-    let mut b = [0u8; 32];
+    let mut b = [0u8; 56];
     let n = crate::original_dst::getsockopt(socket, SOL_IP, SO_ICP_KFWD_ARM, &mut b)?;
-    if n < 32 {
+    if n < 56 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("SO_ICP_KFWD_ARM answered {n} bytes, not 32"),
+            format!("SO_ICP_KFWD_ARM answered {n} bytes, not 56"),
         ));
     }
     let u = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
@@ -88,6 +112,10 @@ pub fn state<S: AsFd>(socket: &S) -> io::Result<FwdState> {
         armed: u(8),
         passed: u(16),
         redirected: u(24),
+        trimmed: u(32),
+        uncut: u(40),
+        unchecked: u(48),
+        ..FwdState::default()
     })
 }
 

@@ -94,9 +94,11 @@ fn read_exact_stream(s: &TcpStream, stream_seed: u64, n: u64) -> Result<u64, Str
         stream::fill(stream_seed, got, &mut want[..k]);
         if buf[..k] != want[..k] {
             let i = buf[..k].iter().zip(&want[..k]).position(|(a, b)| a != b);
+            let i = i.unwrap_or(0);
             return Err(format!(
-                "byte {} of {n} differs",
-                got + i.unwrap_or(0) as u64
+                "byte {} of {n} differs ({})",
+                got + i as u64,
+                shift(stream_seed, got + i as u64, &buf[i..k])
             ));
         }
         got += k as u64;
@@ -105,6 +107,27 @@ fn read_exact_stream(s: &TcpStream, stream_seed: u64, n: u64) -> Result<u64, Str
         return Err(format!("EOF after {got} of {n} bytes"));
     }
     Ok(got)
+}
+
+/// Where the bytes that arrived at stream offset `at` (`seen`, from the first wrong byte on)
+/// were sent from: "repeated N bytes" (they were sent N bytes earlier: bytes arrived twice),
+/// "skipped N bytes" (N bytes never arrived), or neither within 1 MiB.
+fn shift(stream_seed: u64, at: u64, seen: &[u8]) -> String {
+    let seen = &seen[..seen.len().min(64)];
+    let mut want = vec![0u8; seen.len()];
+    for d in 1..=(1u64 << 20) {
+        if d <= at {
+            stream::fill(stream_seed, at - d, &mut want);
+            if want == seen {
+                return format!("repeated {d} bytes");
+            }
+        }
+        stream::fill(stream_seed, at + d, &mut want);
+        if want == seen {
+            return format!("skipped {d} bytes");
+        }
+    }
+    format!("{} bytes seen match no offset within 1 MiB", seen.len())
 }
 
 /// Runs both halves on `s`: writes `send` bytes of `send_seed` (chunked by `chunk_seed`) on
@@ -116,7 +139,8 @@ fn exchange(
 ) -> Result<(), String> {
     let w = s.try_clone().map_err(|e| format!("dup: {e}"))?;
     let writer = std::thread::spawn(move || write_random(&w, send_seed, send, chunk_seed));
-    let read = read_exact_stream(&s, recv_seed, recv);
+    let ends = format!("{:?} -> {:?}", s.local_addr().ok(), s.peer_addr().ok());
+    let read = read_exact_stream(&s, recv_seed, recv).map_err(|e| format!("{e} ({ends})"));
     let wrote = writer.join().map_err(|_| "writer panicked".to_string())?;
     read?;
     wrote.map_err(|e| format!("write of {send} bytes: {e}"))
