@@ -119,8 +119,39 @@ pub fn run_all(w: &mut World, load: &Load, rep: u32) -> RunResult {
         w.proxy_counter("orig_dst_missing"),
     );
     r.check("iptables_redirect_packets", w.redirect_rule_packets());
+    if w.mode.kernel_forward() {
+        note_kernel_forward(w, &mut r);
+    }
     r.wall_s = t0.elapsed().as_secs_f64();
     r
+}
+
+/// EK: whether the proxy had kernel forwarding on, how many connections the kernel carried
+/// and how many bytes, against every byte the proxy forwarded (its `/stats` byte counts take
+/// the kernel's bytes in when a connection ends, so every workload's connections count by
+/// now: the idle step waited for them to close).
+fn note_kernel_forward(w: &World, r: &mut RunResult) {
+    let Some(rt) = w.proxy_runtime() else {
+        r.errors
+            .push("kernel forwarding: no answer from the proxy's /runtime".into());
+        return;
+    };
+    let u = |k: &str| rt[k].as_u64();
+    r.check("kfwd_on", rt["kernel_forward"].as_bool().map(u64::from));
+    r.check("kfwd_connections", u("kernel_forward_connections"));
+    r.check("kfwd_fallbacks", u("kernel_forward_fallbacks"));
+    r.check("kfwd_bytes", u("kernel_forward_bytes"));
+    let total = [
+        w.proxy_counter("bytes_client_to_upstream"),
+        w.proxy_counter("bytes_upstream_to_client"),
+    ];
+    if let [Some(a), Some(b)] = total {
+        r.check("proxy_bytes_total", Some(a + b));
+        if let Some(k) = u("kernel_forward_bytes").filter(|_| a + b > 0) {
+            r.set("kfwd_share_pct", Some(100.0 * k as f64 / (a + b) as f64));
+        }
+    }
+    r.raw.insert("runtime".into(), rt);
 }
 
 fn run_json(mut cmd: Command, timeout: Duration, what: &str) -> Result<Value> {
