@@ -470,7 +470,10 @@ fn bench(cli: &Cli) -> Result<i32> {
     }
     text.push_str(
         "* host mem: whole-machine MemTotal-MemAvailable delta per connection (both ends' sockets, \
-         client and server included; noisy)\n\n",
+         client and server included; noisy)\n\
+         * host CPU: whole-machine busy time of /proc/stat over the keep-alive run per 1,000 requests \
+         (wrk, nginx, the proxy, the kernel's work wherever it runs, e.g. sockmap kworkers; and \
+         anything else on the machine)\n\n",
     );
     let targets = report::targets(&sums);
     if profile.name == "smoke" {

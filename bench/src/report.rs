@@ -85,6 +85,11 @@ pub const FIGURES: &[Figure] = &[
         vs_direct: true,
     },
     Figure {
+        key: "host_cpu_ms_per_1k",
+        label: "host CPU/1k ka req (ms)*",
+        vs_direct: true,
+    },
+    Figure {
         key: "proxy_cpu_us_per_conn",
         label: "proxy CPU/new conn (us)",
         vs_direct: false,

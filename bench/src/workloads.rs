@@ -13,7 +13,9 @@ use interceptor_tests::{run_cmd, Proc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::world::{system_used_bytes, Mode, ProxyKind, World, HOLD_PORT, IPERF_PORT, NGINX_PORT};
+use crate::world::{
+    host_busy_usec, system_used_bytes, Mode, ProxyKind, World, HOLD_PORT, IPERF_PORT, NGINX_PORT,
+};
 
 /// What one measurement run needs to know.
 #[derive(Clone, Debug, Serialize)]
@@ -189,10 +191,12 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let d = format!("-d{}s", load.duration_s.ceil().max(1.0) as u64);
     let cpu0 = w.proxy_cpu_usec();
     let srv0 = w.server_cpu_usec();
+    let host0 = host_busy_usec();
     let mut cmd = w.client_command(&["wrk", "-t1", &c, &d, "--latency", &url]);
     let out = run_cmd(&mut cmd, bound(load)).context("run wrk")?;
     let cpu1 = w.proxy_cpu_usec();
     let srv1 = w.server_cpu_usec();
+    let host1 = host_busy_usec();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -221,6 +225,14 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
         r.set(
             "server_cpu_ms_per_1k",
             Some((b - a) as f64 / 1000.0 / (wrk.requests as f64 / 1000.0)),
+        );
+    }
+    if let (Some(a), Some(b)) = (host0, host1) {
+        // The whole machine: wrk, nginx, the proxy and the kernel's work on their behalf
+        // wherever it runs (softirq, the sockmap's kworkers), plus anything else running.
+        r.set(
+            "host_cpu_ms_per_1k",
+            Some(b.saturating_sub(a) as f64 / 1000.0 / (wrk.requests as f64 / 1000.0)),
         );
     }
     r.raw.insert("wrk".into(), Value::String(text));

@@ -534,6 +534,27 @@ fn cpu_usec(cg: &Path) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Whole-machine busy CPU time (every CPU's user, nice, system, irq, softirq and steal
+/// time of `/proc/stat`), in microseconds: catches work done outside the proxy's and the
+/// servers' cgroups, e.g. the kernel's sockmap workqueue (kworker threads) that sends the
+/// bytes kernel forwarding redirects. Includes whatever else runs on the machine.
+pub fn host_busy_usec() -> Option<u64> {
+    let text = fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    if v.len() < 8 {
+        return None;
+    }
+    let ticks = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    // USER_HZ: /proc/stat counts in 1/100 s on every Linux architecture (the ABI fixes it).
+    Some(ticks * 10_000)
+}
+
 /// Whole-machine memory in use (MemTotal - MemAvailable), bytes: catches memory a proxy
 /// holds in the kernel (socket buffers, pipes), which Pss does not show. Noisy.
 pub fn system_used_bytes() -> Option<u64> {
