@@ -68,6 +68,11 @@ struct Cli {
     /// Proxy thread configurations to run (overrides the profile).
     #[arg(long, value_enum)]
     threads: Option<ThreadsArg>,
+    /// Record each world's keep-alive, new-connection and bulk measurements with `perf
+    /// record -a -g` into DIR/<mode>-<threads>-rep<N>-<step>.data (read with `perf report
+    /// -i FILE --no-children --sort comm,dso,sym`). Costs CPU: not for the figures.
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
     /// Modes to run (default all: D,I,E,EK,H,EH); ratios need both of their modes.
     #[arg(long, value_enum, value_delimiter = ',')]
     modes: Option<Vec<Mode>>,
@@ -350,6 +355,10 @@ fn bench(cli: &Cli) -> Result<i32> {
     world::set_nofile(nofile);
     install_signal_handlers()?;
     let mut profile = Profile::from_cli(cli);
+    if let Some(dir) = &cli.perf {
+        std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        workloads::set_perf_dir(dir.clone());
+    }
     // A proxy holds two descriptors per proxied connection.
     let idle_max = (nofile.saturating_sub(200) / 2) as u32;
     if profile.load.idle_conns > idle_max {

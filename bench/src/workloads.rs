@@ -4,7 +4,8 @@
 //! a [`RunResult`]; a failed workload records an error and the run goes on.
 
 use std::collections::BTreeMap;
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -156,6 +157,58 @@ fn note_kernel_forward(w: &World, r: &mut RunResult) {
     r.raw.insert("runtime".into(), rt);
 }
 
+static PERF_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `--perf DIR`: the keep-alive, new-connection and bulk measurements of every world are
+/// recorded with `perf record -a -g` into `DIR/<mode>-<threads>-rep<N>-<step>.data`.
+pub fn set_perf_dir(dir: PathBuf) {
+    let _ = PERF_DIR.set(dir);
+}
+
+/// A whole-machine `perf record` over the measurement about to start (the same seconds).
+struct PerfRecord {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl PerfRecord {
+    fn start(r: &RunResult, step: &str, load: &Load) -> Option<PerfRecord> {
+        let dir = PERF_DIR.get()?;
+        let path = dir.join(format!(
+            "{}-{}-rep{}-{step}.data",
+            r.mode,
+            r.threads,
+            r.rep + 1
+        ));
+        let secs = (load.duration_s.ceil().max(1.0) as u64).to_string();
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "499", "-q", "-o"])
+            .arg(&path)
+            .args(["--", "sleep", &secs])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("  perf record: {e} (is linux-perf installed?)"))
+            .ok()?;
+        Some(PerfRecord { child, path })
+    }
+
+    /// Waits for the recording (it ends with its `sleep`) and names its file in `raw`.
+    fn finish(mut self, r: &mut RunResult, step: &str) {
+        match self.child.wait() {
+            Ok(st) if st.success() => {
+                r.raw.insert(
+                    format!("perf_{step}"),
+                    Value::String(self.path.display().to_string()),
+                );
+            }
+            Ok(st) => eprintln!("  perf record {}: {st}", self.path.display()),
+            Err(e) => eprintln!("  perf record {}: {e}", self.path.display()),
+        }
+    }
+}
+
 fn run_json(mut cmd: Command, timeout: Duration, what: &str) -> Result<Value> {
     let out = run_cmd(&mut cmd, timeout).with_context(|| format!("run {what}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -192,8 +245,13 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let cpu0 = w.proxy_cpu_usec();
     let srv0 = w.server_cpu_usec();
     let host0 = host_busy_usec();
+    let perf = PerfRecord::start(r, "keepalive", load);
     let mut cmd = w.client_command(&["wrk", "-t1", &c, &d, "--latency", &url]);
-    let out = run_cmd(&mut cmd, bound(load)).context("run wrk")?;
+    let out = run_cmd(&mut cmd, bound(load)).context("run wrk");
+    if let Some(p) = perf {
+        p.finish(r, "keepalive");
+    }
+    let out = out?;
     let cpu1 = w.proxy_cpu_usec();
     let srv1 = w.server_cpu_usec();
     let host1 = host_busy_usec();
@@ -303,6 +361,7 @@ fn newconn(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let addr = format!("127.0.0.1:{NGINX_PORT}");
     let threads = load.concurrency.to_string();
     let cpu0 = w.proxy_cpu_usec();
+    let perf = PerfRecord::start(r, "newconn", load);
     let v = run_json(
         w.bench_client(&[
             "close",
@@ -315,7 +374,11 @@ fn newconn(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
         ]),
         bound(load),
         "new-connection client",
-    )?;
+    );
+    if let Some(p) = perf {
+        p.finish(r, "newconn");
+    }
+    let v = v?;
     let cpu1 = w.proxy_cpu_usec();
     let ok = v["ok"].as_u64().unwrap_or(0);
     if ok == 0 {
@@ -368,8 +431,13 @@ fn bulk(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let t = format!("{}", load.duration_s.ceil().max(1.0) as u64);
     let port = IPERF_PORT.to_string();
     let cpu0 = w.proxy_cpu_usec();
+    let perf = PerfRecord::start(r, "bulk", load);
     let mut cmd = w.client_command(&["iperf3", "-c", "127.0.0.1", "-p", &port, "-t", &t, "-J"]);
-    let out = run_cmd(&mut cmd, bound(load)).context("run iperf3")?;
+    let out = run_cmd(&mut cmd, bound(load)).context("run iperf3");
+    if let Some(p) = perf {
+        p.finish(r, "bulk");
+    }
+    let out = out?;
     let cpu1 = w.proxy_cpu_usec();
     let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
         anyhow!(
