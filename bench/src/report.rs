@@ -80,6 +80,11 @@ pub const FIGURES: &[Figure] = &[
         vs_direct: false,
     },
     Figure {
+        key: "proxy_wakeups_per_req",
+        label: "proxy wake-ups/ka req",
+        vs_direct: false,
+    },
+    Figure {
         key: "server_cpu_ms_per_1k",
         label: "nginx CPU/1k ka req (ms)",
         vs_direct: true,

@@ -245,6 +245,7 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let cpu0 = w.proxy_cpu_usec();
     let srv0 = w.server_cpu_usec();
     let host0 = host_busy_usec();
+    let wake0 = w.proxy_wakeups();
     let perf = PerfRecord::start(r, "keepalive", load);
     let mut cmd = w.client_command(&["wrk", "-t1", &c, &d, "--latency", &url]);
     let out = run_cmd(&mut cmd, bound(load)).context("run wrk");
@@ -255,6 +256,7 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let cpu1 = w.proxy_cpu_usec();
     let srv1 = w.server_cpu_usec();
     let host1 = host_busy_usec();
+    let wake1 = w.proxy_wakeups();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -291,6 +293,12 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
         r.set(
             "host_cpu_ms_per_1k",
             Some(b.saturating_sub(a) as f64 / 1000.0 / (wrk.requests as f64 / 1000.0)),
+        );
+    }
+    if let (Some(a), Some(b)) = (wake0, wake1) {
+        r.set(
+            "proxy_wakeups_per_req",
+            Some(b.saturating_sub(a) as f64 / wrk.requests as f64),
         );
     }
     r.raw.insert("wrk".into(), Value::String(text));

@@ -506,6 +506,22 @@ impl World {
         cpu_usec(self.server_cg.path())
     }
 
+    /// Voluntary context switches of all the proxy's threads (`/proc/PID/task/*/status`):
+    /// how often it went to sleep waiting, i.e. was woken.
+    pub fn proxy_wakeups(&self) -> Option<u64> {
+        let pid = self.proxy.as_ref()?.pid();
+        let mut total = 0;
+        for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            let text = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Some(total)
+    }
+
     /// The proxy's (Pss, Rss) in bytes from /proc/PID/smaps_rollup.
     pub fn proxy_memory(&self) -> Option<(u64, u64)> {
         process_memory(self.proxy.as_ref()?.pid())
