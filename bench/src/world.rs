@@ -249,7 +249,7 @@ impl World {
     }
 
     /// Sets up the mode's interception: none, the iptables rule, or the eBPF programs on
-    /// the client cgroup (pin dir `icpt-t-<base>`).
+    /// the client cgroup (a pin dir named after `base`).
     fn intercept(&mut self, base: &str) -> Result<()> {
         let (mode, w) = (self.mode, self);
         match mode.intercept() {
