@@ -1,5 +1,6 @@
-//! `interceptor-bench`: direct (D), iptables -> our proxy (I), eBPF -> our proxy (E),
-//! iptables -> HAProxy (H) and eBPF -> HAProxy (EH), side by side on the same machine.
+//! `interceptor-bench`: direct (D), iptables -> our proxy (I), eBPF -> our proxy (E), the
+//! same with kernel forwarding (EK), iptables -> HAProxy (H) and eBPF -> HAProxy (EH), side
+//! by side on the same machine.
 //! Run it with `cargo xtask bench [--quick|--smoke] [--out DIR]`; see bench/README.md.
 //!
 //! Modules: `world` (modes, namespaces, servers, proxies, interception), `workloads`
@@ -67,7 +68,12 @@ struct Cli {
     /// Proxy thread configurations to run (overrides the profile).
     #[arg(long, value_enum)]
     threads: Option<ThreadsArg>,
-    /// Modes to run (default all: D,I,E,H,EH); ratios need both of their modes.
+    /// Record each world's keep-alive, new-connection and bulk measurements with `perf
+    /// record -a -g` into DIR/<mode>-<threads>-rep<N>-<step>.data (read with `perf report
+    /// -i FILE --no-children --sort comm,dso,sym`). Costs CPU: not for the figures.
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
+    /// Modes to run (default all: D,I,E,EK,H,EH); ratios need both of their modes.
     #[arg(long, value_enum, value_delimiter = ',')]
     modes: Option<Vec<Mode>>,
 }
@@ -274,7 +280,7 @@ fn violations(runs: &[RunResult]) -> Vec<String> {
         {
             v.push(format!("{id}: the REDIRECT rule matched no packet"));
         }
-        if matches!(r.mode.as_str(), "E" | "EH") {
+        if matches!(r.mode.as_str(), "E" | "EK" | "EH") {
             let red = c("ebpf_redirected").unwrap_or(0);
             if red < conns || red == 0 {
                 v.push(format!(
@@ -287,7 +293,7 @@ fn violations(runs: &[RunResult]) -> Vec<String> {
                 ));
             }
         }
-        if matches!(r.mode.as_str(), "I" | "E") {
+        if matches!(r.mode.as_str(), "I" | "E" | "EK") {
             let fwd = c("proxy_forwarded_total").unwrap_or(0);
             if fwd < conns || fwd == 0 {
                 v.push(format!(
@@ -297,6 +303,23 @@ fn violations(runs: &[RunResult]) -> Vec<String> {
             if c("proxy_orig_dst_missing").unwrap_or(0) != 0 {
                 v.push(format!(
                     "{id}: interceptor-proxy saw connections without an original destination"
+                ));
+            }
+        }
+        if r.mode == "EK" {
+            // The kernel carried connections and bytes: a proxy that copied everything
+            // (kernel forwarding refused at start, or never armed) fails here.
+            if c("kfwd_on") != Some(1) {
+                v.push(format!(
+                    "{id}: interceptor-proxy --kernel-forward on reports kernel forwarding off \
+                     (are the programs attached before it starts? see its log)"
+                ));
+            }
+            let kc = c("kfwd_connections").unwrap_or(0);
+            let kb = c("kfwd_bytes").unwrap_or(0);
+            if kc == 0 || kb == 0 {
+                v.push(format!(
+                    "{id}: the kernel forwarded {kc} connections and {kb} bytes (want > 0 of each)"
                 ));
             }
         }
@@ -332,6 +355,10 @@ fn bench(cli: &Cli) -> Result<i32> {
     world::set_nofile(nofile);
     install_signal_handlers()?;
     let mut profile = Profile::from_cli(cli);
+    if let Some(dir) = &cli.perf {
+        std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        workloads::set_perf_dir(dir.clone());
+    }
     // A proxy holds two descriptors per proxied connection.
     let idle_max = (nofile.saturating_sub(200) / 2) as u32;
     if profile.load.idle_conns > idle_max {
@@ -396,7 +423,7 @@ fn bench(cli: &Cli) -> Result<i32> {
         for &(t, n) in &profile.configs {
             if rep < n {
                 plan.extend(
-                    [Mode::I, Mode::E, Mode::H, Mode::EH]
+                    [Mode::I, Mode::E, Mode::EK, Mode::H, Mode::EH]
                         .iter()
                         .filter(|m| wanted(m))
                         .map(|&m| (m, t)),
@@ -452,7 +479,10 @@ fn bench(cli: &Cli) -> Result<i32> {
     }
     text.push_str(
         "* host mem: whole-machine MemTotal-MemAvailable delta per connection (both ends' sockets, \
-         client and server included; noisy)\n\n",
+         client and server included; noisy)\n\
+         * host CPU: whole-machine busy time of /proc/stat over the keep-alive run per 1,000 requests \
+         (wrk, nginx, the proxy, the kernel's work wherever it runs, e.g. sockmap kworkers; and \
+         anything else on the machine)\n\n",
     );
     let targets = report::targets(&sums);
     if profile.name == "smoke" {
@@ -463,7 +493,8 @@ fn bench(cli: &Cli) -> Result<i32> {
     text.push('\n');
     if viol.is_empty() {
         text.push_str(
-            "checks: conntrack entries > 0 for I/H; E/EH redirected by eBPF; I/E forwarded by interceptor-proxy: ok\n",
+            "checks: conntrack entries > 0 for I/H; E/EK/EH redirected by eBPF; I/E/EK forwarded by \
+             interceptor-proxy; EK forwarded by the kernel: ok\n",
         );
     } else {
         text.push_str(&format!("checks: {} violation(s):\n", viol.len()));
@@ -592,6 +623,18 @@ mod tests {
                 ],
             ),
             run(
+                "EK",
+                &[
+                    ("close_requests", 10),
+                    ("ebpf_redirected", 12),
+                    ("ebpf_orig_dst_answered", 12),
+                    ("proxy_forwarded_total", 12),
+                    ("kfwd_on", 1),
+                    ("kfwd_connections", 5),
+                    ("kfwd_bytes", 4000),
+                ],
+            ),
+            run(
                 "H",
                 &[
                     ("conntrack_max", 20),
@@ -622,10 +665,34 @@ mod tests {
                 ],
             ),
             run("H", &[("conntrack_max", 0), ("close_requests", 10)]),
+            // Through the proxy, but the proxy copied every byte itself.
+            run(
+                "EK",
+                &[
+                    ("close_requests", 10),
+                    ("ebpf_redirected", 12),
+                    ("ebpf_orig_dst_answered", 12),
+                    ("proxy_forwarded_total", 12),
+                    ("kfwd_on", 1),
+                    ("kfwd_connections", 0),
+                    ("kfwd_bytes", 0),
+                ],
+            ),
+            // Kernel forwarding refused at start, and the eBPF programs bypassed.
+            run(
+                "EK",
+                &[
+                    ("close_requests", 10),
+                    ("ebpf_redirected", 0),
+                    ("proxy_forwarded_total", 12),
+                    ("kfwd_on", 0),
+                ],
+            ),
         ];
         let v = violations(&bad);
         // E: too few redirected, too few forwarded (its conntrack count is no check); H: no
-        // conntrack entry, no REDIRECT packet.
-        assert_eq!(v.len(), 4, "{v:?}");
+        // conntrack entry, no REDIRECT packet; first EK: nothing carried by the kernel;
+        // second EK: not redirected, no SO_ORIGINAL_DST, kernel forwarding off, nothing carried.
+        assert_eq!(v.len(), 9, "{v:?}");
     }
 }

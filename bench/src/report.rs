@@ -1,5 +1,5 @@
-//! Statistics over repetitions, the terminal table, the targets of issue 4, machine
-//! facts and the JSON document.
+//! Statistics over repetitions, the terminal table, the targets of issue 4 and of issue 16
+//! (kernel forwarding, EK), machine facts and the JSON document.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -80,8 +80,18 @@ pub const FIGURES: &[Figure] = &[
         vs_direct: false,
     },
     Figure {
+        key: "proxy_wakeups_per_req",
+        label: "proxy wake-ups/ka req",
+        vs_direct: false,
+    },
+    Figure {
         key: "server_cpu_ms_per_1k",
         label: "nginx CPU/1k ka req (ms)",
+        vs_direct: true,
+    },
+    Figure {
+        key: "host_cpu_ms_per_1k",
+        label: "host CPU/1k ka req (ms)*",
         vs_direct: true,
     },
     Figure {
@@ -110,6 +120,11 @@ pub const FIGURES: &[Figure] = &[
         vs_direct: false,
     },
     Figure {
+        key: "kfwd_share_pct",
+        label: "kernel-forwarded bytes %",
+        vs_direct: false,
+    },
+    Figure {
         key: "conntrack_max",
         label: "conntrack entries (max)",
         vs_direct: false,
@@ -120,13 +135,19 @@ pub const FIGURES: &[Figure] = &[
 pub const RATIOS: &[(&str, &str)] = &[
     ("I", "D"),
     ("E", "D"),
+    ("EK", "D"),
     ("H", "D"),
     ("EH", "D"),
     ("E", "I"),
     ("E", "H"),
+    ("EK", "H"),
+    ("EK", "E"),
     ("EH", "H"),
     ("E", "EH"),
 ];
+
+/// The modes in the order of the table's columns.
+pub const MODES: &[&str] = &["D", "I", "E", "EK", "H", "EH"];
 
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Spread {
@@ -201,7 +222,7 @@ pub fn summarise(runs: &[RunResult], threads: &str, description: &str) -> Config
     let mut ratios = BTreeMap::new();
     for f in FIGURES {
         let mut per_mode = BTreeMap::new();
-        for m in ["D", "I", "E", "H", "EH"] {
+        for m in MODES {
             let vals: Vec<f64> = reps
                 .iter()
                 .filter_map(|&rep| value(runs, rep, m, threads, f.key))
@@ -272,9 +293,14 @@ pub fn table(sum: &ConfigSummary) -> String {
         "== {} — {}; median of {reps} repetition(s), (min-max) ==",
         sum.threads, sum.description
     );
-    let modes = ["D", "I", "E", "H", "EH"];
+    // Columns of modes that ran at this configuration only.
+    let modes: Vec<&str> = MODES
+        .iter()
+        .copied()
+        .filter(|m| sum.absolute.values().any(|row| row.contains_key(*m)))
+        .collect();
     let _ = write!(out, "{:<26}", "figure");
-    for m in modes {
+    for m in &modes {
         let _ = write!(out, "{m:>11}");
     }
     out.push('\n');
@@ -284,15 +310,31 @@ pub fn table(sum: &ConfigSummary) -> String {
             continue;
         }
         let _ = write!(out, "{:<26}", f.label);
-        for m in modes {
-            let _ = write!(out, "{:>11}", cell(row.get(m), false));
+        for m in &modes {
+            let _ = write!(out, "{:>11}", cell(row.get(*m), false));
         }
         out.push('\n');
     }
-    for (title, cols) in [("ratio to D", &RATIOS[..4]), ("head to head", &RATIOS[4..])] {
+    let ran = |(a, b): &&(&str, &str)| modes.contains(a) && modes.contains(b);
+    let to_d: Vec<(&str, &str)> = RATIOS
+        .iter()
+        .filter(|r| r.1 == "D")
+        .filter(ran)
+        .copied()
+        .collect();
+    let other: Vec<(&str, &str)> = RATIOS
+        .iter()
+        .filter(|r| r.1 != "D")
+        .filter(ran)
+        .copied()
+        .collect();
+    for (title, cols) in [("ratio to D", &to_d), ("head to head", &other)] {
+        if cols.is_empty() {
+            continue;
+        }
         let width = if reps >= 2 { 20 } else { 9 };
         let _ = write!(out, "\n{:<26}", title);
-        for (a, b) in cols {
+        for (a, b) in cols.iter() {
             let _ = write!(out, "{:>width$}", format!("{a}/{b}"));
         }
         out.push('\n');
@@ -307,7 +349,7 @@ pub fn table(sum: &ConfigSummary) -> String {
                 continue;
             }
             let _ = write!(out, "{:<26}", f.label);
-            for (a, b) in cols {
+            for (a, b) in cols.iter() {
                 let c = cell(row.get(&format!("{a}/{b}")), reps >= 2);
                 let _ = write!(out, "{c:>width$}");
             }
@@ -319,6 +361,8 @@ pub fn table(sum: &ConfigSummary) -> String {
 
 #[derive(Debug, Serialize)]
 pub struct TargetResult {
+    /// The issue that set the target (4: interception; 16: kernel forwarding).
+    pub issue: u32,
     pub figure: String,
     pub threads: String,
     pub target: String,
@@ -331,7 +375,8 @@ enum Cmp {
     AtMost(f64),
 }
 
-/// The targets of issue 4, evaluated on the medians.
+/// The targets of issue 4 and of issue 16 item 7 (EK), evaluated on the medians. A target
+/// whose modes did not run is left out.
 pub fn targets(sums: &[ConfigSummary]) -> Vec<TargetResult> {
     let mut out = Vec::new();
     for s in sums {
@@ -356,64 +401,111 @@ pub fn targets(sums: &[ConfigSummary]) -> Vec<TargetResult> {
                 _ => None,
             }
         };
-        let mut rows: Vec<(&str, Option<Spread>, Cmp, &str)> = vec![
+        let mut rows: Vec<(u32, &str, Option<Spread>, Cmp, &str)> = vec![
             (
+                4,
                 "new conns/s, EH/H (interception alone)",
                 ratio("close_cps", "EH/H"),
                 Cmp::AtLeast(1.3),
                 ">= 1.3",
             ),
             (
+                4,
                 "new conns/s, E/H",
                 ratio("close_cps", "E/H"),
                 Cmp::AtLeast(1.5),
                 ">= 1.5",
             ),
             (
+                4,
                 "keep-alive req/s, E/EH (our proxy vs HAProxy)",
                 ratio("ka_rps", "E/EH"),
                 Cmp::AtLeast(1.0),
                 ">= 1.0",
             ),
             (
+                4,
                 "added p50 latency at fixed rate, E - D (us)",
                 abs("rate_p50_added_us", "E"),
                 Cmp::AtMost(50.0),
                 "<= 50",
             ),
             (
+                4,
                 "conntrack entries, E and EH (max)",
                 conntrack_zero,
                 Cmp::AtMost(0.0),
                 "= 0",
             ),
             (
+                4,
                 "proxy memory per idle conn, E Pss (B)",
                 abs("idle_pss_per_conn", "E"),
                 Cmp::AtMost(4096.0),
                 "<= 4096",
             ),
             (
+                4,
                 "proxy CPU per 1k keep-alive req, E (core-ms)",
                 abs("proxy_cpu_ms_per_1k", "E"),
                 Cmp::AtMost(20.0),
                 "<= 20",
             ),
+            // Issue 16 item 7: kernel forwarding (EK).
+            (
+                16,
+                "keep-alive req/s, EK/D",
+                ratio("ka_rps", "EK/D"),
+                Cmp::AtLeast(0.8),
+                ">= 0.8",
+            ),
+            (
+                16,
+                "bulk Gbit/s, EK/D",
+                ratio("bulk_gbps", "EK/D"),
+                Cmp::AtLeast(0.8),
+                ">= 0.8",
+            ),
+            (
+                16,
+                "proxy CPU per 1k keep-alive req, EK (core-ms)",
+                abs("proxy_cpu_ms_per_1k", "EK"),
+                Cmp::AtMost(3.0),
+                "<= 3",
+            ),
+            (
+                16,
+                "added p50 latency at fixed rate, EK - D (us)",
+                abs("rate_p50_added_us", "EK"),
+                Cmp::AtMost(20.0),
+                "<= 20",
+            ),
+            (
+                16,
+                "new conns/s, EK/H",
+                ratio("close_cps", "EK/H"),
+                Cmp::AtLeast(1.5),
+                ">= 1.5",
+            ),
         ];
         if s.threads != "t1" {
             // "1 thread each" is the definition of the E/EH keep-alive target.
-            rows.retain(|r| !r.0.starts_with("keep-alive"));
+            rows.retain(|r| !r.1.starts_with("keep-alive req/s, E/EH"));
         }
-        for (figure, measured, cmp, target) in rows {
-            let pass = measured.is_some_and(|m| match cmp {
+        for (issue, figure, measured, cmp, target) in rows {
+            let Some(m) = measured else {
+                continue;
+            };
+            let pass = match cmp {
                 Cmp::AtLeast(t) => m.median >= t,
                 Cmp::AtMost(t) => m.median <= t,
-            });
+            };
             out.push(TargetResult {
+                issue,
                 figure: figure.to_string(),
                 threads: s.threads.clone(),
                 target: target.to_string(),
-                measured,
+                measured: Some(m),
                 pass,
             });
         }
@@ -425,13 +517,14 @@ pub fn targets_table(t: &[TargetResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<48}{:>9}{:>26}{:>10}  result",
-        "target (issue 4)", "threads", "measured (min-max)", "target"
+        "{:<6}{:<48}{:>9}{:>26}{:>10}  result",
+        "issue", "target", "threads", "measured (min-max)", "target"
     );
     for r in t {
         let _ = writeln!(
             out,
-            "{:<48}{:>9}{:>26}{:>10}  {}",
+            "{:<6}{:<48}{:>9}{:>26}{:>10}  {}",
+            r.issue,
             r.figure,
             r.threads,
             cell(r.measured.as_ref(), true),
@@ -598,6 +691,31 @@ mod tests {
         assert_eq!((r.min, r.max), (0.5, 0.6));
         let added = s.absolute["rate_p50_added_us"]["E"];
         assert_eq!((added.min, added.max), (-80.0, -50.0));
+    }
+
+    #[test]
+    fn kernel_forward_targets_only_when_ek_ran() {
+        let mk = |mode: &str, threads: &str, ka: f64, cpu: f64| {
+            let mut r = RunResult {
+                rep: 0,
+                mode: mode.into(),
+                threads: threads.into(),
+                ..Default::default()
+            };
+            r.figures.insert("ka_rps".into(), ka);
+            r.figures.insert("proxy_cpu_ms_per_1k".into(), cpu);
+            r
+        };
+        let mut runs = vec![mk("D", "-", 100.0, 0.0), mk("E", "t1", 50.0, 10.0)];
+        let t = targets(&[summarise(&runs, "t1", "")]);
+        assert!(t.iter().all(|t| t.issue == 4), "{t:?}");
+        runs.push(mk("EK", "t1", 85.0, 2.5));
+        let t = targets(&[summarise(&runs, "t1", "")]);
+        let ek: Vec<_> = t.iter().filter(|t| t.issue == 16).collect();
+        // keep-alive EK/D 0.85 >= 0.8 and 2.5 core-ms <= 3; the others have no figures.
+        assert_eq!(ek.len(), 2, "{ek:?}");
+        assert!(ek.iter().all(|t| t.pass), "{ek:?}");
+        assert!(table(&summarise(&runs, "t1", "")).contains("EK/D"));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! a [`RunResult`]; a failed workload records an error and the run goes on.
 
 use std::collections::BTreeMap;
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,7 +14,9 @@ use interceptor_tests::{run_cmd, Proc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::world::{system_used_bytes, Mode, ProxyKind, World, HOLD_PORT, IPERF_PORT, NGINX_PORT};
+use crate::world::{
+    host_busy_usec, system_used_bytes, Mode, ProxyKind, World, HOLD_PORT, IPERF_PORT, NGINX_PORT,
+};
 
 /// What one measurement run needs to know.
 #[derive(Clone, Debug, Serialize)]
@@ -119,8 +122,91 @@ pub fn run_all(w: &mut World, load: &Load, rep: u32) -> RunResult {
         w.proxy_counter("orig_dst_missing"),
     );
     r.check("iptables_redirect_packets", w.redirect_rule_packets());
+    if w.mode.kernel_forward() {
+        note_kernel_forward(w, &mut r);
+    }
     r.wall_s = t0.elapsed().as_secs_f64();
     r
+}
+
+/// EK: whether the proxy had kernel forwarding on, how many connections the kernel carried
+/// and how many bytes, against every byte the proxy forwarded (its `/stats` byte counts take
+/// the kernel's bytes in when a connection ends, so every workload's connections count by
+/// now: the idle step waited for them to close).
+fn note_kernel_forward(w: &World, r: &mut RunResult) {
+    let Some(rt) = w.proxy_runtime() else {
+        r.errors
+            .push("kernel forwarding: no answer from the proxy's /runtime".into());
+        return;
+    };
+    let u = |k: &str| rt[k].as_u64();
+    r.check("kfwd_on", rt["kernel_forward"].as_bool().map(u64::from));
+    r.check("kfwd_connections", u("kernel_forward_connections"));
+    r.check("kfwd_fallbacks", u("kernel_forward_fallbacks"));
+    r.check("kfwd_bytes", u("kernel_forward_bytes"));
+    let total = [
+        w.proxy_counter("bytes_client_to_upstream"),
+        w.proxy_counter("bytes_upstream_to_client"),
+    ];
+    if let [Some(a), Some(b)] = total {
+        r.check("proxy_bytes_total", Some(a + b));
+        if let Some(k) = u("kernel_forward_bytes").filter(|_| a + b > 0) {
+            r.set("kfwd_share_pct", Some(100.0 * k as f64 / (a + b) as f64));
+        }
+    }
+    r.raw.insert("runtime".into(), rt);
+}
+
+static PERF_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `--perf DIR`: the keep-alive, new-connection and bulk measurements of every world are
+/// recorded with `perf record -a -g` into `DIR/<mode>-<threads>-rep<N>-<step>.data`.
+pub fn set_perf_dir(dir: PathBuf) {
+    let _ = PERF_DIR.set(dir);
+}
+
+/// A whole-machine `perf record` over the measurement about to start (the same seconds).
+struct PerfRecord {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl PerfRecord {
+    fn start(r: &RunResult, step: &str, load: &Load) -> Option<PerfRecord> {
+        let dir = PERF_DIR.get()?;
+        let path = dir.join(format!(
+            "{}-{}-rep{}-{step}.data",
+            r.mode,
+            r.threads,
+            r.rep + 1
+        ));
+        let secs = (load.duration_s.ceil().max(1.0) as u64).to_string();
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "499", "-q", "-o"])
+            .arg(&path)
+            .args(["--", "sleep", &secs])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("  perf record: {e} (is linux-perf installed?)"))
+            .ok()?;
+        Some(PerfRecord { child, path })
+    }
+
+    /// Waits for the recording (it ends with its `sleep`) and names its file in `raw`.
+    fn finish(mut self, r: &mut RunResult, step: &str) {
+        match self.child.wait() {
+            Ok(st) if st.success() => {
+                r.raw.insert(
+                    format!("perf_{step}"),
+                    Value::String(self.path.display().to_string()),
+                );
+            }
+            Ok(st) => eprintln!("  perf record {}: {st}", self.path.display()),
+            Err(e) => eprintln!("  perf record {}: {e}", self.path.display()),
+        }
+    }
 }
 
 fn run_json(mut cmd: Command, timeout: Duration, what: &str) -> Result<Value> {
@@ -158,10 +244,19 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let d = format!("-d{}s", load.duration_s.ceil().max(1.0) as u64);
     let cpu0 = w.proxy_cpu_usec();
     let srv0 = w.server_cpu_usec();
+    let host0 = host_busy_usec();
+    let wake0 = w.proxy_wakeups();
+    let perf = PerfRecord::start(r, "keepalive", load);
     let mut cmd = w.client_command(&["wrk", "-t1", &c, &d, "--latency", &url]);
-    let out = run_cmd(&mut cmd, bound(load)).context("run wrk")?;
+    let out = run_cmd(&mut cmd, bound(load)).context("run wrk");
+    if let Some(p) = perf {
+        p.finish(r, "keepalive");
+    }
+    let out = out?;
     let cpu1 = w.proxy_cpu_usec();
     let srv1 = w.server_cpu_usec();
+    let host1 = host_busy_usec();
+    let wake1 = w.proxy_wakeups();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -190,6 +285,20 @@ fn keepalive(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
         r.set(
             "server_cpu_ms_per_1k",
             Some((b - a) as f64 / 1000.0 / (wrk.requests as f64 / 1000.0)),
+        );
+    }
+    if let (Some(a), Some(b)) = (host0, host1) {
+        // The whole machine: wrk, nginx, the proxy and the kernel's work on their behalf
+        // wherever it runs (softirq, the sockmap's kworkers), plus anything else running.
+        r.set(
+            "host_cpu_ms_per_1k",
+            Some(b.saturating_sub(a) as f64 / 1000.0 / (wrk.requests as f64 / 1000.0)),
+        );
+    }
+    if let (Some(a), Some(b)) = (wake0, wake1) {
+        r.set(
+            "proxy_wakeups_per_req",
+            Some(b.saturating_sub(a) as f64 / wrk.requests as f64),
         );
     }
     r.raw.insert("wrk".into(), Value::String(text));
@@ -260,6 +369,7 @@ fn newconn(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let addr = format!("127.0.0.1:{NGINX_PORT}");
     let threads = load.concurrency.to_string();
     let cpu0 = w.proxy_cpu_usec();
+    let perf = PerfRecord::start(r, "newconn", load);
     let v = run_json(
         w.bench_client(&[
             "close",
@@ -272,7 +382,11 @@ fn newconn(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
         ]),
         bound(load),
         "new-connection client",
-    )?;
+    );
+    if let Some(p) = perf {
+        p.finish(r, "newconn");
+    }
+    let v = v?;
     let cpu1 = w.proxy_cpu_usec();
     let ok = v["ok"].as_u64().unwrap_or(0);
     if ok == 0 {
@@ -325,8 +439,13 @@ fn bulk(w: &mut World, load: &Load, r: &mut RunResult) -> Result<()> {
     let t = format!("{}", load.duration_s.ceil().max(1.0) as u64);
     let port = IPERF_PORT.to_string();
     let cpu0 = w.proxy_cpu_usec();
+    let perf = PerfRecord::start(r, "bulk", load);
     let mut cmd = w.client_command(&["iperf3", "-c", "127.0.0.1", "-p", &port, "-t", &t, "-J"]);
-    let out = run_cmd(&mut cmd, bound(load)).context("run iperf3")?;
+    let out = run_cmd(&mut cmd, bound(load)).context("run iperf3");
+    if let Some(p) = perf {
+        p.finish(r, "bulk");
+    }
+    let out = out?;
     let cpu1 = w.proxy_cpu_usec();
     let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
         anyhow!(

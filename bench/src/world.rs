@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use interceptor::{Counter, PinLayout, ProxyListener, ScopeSettings};
 use interceptor_tests::{
-    exec_command, proxy_bin, proxy_stats, wait_proxy_ready, wait_until, NetNs, PinDir, Proc,
-    TestCgroup,
+    exec_command, http_get_in, proxy_bin, proxy_stats, wait_proxy_ready, wait_until, NetNs, PinDir,
+    Proc, TestCgroup,
 };
 
 /// Every client runs as this uid: the iptables rule matches it, the proxies (root) are
@@ -57,18 +57,20 @@ pub enum Mode {
     D,
     I,
     E,
+    EK,
     H,
     EH,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [Mode::D, Mode::I, Mode::E, Mode::H, Mode::EH];
+    pub const ALL: [Mode; 6] = [Mode::D, Mode::I, Mode::E, Mode::EK, Mode::H, Mode::EH];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::D => "D",
             Mode::I => "I",
             Mode::E => "E",
+            Mode::EK => "EK",
             Mode::H => "H",
             Mode::EH => "EH",
         }
@@ -78,23 +80,32 @@ impl Mode {
         match self {
             Mode::D => Intercept::None,
             Mode::I | Mode::H => Intercept::Iptables,
-            Mode::E | Mode::EH => Intercept::Ebpf,
+            Mode::E | Mode::EK | Mode::EH => Intercept::Ebpf,
         }
     }
 
     pub fn proxy(self) -> ProxyKind {
         match self {
             Mode::D => ProxyKind::None,
-            Mode::I | Mode::E => ProxyKind::Ours,
+            Mode::I | Mode::E | Mode::EK => ProxyKind::Ours,
             Mode::H | Mode::EH => ProxyKind::Haproxy,
         }
+    }
+
+    /// Whether the proxy is started `--kernel-forward on` (the bytes of its opaque
+    /// connections carried by the kernel's sockmap programs once both sockets are armed).
+    pub fn kernel_forward(self) -> bool {
+        self == Mode::EK
     }
 
     pub fn describe(self) -> &'static str {
         match self {
             Mode::D => "direct: client -> nginx, nothing in between",
             Mode::I => "iptables nat OUTPUT REDIRECT -> interceptor-proxy",
-            Mode::E => "eBPF interception -> interceptor-proxy",
+            Mode::E => "eBPF interception -> interceptor-proxy (copies the bytes)",
+            Mode::EK => {
+                "eBPF interception -> interceptor-proxy --kernel-forward on (sockmap carries the bytes)"
+            }
             Mode::H => "iptables nat OUTPUT REDIRECT -> HAProxy",
             Mode::EH => "eBPF interception -> HAProxy",
         }
@@ -216,16 +227,36 @@ impl World {
         };
         w.start_nginx()?;
         w.start_iperf()?;
-        match mode.proxy() {
-            ProxyKind::None => {}
-            ProxyKind::Ours => w.start_our_proxy()?,
-            ProxyKind::Haproxy => w.start_haproxy()?,
+        // The proxy probes kernel forwarding once at start (the root programs answer its
+        // setsockopt): in EK the programs are attached first. The other modes keep the
+        // order of a proxy that is up before its interception.
+        if !mode.kernel_forward() {
+            w.start_proxy()?;
         }
+        w.intercept(&base)?;
+        if mode.kernel_forward() {
+            w.start_proxy()?;
+        }
+        Ok(w)
+    }
+
+    fn start_proxy(&mut self) -> Result<()> {
+        match self.mode.proxy() {
+            ProxyKind::None => Ok(()),
+            ProxyKind::Ours => self.start_our_proxy(),
+            ProxyKind::Haproxy => self.start_haproxy(),
+        }
+    }
+
+    /// Sets up the mode's interception: none, the iptables rule, or the eBPF programs on
+    /// the client cgroup (a pin dir named after `base`).
+    fn intercept(&mut self, base: &str) -> Result<()> {
+        let (mode, w) = (self.mode, self);
         match mode.intercept() {
             Intercept::None => {}
             Intercept::Iptables => w.add_redirect_rule()?,
             Intercept::Ebpf => {
-                let pin = PinDir::new(&base);
+                let pin = PinDir::new(base);
                 // HAProxy cannot put the bypass mark on its listener: any listener is
                 // the proxy there.
                 let settings = ScopeSettings {
@@ -240,7 +271,7 @@ impl World {
                 w.pin = Some(pin);
             }
         }
-        Ok(w)
+        Ok(())
     }
 
     /// Spawns `cmd` in the namespace and `cg` (root), output to the harness's log files.
@@ -334,7 +365,21 @@ impl World {
         let bin = proxy_bin();
         let bin = bin.to_str().expect("UTF-8 path");
         let outbound = format!("127.0.0.1:{PROXY_PORT}");
-        let mut cmd = vec![bin, "--outbound", &outbound, "--admin", ADMIN];
+        // Explicit either way, so E stays the copying proxy whatever the default becomes.
+        let kf = if self.mode.kernel_forward() {
+            "on"
+        } else {
+            "off"
+        };
+        let mut cmd = vec![
+            bin,
+            "--outbound",
+            &outbound,
+            "--admin",
+            ADMIN,
+            "--kernel-forward",
+            kf,
+        ];
         if self.threads == Threads::One {
             cmd.extend_from_slice(&["--workers", "1"]);
         }
@@ -437,6 +482,17 @@ impl World {
         v[name].as_u64()
     }
 
+    /// interceptor-proxy's `GET /runtime` (settings in force and the kernel-forwarding
+    /// counts), if it answers.
+    pub fn proxy_runtime(&self) -> Option<serde_json::Value> {
+        if self.mode.proxy() != ProxyKind::Ours {
+            return None;
+        }
+        let addr = ADMIN.parse().ok()?;
+        let (code, body) = http_get_in(&self.ns, addr, "/runtime", Duration::from_secs(5)).ok()?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
     /// `usage_usec` of the proxy's cgroup (all its threads).
     pub fn proxy_cpu_usec(&self) -> Option<u64> {
         if self.mode.proxy() == ProxyKind::None {
@@ -448,6 +504,22 @@ impl World {
     /// `usage_usec` of the servers' cgroup (nginx, iperf3, idle server).
     pub fn server_cpu_usec(&self) -> Option<u64> {
         cpu_usec(self.server_cg.path())
+    }
+
+    /// Voluntary context switches of all the proxy's threads (`/proc/PID/task/*/status`):
+    /// how often it went to sleep waiting, i.e. was woken.
+    pub fn proxy_wakeups(&self) -> Option<u64> {
+        let pid = self.proxy.as_ref()?.pid();
+        let mut total = 0;
+        for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            let text = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Some(total)
     }
 
     /// The proxy's (Pss, Rss) in bytes from /proc/PID/smaps_rollup.
@@ -476,6 +548,27 @@ fn cpu_usec(cg: &Path) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("usage_usec "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whole-machine busy CPU time (every CPU's user, nice, system, irq, softirq and steal
+/// time of `/proc/stat`), in microseconds: catches work done outside the proxy's and the
+/// servers' cgroups, e.g. the kernel's sockmap workqueue (kworker threads) that sends the
+/// bytes kernel forwarding redirects. Includes whatever else runs on the machine.
+pub fn host_busy_usec() -> Option<u64> {
+    let text = fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    if v.len() < 8 {
+        return None;
+    }
+    let ticks = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    // USER_HZ: /proc/stat counts in 1/100 s on every Linux architecture (the ABI fixes it).
+    Some(ticks * 10_000)
 }
 
 /// Whole-machine memory in use (MemTotal - MemAvailable), bytes: catches memory a proxy
