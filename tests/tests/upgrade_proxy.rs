@@ -1408,6 +1408,198 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     w.assert_both_directions_proxied();
 }
 
+/// The service address the workload dials for TLS (nothing listens there: the route
+/// makes it reachable), and the endpoints of its two subsets (only `a`'s serves).
+const SECURE_VIP: &str = "127.0.10.3";
+const SECURE_A: &str = "127.0.20.5:8443";
+/// The TLS route: SNI `a.test` to subset `a`.
+const TLS_ROUTES: &str = r#"
+serviceEntries:
+- hosts: [secure]
+  addresses: [127.0.10.3]
+  ports: [{number: 8443, name: tls, protocol: TLS}]
+  endpoints:
+  - {address: 127.0.20.5, labels: {site: a}}
+  - {address: 127.0.20.6, labels: {site: b}}
+virtualServices:
+- name: secure
+  hosts: [secure]
+  tls:
+  - match: [{sniHosts: [a.test]}]
+    route: [{destination: {host: secure, subset: a}}]
+destinationRules:
+- host: secure
+  subsets:
+  - {name: a, labels: {site: a}}
+  - {name: b, labels: {site: b}}
+"#;
+
+/// A long download through a TLS passthrough route (SNI `a.test` to subset `a`, from the
+/// workload's cgroup, curl rate-capped so that it lasts) across three upgrades with the
+/// 2 s drain: each old generation moves the routed connection and exits before its
+/// deadline having cut nothing (the times are printed), the file arrives byte-exact (its
+/// SHA-256; TLS would fail on any change), and the last generation's per-destination
+/// series of the route's endpoint (carried through three moves) hold the one connection
+/// and every byte the counters saw.
+#[test]
+fn a_tls_passthrough_connection_moves_through_three_upgrades_byte_exact() {
+    let mut w = World::without_proxy("upg-tls", &["--destination-stats", "on"]);
+    let routes = w.scratch.join("routes.yaml");
+    std::fs::write(&routes, TLS_ROUTES).unwrap();
+    w.extra
+        .extend(["--routes".to_owned(), routes.display().to_string()]);
+    w.start_first(DRAIN);
+    // Site a's server: a self-signed certificate for a.test and 256 MiB of random bytes.
+    let dir = w.scratch.join("tls-a");
+    std::fs::create_dir_all(&dir).unwrap();
+    let size: u64 = 256 << 20;
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=a.test",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ],
+        vec!["rand", "-out", "blob.bin", &size.to_string()],
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let want = std::process::Command::new("sha256sum")
+        .arg(dir.join("blob.bin"))
+        .output()
+        .unwrap();
+    let want = String::from_utf8_lossy(&want.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let serve = format!(
+        "cd {} && exec openssl s_server -quiet -WWW -accept {SECURE_A} -cert cert.pem -key key.pem",
+        dir.display()
+    );
+    let _server = spawn_in(&w.ns, None, &["sh", "-c", &serve]);
+    assert!(interceptor_tests::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let out = w.ns.run(&["ss", "-Hltn", "sport = :8443"]);
+            String::from_utf8_lossy(&out.stdout).lines().count() == 1
+        }
+    ));
+    // 256 MiB at 24 MiB/s: over 10 s, longer than three upgrades.
+    let fetch = format!(
+        "set -o pipefail; curl -sS -k --limit-rate 24M --resolve a.test:8443:{SECURE_VIP} \
+         https://a.test:8443/blob.bin | sha256sum"
+    );
+    let mut curl = spawn_in(&w.ns, Some(&w.cg), &["bash", "-c", &fetch]);
+    assert!(
+        interceptor_tests::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            w.proxy_stat("connections_active") == 1
+        }),
+        "the download did not start: {}",
+        curl.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let mut gone = Vec::new();
+    for g in 0..3 {
+        w.upgrade(DRAIN);
+        let handed_over = Instant::now();
+        let old = &mut w.proxies[g];
+        let status = old
+            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
+        assert!(status.success(), "generation {g}: {status}");
+        gone.push(handed_over.elapsed());
+        let log = old.stderr();
+        let (moved, kept, ms) = moved_line(&log)
+            .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&log)));
+        assert_eq!(
+            cut_at_deadline(&log),
+            0,
+            "generation {g} cut:\n{}",
+            tail(&log)
+        );
+        assert_eq!((moved, kept), (1, 0), "generation {g}:\n{}", tail(&log));
+        assert!(
+            ms < DRAIN_TIME.as_millis() as u64,
+            "generation {g} drained for {ms} ms"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        curl.is_running(),
+        "the download ended before the last upgrade: {}{}",
+        curl.stdout(),
+        curl.stderr()
+    );
+    println!("each old generation gone after the new one reported its hand-off: {gone:?}");
+    let status = curl
+        .wait_timeout(Duration::from_secs(300))
+        .expect("the download ends");
+    assert!(status.success(), "curl: {status} {}", curl.stderr());
+    let got = curl.stdout();
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "SHA-256 of the {size} bytes received through three upgrades"
+    );
+    println!("{size} bytes through the TLS route and three upgrades, SHA-256 {want}");
+
+    // The route's endpoint's series in the last generation: the one connection (counted
+    // where it closed, after three moves) and every byte the counters saw.
+    assert!(interceptor_tests::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || w.proxy_stat("connections_active") == 0
+    ));
+    let (code, text) = interceptor_tests::http_get_in(
+        &w.ns,
+        ADMIN.parse().unwrap(),
+        "/metrics",
+        Duration::from_secs(10),
+    )
+    .expect("GET /metrics");
+    assert_eq!(code, 200);
+    let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+    let series = |name: &str| {
+        interceptor_tests::openmetrics::sum(
+            &m,
+            name,
+            &[("direction", "outbound"), ("destination", SECURE_A)],
+        )
+    };
+    let conns = series("interceptor_proxy_destination_connections_total");
+    let up = series("interceptor_proxy_destination_client_to_upstream_bytes_total");
+    let down = series("interceptor_proxy_destination_upstream_to_client_bytes_total");
+    println!("series for {SECURE_A}: {conns} connections, {up} bytes up, {down} bytes down");
+    assert_eq!(conns, 1.0, "connections to {SECURE_A}:\n{text}");
+    assert_eq!(w.proxy_stat("connections_total"), 1);
+    assert_eq!(up, w.proxy_stat("bytes_client_to_upstream") as f64);
+    assert_eq!(down, w.proxy_stat("bytes_upstream_to_client") as f64);
+    assert!(
+        down >= size as f64,
+        "{down} bytes down for a {size}-byte file"
+    );
+}
+
 const GRPC_BIN: &str = env!("CARGO_BIN_EXE_icpt-grpc");
 
 /// Starts `icpt-grpc serve` in `ns` and waits until it listens.
