@@ -301,6 +301,16 @@ fn cut_at_deadline(log: &str) -> u64 {
         .sum()
 }
 
+/// The connections a generation cut at its deadline, each as it logs it when closed (at
+/// debug level: run with `RUST_LOG=info,interceptor_proxy::upstream=debug` to see which).
+fn cut_lines(log: &str) -> String {
+    let cut: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cut_at_drain_deadline=true"))
+        .collect();
+    format!("cut (debug log): {cut:#?}")
+}
+
 /// `connections_total` of a generation's own final log line.
 fn final_count(log: &str) -> u64 {
     let line = log
@@ -1099,8 +1109,8 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     probe_rounds_after(&mut out_pinger, 1, Duration::from_secs(30));
     // A long iperf3 stream, wrk keep-alive on 16 connections and wrk with a new
     // connection per request, each outbound (from the cgroup to the workload's own
-    // servers) and inbound (from the peer to the same servers at the workload's address):
-    // each must outlast the ten upgrades.
+    // servers) and inbound (from the peer to servers at the workload's address): each
+    // must outlast the ten upgrades.
     let run = Duration::from_secs(45);
     let (iperf_out_port, iperf_in_port) = (5201, 5202);
     let _iperf_servers = [
@@ -1172,8 +1182,9 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         assert_eq!(
             cut_at_deadline(&log),
             0,
-            "generation {g} cut connections:\n{}",
-            tail(&log)
+            "generation {g} cut connections:\n{}\n{}",
+            tail(&log),
+            cut_lines(&log)
         );
         assert_eq!(kept, 0, "generation {g}");
         assert!(
@@ -1534,8 +1545,9 @@ fn a_tls_passthrough_connection_moves_through_three_upgrades_byte_exact() {
         assert_eq!(
             cut_at_deadline(&log),
             0,
-            "generation {g} cut:\n{}",
-            tail(&log)
+            "generation {g} cut:\n{}\n{}",
+            tail(&log),
+            cut_lines(&log)
         );
         assert_eq!((moved, kept), (1, 0), "generation {g}:\n{}", tail(&log));
         assert!(
