@@ -302,13 +302,34 @@ fn cut_at_deadline(log: &str) -> u64 {
 }
 
 /// The connections a generation cut at its deadline, each as it logs it when closed (at
-/// debug level: run with `RUST_LOG=info,interceptor_proxy::upstream=debug` to see which).
+/// debug level: with `RUST_LOG=info,interceptor_proxy::upstream=debug`, as [`LogFilter`] sets).
 fn cut_lines(log: &str) -> String {
     let cut: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("cut_at_drain_deadline=true"))
         .collect();
     format!("cut (debug log): {cut:#?}")
+}
+
+/// `RUST_LOG` for the proxies this test starts (they inherit the test's environment; the
+/// suite runs one test at a time), restored when dropped.
+struct LogFilter(Option<std::ffi::OsString>);
+
+impl LogFilter {
+    fn set(filter: &str) -> LogFilter {
+        let before = std::env::var_os("RUST_LOG");
+        std::env::set_var("RUST_LOG", filter);
+        LogFilter(before)
+    }
+}
+
+impl Drop for LogFilter {
+    fn drop(&mut self) {
+        match self.0.take() {
+            Some(v) => std::env::set_var("RUST_LOG", v),
+            None => std::env::remove_var("RUST_LOG"),
+        }
+    }
 }
 
 /// `connections_total` of a generation's own final log line.
@@ -1055,6 +1076,9 @@ fn moved_line(log: &str) -> Option<(u64, u64, u64)> {
 /// carry over to the last generation exactly.
 #[test]
 fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
+    // Every generation logs each connection's end at debug level, so that a connection
+    // cut at a deadline is named in the failure (see `cut_lines`).
+    let _log = LogFilter::set("info,interceptor_proxy::upstream=debug");
     let mut w = World::new_with("upg-move", DRAIN, &["--destination-stats", "on"]).with_nginx();
     let echo_addr: SocketAddr = format!("0.0.0.0:{ECHO_PORT}").parse().unwrap();
     let _echo = Echo::start_in(&w.ns, echo_addr);
