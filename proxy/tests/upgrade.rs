@@ -433,6 +433,15 @@ async fn http_server(l: TcpListener) {
     }
 }
 
+/// [`http_server`] on a port of 127.0.0.1, and a routing file in `dir` that makes it the
+/// HTTP service `web` at 127.0.10.1 on the same port: (the service address, the file).
+async fn http_service(dir: &Scratch) -> (SocketAddr, PathBuf) {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    tokio::spawn(http_server(upstream));
+    web_service_routes(&dir.0, port)
+}
+
 /// Sends one request on a kept-alive connection and reads its response head and body.
 async fn request(c: &mut TcpStream, path: &str) -> String {
     c.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
@@ -466,18 +475,7 @@ async fn request(c: &mut TcpStream, path: &str) -> String {
 async fn routed_http_connections_end_between_requests_at_an_upgrade() {
     let dir = scratch("http");
     let socket = dir.0.join("proxy.sock");
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = upstream.local_addr().unwrap().port();
-    tokio::spawn(http_server(upstream));
-    let routes = dir.0.join("routes.yaml");
-    std::fs::write(
-        &routes,
-        format!(
-            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
-        ),
-    )
-    .unwrap();
-    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let (service, routes) = http_service(&dir).await;
     let (old, addr) = generation_routes(&socket, false, service, Some(&routes)).await;
     let mut busy = TcpStream::connect(addr).await.unwrap();
     let mut idle = TcpStream::connect(addr).await.unwrap();
@@ -550,18 +548,7 @@ async fn routed_http_connections_end_between_requests_at_an_upgrade() {
 async fn a_connection_cut_at_the_drain_deadline_is_counted_in_the_new_generation() {
     let dir = scratch("cut");
     let socket = dir.0.join("proxy.sock");
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = upstream.local_addr().unwrap().port();
-    tokio::spawn(http_server(upstream));
-    let routes = dir.0.join("routes.yaml");
-    std::fs::write(
-        &routes,
-        format!(
-            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
-        ),
-    )
-    .unwrap();
-    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let (service, routes) = http_service(&dir).await;
     let drain = Duration::from_millis(200);
     let (old, addr) = generation_drain(&socket, false, service, Some(&routes), drain).await;
     let mut busy = TcpStream::connect(addr).await.unwrap();

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use interceptor::{Counter, InboundSettings, PinLayout, ScopeSettings};
+use interceptor_tests::openmetrics::Sample;
 use interceptor_tests::{
     exec_command, listen_drops, probe_bin, probe_in, proxy_bin, proxy_stats, spawn_in, start_proxy,
     Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, Wrk,
@@ -154,6 +155,33 @@ impl World {
 
     fn current(&mut self) -> &mut Proc {
         self.proxies.last_mut().expect("a proxy runs")
+    }
+
+    /// Upgrades (the 2 s drain) and waits for generation `g`, the one replaced, to exit
+    /// with success; how long after the hand-off it was gone.
+    fn upgrade_and_await_exit(&mut self, g: usize) -> Duration {
+        self.upgrade(DRAIN);
+        let handed_over = Instant::now();
+        let old = &mut self.proxies[g];
+        let status = old
+            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
+        assert!(status.success(), "generation {g}: {status}");
+        handed_over.elapsed()
+    }
+
+    /// The current generation's `/metrics`: the text and its samples.
+    fn metrics(&self) -> (String, Vec<Sample>) {
+        let (code, text) = interceptor_tests::http_get_in(
+            &self.ns,
+            ADMIN.parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(10),
+        )
+        .expect("GET /metrics");
+        assert_eq!(code, 200, "{text}");
+        let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+        (text, m)
     }
 
     /// Starts `interceptor-proxy ARGS --upgrade` (not waiting).
@@ -330,6 +358,18 @@ impl Drop for LogFilter {
             None => std::env::remove_var("RUST_LOG"),
         }
     }
+}
+
+/// One destination's per-destination series in `m`: (connections, bytes client to
+/// upstream, bytes upstream to client).
+fn destination_series(m: &[Sample], direction: &str, destination: &str) -> (f64, f64, f64) {
+    let labels = [("direction", direction), ("destination", destination)];
+    let sum = |name: &str| interceptor_tests::openmetrics::sum(m, name, &labels);
+    (
+        sum("interceptor_proxy_destination_connections_total"),
+        sum("interceptor_proxy_destination_client_to_upstream_bytes_total"),
+        sum("interceptor_proxy_destination_upstream_to_client_bytes_total"),
+    )
 }
 
 /// `connections_total` of a generation's own final log line.
@@ -517,15 +557,7 @@ fn ten_upgrades_under_load_with_a_two_second_drain() {
     assert_eq!(w.proxy_stat("connections_active"), 0);
     // The histograms carry over too: every forwarded connection was observed once, in the
     // generation that served it, and the last one's histograms hold them all.
-    let (code, text) = interceptor_tests::http_get_in(
-        &w.ns,
-        ADMIN.parse().unwrap(),
-        "/metrics",
-        Duration::from_secs(10),
-    )
-    .expect("GET /metrics");
-    assert_eq!(code, 200);
-    let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+    let (_, m) = w.metrics();
     let out = [("direction", "outbound")];
     for h in [
         "interceptor_proxy_connection_duration_seconds_count",
@@ -1158,18 +1190,12 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     std::thread::sleep(Duration::from_secs(1));
     let mut gone: Vec<Duration> = Vec::new();
     for g in 0..10 {
-        w.upgrade(DRAIN);
-        let handed_over = Instant::now();
         // The old generation exits as soon as its connections have moved.
-        let old = &mut w.proxies[g];
-        let status = old
-            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
-        assert!(status.success(), "generation {g}: {status}");
-        gone.push(handed_over.elapsed());
+        let exited_after = w.upgrade_and_await_exit(g);
+        gone.push(exited_after);
         // An upgrade every 1.5 s at most, while the pings go on (a round of 1,000 pings
         // takes seconds on a loaded machine, so pings are in flight at every move).
-        if let Some(rest) = Duration::from_millis(1500).checked_sub(handed_over.elapsed()) {
+        if let Some(rest) = Duration::from_millis(1500).checked_sub(exited_after) {
             std::thread::sleep(rest);
         }
     }
@@ -1309,34 +1335,12 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         (least..=lookups).contains(&inbound_total),
         "inbound connections: {inbound_total}, at least {least}, kernel lookups {lookups}"
     );
-    let (code, text) = interceptor_tests::http_get_in(
-        &w.ns,
-        ADMIN.parse().unwrap(),
-        "/metrics",
-        Duration::from_secs(10),
-    )
-    .expect("GET /metrics");
-    assert_eq!(code, 200);
-    let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+    let (text, m) = w.metrics();
     let echo = format!("{APP4}:{ECHO_PORT}");
     let series = |name: &str, dir: &str, dest: &str| {
         interceptor_tests::openmetrics::sum(&m, name, &[("direction", dir), ("destination", dest)])
     };
-    let conns = series(
-        "interceptor_proxy_destination_connections_total",
-        "inbound",
-        &echo,
-    );
-    let up = series(
-        "interceptor_proxy_destination_client_to_upstream_bytes_total",
-        "inbound",
-        &echo,
-    );
-    let down = series(
-        "interceptor_proxy_destination_upstream_to_client_bytes_total",
-        "inbound",
-        &echo,
-    );
+    let (conns, up, down) = destination_series(&m, "inbound", &echo);
     println!("series for {echo}: {conns} connections, {up} bytes up, {down} bytes down");
     assert_eq!(conns, IDLE_CONNS as f64, "connections to {echo}:\n{text}");
     assert_eq!(up, ping_bytes as f64, "bytes to {echo}");
@@ -1418,23 +1422,7 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         "outbound bytes: the series over all destinations vs the counter"
     );
     let out_echo = format!("127.0.0.1:{ECHO_PORT}");
-    let (oc, ou, od) = (
-        series(
-            "interceptor_proxy_destination_connections_total",
-            "outbound",
-            &out_echo,
-        ),
-        series(
-            "interceptor_proxy_destination_client_to_upstream_bytes_total",
-            "outbound",
-            &out_echo,
-        ),
-        series(
-            "interceptor_proxy_destination_upstream_to_client_bytes_total",
-            "outbound",
-            &out_echo,
-        ),
-    );
+    let (oc, ou, od) = destination_series(&m, "outbound", &out_echo);
     println!("series for {out_echo}: {oc} connections, {ou} bytes up, {od} bytes down");
     assert_eq!(oc, IDLE_CONNS as f64, "connections to {out_echo}");
     assert_eq!(ou, out_ping_bytes as f64, "bytes to {out_echo}");
@@ -1555,15 +1543,8 @@ fn a_tls_passthrough_connection_moves_through_three_upgrades_byte_exact() {
     std::thread::sleep(Duration::from_secs(1));
     let mut gone = Vec::new();
     for g in 0..3 {
-        w.upgrade(DRAIN);
-        let handed_over = Instant::now();
-        let old = &mut w.proxies[g];
-        let status = old
-            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
-        assert!(status.success(), "generation {g}: {status}");
-        gone.push(handed_over.elapsed());
-        let log = old.stderr();
+        gone.push(w.upgrade_and_await_exit(g));
+        let log = w.proxies[g].stderr();
         let (moved, kept, ms) = moved_line(&log)
             .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&log)));
         assert_eq!(
@@ -1606,25 +1587,8 @@ fn a_tls_passthrough_connection_moves_through_three_upgrades_byte_exact() {
         Duration::from_millis(20),
         || w.proxy_stat("connections_active") == 0
     ));
-    let (code, text) = interceptor_tests::http_get_in(
-        &w.ns,
-        ADMIN.parse().unwrap(),
-        "/metrics",
-        Duration::from_secs(10),
-    )
-    .expect("GET /metrics");
-    assert_eq!(code, 200);
-    let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
-    let series = |name: &str| {
-        interceptor_tests::openmetrics::sum(
-            &m,
-            name,
-            &[("direction", "outbound"), ("destination", SECURE_A)],
-        )
-    };
-    let conns = series("interceptor_proxy_destination_connections_total");
-    let up = series("interceptor_proxy_destination_client_to_upstream_bytes_total");
-    let down = series("interceptor_proxy_destination_upstream_to_client_bytes_total");
+    let (text, m) = w.metrics();
+    let (conns, up, down) = destination_series(&m, "outbound", SECURE_A);
     println!("series for {SECURE_A}: {conns} connections, {up} bytes up, {down} bytes down");
     assert_eq!(conns, 1.0, "connections to {SECURE_A}:\n{text}");
     assert_eq!(w.proxy_stat("connections_total"), 1);
@@ -1737,14 +1701,7 @@ fn grpc_streaming_calls_through_ten_upgrades_with_a_two_second_drain() {
     }
     let mut gone = Vec::new();
     for g in 0..10 {
-        w.upgrade(DRAIN);
-        let handed_over = Instant::now();
-        let old = &mut w.proxies[g];
-        let status = old
-            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
-        assert!(status.success(), "generation {g}: {status}");
-        gone.push(handed_over.elapsed());
+        gone.push(w.upgrade_and_await_exit(g));
     }
     println!("each old generation gone after the new one reported its hand-off: {gone:?}");
     assert!(
