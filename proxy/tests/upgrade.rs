@@ -36,6 +36,27 @@ struct Generation {
     serve: JoinHandle<Result<StatsSnapshot, interceptor_proxy::ProxyError>>,
 }
 
+impl Generation {
+    /// Waits until it holds no connection, stops it and returns its final counters.
+    async fn stop_when_idle(mut self) -> StatsSnapshot {
+        let stats = self.stats.clone();
+        assert!(
+            eventually(Duration::from_secs(10), || stats
+                .snapshot()
+                .outbound
+                .connections_active
+                == 0)
+            .await,
+            "the last generation still holds connections"
+        );
+        let _ = self.stop.take().unwrap().send(());
+        self.serve
+            .await
+            .unwrap()
+            .expect("the last generation stops cleanly")
+    }
+}
+
 /// The test's scratch directory, removed on drop (a failing test too).
 struct Scratch(PathBuf);
 
@@ -303,20 +324,7 @@ async fn established_connections_move_byte_exact_through_three_upgrades() {
     assert_exact("half-closed from the start", c_half, s_half);
 
     let last = gen.stats.clone();
-    assert!(
-        eventually(Duration::from_secs(10), || last
-            .snapshot()
-            .outbound
-            .connections_active
-            == 0)
-        .await
-    );
-    let _ = gen.stop.take().unwrap().send(());
-    let snapshot = gen
-        .serve
-        .await
-        .unwrap()
-        .expect("the last generation stops cleanly");
+    let snapshot = gen.stop_when_idle().await;
     let total_up = (c_full.0).0 + (c_half.0).0;
     let total_down = (c_full.1).0 + (c_half.1).0;
     assert_eq!(snapshot.outbound.connections_total, 2);
@@ -1060,7 +1068,7 @@ async fn routed_tcp_connections_move_with_their_endpoint_series() {
         .await,
         "the routed stream did not start"
     );
-    let (mut gen, _) = generation_routes(&socket, true, service, Some(&routes)).await;
+    let (gen, _) = generation_routes(&socket, true, service, Some(&routes)).await;
     tokio::time::timeout(Duration::from_secs(30), old.serve)
         .await
         .expect("the old generation returns long before its 60 s drain: the connection moved")
@@ -1081,20 +1089,7 @@ async fn routed_tcp_connections_move_with_their_endpoint_series() {
     let s_full = done.recv().await.unwrap();
     assert_exact("routed TCP", c_full, s_full);
     let last = gen.stats.clone();
-    assert!(
-        eventually(Duration::from_secs(10), || last
-            .snapshot()
-            .outbound
-            .connections_active
-            == 0)
-        .await
-    );
-    let _ = gen.stop.take().unwrap().send(());
-    let snapshot = gen
-        .serve
-        .await
-        .unwrap()
-        .expect("the last generation stops cleanly");
+    let snapshot = gen.stop_when_idle().await;
     assert_eq!(snapshot.outbound.forwarded_total, 1);
     assert_eq!(snapshot.outbound.bytes_client_to_upstream, (c_full.0).0);
     assert_eq!(snapshot.outbound.bytes_upstream_to_client, (c_full.1).0);
