@@ -305,22 +305,26 @@ impl Drain {
 
     /// Waits until every connection has ended or `timeout` has passed; then lets the
     /// deadline pass, which closes the remaining ones, and waits until they are gone.
-    pub async fn wait(self, timeout: Duration) {
+    /// Returns how many it closed so (0 when all ended in time).
+    pub async fn wait(self, timeout: Duration) -> usize {
         let connections = &self.watch.connections;
         if tokio::time::timeout(timeout, connections.wait())
             .await
-            .is_err()
+            .is_ok()
         {
-            warn!(
-                open_connections = connections.len(),
-                "drain timeout reached; closing remaining connections"
-            );
-            // The request first: a connection task waits for it before the deadline (see
-            // `listener::run_connection`); with no hub, no connection pauses for it.
-            self.watch.deadline.0.requested.cancel();
-            self.watch.deadline.0.cut.cancel();
-            connections.wait().await;
+            return 0;
         }
+        let cut = connections.len();
+        warn!(
+            open_connections = cut,
+            "drain timeout reached; closing remaining connections"
+        );
+        // The request first: a connection task waits for it before the deadline (see
+        // `listener::run_connection`); with no hub, no connection pauses for it.
+        self.watch.deadline.0.requested.cancel();
+        self.watch.deadline.0.cut.cancel();
+        connections.wait().await;
+        cut
     }
 }
 
@@ -356,7 +360,7 @@ mod tests {
         accept_loop.await.unwrap();
         assert_eq!(drain.close(), 2);
         let started = std::time::Instant::now();
-        drain.wait(Duration::from_millis(300)).await;
+        assert_eq!(drain.wait(Duration::from_millis(300)).await, 1);
         assert!(started.elapsed() >= Duration::from_millis(300));
         ended_rx
             .await

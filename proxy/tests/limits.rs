@@ -270,15 +270,7 @@ async fn slowloris_client_is_cut_at_the_header_timeout_while_others_are_served()
     tokio::spawn(http_ok_server(upstream));
     // A routed HTTP service at 127.0.10.1:<port>, its one endpoint the server above.
     let dir = TempDir::new("slowloris");
-    let routes = dir.0.join("routes.yaml");
-    std::fs::write(
-        &routes,
-        format!(
-            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
-        ),
-    )
-    .unwrap();
-    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let (service, routes) = web_service_routes(&dir.0, port);
     let p = start(
         Config {
             routes: Some(routes),

@@ -36,6 +36,27 @@ struct Generation {
     serve: JoinHandle<Result<StatsSnapshot, interceptor_proxy::ProxyError>>,
 }
 
+impl Generation {
+    /// Waits until it holds no connection, stops it and returns its final counters.
+    async fn stop_when_idle(mut self) -> StatsSnapshot {
+        let stats = self.stats.clone();
+        assert!(
+            eventually(Duration::from_secs(10), || stats
+                .snapshot()
+                .outbound
+                .connections_active
+                == 0)
+            .await,
+            "the last generation still holds connections"
+        );
+        let _ = self.stop.take().unwrap().send(());
+        self.serve
+            .await
+            .unwrap()
+            .expect("the last generation stops cleanly")
+    }
+}
+
 /// The test's scratch directory, removed on drop (a failing test too).
 struct Scratch(PathBuf);
 
@@ -303,24 +324,14 @@ async fn established_connections_move_byte_exact_through_three_upgrades() {
     assert_exact("half-closed from the start", c_half, s_half);
 
     let last = gen.stats.clone();
-    assert!(
-        eventually(Duration::from_secs(10), || last
-            .snapshot()
-            .outbound
-            .connections_active
-            == 0)
-        .await
-    );
-    let _ = gen.stop.take().unwrap().send(());
-    let snapshot = gen
-        .serve
-        .await
-        .unwrap()
-        .expect("the last generation stops cleanly");
+    let snapshot = gen.stop_when_idle().await;
     let total_up = (c_full.0).0 + (c_half.0).0;
     let total_down = (c_full.1).0 + (c_half.1).0;
     assert_eq!(snapshot.outbound.connections_total, 2);
     assert_eq!(snapshot.outbound.forwarded_total, 2);
+    // Each of the three old generations moved both connections, and cut none.
+    assert_eq!(snapshot.upgrade_moved_connections, 6);
+    assert_eq!(snapshot.drain_cut_connections, 0);
     assert_eq!(snapshot.outbound.bytes_client_to_upstream, total_up);
     assert_eq!(snapshot.outbound.bytes_upstream_to_client, total_down);
     assert_eq!(last.outbound.connection_seconds.count(), 2);
@@ -430,6 +441,15 @@ async fn http_server(l: TcpListener) {
     }
 }
 
+/// [`http_server`] on a port of 127.0.0.1, and a routing file in `dir` that makes it the
+/// HTTP service `web` at 127.0.10.1 on the same port: (the service address, the file).
+async fn http_service(dir: &Scratch) -> (SocketAddr, PathBuf) {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    tokio::spawn(http_server(upstream));
+    web_service_routes(&dir.0, port)
+}
+
 /// Sends one request on a kept-alive connection and reads its response head and body.
 async fn request(c: &mut TcpStream, path: &str) -> String {
     c.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
@@ -463,18 +483,7 @@ async fn request(c: &mut TcpStream, path: &str) -> String {
 async fn routed_http_connections_end_between_requests_at_an_upgrade() {
     let dir = scratch("http");
     let socket = dir.0.join("proxy.sock");
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = upstream.local_addr().unwrap().port();
-    tokio::spawn(http_server(upstream));
-    let routes = dir.0.join("routes.yaml");
-    std::fs::write(
-        &routes,
-        format!(
-            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
-        ),
-    )
-    .unwrap();
-    let service: SocketAddr = format!("127.0.10.1:{port}").parse().unwrap();
+    let (service, routes) = http_service(&dir).await;
     let (old, addr) = generation_routes(&socket, false, service, Some(&routes)).await;
     let mut busy = TcpStream::connect(addr).await.unwrap();
     let mut idle = TcpStream::connect(addr).await.unwrap();
@@ -534,6 +543,71 @@ async fn routed_http_connections_end_between_requests_at_an_upgrade() {
     assert!(r.starts_with("http/1.1 200"), "{r}");
     drop(again);
     let mut new = new;
+    let _ = new.stop.take().unwrap().send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
+}
+
+/// What an old generation must cut at its deadline is counted, and the count reaches the
+/// new generation with the old one's final report (its counters and `/metrics`): a routed
+/// HTTP/1.1 request whose response takes 500 ms is still in flight when the old
+/// generation's 200 ms drain ends, so that connection is cut; nothing moves (routed HTTP
+/// ends between requests, it is never moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_at_the_drain_deadline_is_counted_in_the_new_generation() {
+    let dir = scratch("cut");
+    let socket = dir.0.join("proxy.sock");
+    let (service, routes) = http_service(&dir).await;
+    let drain = Duration::from_millis(200);
+    let (old, addr) = generation_drain(&socket, false, service, Some(&routes), drain).await;
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    let r = request(&mut busy, "/").await;
+    assert!(r.starts_with("http/1.1 200"), "{r}");
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut new, _) = generation_drain(&socket, true, service, Some(&routes), drain).await;
+    let snapshot = tokio::time::timeout(Duration::from_secs(30), old.serve)
+        .await
+        .expect("the old generation returns at its deadline")
+        .unwrap()
+        .expect("serves without an error");
+    assert_eq!(snapshot.drain_cut_connections, 1, "{snapshot:?}");
+    assert_eq!(snapshot.upgrade_moved_connections, 0, "{snapshot:?}");
+    // The client saw its connection end without the response.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut busy, &mut got),
+    )
+    .await
+    .expect("the cut connection ends");
+    assert!(
+        !String::from_utf8_lossy(&got).contains("ok"),
+        "the slow response arrived: the connection was not cut"
+    );
+    // The old generation's final report reached the new one.
+    let stats = new.stats.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || stats
+            .snapshot()
+            .drain_cut_connections
+            == 1)
+        .await,
+        "the new generation did not count the cut: {:?}",
+        stats.snapshot()
+    );
+    let metrics = interceptor_proxy::metrics::Metrics::new(
+        stats,
+        Arc::new(interceptor_proxy::routing::RoutingStats::default()),
+    )
+    .encode();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "interceptor_proxy_drain_cut_connections_total 1"),
+        "{metrics}"
+    );
     let _ = new.stop.take().unwrap().send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), new.serve).await;
 }
@@ -994,7 +1068,7 @@ async fn routed_tcp_connections_move_with_their_endpoint_series() {
         .await,
         "the routed stream did not start"
     );
-    let (mut gen, _) = generation_routes(&socket, true, service, Some(&routes)).await;
+    let (gen, _) = generation_routes(&socket, true, service, Some(&routes)).await;
     tokio::time::timeout(Duration::from_secs(30), old.serve)
         .await
         .expect("the old generation returns long before its 60 s drain: the connection moved")
@@ -1015,20 +1089,7 @@ async fn routed_tcp_connections_move_with_their_endpoint_series() {
     let s_full = done.recv().await.unwrap();
     assert_exact("routed TCP", c_full, s_full);
     let last = gen.stats.clone();
-    assert!(
-        eventually(Duration::from_secs(10), || last
-            .snapshot()
-            .outbound
-            .connections_active
-            == 0)
-        .await
-    );
-    let _ = gen.stop.take().unwrap().send(());
-    let snapshot = gen
-        .serve
-        .await
-        .unwrap()
-        .expect("the last generation stops cleanly");
+    let snapshot = gen.stop_when_idle().await;
     assert_eq!(snapshot.outbound.forwarded_total, 1);
     assert_eq!(snapshot.outbound.bytes_client_to_upstream, (c_full.0).0);
     assert_eq!(snapshot.outbound.bytes_upstream_to_client, (c_full.1).0);

@@ -314,16 +314,24 @@ impl PendingHello {
 
 /// Whether a TCP socket of this network namespace with local address `local` is connected
 /// to a peer other than `server` (from `/proc/net/tcp` and `tcp6`, which show the real
-/// peer: `getpeername()` may be rewritten by the interception).
+/// peer: `getpeername()` may be rewritten by the interception). Only sockets in the states
+/// ours can be in while we hold it count (ESTABLISHED, or CLOSE_WAIT once the peer closed):
+/// an earlier connection from the same port, closed and now in TIME_WAIT, is not ours.
 fn connected_elsewhere(local: SocketAddr, server: SocketAddr) -> io::Result<bool> {
+    const ESTABLISHED: &str = "01";
+    const CLOSE_WAIT: &str = "08";
     let (local, server) = (normalize(local), normalize(server));
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(file)?;
         for line in text.lines().skip(1) {
             let mut fields = line.split_whitespace().skip(1);
-            let (Some(l), Some(r)) = (fields.next(), fields.next()) else {
+            let (Some(l), Some(r), Some(state)) = (fields.next(), fields.next(), fields.next())
+            else {
                 continue;
             };
+            if state != ESTABLISHED && state != CLOSE_WAIT {
+                continue;
+            }
             if let (Some(l), Some(r)) = (proc_net_addr(l), proc_net_addr(r)) {
                 if normalize(l) == local && normalize(r) != server {
                     return Ok(true);
@@ -1030,6 +1038,32 @@ mod tests {
             Some("[::ffff:127.0.0.1]:80".parse().unwrap())
         );
         assert_eq!(proc_net_addr("zz:1"), None);
+    }
+
+    /// A socket left in TIME_WAIT by an earlier connection from the same local port (to
+    /// another peer) is not a live connection: it does not make a direct one look proxied.
+    #[test]
+    fn a_time_wait_socket_on_the_same_port_is_not_connected_elsewhere() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let earlier = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let local = earlier.local_addr().unwrap();
+        let (accepted, _) = server.accept().unwrap();
+        // The client closes first: its end (local port `local`) goes to TIME_WAIT.
+        drop(earlier);
+        let mut rest = Vec::new();
+        let _ = (&accepted).read_to_end(&mut rest);
+        drop(accepted);
+        let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&format!(":{:04X} ", local.port())) && l.contains(" 06 "))
+        {
+            assert!(Instant::now() < deadline, "no TIME_WAIT socket on {local}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!connected_elsewhere(local, other).unwrap());
     }
 
     #[test]

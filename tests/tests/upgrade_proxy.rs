@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use interceptor::{Counter, InboundSettings, PinLayout, ScopeSettings};
+use interceptor_tests::openmetrics::Sample;
 use interceptor_tests::{
     exec_command, listen_drops, probe_bin, probe_in, proxy_bin, proxy_stats, spawn_in, start_proxy,
     Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, Wrk,
@@ -27,6 +28,9 @@ const ADMIN: &str = "127.0.0.1:15000";
 const APP_PORT: u16 = 8080;
 /// nginx for wrk, outbound.
 const NGINX: &str = "127.0.0.1:8088";
+/// nginx for wrk inbound, from the peer namespace: its keep-alive connections never end
+/// for their number of requests, so each must move at every upgrade.
+const NGINX_INBOUND: &str = "10.199.9.1:8088";
 /// The drain deadline users run with (`--drain-timeout 2s`): shorter than every load below.
 const DRAIN: &str = "2s";
 const DRAIN_TIME: Duration = Duration::from_secs(2);
@@ -60,12 +64,18 @@ impl World {
     /// [`World::new`], every generation started with `extra` arguments too.
     fn new_with(test: &str, drain: &str, extra: &[&str]) -> World {
         let mut w = World::without_proxy(test, extra);
-        let args = w.proxy_args(drain);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        w.proxies.push(start_proxy(&w.ns, &args));
-        let pid = w.current().pid() as i32;
-        w.register_inbound(pid);
+        w.start_first(drain);
         w
+    }
+
+    /// Starts the first proxy generation, with `--drain-timeout drain`, and registers its
+    /// inbound listener.
+    fn start_first(&mut self, drain: &str) {
+        let args = self.proxy_args(drain);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.proxies.push(start_proxy(&self.ns, &args));
+        let pid = self.current().pid() as i32;
+        self.register_inbound(pid);
     }
 
     /// Registers the inbound listener of the proxy process `pid` (a host pid).
@@ -145,6 +155,33 @@ impl World {
 
     fn current(&mut self) -> &mut Proc {
         self.proxies.last_mut().expect("a proxy runs")
+    }
+
+    /// Upgrades (the 2 s drain) and waits for generation `g`, the one replaced, to exit
+    /// with success; how long after the hand-off it was gone.
+    fn upgrade_and_await_exit(&mut self, g: usize) -> Duration {
+        self.upgrade(DRAIN);
+        let handed_over = Instant::now();
+        let old = &mut self.proxies[g];
+        let status = old
+            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
+        assert!(status.success(), "generation {g}: {status}");
+        handed_over.elapsed()
+    }
+
+    /// The current generation's `/metrics`: the text and its samples.
+    fn metrics(&self) -> (String, Vec<Sample>) {
+        let (code, text) = interceptor_tests::http_get_in(
+            &self.ns,
+            ADMIN.parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(10),
+        )
+        .expect("GET /metrics");
+        assert_eq!(code, 200, "{text}");
+        let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+        (text, m)
     }
 
     /// Starts `interceptor-proxy ARGS --upgrade` (not waiting).
@@ -290,6 +327,49 @@ fn cut_at_deadline(log: &str) -> u64 {
                 .unwrap()
         })
         .sum()
+}
+
+/// The connections a generation cut at its deadline, each as it logs it when closed (at
+/// debug level: with `RUST_LOG=info,interceptor_proxy::upstream=debug`, as [`LogFilter`] sets).
+fn cut_lines(log: &str) -> String {
+    let cut: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cut_at_drain_deadline=true"))
+        .collect();
+    format!("cut (debug log): {cut:#?}")
+}
+
+/// `RUST_LOG` for the proxies this test starts (they inherit the test's environment; the
+/// suite runs one test at a time), restored when dropped.
+struct LogFilter(Option<std::ffi::OsString>);
+
+impl LogFilter {
+    fn set(filter: &str) -> LogFilter {
+        let before = std::env::var_os("RUST_LOG");
+        std::env::set_var("RUST_LOG", filter);
+        LogFilter(before)
+    }
+}
+
+impl Drop for LogFilter {
+    fn drop(&mut self) {
+        match self.0.take() {
+            Some(v) => std::env::set_var("RUST_LOG", v),
+            None => std::env::remove_var("RUST_LOG"),
+        }
+    }
+}
+
+/// One destination's per-destination series in `m`: (connections, bytes client to
+/// upstream, bytes upstream to client).
+fn destination_series(m: &[Sample], direction: &str, destination: &str) -> (f64, f64, f64) {
+    let labels = [("direction", direction), ("destination", destination)];
+    let sum = |name: &str| interceptor_tests::openmetrics::sum(m, name, &labels);
+    (
+        sum("interceptor_proxy_destination_connections_total"),
+        sum("interceptor_proxy_destination_client_to_upstream_bytes_total"),
+        sum("interceptor_proxy_destination_upstream_to_client_bytes_total"),
+    )
 }
 
 /// `connections_total` of a generation's own final log line.
@@ -477,15 +557,7 @@ fn ten_upgrades_under_load_with_a_two_second_drain() {
     assert_eq!(w.proxy_stat("connections_active"), 0);
     // The histograms carry over too: every forwarded connection was observed once, in the
     // generation that served it, and the last one's histograms hold them all.
-    let (code, text) = interceptor_tests::http_get_in(
-        &w.ns,
-        ADMIN.parse().unwrap(),
-        "/metrics",
-        Duration::from_secs(10),
-    )
-    .expect("GET /metrics");
-    assert_eq!(code, 200);
-    let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+    let (_, m) = w.metrics();
     let out = [("direction", "outbound")];
     for h in [
         "interceptor_proxy_connection_duration_seconds_count",
@@ -952,6 +1024,61 @@ fn probe_rounds_after(p: &mut Proc, n: u64, within: Duration) {
     }
 }
 
+/// `iperf3 -s -1` (one test, then it exits) on `port` in `ns`, once it listens.
+fn iperf_server(ns: &NetNs, port: u16) -> Proc {
+    let port = port.to_string();
+    let mut p = spawn_in(
+        ns,
+        None,
+        &["iperf3", "-s", "-p", &port, "-1", "--forceflush"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.stdout().contains("listening") {
+        assert!(
+            p.is_running() && Instant::now() < deadline,
+            "iperf3 server: {}{}",
+            p.stdout(),
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// `iperf3 -c HOST -p PORT -t RUN -b 200M -J` in `ns` (and `cg`), rate-capped so that it
+/// shares the machine.
+fn iperf_client(ns: &NetNs, cg: Option<&TestCgroup>, host: &str, port: u16, run: Duration) -> Proc {
+    let (port, secs) = (port.to_string(), run.as_secs().to_string());
+    spawn_in(
+        ns,
+        cg,
+        &[
+            "iperf3", "-c", host, "-p", &port, "-t", &secs, "-b", "200M", "-J",
+        ],
+    )
+}
+
+/// Waits for an iperf3 client to end; (bytes sent, bytes received) from its JSON, which
+/// must hold no error. iperf3's receiver stops counting when the test ends, not when the
+/// bytes in flight (the socket buffers along the way, a few MiB at most) have arrived, so
+/// the received ones are within 16 MiB of those sent; byte-exactness is the bulk streams'
+/// claim.
+fn iperf_result(name: &str, p: &mut Proc, within: Duration) -> (u64, u64) {
+    p.wait_timeout(within)
+        .unwrap_or_else(|| panic!("{name} does not end"));
+    let ip: Value = serde_json::from_str(&p.stdout())
+        .unwrap_or_else(|e| panic!("{name} output {}{}: {e}", p.stdout(), p.stderr()));
+    assert!(ip.get("error").is_none(), "{name}: {}", ip["error"]);
+    let sent = ip["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
+    let received = ip["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    println!("{name} through ten upgrades: {sent} bytes sent, {received} received");
+    assert!(
+        sent > 0 && received <= sent && sent - received < 16 << 20,
+        "{name}: sent {sent}, received {received}"
+    );
+    (sent, received)
+}
+
 /// `drained_ms` of a generation's "connections moved" log line.
 fn moved_line(log: &str) -> Option<(u64, u64, u64)> {
     let line = log
@@ -972,14 +1099,18 @@ fn moved_line(log: &str) -> Option<(u64, u64, u64)> {
 
 /// Ten upgrades in a row, each generation with the 2 s drain, under a long byte stream
 /// each way (outbound from the workload, inbound from the peer), 1,000 idle inbound and
-/// 1,000 idle outbound connections pinging every 500 ms, a long iperf3 stream, wrk
-/// keep-alive on 16 connections and wrk `Connection: close` (outbound): every established
-/// connection moves to each new generation, so no client sees an error, every idle
-/// connection answers after each upgrade, both streams arrive byte-exact, each old
-/// generation exits before its deadline having cut nothing (the times are printed), and
-/// the counters and per-destination series carry over to the last generation exactly.
+/// 1,000 idle outbound connections pinging every 500 ms, and both ways (outbound from the
+/// cgroup, inbound from the peer) a long iperf3 stream, wrk keep-alive on 16 connections
+/// and wrk `Connection: close`: every established connection moves to each new
+/// generation, so no client sees an error, every idle connection answers after each
+/// upgrade, both streams arrive byte-exact, each old generation exits before its deadline
+/// having cut nothing (the times are printed), and the counters and per-destination series
+/// carry over to the last generation exactly.
 #[test]
 fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
+    // Every generation logs each connection's end at debug level, so that a connection
+    // cut at a deadline is named in the failure (see `cut_lines`).
+    let _log = LogFilter::set("info,interceptor_proxy::upstream=debug");
     let mut w = World::new_with("upg-move", DRAIN, &["--destination-stats", "on"]).with_nginx();
     let echo_addr: SocketAddr = format!("0.0.0.0:{ECHO_PORT}").parse().unwrap();
     let _echo = Echo::start_in(&w.ns, echo_addr);
@@ -1032,62 +1163,39 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     );
     pinger.rounds_after(1, Duration::from_secs(30));
     probe_rounds_after(&mut out_pinger, 1, Duration::from_secs(30));
-    // A long iperf3 stream (rate-capped so that it shares the machine), wrk keep-alive on
-    // 16 connections and wrk with a new connection per request, all outbound: each must
-    // outlast the ten upgrades.
+    // A long iperf3 stream, wrk keep-alive on 16 connections and wrk with a new
+    // connection per request, each outbound (from the cgroup to the workload's own
+    // servers) and inbound (from the peer to servers at the workload's address): each
+    // must outlast the ten upgrades.
     let run = Duration::from_secs(45);
-    let mut iperf_server = spawn_in(
-        &w.ns,
-        None,
-        &["iperf3", "-s", "-p", "5201", "-1", "--forceflush"],
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !iperf_server.stdout().contains("listening") {
-        assert!(
-            iperf_server.is_running() && Instant::now() < deadline,
-            "iperf3 server: {}{}",
-            iperf_server.stdout(),
-            iperf_server.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut iperf = spawn_in(
-        &w.ns,
-        Some(&w.cg),
-        &[
-            "iperf3",
-            "-c",
-            "127.0.0.1",
-            "-p",
-            "5201",
-            "-t",
-            &run.as_secs().to_string(),
-            "-b",
-            "200M",
-            "-J",
-        ],
-    );
+    let (iperf_out_port, iperf_in_port) = (5201, 5202);
+    let _iperf_servers = [
+        iperf_server(&w.ns, iperf_out_port),
+        iperf_server(&w.ns, iperf_in_port),
+    ];
+    let mut iperf = iperf_client(&w.ns, Some(&w.cg), "127.0.0.1", iperf_out_port, run);
+    let mut iperf_in = iperf_client(&w.peer, None, APP4, iperf_in_port, run);
     let url = format!("http://{NGINX}/");
     let mut keepalive = Wrk::start(&w.ns, Some(&w.cg), &url, 16, run, false);
     let mut closing = Wrk::start(&w.ns, Some(&w.cg), &url, 4, run, true);
+    // Checked listening on loopback (not intercepted: a check through the proxy's inbound
+    // listener would pass before nginx listens), which it binds with the inbound address.
+    let _nginx_in = Nginx::start(&w.ns, &["127.0.0.1:8089", NGINX_INBOUND]);
+    let url_in = format!("http://{NGINX_INBOUND}/");
+    let mut keepalive_in = Wrk::start(&w.peer, None, &url_in, 16, run, false);
+    let mut closing_in = Wrk::start(&w.peer, None, &url_in, 4, run, true);
     // The streams last, started the last.
     let mut out_bulk = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
     let mut in_bulk = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
     std::thread::sleep(Duration::from_secs(1));
     let mut gone: Vec<Duration> = Vec::new();
     for g in 0..10 {
-        w.upgrade(DRAIN);
-        let handed_over = Instant::now();
         // The old generation exits as soon as its connections have moved.
-        let old = &mut w.proxies[g];
-        let status = old
-            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
-        assert!(status.success(), "generation {g}: {status}");
-        gone.push(handed_over.elapsed());
+        let exited_after = w.upgrade_and_await_exit(g);
+        gone.push(exited_after);
         // An upgrade every 1.5 s at most, while the pings go on (a round of 1,000 pings
         // takes seconds on a loaded machine, so pings are in flight at every move).
-        if let Some(rest) = Duration::from_millis(1500).checked_sub(handed_over.elapsed()) {
+        if let Some(rest) = Duration::from_millis(1500).checked_sub(exited_after) {
             std::thread::sleep(rest);
         }
     }
@@ -1098,8 +1206,11 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     probe_rounds_after(&mut out_pinger, 1, Duration::from_secs(60));
     for (name, p) in [
         ("iperf3", &mut iperf),
+        ("iperf3 inbound", &mut iperf_in),
         ("wrk keep-alive", keepalive.proc()),
         ("wrk close", closing.proc()),
+        ("wrk keep-alive inbound", keepalive_in.proc()),
+        ("wrk close inbound", closing_in.proc()),
     ] {
         assert!(p.is_running(), "{name} ended before the last upgrade");
     }
@@ -1121,14 +1232,15 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         assert_eq!(
             cut_at_deadline(&log),
             0,
-            "generation {g} cut connections:\n{}",
-            tail(&log)
+            "generation {g} cut connections:\n{}\n{}",
+            tail(&log),
+            cut_lines(&log)
         );
         assert_eq!(kept, 0, "generation {g}");
         assert!(
-            moved >= 2 * IDLE_CONNS as u64 + 2 + 2,
+            moved >= 2 * IDLE_CONNS as u64 + 2 + 2 * 2 + 16,
             "generation {g} moved {moved} connections (the {IDLE_CONNS} idle ones each way, 2 \
-             streams and iperf3's two at least)"
+             streams, the two of each iperf3 and inbound wrk's 16 kept alive at least)"
         );
         assert!(
             ms < DRAIN_TIME.as_millis() as u64,
@@ -1158,40 +1270,34 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         "{IDLE_CONNS} idle outbound connections: {} full rounds, 0 errors, {out_ping_bytes} bytes each way",
         out_ping["rounds"]
     );
-    let keepalive = keepalive.finish();
-    let closing = closing.finish();
-    println!(
-        "wrk keep-alive (16 connections): {} requests, {} errors; wrk Connection: close: {} \
-         requests, {} errors",
-        keepalive.requests,
-        keepalive.errors(),
-        closing.requests,
-        closing.errors()
-    );
-    assert!(keepalive.requests > 0 && closing.requests > 0);
-    assert_eq!(
-        keepalive.errors(),
-        0,
-        "keep-alive wrk: {}",
-        keepalive.output
-    );
-    assert_eq!(closing.errors(), 0, "closing wrk: {}", closing.output);
-    iperf
-        .wait_timeout(run + Duration::from_secs(120))
-        .expect("iperf3 ends");
-    let ip: Value = serde_json::from_str(&iperf.stdout())
-        .unwrap_or_else(|e| panic!("iperf3 output {}{}: {e}", iperf.stdout(), iperf.stderr()));
-    assert!(ip.get("error").is_none(), "iperf3: {}", ip["error"]);
-    let sent = ip["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
-    let received = ip["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    println!("iperf3 through ten upgrades: {sent} bytes sent, {received} received");
-    // iperf3's receiver stops counting when the test ends, not when the bytes in flight
-    // (the socket buffers along the way, a few MiB at most) have arrived; byte-exactness
-    // is the bulk streams' claim.
-    assert!(
-        sent > 0 && received <= sent && sent - received < 16 << 20,
-        "iperf3: sent {sent}, received {received}"
-    );
+    let mut closing_in_requests = 0;
+    for (way, keepalive, closing) in [
+        ("outbound", keepalive, closing),
+        ("inbound", keepalive_in, closing_in),
+    ] {
+        let keepalive = keepalive.finish();
+        let closing = closing.finish();
+        println!(
+            "wrk {way} keep-alive (16 connections): {} requests, {} errors; wrk {way} \
+             Connection: close: {} requests, {} errors",
+            keepalive.requests,
+            keepalive.errors(),
+            closing.requests,
+            closing.errors()
+        );
+        assert!(keepalive.requests > 0 && closing.requests > 0, "wrk {way}");
+        assert_eq!(
+            keepalive.errors(),
+            0,
+            "{way} keep-alive wrk: {}",
+            keepalive.output
+        );
+        assert_eq!(closing.errors(), 0, "{way} closing wrk: {}", closing.output);
+        closing_in_requests = closing.requests;
+    }
+    let within = run + Duration::from_secs(120);
+    iperf_result("iperf3", &mut iperf, within);
+    let (iperf_in_sent, iperf_in_received) = iperf_result("iperf3 inbound", &mut iperf_in, within);
     let out = bulk_result(&mut out_bulk, Duration::from_secs(600));
     let inb = bulk_result(&mut in_bulk, Duration::from_secs(600));
     assert_eq!(
@@ -1217,44 +1323,88 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         w.proxy_stat("connections_total"),
         w.kernel(Counter::Redirected)
     );
-    // Each connection accepted once over all generations (the kernel counts a lookup per
-    // SYN, so a retransmitted one twice: not compared here).
-    assert_eq!(
-        w.proxy_stat("inbound_connections_total"),
-        IDLE_CONNS as u64 + 1
+    // Each connection accepted once over all generations: at least the idle ones, the
+    // stream, iperf3's two, wrk's 16 kept alive (for the whole run) and one per completed
+    // `Connection: close` request; at most the kernel's count (a lookup per SYN, so a
+    // retransmitted one twice).
+    let inbound_total = w.proxy_stat("inbound_connections_total");
+    let least = IDLE_CONNS as u64 + 1 + 2 + 16 + closing_in_requests;
+    let lookups = w.kernel(Counter::InboundRedirected);
+    println!("inbound connections: {inbound_total} (at least {least}, kernel lookups {lookups})");
+    assert!(
+        (least..=lookups).contains(&inbound_total),
+        "inbound connections: {inbound_total}, at least {least}, kernel lookups {lookups}"
     );
-    let (code, text) = interceptor_tests::http_get_in(
-        &w.ns,
-        ADMIN.parse().unwrap(),
-        "/metrics",
-        Duration::from_secs(10),
-    )
-    .expect("GET /metrics");
-    assert_eq!(code, 200);
-    let m = interceptor_tests::openmetrics::parse_openmetrics(&text).expect("/metrics parses");
+    let (text, m) = w.metrics();
     let echo = format!("{APP4}:{ECHO_PORT}");
     let series = |name: &str, dir: &str, dest: &str| {
         interceptor_tests::openmetrics::sum(&m, name, &[("direction", dir), ("destination", dest)])
     };
-    let conns = series(
-        "interceptor_proxy_destination_connections_total",
-        "inbound",
-        &echo,
-    );
-    let up = series(
-        "interceptor_proxy_destination_client_to_upstream_bytes_total",
-        "inbound",
-        &echo,
-    );
-    let down = series(
-        "interceptor_proxy_destination_upstream_to_client_bytes_total",
-        "inbound",
-        &echo,
-    );
+    let (conns, up, down) = destination_series(&m, "inbound", &echo);
     println!("series for {echo}: {conns} connections, {up} bytes up, {down} bytes down");
     assert_eq!(conns, IDLE_CONNS as f64, "connections to {echo}:\n{text}");
     assert_eq!(up, ping_bytes as f64, "bytes to {echo}");
     assert_eq!(down, ping_bytes as f64, "bytes from {echo}");
+    // The inbound series over all destinations equal the inbound counters (each
+    // generation's carried to the last), and those of wrk's and iperf3's destinations
+    // hold their connections and bytes.
+    let all_in =
+        |name: &str| interceptor_tests::openmetrics::sum(&m, name, &[("direction", "inbound")]);
+    for (series_name, stat) in [
+        (
+            "interceptor_proxy_destination_connections_total",
+            "inbound_connections_total",
+        ),
+        (
+            "interceptor_proxy_destination_client_to_upstream_bytes_total",
+            "inbound_bytes_client_to_upstream",
+        ),
+        (
+            "interceptor_proxy_destination_upstream_to_client_bytes_total",
+            "inbound_bytes_upstream_to_client",
+        ),
+    ] {
+        assert_eq!(
+            all_in(series_name),
+            w.proxy_stat(stat) as f64,
+            "inbound: {series_name} over all destinations vs {stat}"
+        );
+    }
+    let nginx_conns = series(
+        "interceptor_proxy_destination_connections_total",
+        "inbound",
+        NGINX_INBOUND,
+    );
+    // At least wrk's 16 kept alive and one per completed `Connection: close` request; more
+    // for the `Connection: close` requests in flight when wrk stopped (the total over every
+    // destination is bounded by the kernel's count above).
+    let least = (16 + closing_in_requests) as f64;
+    assert!(
+        nginx_conns >= least,
+        "connections to {NGINX_INBOUND}: {nginx_conns}, wrk closed {closing_in_requests}"
+    );
+    let iperf_dest = format!("{APP4}:{iperf_in_port}");
+    let iperf_conns = series(
+        "interceptor_proxy_destination_connections_total",
+        "inbound",
+        &iperf_dest,
+    );
+    let iperf_up = series(
+        "interceptor_proxy_destination_client_to_upstream_bytes_total",
+        "inbound",
+        &iperf_dest,
+    );
+    println!(
+        "series for {NGINX_INBOUND}: {nginx_conns} connections; for {iperf_dest}: \
+         {iperf_conns} connections, {iperf_up} bytes up"
+    );
+    assert_eq!(iperf_conns, 2.0, "iperf3's connections to {iperf_dest}");
+    // What the server received and at most what the client sent, besides the control
+    // connection's few KiB of JSON.
+    assert!(
+        iperf_in_received as f64 <= iperf_up && iperf_up <= (iperf_in_sent + (1 << 20)) as f64,
+        "bytes to {iperf_dest}: {iperf_up}, iperf3 sent {iperf_in_sent}, received {iperf_in_received}"
+    );
     let app_out = format!("127.0.0.1:{APP_PORT}");
     let out_up = series(
         "interceptor_proxy_destination_client_to_upstream_bytes_total",
@@ -1272,29 +1422,182 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         "outbound bytes: the series over all destinations vs the counter"
     );
     let out_echo = format!("127.0.0.1:{ECHO_PORT}");
-    let (oc, ou, od) = (
-        series(
-            "interceptor_proxy_destination_connections_total",
-            "outbound",
-            &out_echo,
-        ),
-        series(
-            "interceptor_proxy_destination_client_to_upstream_bytes_total",
-            "outbound",
-            &out_echo,
-        ),
-        series(
-            "interceptor_proxy_destination_upstream_to_client_bytes_total",
-            "outbound",
-            &out_echo,
-        ),
-    );
+    let (oc, ou, od) = destination_series(&m, "outbound", &out_echo);
     println!("series for {out_echo}: {oc} connections, {ou} bytes up, {od} bytes down");
     assert_eq!(oc, IDLE_CONNS as f64, "connections to {out_echo}");
     assert_eq!(ou, out_ping_bytes as f64, "bytes to {out_echo}");
     assert_eq!(od, out_ping_bytes as f64, "bytes from {out_echo}");
     assert!(out_up >= (size + (256 << 20)) as f64);
     w.assert_both_directions_proxied();
+}
+
+/// The service address the workload dials for TLS (nothing listens there: the route
+/// makes it reachable), and the endpoints of its two subsets (only `a`'s serves).
+const SECURE_VIP: &str = "127.0.10.3";
+const SECURE_A: &str = "127.0.20.5:8443";
+/// The TLS route: SNI `a.test` to subset `a`.
+const TLS_ROUTES: &str = r#"
+serviceEntries:
+- hosts: [secure]
+  addresses: [127.0.10.3]
+  ports: [{number: 8443, name: tls, protocol: TLS}]
+  endpoints:
+  - {address: 127.0.20.5, labels: {site: a}}
+  - {address: 127.0.20.6, labels: {site: b}}
+virtualServices:
+- name: secure
+  hosts: [secure]
+  tls:
+  - match: [{sniHosts: [a.test]}]
+    route: [{destination: {host: secure, subset: a}}]
+destinationRules:
+- host: secure
+  subsets:
+  - {name: a, labels: {site: a}}
+  - {name: b, labels: {site: b}}
+"#;
+
+/// A long download through a TLS passthrough route (SNI `a.test` to subset `a`, from the
+/// workload's cgroup, curl rate-capped so that it lasts) across three upgrades with the
+/// 2 s drain: each old generation moves the routed connection and exits before its
+/// deadline having cut nothing (the times are printed), the file arrives byte-exact (its
+/// SHA-256; TLS would fail on any change), and the last generation's per-destination
+/// series of the route's endpoint (carried through three moves) hold the one connection
+/// and every byte the counters saw.
+#[test]
+fn a_tls_passthrough_connection_moves_through_three_upgrades_byte_exact() {
+    let mut w = World::without_proxy("upg-tls", &["--destination-stats", "on"]);
+    let routes = w.scratch.join("routes.yaml");
+    std::fs::write(&routes, TLS_ROUTES).unwrap();
+    w.extra
+        .extend(["--routes".to_owned(), routes.display().to_string()]);
+    w.start_first(DRAIN);
+    // Site a's server: a self-signed certificate for a.test and 256 MiB of random bytes.
+    let dir = w.scratch.join("tls-a");
+    std::fs::create_dir_all(&dir).unwrap();
+    let size: u64 = 256 << 20;
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=a.test",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ],
+        vec!["rand", "-out", "blob.bin", &size.to_string()],
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let want = std::process::Command::new("sha256sum")
+        .arg(dir.join("blob.bin"))
+        .output()
+        .unwrap();
+    let want = String::from_utf8_lossy(&want.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let serve = format!(
+        "cd {} && exec openssl s_server -quiet -WWW -accept {SECURE_A} -cert cert.pem -key key.pem",
+        dir.display()
+    );
+    let _server = spawn_in(&w.ns, None, &["sh", "-c", &serve]);
+    assert!(interceptor_tests::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let out = w.ns.run(&["ss", "-Hltn", "sport = :8443"]);
+            String::from_utf8_lossy(&out.stdout).lines().count() == 1
+        }
+    ));
+    // 256 MiB at 24 MiB/s: over 10 s, longer than three upgrades.
+    let fetch = format!(
+        "set -o pipefail; curl -sS -k --limit-rate 24M --resolve a.test:8443:{SECURE_VIP} \
+         https://a.test:8443/blob.bin | sha256sum"
+    );
+    let mut curl = spawn_in(&w.ns, Some(&w.cg), &["bash", "-c", &fetch]);
+    assert!(
+        interceptor_tests::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            w.proxy_stat("connections_active") == 1
+        }),
+        "the download did not start: {}",
+        curl.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let mut gone = Vec::new();
+    for g in 0..3 {
+        gone.push(w.upgrade_and_await_exit(g));
+        let log = w.proxies[g].stderr();
+        let (moved, kept, ms) = moved_line(&log)
+            .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&log)));
+        assert_eq!(
+            cut_at_deadline(&log),
+            0,
+            "generation {g} cut:\n{}\n{}",
+            tail(&log),
+            cut_lines(&log)
+        );
+        assert_eq!((moved, kept), (1, 0), "generation {g}:\n{}", tail(&log));
+        assert!(
+            ms < DRAIN_TIME.as_millis() as u64,
+            "generation {g} drained for {ms} ms"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        curl.is_running(),
+        "the download ended before the last upgrade: {}{}",
+        curl.stdout(),
+        curl.stderr()
+    );
+    println!("each old generation gone after the new one reported its hand-off: {gone:?}");
+    let status = curl
+        .wait_timeout(Duration::from_secs(300))
+        .expect("the download ends");
+    assert!(status.success(), "curl: {status} {}", curl.stderr());
+    let got = curl.stdout();
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "SHA-256 of the {size} bytes received through three upgrades"
+    );
+    println!("{size} bytes through the TLS route and three upgrades, SHA-256 {want}");
+
+    // The route's endpoint's series in the last generation: the one connection (counted
+    // where it closed, after three moves) and every byte the counters saw.
+    assert!(interceptor_tests::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || w.proxy_stat("connections_active") == 0
+    ));
+    let (text, m) = w.metrics();
+    let (conns, up, down) = destination_series(&m, "outbound", SECURE_A);
+    println!("series for {SECURE_A}: {conns} connections, {up} bytes up, {down} bytes down");
+    assert_eq!(conns, 1.0, "connections to {SECURE_A}:\n{text}");
+    assert_eq!(w.proxy_stat("connections_total"), 1);
+    assert_eq!(up, w.proxy_stat("bytes_client_to_upstream") as f64);
+    assert_eq!(down, w.proxy_stat("bytes_upstream_to_client") as f64);
+    assert!(
+        down >= size as f64,
+        "{down} bytes down for a {size}-byte file"
+    );
 }
 
 const GRPC_BIN: &str = env!("CARGO_BIN_EXE_icpt-grpc");
@@ -1398,14 +1701,7 @@ fn grpc_streaming_calls_through_ten_upgrades_with_a_two_second_drain() {
     }
     let mut gone = Vec::new();
     for g in 0..10 {
-        w.upgrade(DRAIN);
-        let handed_over = Instant::now();
-        let old = &mut w.proxies[g];
-        let status = old
-            .wait_timeout(DRAIN_TIME + Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("generation {g} still runs\n{}", tail(&old.stderr())));
-        assert!(status.success(), "generation {g}: {status}");
-        gone.push(handed_over.elapsed());
+        gone.push(w.upgrade_and_await_exit(g));
     }
     println!("each old generation gone after the new one reported its hand-off: {gone:?}");
     assert!(

@@ -101,6 +101,20 @@ impl Collector for StatsCollector {
         )?;
         m.encode_counter::<NoLabelSet, _, u64>(&snap.accept_errors_resources, None)?;
         let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_upgrade_moved_connections",
+            "Established connections moved to a new proxy process at an upgrade (by this process and the ones before it).",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, u64>(&snap.upgrade_moved_connections, None)?;
+        let mut m = encoder.encode_descriptor(
+            "interceptor_proxy_drain_cut_connections",
+            "Connections closed at a drain's deadline (--drain-timeout) because they neither ended nor moved in time (by this process and the ones before it).",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, u64>(&snap.drain_cut_connections, None)?;
+        let mut m = encoder.encode_descriptor(
             "interceptor_proxy_upstream_connect_errors",
             "Failed upstream connects, by kind.",
             None,

@@ -16,6 +16,8 @@
 //! | `interceptor_proxy_orig_dst_missing_connections_total` | counter | |
 //! | `interceptor_proxy_refused_connections_total` | counter | (over `--max-connections`) |
 //! | `interceptor_proxy_accept_errors_total` | counter | (EMFILE, ENFILE, ENOBUFS, ENOMEM) |
+//! | `interceptor_proxy_upgrade_moved_connections_total` | counter | (moved to a new process at an upgrade) |
+//! | `interceptor_proxy_drain_cut_connections_total` | counter | (closed at a drain's deadline) |
 //! | `interceptor_proxy_upstream_connect_errors_total` | counter | `direction`, `kind` (refused, timeout, other) |
 //! | `interceptor_proxy_client_to_upstream_bytes_total` | counter | `direction` |
 //! | `interceptor_proxy_upstream_to_client_bytes_total` | counter | `direction` |

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsFd as _;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -114,13 +115,17 @@ impl Proxy {
             })
         });
         let deadline = watch.deadline();
-        drain.wait(drain_timeout).await;
+        let cut = drain.wait(drain_timeout).await;
+        stats.drain_cut_connections.fetch_add(cut as u64, Relaxed);
         drain::stop_moving(&deadline);
         let successor = match mover {
             // Every connection has ended here: the last batch is answered, unless the new
             // process hangs (then its final counters are not sent).
             Some(task) => match tokio::time::timeout(MOVER_GRACE, task).await {
                 Ok(Ok((s, report))) => {
+                    stats
+                        .upgrade_moved_connections
+                        .fetch_add(report.moved, Relaxed);
                     info!(
                         moved_connections = report.moved,
                         kept_connections = report.kept,

@@ -48,6 +48,11 @@ pub struct Stats {
     /// Accepts that failed for want of file descriptors (EMFILE/ENFILE) or kernel memory
     /// (ENOBUFS/ENOMEM); the accept loop backed off after each.
     pub accept_errors_resources: AtomicU64,
+    /// Connections this process moved to a new one at an upgrade (see [`crate::upgrade`]).
+    pub upgrade_moved_connections: AtomicU64,
+    /// Connections a drain closed at its deadline (`--drain-timeout`): those that neither
+    /// ended nor moved in time.
+    pub drain_cut_connections: AtomicU64,
     /// Per-destination counters (off unless switched on).
     pub destinations: Destinations,
 }
@@ -132,6 +137,8 @@ impl Stats {
             inbound: self.inbound.snapshot(),
             connections_refused_limit: self.connections_refused_limit.load(Relaxed),
             accept_errors_resources: self.accept_errors_resources.load(Relaxed),
+            upgrade_moved_connections: self.upgrade_moved_connections.load(Relaxed),
+            drain_cut_connections: self.drain_cut_connections.load(Relaxed),
         }
     }
 
@@ -196,6 +203,16 @@ impl Stats {
             &self.accept_errors_resources,
             from.accept_errors_resources,
             to.accept_errors_resources,
+        );
+        add(
+            &self.upgrade_moved_connections,
+            from.upgrade_moved_connections,
+            to.upgrade_moved_connections,
+        );
+        add(
+            &self.drain_cut_connections,
+            from.drain_cut_connections,
+            to.drain_cut_connections,
         );
     }
 }

@@ -47,7 +47,7 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(s.snapshot()).unwrap();
         let obj = v.as_object().unwrap();
         let names: Vec<_> = s.snapshot().fields().into_iter().map(|f| f.0).collect();
-        assert_eq!(names.len(), 21);
+        assert_eq!(names.len(), 23);
         assert_eq!(obj.len(), names.len());
         for n in &names {
             assert!(obj.contains_key(n.as_ref()), "{n}");
@@ -84,7 +84,12 @@ mod tests {
         );
         assert_eq!(
             names[19..],
-            ["connections_refused_limit", "accept_errors_resources"]
+            [
+                "connections_refused_limit",
+                "accept_errors_resources",
+                "upgrade_moved_connections",
+                "drain_cut_connections"
+            ]
         );
         assert_eq!(obj["upstream_connect_errors_timeout"], 1);
         assert_eq!(obj["connections_total"], 1);
@@ -99,6 +104,8 @@ mod tests {
         handed.outbound.connections_active = 3;
         handed.connections_refused_limit = 4;
         handed.accept_errors_resources = 5;
+        handed.upgrade_moved_connections = 6;
+        handed.drain_cut_connections = 7;
         carried.add_delta(&StatsSnapshot::default(), &handed);
         assert_eq!(carried.snapshot(), handed);
         let mut exited = handed;

@@ -30,6 +30,8 @@ pub struct StatsSnapshot {
     pub inbound: DirectionSnapshot,
     pub connections_refused_limit: u64,
     pub accept_errors_resources: u64,
+    pub upgrade_moved_connections: u64,
+    pub drain_cut_connections: u64,
 }
 
 impl DirectionSnapshot {
@@ -92,7 +94,7 @@ impl StatsSnapshot {
     /// counters under their original names (with `orig_dst_missing` after
     /// `forwarded_total`, as before), then the inbound ones prefixed `inbound_`.
     pub fn fields(&self) -> Vec<(Cow<'static, str>, u64, bool)> {
-        let mut out = Vec::with_capacity(19);
+        let mut out = Vec::with_capacity(23);
         for (i, (name, value, gauge)) in self.outbound.fields().into_iter().enumerate() {
             if i == 3 {
                 out.push((
@@ -114,6 +116,16 @@ impl StatsSnapshot {
         out.push((
             Cow::Borrowed("accept_errors_resources"),
             self.accept_errors_resources,
+            false,
+        ));
+        out.push((
+            Cow::Borrowed("upgrade_moved_connections"),
+            self.upgrade_moved_connections,
+            false,
+        ));
+        out.push((
+            Cow::Borrowed("drain_cut_connections"),
+            self.drain_cut_connections,
             false,
         ));
         out
@@ -144,6 +156,10 @@ impl<'de> Deserialize<'de> for StatsSnapshot {
                 Some(&mut s.connections_refused_limit)
             } else if name == "accept_errors_resources" {
                 Some(&mut s.accept_errors_resources)
+            } else if name == "upgrade_moved_connections" {
+                Some(&mut s.upgrade_moved_connections)
+            } else if name == "drain_cut_connections" {
+                Some(&mut s.drain_cut_connections)
             } else if let Some(rest) = name.strip_prefix(INBOUND_PREFIX) {
                 s.inbound.field_mut(rest)
             } else {

@@ -28,8 +28,8 @@
 //!    between requests (hyper's graceful shutdown at the drain's start: an idle one is
 //!    closed, the HTTP/1 response in flight says `Connection: close`, HTTP/2 gets GOAWAY and
 //!    its streams in flight finish), as does anything else (a direction whose peer does not
-//!    read) or or until `--drain-timeout`, which cuts the rest
-//!    (counted and logged), sends `exited` with its final counters and per-destination
+//!    read) or until `--drain-timeout`, which cuts the rest
+//!    (counted in `drain_cut_connections` and logged), sends `exited` with its final counters and per-destination
 //!    series and exits. The new process adds each report to its own counters, so totals
 //!    continue across upgrades; a moved connection's duration and per-destination bytes
 //!    are counted where it closes.

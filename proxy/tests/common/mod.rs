@@ -138,3 +138,17 @@ pub async fn connect_until_closed(addr: SocketAddr, within: Duration) -> std::io
     let mut s = TcpStream::connect(addr).await?;
     read_outcome(&mut s, within).await
 }
+
+/// Writes `dir/routes.yaml`: the HTTP service `web` at 127.0.10.1:`port` whose one endpoint
+/// is 127.0.0.1 (the same port). Returns the service address and the file.
+pub fn web_service_routes(dir: &std::path::Path, port: u16) -> (SocketAddr, std::path::PathBuf) {
+    let routes = dir.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "serviceEntries:\n- hosts: [web]\n  addresses: [127.0.10.1]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 127.0.0.1}}\n"
+        ),
+    )
+    .expect("write the routing file");
+    (format!("127.0.10.1:{port}").parse().unwrap(), routes)
+}

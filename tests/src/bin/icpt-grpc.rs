@@ -195,21 +195,35 @@ async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
     }
 }
 
+/// A gRPC client connected to `addr`, and the path of the Greeter's `method`.
+async fn greeter(
+    addr: SocketAddr,
+    method: &str,
+) -> Result<
+    (
+        tonic::client::Grpc<tonic::transport::Channel>,
+        http::uri::PathAndQuery,
+    ),
+    String,
+> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let path = format!("/helloworld.Greeter/{method}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    Ok((tonic::client::Grpc::new(channel), path))
+}
+
 async fn call(
     addr: SocketAddr,
     method: &str,
     name: &str,
     count: u32,
 ) -> Result<Vec<String>, String> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let path: http::uri::PathAndQuery = format!("/helloworld.Greeter/{method}")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let (mut grpc, path) = greeter(addr, method).await?;
     let mut replies = Vec::new();
     for _ in 0..count {
         grpc.ready().await.map_err(|e| format!("not ready: {e}"))?;
@@ -299,15 +313,7 @@ async fn stream(
     every_ms: u64,
     until: Option<&std::path::Path>,
 ) -> Result<StreamReport, String> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let path: http::uri::PathAndQuery = format!("/helloworld.Greeter/{method}")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let (mut grpc, path) = greeter(addr, method).await?;
     let mut report = StreamReport::default();
     let mut i = 0u32;
     while i < calls || until.is_some_and(|f| !f.exists()) {
