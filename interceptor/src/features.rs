@@ -114,6 +114,9 @@ const SOCK_OPS_CB_FLAGS_SET: (i32, &str) = (59, "bpf_sock_ops_cb_flags_set");
 const SOCK_HASH_UPDATE: (i32, &str) = (70, "bpf_sock_hash_update");
 const SK_REDIRECT_HASH: (i32, &str) = (72, "bpf_sk_redirect_hash");
 const GET_SOCKET_COOKIE: (i32, &str) = (46, "bpf_get_socket_cookie");
+const SKB_PULL_DATA: (i32, &str) = (39, "bpf_skb_pull_data");
+const SKB_ADJUST_ROOM: (i32, &str) = (50, "bpf_skb_adjust_room");
+const PROBE_READ_KERNEL: (i32, &str) = (113, "bpf_probe_read_kernel");
 const SK_LOOKUP_TCP: (i32, &str) = (84, "bpf_sk_lookup_tcp");
 const SK_RELEASE: (i32, &str) = (86, "bpf_sk_release");
 const SK_STORAGE_GET: (i32, &str) = (107, "bpf_sk_storage_get");
@@ -216,7 +219,14 @@ const HOOKS: &[Hook] = &[
         link: None,
         used_by: "kernel forwarding (optional)",
         required: false,
-        helpers: &[SK_REDIRECT_HASH, GET_SOCKET_COOKIE],
+        // The last three cut the repeated front of a retransmitted segment (forward.rs).
+        helpers: &[
+            SK_REDIRECT_HASH,
+            GET_SOCKET_COOKIE,
+            SKB_PULL_DATA,
+            SKB_ADJUST_ROOM,
+            PROBE_READ_KERNEL,
+        ],
     },
     Hook {
         name: "cgroup/setsockopt",

@@ -619,6 +619,20 @@ fn attach(s: &mut Suite) -> Outcome {
             .entry(name)
             .or_insert((prog, verified.get(&id).copied().flatten()));
     }
+    // Kernel forwarding's verdict is attached to its map, not by a link, and its load failing
+    // is only a warning to the loader (the proxy then copies): on a supported kernel it must
+    // have loaded.
+    let verdict = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some("forward_verdict"))
+        .map(|p| p.verified_instruction_count())
+        .last();
+    let Some(insns) = verdict else {
+        return Err("the kernel-forwarding verdict (forward_verdict) did not load".into());
+    };
+    s.insns
+        .entry("sk_skb_verdict".to_string())
+        .or_insert(("forward_verdict".to_string(), insns));
     Ok(())
 }
 
