@@ -586,8 +586,8 @@ mod tests {
         assert_eq!(size_of::<InboundConfig>(), 8);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<FwdArm>(), 16);
-        assert_eq!(size_of::<FwdState>(), 32);
-        assert_eq!(size_of::<KfwdSock>(), 32);
+        assert_eq!(size_of::<FwdState>(), 64);
+        assert_eq!(size_of::<KfwdSock>(), 56);
     }
 
     #[test]
