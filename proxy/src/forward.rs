@@ -276,18 +276,12 @@ impl Bidirectional<'_> {
             // What the kernel moved, over the connection's life (also in earlier processes):
             // counted here, once, when the connection ends.
             if c2u.check {
-                let s = kforward::state(&client).unwrap_or_default();
-                let r = s.redirected;
-                kforward::BYTES.fetch_add(r, Relaxed);
-                kforward::count_cuts(&s);
+                let r = kforward::count_ended(&client);
                 client_to_upstream += r;
                 stats.bytes_client_to_upstream.fetch_add(r, Relaxed);
             }
             if u2c.check {
-                let s = kforward::state(&upstream).unwrap_or_default();
-                let r = s.redirected;
-                kforward::BYTES.fetch_add(r, Relaxed);
-                kforward::count_cuts(&s);
+                let r = kforward::count_ended(&upstream);
                 upstream_to_client += r;
                 stats.bytes_upstream_to_client.fetch_add(r, Relaxed);
             }

@@ -40,9 +40,12 @@ pub static UNCUT: AtomicU64 = AtomicU64::new(0);
 /// them): should stay 0; not 0, the kernel's `struct sk_buff` layout differs.
 pub static UNCHECKED: AtomicU64 = AtomicU64::new(0);
 
-/// Counts a socket's cuts of repeated bytes (`FwdState::trimmed`, `uncut`, `unchecked`) when
-/// its connection ends here; a repeat not cut is an error worth a line.
-pub fn count_cuts(s: &FwdState) {
+/// Counts what the kernel did for `socket` when its connection ends here: the bytes it
+/// redirected (`BYTES`, and returned) and its cuts of repeated bytes (`FwdState::trimmed`,
+/// `uncut`, `unchecked`; a repeat not cut is an error worth a line).
+pub fn count_ended<S: AsFd>(socket: &S) -> u64 {
+    let s = state(socket).unwrap_or_default();
+    BYTES.fetch_add(s.redirected, Relaxed);
     TRIMMED.fetch_add(s.trimmed, Relaxed);
     UNCUT.fetch_add(s.uncut, Relaxed);
     UNCHECKED.fetch_add(s.unchecked, Relaxed);
@@ -53,7 +56,9 @@ pub fn count_cuts(s: &FwdState) {
             "kernel forwarding handed repeated bytes on (a retransmitted segment's overlap not cut)"
         );
     }
+    s.redirected
 }
+
 /// Connections copied by the proxy although kernel forwarding is on (a socket not in the map).
 pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
