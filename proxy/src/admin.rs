@@ -228,6 +228,7 @@ fn runtime_json(state: &AdminState) -> serde_json::Value {
         "kernel_forward": crate::kforward::enabled(),
         "kernel_forward_connections": crate::kforward::ARMED.load(std::sync::atomic::Ordering::Relaxed),
         "kernel_forward_fallbacks": crate::kforward::FALLBACKS.load(std::sync::atomic::Ordering::Relaxed),
+        "kernel_forward_watched": crate::kforward::WATCHED.load(std::sync::atomic::Ordering::Relaxed),
         "kernel_forward_bytes": crate::kforward::BYTES.load(std::sync::atomic::Ordering::Relaxed),
         "kernel_forward_trimmed_bytes": crate::kforward::TRIMMED.load(std::sync::atomic::Ordering::Relaxed),
         "kernel_forward_uncut_bytes": crate::kforward::UNCUT.load(std::sync::atomic::Ordering::Relaxed),

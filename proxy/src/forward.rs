@@ -30,7 +30,10 @@
 //!   passes the EOF on, so the FIN never overtakes them. Errors and resets end the
 //!   connection as before. A socket that cannot be armed (not in the kernel's map) is copied
 //!   here (`kforward::FALLBACKS`). The byte counts take the kernel's redirected bytes when
-//!   the connection ends.
+//!   the connection ends. Once the kernel has carried both directions for `WATCH_AFTER`
+//!   with both arms in force, the connection is watched by [`crate::kwatch`] instead of
+//!   polled (a poll for reading would be woken by each byte the kernel redirects), until an
+//!   EOF, an error or a move brings it back.
 //! - Idle timeout (`--tcp-idle-timeout`, default 1 h as in Envoy): a connection with no
 //!   byte in either direction for that long is closed (FIN both ways). The timer is armed
 //!   once and only moved when it fires early, so traffic costs a clock read per wake-up.
@@ -39,6 +42,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{ready, Context, Poll};
@@ -52,6 +56,7 @@ use tokio::time::Sleep;
 
 use crate::drain::Deadline;
 use crate::kforward;
+use crate::kwatch::{NotWatched, Watch};
 use crate::stats::DirectionStats;
 
 /// Size of one copy buffer.
@@ -201,8 +206,8 @@ pub fn forward_from<'a>(
     }
     let check = kernel.is_some() || moved;
     let mut copy = Bidirectional {
-        client,
-        upstream,
+        socks: Socks::Polled { client, upstream },
+        watch_at: None,
         stats,
         c2u: Direction::carried(carried.client_to_upstream, carried.client_eof, check),
         u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof, check),
@@ -261,8 +266,7 @@ impl Bidirectional<'_> {
     /// (reset both ways after an error or at the deadline).
     fn finish(self, result: Result<(), ForwardError>, cut: bool) -> ForwardReport {
         let Bidirectional {
-            client,
-            upstream,
+            socks,
             c2u,
             u2c,
             paused,
@@ -271,8 +275,17 @@ impl Bidirectional<'_> {
             ..
         } = self;
         let (mut client_to_upstream, mut upstream_to_client) = (c2u.copied, u2c.copied);
-        let paused = paused && result.is_ok() && !cut;
-        if !paused {
+        // A watched connection ends here (it pauses only from tokio's poller).
+        let socks = match socks {
+            Socks::Polled { client, upstream } => Some(Ends::Polled(client, upstream)),
+            Socks::Watched(w) => {
+                let (c, u) = w.into_std();
+                Some(Ends::Std(c, u))
+            }
+            Socks::Gone => None,
+        };
+        let paused = paused && result.is_ok() && !cut && matches!(socks, Some(Ends::Polled(..)));
+        if let (false, Some((client, upstream))) = (paused, socks.as_ref().map(Ends::fds)) {
             // What the kernel moved, over the connection's life (also in earlier processes):
             // counted here, once, when the connection ends.
             if c2u.check {
@@ -286,8 +299,8 @@ impl Bidirectional<'_> {
                 stats.bytes_upstream_to_client.fetch_add(r, Relaxed);
             }
         }
-        let paused = if paused {
-            Some(Paused {
+        let paused = match socks {
+            Some(Ends::Polled(client, upstream)) if paused => Some(Paused {
                 client,
                 upstream,
                 // The bytes this process read (the kernel counts the rest): what the next
@@ -299,15 +312,16 @@ impl Bidirectional<'_> {
                     upstream_eof: u2c.done,
                     stay: false,
                 },
-            })
-        } else {
-            if result.is_err() || cut {
-                reset_on_close(&client);
-                reset_on_close(&upstream);
+            }),
+            socks => {
+                if let (true, Some((client, upstream))) =
+                    (result.is_err() || cut, socks.as_ref().map(Ends::fds))
+                {
+                    reset_on_close(&client);
+                    reset_on_close(&upstream);
+                }
+                None
             }
-            drop(client);
-            drop(upstream);
-            None
         };
         ForwardReport {
             client_to_upstream,
@@ -320,6 +334,52 @@ impl Bidirectional<'_> {
     }
 }
 
+/// The connection's two sockets: polled by tokio, or watched while the kernel carries both
+/// directions ([`kwatch`]).
+enum Socks {
+    Polled {
+        client: TcpStream,
+        upstream: TcpStream,
+    },
+    Watched(Watch),
+    /// Lost between the two (taking them out of tokio's poller failed): the connection ends.
+    Gone,
+}
+
+impl Socks {
+    /// The two sockets (client, upstream), wherever they are.
+    fn fds(&self) -> Option<(BorrowedFd<'_>, BorrowedFd<'_>)> {
+        match self {
+            Socks::Polled { client, upstream } => Some((client.as_fd(), upstream.as_fd())),
+            Socks::Watched(w) => {
+                let (c, u) = w.sockets();
+                Some((c.as_fd(), u.as_fd()))
+            }
+            Socks::Gone => None,
+        }
+    }
+}
+
+/// The sockets of a connection as it ends: tokio's, or plain ones back from the watcher.
+enum Ends {
+    Polled(TcpStream, TcpStream),
+    Std(std::net::TcpStream, std::net::TcpStream),
+}
+
+impl Ends {
+    fn fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        match self {
+            Ends::Polled(c, u) => (c.as_fd(), u.as_fd()),
+            Ends::Std(c, u) => (c.as_fd(), u.as_fd()),
+        }
+    }
+}
+
+/// How long the kernel carries both directions of a connection before it is watched
+/// instead of polled ([`kwatch`]): a connection of one request and its answer is over by
+/// then, and not worth the move's system calls; a keep-alive one has only begun.
+const WATCH_AFTER: Duration = Duration::from_millis(10);
+
 /// The idle timeout of one connection: `sleep` fires at `last + after` at the earliest.
 struct IdleTimer {
     after: Duration,
@@ -331,15 +391,16 @@ struct IdleTimer {
 }
 
 /// Makes the coming close send an RST instead of a FIN (SO_LINGER 0). Best effort.
-pub fn reset_on_close(stream: &TcpStream) {
+pub fn reset_on_close<S: AsFd>(stream: &S) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Both directions of one connection.
 struct Bidirectional<'a> {
-    // Split at each poll (the halves are borrows).
-    client: TcpStream,
-    upstream: TcpStream,
+    socks: Socks,
+    /// Since the kernel carried both directions: when to watch the connection instead of
+    /// polling it ([`WATCH_AFTER`]).
+    watch_at: Option<Pin<Box<Sleep>>>,
     stats: &'a DirectionStats,
     c2u: Direction,
     u2c: Direction,
@@ -362,10 +423,22 @@ impl Future for Bidirectional<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        if let Socks::Watched(w) = &this.socks {
+            if !this.pause && !w.fired(cx) {
+                return this.poll_idle(cx, false).map(Ok);
+            }
+            this.unwatch()?;
+        }
+        let Socks::Polled { client, upstream } = &mut this.socks else {
+            return Poll::Ready(Err(ForwardError {
+                side: Side::Client,
+                error: io::Error::other("the sockets were lost leaving tokio's poller"),
+            }));
+        };
         let moved_before = this.c2u.copied + this.u2c.copied;
         let pause = this.pause;
-        let (mut client_rd, mut client_wr) = this.client.split();
-        let (mut upstream_rd, mut upstream_wr) = this.upstream.split();
+        let (mut client_rd, mut client_wr) = client.split();
+        let (mut upstream_rd, mut upstream_wr) = upstream.split();
         let (to_upstream, to_client) = this.kernel.map_or((0, 0), |k| (k.upstream, k.client));
         let c2u = this.c2u.poll_copy(
             cx,
@@ -396,18 +469,35 @@ impl Future for Bidirectional<'_> {
             this.paused = !(this.c2u.done && this.u2c.done);
             return Poll::Ready(Ok(()));
         }
-        let Some(idle) = &mut this.idle else {
+        let moved = this.c2u.copied + this.u2c.copied != moved_before;
+        if this.poll_idle(cx, moved).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        if this.kernel.is_some() && !pause {
+            this.poll_watch(cx);
+        }
+        Poll::Pending
+    }
+}
+
+impl Bidirectional<'_> {
+    /// The idle timeout: Ready when it closes the connection. `moved`: bytes moved here
+    /// since the last poll.
+    fn poll_idle(&mut self, cx: &mut Context<'_>, moved: bool) -> Poll<()> {
+        let Some(idle) = &mut self.idle else {
             return Poll::Pending;
         };
-        if this.c2u.copied + this.u2c.copied != moved_before {
+        if moved {
             idle.last = Instant::now();
         }
         while idle.sleep.as_mut().poll(cx).is_ready() {
-            if this.c2u.check || this.u2c.check {
+            if let (true, Some((client, upstream))) =
+                (self.c2u.check || self.u2c.check, self.socks.fds())
+            {
                 // Bytes the kernel moved count as traffic too.
-                let moved = [&this.client, &this.upstream]
+                let moved = [client, upstream]
                     .iter()
-                    .map(|s| kforward::state(*s).map_or(0, |st| st.redirected))
+                    .map(|s| kforward::state(s).map_or(0, |st| st.redirected))
                     .sum();
                 if moved != idle.kernel_moved {
                     idle.kernel_moved = moved;
@@ -416,13 +506,71 @@ impl Future for Bidirectional<'_> {
             }
             let due = idle.last + idle.after;
             if Instant::now() >= due {
-                this.idle_timed_out = true;
-                return Poll::Ready(Ok(()));
+                self.idle_timed_out = true;
+                return Poll::Ready(());
             }
             // Bytes moved since it was armed: arm it again for the new due time.
             idle.sleep.as_mut().reset(due.into());
         }
         Poll::Pending
+    }
+
+    /// Once the kernel has carried both directions for [`WATCH_AFTER`], moves the
+    /// connection to the watcher ([`kwatch`]) if the kernel's state shows both arms in
+    /// force: each socket armed with its peer and every byte it passed read here.
+    fn poll_watch(&mut self, cx: &mut Context<'_>) {
+        if !(self.c2u.kernel_carries() && self.u2c.kernel_carries()) {
+            self.watch_at = None;
+            return;
+        }
+        let at = self
+            .watch_at
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WATCH_AFTER)));
+        if at.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        self.watch_at = None;
+        let (Some(k), Socks::Polled { client, upstream }) = (self.kernel, &self.socks) else {
+            return;
+        };
+        let in_force = |s: &TcpStream, peer: u64, d: &Direction| {
+            kforward::state(s).is_ok_and(|st| {
+                st.peer == peer && st.armed == d.copied + 1 && st.passed == d.copied
+            })
+        };
+        if !in_force(client, k.upstream, &self.c2u) || !in_force(upstream, k.client, &self.u2c) {
+            return;
+        }
+        let Socks::Polled { client, upstream } = std::mem::replace(&mut self.socks, Socks::Gone)
+        else {
+            return;
+        };
+        self.socks = match Watch::start(client, upstream, cx) {
+            Ok(w) => {
+                kforward::WATCHED.fetch_add(1, Relaxed);
+                Socks::Watched(w)
+            }
+            Err(NotWatched::Back(client, upstream)) => Socks::Polled { client, upstream },
+            Err(NotWatched::Lost(e)) => {
+                tracing::error!(error = %e, "a kernel-forwarded connection's sockets were lost leaving tokio's poller");
+                cx.waker().wake_by_ref();
+                Socks::Gone
+            }
+        };
+    }
+
+    /// Back from the watcher to tokio's poller (watched again only [`WATCH_AFTER`] after
+    /// the kernel carries both directions again).
+    fn unwatch(&mut self) -> Result<(), ForwardError> {
+        let Socks::Watched(w) = std::mem::replace(&mut self.socks, Socks::Gone) else {
+            return Ok(());
+        };
+        let (client, upstream) = w.stop().map_err(|error| ForwardError {
+            side: Side::Client,
+            error,
+        })?;
+        self.socks = Socks::Polled { client, upstream };
+        Ok(())
     }
 }
 
@@ -464,6 +612,17 @@ const EOF_WAIT_FIRST: Duration = Duration::from_micros(200);
 const EOF_WAIT_NEXT: Duration = Duration::from_millis(2);
 
 impl Direction {
+    /// Whether the kernel carries this direction: armed with everything read, nothing held
+    /// or awaited here.
+    fn kernel_carries(&self) -> bool {
+        !self.done
+            && !self.eof
+            && !self.arm_failed
+            && self.buf.is_none()
+            && self.wait.is_none()
+            && self.armed_at == Some(self.copied)
+    }
+
     fn carried(copied: u64, done: bool, check: bool) -> Direction {
         Direction {
             copied,

@@ -59,6 +59,10 @@ pub fn count_ended<S: AsFd>(socket: &S) -> u64 {
     s.redirected
 }
 
+/// Connections moved to the watcher ([`crate::kwatch`]) because the kernel carried both
+/// directions (counted each time one is moved).
+pub static WATCHED: AtomicU64 = AtomicU64::new(0);
+
 /// Connections copied by the proxy although kernel forwarding is on (a socket not in the map).
 pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 

@@ -37,6 +37,7 @@ pub mod drain;
 pub mod forward;
 pub mod inbound;
 pub mod kforward;
+pub mod kwatch;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

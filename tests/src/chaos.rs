@@ -3,7 +3,7 @@
 //! One connection per seed. The client sends `CHAOS <seed>\n`, then both sides derive the
 //! same plan from the seed: how many bytes each way (0, a few, or up to 8 MiB), written in
 //! chunks of random size from 1 byte to 1 MiB (log-uniform, so most are small) with an
-//! occasional pause of up to 2 ms, then `shutdown(SHUT_WR)`. Each side reads the other's
+//! occasional pause of up to 2 ms (rarely 12 to 30 ms), then `shutdown(SHUT_WR)`. Each side reads the other's
 //! stream to EOF at the same time and checks it byte for byte, so which side shuts down
 //! first, and how far the other still has to go, varies from seed to seed. The server side
 //! runs in the test process ([`ChaosServer`]); the client side runs as `icpt-probe chaos`
@@ -67,8 +67,13 @@ fn write_random(s: &TcpStream, stream_seed: u64, n: u64, chunk_seed: u64) -> io:
         stream::fill(stream_seed, off, &mut buf[..len]);
         w.write_all(&buf[..len])?;
         off += len as u64;
-        if r.below(64) == 0 {
-            std::thread::sleep(Duration::from_micros(r.below(2000)));
+        match r.below(256) {
+            // Longer than the proxy waits before it watches a connection whose two
+            // directions the kernel carries (10 ms), so that connections are also watched,
+            // and their EOFs seen, in the middle of a stream.
+            0 => std::thread::sleep(Duration::from_micros(12_000 + r.below(18_000))),
+            1..=3 => std::thread::sleep(Duration::from_micros(r.below(2000))),
+            _ => {}
         }
     }
     s.shutdown(Shutdown::Write)

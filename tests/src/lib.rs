@@ -32,6 +32,7 @@ mod bpffs;
 mod cgroup;
 pub mod chaos;
 pub mod dubbo;
+pub mod echo;
 pub mod escape;
 mod load;
 mod names;
@@ -58,7 +59,9 @@ pub use probe::{
     BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError,
     ProbeServer,
 };
-pub use process::{exec_command, probe_in, run_in, run_in_timeout, spawn_in, Proc};
+pub use process::{
+    context_switches, exec_command, probe_in, run_in, run_in_timeout, spawn_in, Proc,
+};
 pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
 pub use scratch::ScratchDir;
 pub use util::{run_cmd, run_cmd_ok, wait_until};

@@ -323,3 +323,21 @@ pub fn run_in_timeout(
     let mut c = exec_command(Some(ns), cgroup, None, cmd);
     run_cmd(&mut c, timeout).unwrap_or_else(|e| panic!("cannot run {:?}: {e}", c))
 }
+
+/// The context switches of every thread of process `pid` so far (voluntary and not): how
+/// often its threads were woken.
+pub fn context_switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"));
+    tasks
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}

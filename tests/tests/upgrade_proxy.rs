@@ -6,17 +6,18 @@
 //!
 //! Run as root, one test at a time: `cargo xtask test -- upgrade_proxy`.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use interceptor::{Counter, InboundSettings, PinLayout, ScopeSettings};
+use interceptor_tests::echo::Echo;
 use interceptor_tests::openmetrics::Sample;
 use interceptor_tests::{
-    exec_command, listen_drops, probe_bin, probe_in, proxy_bin, proxy_stats, spawn_in, start_proxy,
-    Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, Wrk,
+    context_switches, exec_command, listen_drops, probe_bin, probe_in, proxy_bin, proxy_stats,
+    spawn_in, start_proxy, Churn, NetNs, Nginx, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup,
+    Wrk,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -711,6 +712,142 @@ fn transfers_in_flight_move_byte_exact_through_three_upgrades() {
     w.assert_both_directions_proxied();
 }
 
+/// Kernel forwarding through the proxy's upgrade (issue 16 item 6): connections whose bytes
+/// the kernel carries (`--kernel-forward on`) move to each new process like any other, the
+/// kernel keeps carrying them there (the new process arms them again with the counts it was
+/// handed, and watches them instead of being woken by their bytes), and every byte arrives
+/// once: keep-alive pings both ways and a transfer each way in flight through three upgrades.
+#[test]
+fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kernel() {
+    const PINGS: usize = 16;
+    let mut w = World::new_with("upg-kfwd", LONG_DRAIN, &["--kernel-forward", "on"]);
+    let _echo = Echo::start_in(&w.ns, format!("0.0.0.0:{ECHO_PORT}").parse().unwrap());
+    // Sized from a first transfer alone (3 s of it): the transfers outlast the upgrades.
+    let probe = w.app_probe(&[
+        "bulk",
+        &w.app_outbound(),
+        "--send",
+        "134217728",
+        "--recv",
+        "134217728",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(probe["ok"], true, "{probe}");
+    let ms = probe["elapsed_ms"].as_u64().unwrap().max(1);
+    let size = ((128u64 << 20) * 3_000 / ms).clamp(128 << 20, 64 << 30);
+    let echo_inbound: SocketAddr = format!("{APP4}:{ECHO_PORT}").parse().unwrap();
+    let conns: Vec<std::net::TcpStream> = w.peer.in_ns(|| {
+        (0..PINGS)
+            .map(|_| {
+                std::net::TcpStream::connect_timeout(&echo_inbound, Duration::from_secs(10))
+                    .expect("inbound ping connection")
+            })
+            .collect()
+    });
+    let pinger = Pinger::start(conns);
+    let ping_stop = w.scratch.join("ping-stop");
+    let mut out_pinger = spawn_in(
+        &w.ns,
+        Some(&w.cg),
+        &[
+            probe_bin().to_str().unwrap(),
+            "ping",
+            &format!("127.0.0.1:{ECHO_PORT}"),
+            "--count",
+            &PINGS.to_string(),
+            "--every-ms",
+            "1",
+            "--stop",
+            ping_stop.to_str().unwrap(),
+        ],
+    );
+    pinger.rounds_after(1, Duration::from_secs(30));
+    probe_rounds_after(&mut out_pinger, 20, Duration::from_secs(30));
+    let mut out = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
+    let mut inb = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
+    std::thread::sleep(Duration::from_millis(300));
+    for g in 0..3 {
+        w.upgrade(LONG_DRAIN);
+        let old = &mut w.proxies[g];
+        let status = old
+            .wait_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("generation {g} still runs (its drain is 120 s)"));
+        assert!(status.success(), "{status}");
+        let log = old.stderr();
+        let (moved, kept, drained_ms) = moved_line(&log)
+            .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&log)));
+        println!("generation {g}: moved {moved} connections, drained in {drained_ms} ms");
+        assert_eq!(kept, 0, "generation {g}: {}", tail(&log));
+        assert_eq!(
+            moved,
+            2 * PINGS as u64 + 2,
+            "generation {g}: the pings and both transfers: {}",
+            tail(&log)
+        );
+        assert!(
+            out.is_running() && inb.is_running(),
+            "a transfer ended before generation {g} exited: the claim needs them in flight"
+        );
+        pinger.rounds_after(1, Duration::from_secs(30));
+        probe_rounds_after(&mut out_pinger, 5, Duration::from_secs(30));
+    }
+    for (name, p) in [("outbound", &mut out), ("inbound", &mut inb)] {
+        let r = bulk_result(p, Duration::from_secs(600));
+        assert_eq!(r["ok"], true, "{name} transfer through three upgrades: {r}");
+        println!("{name}: byte-exact through three upgrades: {r}");
+    }
+    // In the last generation the kernel still carries the pings: both arms in force again
+    // (watched), and the requests do not wake the proxy's threads.
+    probe_rounds_after(&mut out_pinger, 20, Duration::from_secs(30));
+    let (code, body) = interceptor_tests::http_get_in(
+        &w.ns,
+        ADMIN.parse().unwrap(),
+        "/runtime",
+        Duration::from_secs(10),
+    )
+    .expect("GET /runtime");
+    assert_eq!(code, 200, "{body}");
+    let rt: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(rt["kernel_forward"], true, "{rt}");
+    assert_eq!(rt["kernel_forward_fallbacks"], 0, "{rt}");
+    let watched = rt["kernel_forward_watched"].as_u64().unwrap();
+    assert!(
+        watched >= 2 * PINGS as u64,
+        "moved connections watched again: {rt}"
+    );
+    let pid = w.current().pid();
+    let rounds = |p: &mut Proc| {
+        p.stdout()
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok()?["round"].as_u64())
+            .unwrap_or(0)
+    };
+    let (before, switches) = (rounds(&mut out_pinger), context_switches(pid));
+    probe_rounds_after(&mut out_pinger, 100, Duration::from_secs(60));
+    let requests = (rounds(&mut out_pinger) - before) * PINGS as u64;
+    let wakeups = context_switches(pid) - switches;
+    println!("last generation: {requests} outbound requests woke its threads {wakeups} times");
+    assert!(
+        wakeups * 10 < requests,
+        "{requests} requests woke the last generation's threads {wakeups} times"
+    );
+    std::fs::write(&ping_stop, b"").unwrap();
+    let status = out_pinger
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the outbound pinger ends");
+    assert!(
+        status.success(),
+        "outbound pings: {}",
+        tail(&out_pinger.stdout())
+    );
+    let (rounds, errors, _) = pinger.finish();
+    assert!(errors.is_empty(), "inbound pings: {errors:?}");
+    println!("inbound: {rounds} full ping rounds through three upgrades");
+    w.assert_both_directions_proxied();
+}
+
 /// What a new process logs once it has asked the running one for its listeners.
 const ASKED: &str = "asked the running proxy for its listening sockets";
 
@@ -838,60 +975,6 @@ const ECHO_PORT: u16 = 8090;
 /// Idle connections, each sending a ping every [`PING_EVERY`].
 const IDLE_CONNS: usize = 1000;
 const PING_EVERY: Duration = Duration::from_millis(500);
-
-/// A line echo server in a namespace: each line back, until EOF. Stops on drop.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start_in(ns: &NetNs, addr: SocketAddr) -> Echo {
-        let listener = ns.in_ns(|| std::net::TcpListener::bind(addr).expect("echo server binds"));
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        s.set_nonblocking(false).unwrap();
-                        std::thread::Builder::new()
-                            .stack_size(64 * 1024)
-                            .spawn(move || {
-                                let mut w = s.try_clone().unwrap();
-                                let mut buf = [0u8; 256];
-                                let mut r = s;
-                                while let Ok(n) = r.read(&mut buf) {
-                                    if n == 0 || w.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
-                                }
-                            })
-                            .unwrap();
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => panic!("echo accept: {e}"),
-                }
-            }
-        });
-        Echo {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Idle connections that each send a ping line every [`PING_EVERY`] and check the echo,
 /// round after round, until stopped.
