@@ -31,5 +31,14 @@ pub fn run(layout: &PinLayout, a: DetachArgs) -> Result<()> {
             ""
         }
     );
+    if done.kept_for_kernel_forwarding > 0 {
+        println!(
+            "no scope left, but the root programs and maps are kept: {} socket(s) are still \
+             forwarded by the kernel (a proxy's open connections with --kernel-forward on), and \
+             removing the maps now would lose the bytes queued in them; run `interceptor detach \
+             --all` again once those connections have closed (or the proxy has stopped)",
+            done.kept_for_kernel_forwarding
+        );
+    }
     Ok(())
 }

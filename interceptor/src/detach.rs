@@ -24,6 +24,13 @@ pub struct Detached {
     pub scopes: Vec<u64>,
     /// True when the root links and maps were removed as well (no scope left).
     pub cleaned_up: bool,
+    /// No scope left, but the root links and maps were kept: this many sockets are still in
+    /// `ICP_FWD`, forwarded by the kernel (a proxy's open connections with
+    /// `--kernel-forward on`). Freeing the map would drop each one's psock, and with it the
+    /// bytes queued in it (redirected and not yet sent, or passed and not yet read): those
+    /// connections would lose bytes. A later detach (`detach --all`) finishes once they
+    /// have closed.
+    pub kept_for_kernel_forwarding: usize,
 }
 
 /// Unpins the link at `pin` and closes it: the kernel detaches it once nothing holds it.
@@ -94,10 +101,11 @@ pub fn detach(layout: &PinLayout, path: &Path) -> Result<Detached> {
         return Err(Error::NotAttached { path: path.into() });
     }
     detach_scope(layout, id)?;
-    let cleaned_up = cleanup_if_unused(layout)?;
+    let (cleaned_up, kept_for_kernel_forwarding) = cleanup_if_unused(layout)?;
     Ok(Detached {
         scopes: vec![id],
         cleaned_up,
+        kept_for_kernel_forwarding,
     })
 }
 
@@ -113,10 +121,11 @@ pub fn detach_id(layout: &PinLayout, id: u64) -> Result<Detached> {
         return Ok(Detached::default());
     }
     detach_scope(layout, id)?;
-    let cleaned_up = cleanup_if_unused(layout)?;
+    let (cleaned_up, kept_for_kernel_forwarding) = cleanup_if_unused(layout)?;
     Ok(Detached {
         scopes: vec![id],
         cleaned_up,
+        kept_for_kernel_forwarding,
     })
 }
 
@@ -138,10 +147,11 @@ pub fn detach_all(layout: &PinLayout) -> Result<Detached> {
     for id in &ids {
         detach_scope(layout, *id)?;
     }
-    let cleaned_up = cleanup_if_unused(layout)?;
+    let (cleaned_up, kept_for_kernel_forwarding) = cleanup_if_unused(layout)?;
     Ok(Detached {
         scopes: ids,
         cleaned_up,
+        kept_for_kernel_forwarding,
     })
 }
 
@@ -181,14 +191,23 @@ fn detach_scope(layout: &PinLayout, id: u64) -> Result<()> {
     }
 }
 
-/// With no scope left, removes the root links, the maps and the directories.
-fn cleanup_if_unused(layout: &PinLayout) -> Result<bool> {
+/// With no scope left, removes the root links, the maps and the directories (true), unless
+/// sockets are still forwarded by the kernel (their count: see
+/// [`Detached::kept_for_kernel_forwarding`]).
+fn cleanup_if_unused(layout: &PinLayout) -> Result<(bool, usize)> {
     let scopes_left = fs::read_dir(layout.scopes_dir())
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
         || !known_scopes(layout)?.is_empty();
     if scopes_left {
-        return Ok(false);
+        return Ok((false, 0));
+    }
+    // The root links stay with the maps: the proxy still arms those sockets and reads their
+    // counts (`getsockopt`) before it passes an EOF on, and `track_sockops` removes their
+    // state when they close.
+    let (_, forwarded) = maps::kernel_forward_count(layout).unwrap_or((0, 0));
+    if forwarded > 0 {
+        return Ok((false, forwarded));
     }
     for name in ROOT_LINKS {
         unpin_link(&layout.root_link(name))?;
@@ -201,5 +220,5 @@ fn cleanup_if_unused(layout: &PinLayout) -> Result<bool> {
     ] {
         let _ = fs::remove_dir(dir);
     }
-    Ok(true)
+    Ok((true, 0))
 }
