@@ -100,30 +100,83 @@ impl World {
     }
 }
 
-/// The last `{"round": N}` a `ping` probe printed.
-fn ping_rounds(p: &Proc) -> u64 {
-    p.stdout()
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok()?["round"].as_u64())
-        .unwrap_or(0)
+/// Keep-alive pings from the workload to an echo server in its namespace (intercepted
+/// outbound): `icpt-probe ping` on `n` connections until [`Pings::finish`].
+struct Pings {
+    proc: Proc,
+    stop: std::path::PathBuf,
+    _scratch: ScratchDir,
+    _echo: Echo,
 }
 
-/// Waits until the `ping` probe has done `n` rounds (panics if it ends or takes a minute).
-fn await_rounds(p: &mut Proc, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ping_rounds(p) < n {
-        assert!(
-            p.is_running(),
-            "the pinger ended: {}{}",
-            p.stdout(),
-            p.stderr()
+impl Pings {
+    /// `n` connections, a round every `every_ms` (0: back to back).
+    fn start(w: &World, test: &str, n: u64, every_ms: u64) -> Pings {
+        let echo = Echo::start_in(&w.ns, ECHO.parse().unwrap());
+        let scratch = ScratchDir::new(test);
+        let stop = scratch.join("ping-stop");
+        let proc = spawn_in(
+            &w.ns,
+            Some(&w.cg),
+            &[
+                probe_bin().to_str().unwrap(),
+                "ping",
+                ECHO,
+                "--count",
+                &n.to_string(),
+                "--every-ms",
+                &every_ms.to_string(),
+                "--stop",
+                stop.to_str().unwrap(),
+            ],
         );
-        assert!(
-            Instant::now() < deadline,
-            "{n} ping rounds not done within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        Pings {
+            proc,
+            stop,
+            _scratch: scratch,
+            _echo: echo,
+        }
+    }
+
+    /// The last `{"round": N}` the probe printed.
+    fn rounds(&self) -> u64 {
+        self.proc
+            .stdout()
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok()?["round"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the probe has done `n` rounds (panics if it ends or takes a minute).
+    fn await_rounds(&mut self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.rounds() < n {
+            assert!(
+                self.proc.is_running(),
+                "the pinger ended: {}{}",
+                self.proc.stdout(),
+                self.proc.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{n} ping rounds not done within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops: each client closes, its EOF reaching the echo server through the proxy,
+    /// whose close comes back. Panics if a round failed; the bytes sent (each came back).
+    fn finish(mut self) -> u64 {
+        std::fs::write(&self.stop, b"").unwrap();
+        self.proc
+            .wait_timeout(Duration::from_secs(30))
+            .expect("the pinger ends");
+        let out = self.proc.stdout();
+        let last: Value = serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap();
+        assert_eq!(last["errors"].as_array().map(Vec::len), Some(0), "{last}");
+        last["bytes"].as_u64().expect("bytes")
     }
 }
 
@@ -207,26 +260,9 @@ fn kernel_forward_keep_alive_requests_do_not_wake_the_proxy() {
     const CONNS: u64 = 16;
     const ROUNDS: u64 = 300;
     let w = World::new("kfwd-quiet", "on");
-    let _echo = Echo::start_in(&w.ns, ECHO.parse().unwrap());
-    let scratch = ScratchDir::new("kfwd-quiet");
-    let stop = scratch.join("ping-stop");
-    let mut ping = spawn_in(
-        &w.ns,
-        Some(&w.cg),
-        &[
-            probe_bin().to_str().unwrap(),
-            "ping",
-            ECHO,
-            "--count",
-            &CONNS.to_string(),
-            "--every-ms",
-            "0",
-            "--stop",
-            stop.to_str().unwrap(),
-        ],
-    );
+    let mut ping = Pings::start(&w, "kfwd-quiet", CONNS, 0);
     // A few rounds: each connection is armed both ways, then watched 10 ms later.
-    await_rounds(&mut ping, 20);
+    ping.await_rounds(20);
     std::thread::sleep(Duration::from_millis(200));
     let rt = w.runtime();
     assert_eq!(u(&rt, "kernel_forward_connections"), CONNS, "{rt}");
@@ -236,9 +272,9 @@ fn kernel_forward_keep_alive_requests_do_not_wake_the_proxy() {
         "every connection watched: {rt}"
     );
     let proxy = w._proxy.as_ref().expect("the proxy").pid();
-    let (rounds_before, switches_before) = (ping_rounds(&ping), context_switches(proxy));
-    await_rounds(&mut ping, rounds_before + ROUNDS);
-    let (rounds_after, switches_after) = (ping_rounds(&ping), context_switches(proxy));
+    let (rounds_before, switches_before) = (ping.rounds(), context_switches(proxy));
+    ping.await_rounds(rounds_before + ROUNDS);
+    let (rounds_after, switches_after) = (ping.rounds(), context_switches(proxy));
     let requests = (rounds_after - rounds_before) * CONNS;
     let wakeups = switches_after - switches_before;
     println!("{requests} requests through the kernel woke the proxy's threads {wakeups} times");
@@ -250,15 +286,7 @@ fn kernel_forward_keep_alive_requests_do_not_wake_the_proxy() {
     // The end: each client closes; its EOF reaches the echo server through the proxy,
     // whose close comes back. Every connection then ends in the proxy, counting the
     // kernel's bytes.
-    std::fs::write(&stop, b"").unwrap();
-    let end = Instant::now() + Duration::from_secs(30);
-    while ping.is_running() {
-        assert!(Instant::now() < end, "the pinger did not end");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let last: Value = serde_json::from_str(ping.stdout().lines().last().unwrap()).unwrap();
-    assert_eq!(last["errors"].as_array().map(Vec::len), Some(0), "{last}");
-    let bytes = last["bytes"].as_u64().unwrap();
+    let bytes = ping.finish();
     assert!(
         wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
             w.stat("connections_active") == 0
@@ -281,25 +309,8 @@ fn kernel_forward_keep_alive_requests_do_not_wake_the_proxy() {
 fn kernel_forward_goes_on_through_the_programs_in_place_upgrade() {
     const CONNS: u64 = 16;
     let w = World::new("kfwd-upg", "on");
-    let _echo = Echo::start_in(&w.ns, ECHO.parse().unwrap());
-    let scratch = ScratchDir::new("kfwd-upg");
-    let stop = scratch.join("ping-stop");
-    let mut ping = spawn_in(
-        &w.ns,
-        Some(&w.cg),
-        &[
-            probe_bin().to_str().unwrap(),
-            "ping",
-            ECHO,
-            "--count",
-            &CONNS.to_string(),
-            "--every-ms",
-            "1",
-            "--stop",
-            stop.to_str().unwrap(),
-        ],
-    );
-    await_rounds(&mut ping, 20);
+    let mut ping = Pings::start(&w, "kfwd-upg", CONNS, 1);
+    ping.await_rounds(20);
     // A transfer sized from a first one alone (3 s of it): in flight through the upgrades.
     let first = w.probe(&["bulk", SERVER, "--send", "268435456", "--recv", "268435456"]);
     assert_eq!(first["ok"], true, "{first}");
@@ -322,8 +333,8 @@ fn kernel_forward_goes_on_through_the_programs_in_place_upgrade() {
     for i in 0..3 {
         let up = interceptor::upgrade(&w.layout()).unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
         assert!(up.upgraded() > 0, "upgrade {i}: {up:?}");
-        let r = ping_rounds(&ping);
-        await_rounds(&mut ping, r + 5);
+        let r = ping.rounds();
+        ping.await_rounds(r + 5);
     }
     assert!(
         bulk.is_running(),
@@ -335,9 +346,9 @@ fn kernel_forward_goes_on_through_the_programs_in_place_upgrade() {
     assert_eq!(r["ok"], true, "the transfer through three upgrades: {r}");
     // The pings are still carried by the kernel (what it passed would wake the proxy).
     let proxy = w._proxy.as_ref().expect("the proxy").pid();
-    let (rounds_before, switches_before) = (ping_rounds(&ping), context_switches(proxy));
-    await_rounds(&mut ping, rounds_before + 100);
-    let requests = (ping_rounds(&ping) - rounds_before) * CONNS;
+    let (rounds_before, switches_before) = (ping.rounds(), context_switches(proxy));
+    ping.await_rounds(rounds_before + 100);
+    let requests = (ping.rounds() - rounds_before) * CONNS;
     let wakeups = context_switches(proxy) - switches_before;
     println!("after the upgrades {requests} requests woke the proxy's threads {wakeups} times");
     assert!(
@@ -358,11 +369,7 @@ fn kernel_forward_goes_on_through_the_programs_in_place_upgrade() {
     assert_eq!(v["ok"], true, "{v}");
     let rt = w.runtime();
     assert!(u(&rt, "kernel_forward_bytes") - carried > n, "{rt}");
-    std::fs::write(&stop, b"").unwrap();
-    ping.wait_timeout(Duration::from_secs(30))
-        .expect("the pinger ends");
-    let last: Value = serde_json::from_str(ping.stdout().lines().last().unwrap()).unwrap();
-    assert_eq!(last["errors"].as_array().map(Vec::len), Some(0), "{last}");
+    ping.finish();
     let rt = w.runtime();
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_uncut_bytes"), 0, "{rt}");

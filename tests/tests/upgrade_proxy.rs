@@ -262,6 +262,76 @@ impl World {
         format!("{APP4}:{APP_PORT}")
     }
 
+    /// The size of a transfer each way that takes about `ms` alone here, from a first
+    /// transfer of 128 MiB each way (so that transfers outlast what a test does meanwhile).
+    fn transfer_size(&self, ms: u64) -> u64 {
+        let probe = self.app_probe(&[
+            "bulk",
+            &self.app_outbound(),
+            "--send",
+            "134217728",
+            "--recv",
+            "134217728",
+            "--seed",
+            "3",
+        ]);
+        assert_eq!(probe["ok"], true, "{probe}");
+        let took = probe["elapsed_ms"].as_u64().unwrap().max(1);
+        let size = ((128u64 << 20) * ms / took).clamp(128 << 20, 64 << 30);
+        println!(
+            "128 MiB each way took {took} ms: transferring {} MiB",
+            size >> 20
+        );
+        size
+    }
+
+    /// `n` connections from the peer to the workload's echo server (intercepted inbound).
+    fn inbound_echo_conns(&self, n: usize) -> Vec<std::net::TcpStream> {
+        let echo_inbound: SocketAddr = format!("{APP4}:{ECHO_PORT}").parse().unwrap();
+        self.peer.in_ns(|| {
+            (0..n)
+                .map(|_| {
+                    std::net::TcpStream::connect_timeout(&echo_inbound, Duration::from_secs(10))
+                        .expect("inbound echo connection")
+                })
+                .collect()
+        })
+    }
+
+    /// `icpt-probe ping` from the workload to its echo server (intercepted outbound): `n`
+    /// connections, a round every `every_ms`, until `stop` exists.
+    fn spawn_outbound_pinger(&self, n: usize, every_ms: u64, stop: &std::path::Path) -> Proc {
+        spawn_in(
+            &self.ns,
+            Some(&self.cg),
+            &[
+                probe_bin().to_str().unwrap(),
+                "ping",
+                &format!("127.0.0.1:{ECHO_PORT}"),
+                "--count",
+                &n.to_string(),
+                "--every-ms",
+                &every_ms.to_string(),
+                "--stop",
+                stop.to_str().unwrap(),
+            ],
+        )
+    }
+
+    /// Upgrades with the 120 s drain and waits for generation `g` to exit with success
+    /// (within 30 s: it moves its connections rather than drain them); what it moved, kept
+    /// and how long it drained, from its log.
+    fn upgrade_moving(&mut self, g: usize) -> (u64, u64, u64) {
+        self.upgrade(LONG_DRAIN);
+        let old = &mut self.proxies[g];
+        let status = old
+            .wait_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("generation {g} still runs (its drain is 120 s)"));
+        assert!(status.success(), "{status}");
+        let log = old.stderr();
+        moved_line(&log).unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&log)))
+    }
+
     /// One HELLO each way; both must have gone through the proxy.
     fn assert_both_directions_proxied(&self) {
         let out = self.app_probe(&["hello", &self.app_outbound()]);
@@ -646,23 +716,7 @@ fn connections_queued_while_paused_are_served_after_upgrade() {
 fn transfers_in_flight_move_byte_exact_through_three_upgrades() {
     let mut w = World::new("upg-bulk", LONG_DRAIN);
     // Sized from a first transfer alone (5 s of it); the three at once take longer.
-    let probe = w.app_probe(&[
-        "bulk",
-        &w.app_outbound(),
-        "--send",
-        "134217728",
-        "--recv",
-        "134217728",
-        "--seed",
-        "3",
-    ]);
-    assert_eq!(probe["ok"], true, "{probe}");
-    let ms = probe["elapsed_ms"].as_u64().unwrap().max(1);
-    let size = ((128u64 << 20) * 5_000 / ms).clamp(128 << 20, 64 << 30);
-    println!(
-        "128 MiB each way took {ms} ms: transferring {} MiB",
-        size >> 20
-    );
+    let size = w.transfer_size(5_000);
     let mut out = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
     let mut inb = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
     let args = probe_args(&[
@@ -684,17 +738,14 @@ fn transfers_in_flight_move_byte_exact_through_three_upgrades() {
             && w.proxy_stat("bytes_upstream_to_client") > 2 * (128 << 20)
     ));
     for g in 0..3 {
-        w.upgrade(LONG_DRAIN);
-        let old = &mut w.proxies[g];
-        let status = old
-            .wait_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("generation {g} still runs (its drain is 120 s)"));
-        assert!(status.success(), "{status}");
-        let log = old.stderr();
-        let (moved, kept, drained_ms) = moved_line(&log)
-            .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&log)));
+        let (moved, kept, drained_ms) = w.upgrade_moving(g);
         println!("generation {g}: moved {moved} transfers, drained in {drained_ms} ms");
-        assert_eq!((moved, kept), (3, 0), "generation {g}: {}", tail(&log));
+        assert_eq!(
+            (moved, kept),
+            (3, 0),
+            "generation {g}: {}",
+            tail(&w.proxies[g].stderr())
+        );
         assert!(
             out.is_running() && inb.is_running() && half.is_running(),
             "a transfer ended before generation {g} exited: the claim needs them in flight"
@@ -723,60 +774,18 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
     let mut w = World::new_with("upg-kfwd", LONG_DRAIN, &["--kernel-forward", "on"]);
     let _echo = Echo::start_in(&w.ns, format!("0.0.0.0:{ECHO_PORT}").parse().unwrap());
     // Sized from a first transfer alone (3 s of it): the transfers outlast the upgrades.
-    let probe = w.app_probe(&[
-        "bulk",
-        &w.app_outbound(),
-        "--send",
-        "134217728",
-        "--recv",
-        "134217728",
-        "--seed",
-        "3",
-    ]);
-    assert_eq!(probe["ok"], true, "{probe}");
-    let ms = probe["elapsed_ms"].as_u64().unwrap().max(1);
-    let size = ((128u64 << 20) * 3_000 / ms).clamp(128 << 20, 64 << 30);
-    let echo_inbound: SocketAddr = format!("{APP4}:{ECHO_PORT}").parse().unwrap();
-    let conns: Vec<std::net::TcpStream> = w.peer.in_ns(|| {
-        (0..PINGS)
-            .map(|_| {
-                std::net::TcpStream::connect_timeout(&echo_inbound, Duration::from_secs(10))
-                    .expect("inbound ping connection")
-            })
-            .collect()
-    });
-    let pinger = Pinger::start(conns);
+    let size = w.transfer_size(3_000);
+    let pinger = Pinger::start(w.inbound_echo_conns(PINGS));
     let ping_stop = w.scratch.join("ping-stop");
-    let mut out_pinger = spawn_in(
-        &w.ns,
-        Some(&w.cg),
-        &[
-            probe_bin().to_str().unwrap(),
-            "ping",
-            &format!("127.0.0.1:{ECHO_PORT}"),
-            "--count",
-            &PINGS.to_string(),
-            "--every-ms",
-            "1",
-            "--stop",
-            ping_stop.to_str().unwrap(),
-        ],
-    );
+    let mut out_pinger = w.spawn_outbound_pinger(PINGS, 1, &ping_stop);
     pinger.rounds_after(1, Duration::from_secs(30));
     probe_rounds_after(&mut out_pinger, 20, Duration::from_secs(30));
     let mut out = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
     let mut inb = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
     std::thread::sleep(Duration::from_millis(300));
     for g in 0..3 {
-        w.upgrade(LONG_DRAIN);
-        let old = &mut w.proxies[g];
-        let status = old
-            .wait_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("generation {g} still runs (its drain is 120 s)"));
-        assert!(status.success(), "{status}");
-        let log = old.stderr();
-        let (moved, kept, drained_ms) = moved_line(&log)
-            .unwrap_or_else(|| panic!("generation {g} moved nothing:\n{}", tail(&log)));
+        let (moved, kept, drained_ms) = w.upgrade_moving(g);
+        let log = w.proxies[g].stderr();
         println!("generation {g}: moved {moved} connections, drained in {drained_ms} ms");
         assert_eq!(kept, 0, "generation {g}: {}", tail(&log));
         assert_eq!(
@@ -1197,7 +1206,6 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
     let mut w = World::new_with("upg-move", DRAIN, &["--destination-stats", "on"]).with_nginx();
     let echo_addr: SocketAddr = format!("0.0.0.0:{ECHO_PORT}").parse().unwrap();
     let _echo = Echo::start_in(&w.ns, echo_addr);
-    let echo_inbound: SocketAddr = format!("{APP4}:{ECHO_PORT}").parse().unwrap();
     // The stream's size: what this machine moves alone in about 40 s, from a first
     // transfer (the two streams and the pings share the machine: they take longer).
     let probe = w.app_probe(&[
@@ -1217,33 +1225,11 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
         "256 MiB each way took {ms} ms: streaming {} MiB each way",
         size >> 20
     );
-    let conns: Vec<std::net::TcpStream> = w.peer.in_ns(|| {
-        (0..IDLE_CONNS)
-            .map(|_| {
-                std::net::TcpStream::connect_timeout(&echo_inbound, Duration::from_secs(10))
-                    .expect("idle connection")
-            })
-            .collect()
-    });
-    let pinger = Pinger::start(conns);
+    let pinger = Pinger::start(w.inbound_echo_conns(IDLE_CONNS));
     // As many idle connections outbound, from the workload to the same echo server.
-    let echo_outbound = format!("127.0.0.1:{ECHO_PORT}");
     let ping_stop = w.scratch.join("ping-stop");
-    let mut out_pinger = spawn_in(
-        &w.ns,
-        Some(&w.cg),
-        &[
-            probe_bin().to_str().unwrap(),
-            "ping",
-            &echo_outbound,
-            "--count",
-            &IDLE_CONNS.to_string(),
-            "--every-ms",
-            &PING_EVERY.as_millis().to_string(),
-            "--stop",
-            ping_stop.to_str().unwrap(),
-        ],
-    );
+    let mut out_pinger =
+        w.spawn_outbound_pinger(IDLE_CONNS, PING_EVERY.as_millis() as u64, &ping_stop);
     pinger.rounds_after(1, Duration::from_secs(30));
     probe_rounds_after(&mut out_pinger, 1, Duration::from_secs(30));
     // A long iperf3 stream, wrk keep-alive on 16 connections and wrk with a new
