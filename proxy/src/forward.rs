@@ -691,7 +691,17 @@ impl Direction {
                 self.armed_since_read = true;
                 self.armed_at = Some(self.copied);
             }
-            Err(_) => self.arm_failed = true,
+            // Refused: this direction is copied here from now on. The kernel may have taken
+            // the arm all the same: every loader's programs at the cgroup2 root answer the
+            // call, and one refusal fails it (a second loader on the host, whose map could
+            // not take the socket, refuses while the first one's took it). So the kernel's
+            // bytes are waited for before the next write and before the EOF, and counted,
+            // as after an arm that succeeded.
+            Err(_) => {
+                self.arm_failed = true;
+                self.check = true;
+                self.armed_since_read = true;
+            }
         }
     }
 
