@@ -60,7 +60,8 @@ pub use probe::{
     ProbeServer,
 };
 pub use process::{
-    context_switches, exec_command, probe_in, run_in, run_in_timeout, spawn_in, Proc,
+    context_switches, exec_command, ping_rounds, probe_in, run_in, run_in_timeout, spawn_in,
+    spawn_pinger, Proc,
 };
 pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
 pub use scratch::ScratchDir;

@@ -341,3 +341,39 @@ pub fn context_switches(pid: u32) -> u64 {
         })
         .sum()
 }
+
+/// `icpt-probe ping ADDR` in `ns` (and `cgroup`): `n` connections, a round every `every_ms`
+/// (0: back to back), until the file `stop` exists.
+pub fn spawn_pinger(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    addr: &str,
+    n: u64,
+    every_ms: u64,
+    stop: &std::path::Path,
+) -> Proc {
+    spawn_in(
+        ns,
+        cgroup,
+        &[
+            crate::probe_bin().to_str().expect("UTF-8 path"),
+            "ping",
+            addr,
+            "--count",
+            &n.to_string(),
+            "--every-ms",
+            &every_ms.to_string(),
+            "--stop",
+            stop.to_str().expect("UTF-8 path"),
+        ],
+    )
+}
+
+/// The last full round (`{"round": N}`) an `icpt-probe ping` printed so far; 0 before one.
+pub fn ping_rounds(p: &Proc) -> u64 {
+    p.stdout()
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["round"].as_u64())
+        .unwrap_or(0)
+}

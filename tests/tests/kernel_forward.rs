@@ -16,8 +16,9 @@ use interceptor_tests::{
     chaos::{ChaosReport, ChaosServer},
     context_switches,
     echo::Echo,
-    http_get_in, probe_bin, probe_in, proxy_stats, spawn_in, start_proxy, wait_until, NetNs,
-    PinDir, ProbeServer, Proc, ScratchDir, TestCgroup, DEFAULT_ADMIN,
+    http_get_in, ping_rounds, probe_bin, probe_in, proxy_stats, spawn_in, spawn_pinger,
+    start_proxy, wait_until, NetNs, PinDir, ProbeServer, Proc, ScratchDir, TestCgroup,
+    DEFAULT_ADMIN,
 };
 use nix::{
     sys::signal::{kill, Signal},
@@ -115,21 +116,7 @@ impl Pings {
         let echo = Echo::start_in(&w.ns, ECHO.parse().unwrap());
         let scratch = ScratchDir::new(test);
         let stop = scratch.join("ping-stop");
-        let proc = spawn_in(
-            &w.ns,
-            Some(&w.cg),
-            &[
-                probe_bin().to_str().unwrap(),
-                "ping",
-                ECHO,
-                "--count",
-                &n.to_string(),
-                "--every-ms",
-                &every_ms.to_string(),
-                "--stop",
-                stop.to_str().unwrap(),
-            ],
-        );
+        let proc = spawn_pinger(&w.ns, Some(&w.cg), ECHO, n, every_ms, &stop);
         Pings {
             proc,
             stop,
@@ -140,12 +127,7 @@ impl Pings {
 
     /// The last `{"round": N}` the probe printed.
     fn rounds(&self) -> u64 {
-        self.proc
-            .stdout()
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok()?["round"].as_u64())
-            .unwrap_or(0)
+        ping_rounds(&self.proc)
     }
 
     /// Waits until the probe has done `n` rounds (panics if it ends or takes a minute).
@@ -178,6 +160,16 @@ impl Pings {
         assert_eq!(last["errors"].as_array().map(Vec::len), Some(0), "{last}");
         last["bytes"].as_u64().expect("bytes")
     }
+}
+
+/// Every chaos connection byte-exact on both sides (`v`: the client's report as printed).
+fn assert_chaos_clean(v: &Value, r: &ChaosReport, server_errors: &[String], count: u64) {
+    assert_eq!(
+        r.failed, 0,
+        "client side: {v}; server side: {server_errors:?}"
+    );
+    assert_eq!(r.ok, count, "{v}");
+    assert!(server_errors.is_empty(), "server side: {server_errors:?}");
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -382,9 +374,11 @@ fn kernel_forward_goes_on_through_the_programs_in_place_upgrade() {
 /// detached while the traffic flows: the last one, whose detach removes the root programs and
 /// maps. Freeing `ICP_FWD` would drop the psock of each socket in it and the bytes queued there
 /// (`sk_psock_destroy` purges them), so the detach keeps the root programs and maps while
-/// sockets are in it, and says so; the connections in flight do not lose a byte. (Reproduced
-/// first: without the keep, 1 run of 2 lost 544,513 bytes of a stream, the other lost 556,608
-/// bytes from the proxy's counts.)
+/// sockets are in it, and says so. Its setsockopt program also refuses each arm the first
+/// one takes: the proxy must order its writes after the kernel's bytes all the same. The
+/// connections in flight do not lose a byte, nor their counts. (Reproduced first: without
+/// the keep the proxy's counts fell short in 6 runs of 6; without the proxy's wait after a
+/// refused arm, 2 runs of 4 had a stream whose bytes were overtaken.)
 #[test]
 fn kernel_forward_stays_byte_exact_when_a_second_loader_comes_and_goes() {
     let cg_b = TestCgroup::new("kf-two-b");
@@ -441,13 +435,7 @@ fn kernel_forward_stays_byte_exact_when_a_second_loader_comes_and_goes() {
         u(&rt, "kernel_forward_bytes"),
         u(&rt, "kernel_forward_fallbacks")
     );
-    assert_eq!(
-        r.failed, 0,
-        "client side: {v}; server side: {:?}",
-        srv.errors
-    );
-    assert_eq!(r.ok, count, "{v}");
-    assert!(srv.errors.is_empty(), "server side: {:?}", srv.errors);
+    assert_chaos_clean(&v, &r, &srv.errors, count);
     assert_eq!(u(&rt, "kernel_forward_uncut_bytes"), 0, "{rt}");
     // The proxy's counts include what the kernel carried (and each `CHAOS <seed>` line: 11
     // bytes for seeds of four digits).
@@ -511,13 +499,7 @@ fn kernel_forward_random_write_sizes_and_shutdowns_byte_exact() {
         u(&rt, "kernel_forward_trimmed_bytes"),
         u(&rt, "kernel_forward_watched")
     );
-    assert_eq!(
-        r.failed, 0,
-        "client side: {v}; server side: {:?}",
-        srv.errors
-    );
-    assert_eq!(r.ok, count, "{v}");
-    assert!(srv.errors.is_empty(), "server side: {:?}", srv.errors);
+    assert_chaos_clean(&v, &r, &srv.errors, count);
     assert_eq!(srv.ok, count);
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_uncut_bytes"), 0, "{rt}");
