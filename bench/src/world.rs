@@ -510,16 +510,7 @@ impl World {
     /// how often it went to sleep waiting, i.e. was woken.
     pub fn proxy_wakeups(&self) -> Option<u64> {
         let pid = self.proxy.as_ref()?.pid();
-        let mut total = 0;
-        for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-            let text = fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            total += text
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-        Some(total)
+        interceptor_tests::thread_context_switches(pid).map(|(voluntary, _)| voluntary)
     }
 
     /// The proxy's (Pss, Rss) in bytes from /proc/PID/smaps_rollup.

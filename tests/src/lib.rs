@@ -61,7 +61,7 @@ pub use probe::{
 };
 pub use process::{
     context_switches, exec_command, ping_rounds, probe_in, run_in, run_in_timeout, spawn_in,
-    spawn_pinger, Proc,
+    spawn_pinger, thread_context_switches, Proc,
 };
 pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
 pub use scratch::ScratchDir;

@@ -324,22 +324,35 @@ pub fn run_in_timeout(
     run_cmd(&mut c, timeout).unwrap_or_else(|e| panic!("cannot run {:?}: {e}", c))
 }
 
+/// The context switches of every thread of process `pid` so far: (voluntary: it went to
+/// sleep waiting and was woken, not voluntary: it was preempted), from
+/// `/proc/PID/task/*/status`; `None` when the process is gone.
+pub fn thread_context_switches(pid: u32) -> Option<(u64, u64)> {
+    let mut total = (0, 0);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let count = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total.0 += count("voluntary_ctxt_switches:");
+        total.1 += count("nonvoluntary_ctxt_switches:");
+    }
+    Some(total)
+}
+
 /// The context switches of every thread of process `pid` so far (voluntary and not): how
 /// often its threads were woken.
 pub fn context_switches(pid: u32) -> u64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"));
-    tasks
-        .flatten()
-        .map(|t| {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
+    let (voluntary, preempted) = thread_context_switches(pid)
+        .unwrap_or_else(|| panic!("/proc/{pid}/task: the process is gone"));
+    voluntary + preempted
 }
 
 /// `icpt-probe ping ADDR` in `ns` (and `cgroup`): `n` connections, a round every `every_ms`
