@@ -265,13 +265,32 @@ pub async fn serve(
     drop(control);
 }
 
-/// Clears the busy flag when a session ends.
-struct Busy(Arc<AtomicBool>);
+/// Clears the busy flag when a session ends without a successor; after one, the flag stays
+/// set ([`Busy::keep`]): this process has handed over and takes no other new process.
+struct Busy(Option<Arc<AtomicBool>>);
+
+impl Busy {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        if let Some(flag) = &self.0 {
+            flag.store(false, Ordering::Release);
+        }
     }
+}
+
+/// Why a request is refused while this process stops accepting.
+const STOPPING: &str = "another upgrade is in progress or this proxy is shutting down; retry \
+    when it has finished (a new process then answers on this socket)";
+
+/// Answers `refused` with `reason`.
+async fn refuse(chan: &Channel, reason: String) {
+    warn!(reason = %reason, "upgrade refused");
+    let _ = chan.send(&Message::Refused { reason }, &[]).await;
 }
 
 /// One connection on the upgrade socket: `hello`, the listeners, `ready`; then the new
@@ -286,8 +305,11 @@ async fn session(
 ) {
     let peer = check_peer(&stream);
     let mut chan = Channel::new(stream);
+    // A request still waiting when this process stops accepting (it has a successor, or
+    // shuts down) is answered, not dropped: on a busy process its session can start late.
     let hello = tokio::select! {
-        _ = stop.signaled() => return,
+        biased;
+        _ = stop.signaled() => return refuse(&chan, STOPPING.to_owned()).await,
         r = tokio::time::timeout(HELLO_TIMEOUT, chan.recv()) => r,
     };
     match hello {
@@ -307,19 +329,14 @@ async fn session(
             return;
         }
     }
-    let refuse = |reason: String| async {
-        warn!(reason = %reason, "upgrade refused");
-        let _ = chan.send(&Message::Refused { reason }, &[]).await;
-    };
     let pid = match peer {
         Ok(pid) => pid,
-        Err(reason) => return refuse(reason).await,
+        Err(reason) => return refuse(&chan, reason).await,
     };
     if busy.swap(true, Ordering::AcqRel) {
-        return refuse("another upgrade is in progress; retry when it has finished".to_owned())
-            .await;
+        return refuse(&chan, STOPPING.to_owned()).await;
     }
-    let _busy = Busy(busy);
+    let busy = Busy(Some(busy));
     info!(
         new_pid = pid,
         "upgrade requested; handing over the listening sockets"
@@ -377,6 +394,73 @@ async fn session(
             new_pid = pid,
             "the new process is ready; stopping accepting"
         );
+        // No other new process from now on, whatever asks while this one stops accepting.
+        busy.keep();
         let _ = tx.send(Successor { chan, pid });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drain;
+
+    /// Connects to the upgrade socket and says hello, as a new process does.
+    async fn ask(path: &std::path::Path) -> Channel {
+        let chan = Channel::new(UnixStream::connect(path).await.unwrap());
+        let hello = Message::Hello {
+            pid: std::process::id(),
+            version: "test".to_owned(),
+        };
+        chan.send(&hello, &[]).await.unwrap();
+        chan
+    }
+
+    /// A second request that reaches the running process after a first new process is ready
+    /// (before or while this one stops accepting: on a busy process, its session can run
+    /// that late) is refused with the reason, never handed the listeners a second time nor
+    /// closed without an answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_after_the_successor_is_ready_is_refused() {
+        let dir = std::env::temp_dir().join(format!("icpt-t-handover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.sock");
+        let control = ControlSocket::bind(&path).unwrap();
+        let (drain, watch) = drain::new();
+        let (tx, rx) = oneshot::channel();
+        let stats = Arc::new(Stats::default());
+        let served = tokio::spawn(serve(control, Offer::new([]).unwrap(), stats, watch, tx));
+        let mut first = ask(&path).await;
+        let listeners = first.recv().await.unwrap();
+        assert!(matches!(listeners, Some(Message::Listeners { .. })));
+        first.send(&Message::Ready, &[]).await.unwrap();
+        let successor = rx.await.expect("the ready process is handed over");
+        // Connected, its hello not sent yet (accepted before the second: in order).
+        let mut third = Channel::new(UnixStream::connect(&path).await.unwrap());
+        // Asked after the hand-over, before this process has stopped accepting.
+        let mut second = ask(&path).await;
+        let answer = second.recv().await.unwrap();
+        assert!(
+            matches!(&answer, Some(Message::Refused { reason }) if reason.contains("another upgrade is in progress")),
+            "{:?}",
+            answer.as_ref().map(Message::name)
+        );
+        // Its hello comes once this process stops accepting: answered too.
+        drain.start();
+        let hello = Message::Hello {
+            pid: std::process::id(),
+            version: "test".to_owned(),
+        };
+        let _ = third.send(&hello, &[]).await;
+        let answer = third.recv().await.unwrap();
+        assert!(
+            matches!(&answer, Some(Message::Refused { .. })),
+            "{:?}",
+            answer.as_ref().map(Message::name)
+        );
+        drop(successor);
+        served.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
