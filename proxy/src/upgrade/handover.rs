@@ -405,14 +405,18 @@ mod tests {
     use super::*;
     use crate::drain;
 
+    /// A new process's first message.
+    fn hello() -> Message {
+        Message::Hello {
+            pid: std::process::id(),
+            version: "test".to_owned(),
+        }
+    }
+
     /// Connects to the upgrade socket and says hello, as a new process does.
     async fn ask(path: &std::path::Path) -> Channel {
         let chan = Channel::new(UnixStream::connect(path).await.unwrap());
-        let hello = Message::Hello {
-            pid: std::process::id(),
-            version: "test".to_owned(),
-        };
-        chan.send(&hello, &[]).await.unwrap();
+        chan.send(&hello(), &[]).await.unwrap();
         chan
     }
 
@@ -448,11 +452,7 @@ mod tests {
         );
         // Its hello comes once this process stops accepting: answered too.
         drain.start();
-        let hello = Message::Hello {
-            pid: std::process::id(),
-            version: "test".to_owned(),
-        };
-        let _ = third.send(&hello, &[]).await;
+        let _ = third.send(&hello(), &[]).await;
         let answer = third.recv().await.unwrap();
         assert!(
             matches!(&answer, Some(Message::Refused { .. })),
