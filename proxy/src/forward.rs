@@ -605,11 +605,17 @@ struct Direction {
     /// that come before the next ones read, so those wait for the peer to hold them (after
     /// a read the kernel redirects nothing more until the next arm).
     armed_since_read: bool,
+    /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
+    /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
+    waits: u32,
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
 const EOF_WAIT_FIRST: Duration = Duration::from_micros(200);
 const EOF_WAIT_NEXT: Duration = Duration::from_millis(2);
+/// Timer rounds of `EOF_WAIT_NEXT` after which a wait for the kernel's bytes is logged, once
+/// (a second: the kernel hands such bytes on in microseconds; a wait that lasts is a defect).
+const WAIT_LOGGED_AFTER: u32 = 500;
 
 impl Direction {
     /// Whether the kernel carries this direction: armed with everything read, nothing held
@@ -651,18 +657,38 @@ impl Direction {
             };
             if st.redirected == self.drained_redirected {
                 self.wait = None;
+                self.waits = 0;
                 return Poll::Ready(());
             }
             let target = self.copied + st.redirected;
             match kforward::queued(dst) {
-                Ok((queued, open)) if open && queued < target => {}
+                Ok((queued, open)) if open && queued < target => {
+                    // Counted each time the timer has fired: `waits` looks, `waits` x 2 ms.
+                    if self.wait.as_ref().is_some_and(|w| w.is_elapsed()) {
+                        self.waits = self.waits.saturating_add(1);
+                    }
+                    if self.waits == WAIT_LOGGED_AFTER {
+                        self.waits += 1;
+                        tracing::warn!(
+                            copied = self.copied,
+                            redirected = st.redirected,
+                            peer_queued = queued,
+                            passed = st.passed,
+                            armed = st.armed,
+                            eof = self.eof,
+                            "still waiting for the peer to be handed the bytes the kernel redirected to it"
+                        );
+                    }
+                }
                 Ok((_, true)) => {
                     self.drained_redirected = st.redirected;
                     self.wait = None;
+                    self.waits = 0;
                     return Poll::Ready(());
                 }
                 _ => {
                     self.wait = None;
+                    self.waits = 0;
                     return Poll::Ready(());
                 }
             }
@@ -720,6 +746,20 @@ impl Direction {
             // into it (queued behind the socket's receive memory) is not the end: read on.
             if let Ok(st) = kforward::state(src) {
                 if st.passed > self.copied {
+                    // Counted each time the timer has fired (200 µs): logged after a second.
+                    if self.wait.as_ref().is_some_and(|w| w.is_elapsed()) {
+                        self.waits = self.waits.saturating_add(1);
+                    }
+                    if self.waits == 10 * WAIT_LOGGED_AFTER {
+                        self.waits += 1;
+                        tracing::warn!(
+                            copied = self.copied,
+                            passed = st.passed,
+                            redirected = st.redirected,
+                            armed = st.armed,
+                            "EOF read, still waiting for bytes the kernel passed to the socket"
+                        );
+                    }
                     let sleep = self
                         .wait
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(EOF_WAIT_FIRST)));
@@ -731,7 +771,10 @@ impl Direction {
                 }
             }
         }
-        self.eof = true;
+        if !self.eof {
+            self.eof = true;
+            self.waits = 0;
+        }
         if self.check {
             ready!(self.poll_kernel_drained(cx, src, dst));
         }
