@@ -124,7 +124,7 @@ enum Listener {
 
 /// Who listens on the proxy's port, on 127.0.0.1 (`v6` false) or ::1, in the network
 /// namespace of the connecting socket. With `FLAG_PROXY_MARKED` only a listener whose
-/// `SO_MARK` is the bypass mark (which needs `CAP_NET_ADMIN` to set) is the proxy.
+/// `SO_MARK` is the bypass mark (which needs `CAP_NET_ADMIN` or `CAP_NET_RAW` to set) is the proxy.
 #[inline(always)]
 fn listener(ctx: &SockAddrContext, cfg: &ScopeConfig, v6: bool) -> Listener {
     // SAFETY: a zeroed tuple is valid; the helper gets its exact size for the family, and a

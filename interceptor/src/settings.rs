@@ -48,9 +48,9 @@ impl FromStr for ProxyDown {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyListener {
-    /// Only a listener carrying the bypass mark (`SO_MARK`, which needs `CAP_NET_ADMIN`) is
-    /// the proxy; another process listening on the port gets no connection (the default;
-    /// `interceptor-proxy` marks its outbound listeners).
+    /// Only a listener carrying the bypass mark (`SO_MARK`, which needs `CAP_NET_ADMIN` or
+    /// `CAP_NET_RAW`) is the proxy; another process listening on the port gets no
+    /// connection (the default; `interceptor-proxy` marks its outbound listeners).
     #[default]
     Marked,
     /// Any listener on the port is taken for the proxy (for a proxy that cannot mark its

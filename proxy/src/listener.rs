@@ -128,7 +128,7 @@ impl ConnectionLimit {
 /// Binds one listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so that
 /// `0.0.0.0:P` and `[::]:P` can both be bound and IPv4 goes to the IPv4 one). TCP_NODELAY
 /// is set here once: accepted sockets inherit it from the listener. A non-zero `mark` is
-/// set as the listener's SO_MARK before it listens (needs CAP_NET_ADMIN).
+/// set as the listener's SO_MARK before it listens (needs CAP_NET_ADMIN or CAP_NET_RAW).
 pub fn bind_listener(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if mark != 0 {
