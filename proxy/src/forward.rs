@@ -515,11 +515,15 @@ impl Bidirectional<'_> {
         Poll::Pending
     }
 
-    /// Once the kernel has carried both directions for [`WATCH_AFTER`], moves the
-    /// connection to the watcher ([`kwatch`]) if the kernel's state shows both arms in
-    /// force: each socket armed with its peer and every byte it passed read here.
+    /// Once the kernel has carried both directions (or one, the other done) for
+    /// [`WATCH_AFTER`], moves the connection to the watcher ([`kwatch`]) if the kernel's state
+    /// shows the arms in force: each socket of an open direction armed with its peer and
+    /// every byte it passed read here.
     fn poll_watch(&mut self, cx: &mut Context<'_>) {
-        if !(self.c2u.kernel_carries() && self.u2c.kernel_carries()) {
+        // Each direction carried by the kernel, or done (a half-closed connection: its EOF
+        // passed on, nothing more to read from that source).
+        let watchable = |d: &Direction| d.done || d.kernel_carries();
+        if !(watchable(&self.c2u) && watchable(&self.u2c)) || (self.c2u.done && self.u2c.done) {
             self.watch_at = None;
             return;
         }
@@ -534,9 +538,10 @@ impl Bidirectional<'_> {
             return;
         };
         let in_force = |s: &TcpStream, peer: u64, d: &Direction| {
-            kforward::state(s).is_ok_and(|st| {
-                st.peer == peer && st.armed == d.copied + 1 && st.passed == d.copied
-            })
+            d.done
+                || kforward::state(s).is_ok_and(|st| {
+                    st.peer == peer && st.armed == d.copied + 1 && st.passed == d.copied
+                })
         };
         if !in_force(client, k.upstream, &self.c2u) || !in_force(upstream, k.client, &self.u2c) {
             return;
@@ -545,7 +550,9 @@ impl Bidirectional<'_> {
         else {
             return;
         };
-        self.socks = match Watch::start(client, upstream, cx) {
+        // A source whose EOF was read reports `EPOLLRDHUP` for good: not an event to wait for.
+        let ends = (!self.c2u.done, !self.u2c.done);
+        self.socks = match Watch::start(client, upstream, ends, cx) {
             Ok(w) => {
                 kforward::WATCHED.fetch_add(1, Relaxed);
                 Socks::Watched(w)
@@ -731,6 +738,27 @@ impl Direction {
         }
     }
 
+    /// [`Direction::poll_eof`], then, once the EOF is passed on, `src` armed with its peer if
+    /// it was not: the kernel redirects the other direction's bytes only between two sockets
+    /// armed with each other, and a client that half-closes right after its request (its EOF
+    /// read before this direction was ever drained) would otherwise leave the other direction
+    /// (the download) to be copied here. Nothing more arrives on `src`, so the arm moves none
+    /// of its bytes.
+    fn poll_end(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        dst_side: Side,
+        peer_cookie: u64,
+    ) -> Poll<Result<(), ForwardError>> {
+        let r = ready!(self.poll_eof(cx, src, dst, dst_side));
+        if r.is_ok() {
+            self.arm(src, peer_cookie);
+        }
+        Poll::Ready(r)
+    }
+
     /// EOF from `src` (seen now or earlier): passed on as `shutdown(SHUT_WR)` on `dst` once
     /// `dst` has every byte meant for it.
     fn poll_eof(
@@ -814,7 +842,7 @@ impl Direction {
             return Poll::Ready(Ok(()));
         }
         if self.eof {
-            return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
+            return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
         }
         loop {
             // Bytes the kernel passed to the source after it had redirected others (because
@@ -869,7 +897,7 @@ impl Direction {
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
+                    return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
                 }
                 Poll::Ready(Ok(())) => {
                     self.end = rb.filled().len() as u32;

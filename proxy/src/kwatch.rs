@@ -30,9 +30,14 @@ use std::task::{Context, Waker};
 use rustix::event::epoll;
 use tokio::net::TcpStream;
 
-/// The events that end a watch; `EPOLLERR` and `EPOLLHUP` are always reported.
-fn flags() -> epoll::EventFlags {
-    epoll::EventFlags::RDHUP | epoll::EventFlags::ET
+/// The events that end a watch: the socket's EOF when `eof` (not for a socket whose EOF was
+/// read already: it would report it at once); `EPOLLERR` and `EPOLLHUP` are always reported.
+fn flags(eof: bool) -> epoll::EventFlags {
+    if eof {
+        epoll::EventFlags::RDHUP | epoll::EventFlags::ET
+    } else {
+        epoll::EventFlags::ET
+    }
 }
 
 /// Whether a watched connection saw one of its events, and the task to wake then.
@@ -141,11 +146,14 @@ pub enum NotWatched {
 
 impl Watch {
     /// Moves `client` and `upstream` from tokio's poller to the watcher; `cx`'s task is
-    /// woken when either sees an event. Only for a connection that the kernel forwards both
-    /// ways with both arms in force (see the module's documentation).
+    /// woken when either sees an event. Only for a connection that the kernel forwards with
+    /// the arms in force, each way that is not done (see the module's documentation).
+    /// `eofs`: whether the EOF of the client, of the upstream, is an event to wait for (not
+    /// once read).
     pub fn start(
         client: TcpStream,
         upstream: TcpStream,
+        (client_eof, upstream_eof): (bool, bool),
         cx: &Context<'_>,
     ) -> Result<Watch, NotWatched> {
         let Some(w) = watcher() else {
@@ -172,8 +180,8 @@ impl Watch {
             upstream,
         };
         let data = epoll::EventData::new_u64(token);
-        let added = epoll::add(&w.epoll, &watch.client, data, flags())
-            .and_then(|()| epoll::add(&w.epoll, &watch.upstream, data, flags()));
+        let added = epoll::add(&w.epoll, &watch.client, data, flags(client_eof))
+            .and_then(|()| epoll::add(&w.epoll, &watch.upstream, data, flags(upstream_eof)));
         if added.is_err() {
             // Not watched after all: straight back (`fired` makes `stop` the next step).
             watch.slot.fire();
