@@ -646,6 +646,19 @@ impl Direction {
         }
     }
 
+    /// Counts a look at the kernel's counts made after the wait's timer fired; true once, at
+    /// the `rounds`-th (then the wait is logged).
+    fn waited_long(&mut self, rounds: u32) -> bool {
+        if self.wait.as_ref().is_some_and(|w| w.is_elapsed()) {
+            self.waits = self.waits.saturating_add(1);
+        }
+        if self.waits == rounds {
+            self.waits += 1;
+            return true;
+        }
+        false
+    }
+
     /// Whether `dst` has been handed every byte meant for it so far, so that EOF, or bytes
     /// read here, may follow: the bytes written here plus those the kernel redirected from
     /// `src` (the counts of the connection's whole life). Ready when so (or when there is
@@ -670,12 +683,8 @@ impl Direction {
             let target = self.copied + st.redirected;
             match kforward::queued(dst) {
                 Ok((queued, open)) if open && queued < target => {
-                    // Counted each time the timer has fired: `waits` looks, `waits` x 2 ms.
-                    if self.wait.as_ref().is_some_and(|w| w.is_elapsed()) {
-                        self.waits = self.waits.saturating_add(1);
-                    }
-                    if self.waits == WAIT_LOGGED_AFTER {
-                        self.waits += 1;
+                    // Timer rounds of 2 ms.
+                    if self.waited_long(WAIT_LOGGED_AFTER) {
                         tracing::warn!(
                             copied = self.copied,
                             redirected = st.redirected,
@@ -774,12 +783,8 @@ impl Direction {
             // into it (queued behind the socket's receive memory) is not the end: read on.
             if let Ok(st) = kforward::state(src) {
                 if st.passed > self.copied {
-                    // Counted each time the timer has fired (200 µs): logged after a second.
-                    if self.wait.as_ref().is_some_and(|w| w.is_elapsed()) {
-                        self.waits = self.waits.saturating_add(1);
-                    }
-                    if self.waits == 10 * WAIT_LOGGED_AFTER {
-                        self.waits += 1;
+                    // Timer rounds of 200 µs: logged after a second.
+                    if self.waited_long(10 * WAIT_LOGGED_AFTER) {
                         tracing::warn!(
                             copied = self.copied,
                             passed = st.passed,
