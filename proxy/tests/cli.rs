@@ -74,7 +74,7 @@ fn outbound_port_in_use_is_a_clear_error() {
 #[tokio::test]
 async fn serves_admin_then_exits_0_on_sigterm_with_its_final_counters() {
     let admin = free_port();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "--outbound",
             "127.0.0.1:0",
@@ -97,11 +97,11 @@ async fn serves_admin_then_exits_0_on_sigterm_with_its_final_counters() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = Reaped(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(s) = std::net::TcpStream::connect(admin) {
-            drop(s);
-            if http_get(admin, "/ready").await == (200, "ready\n".to_owned()) {
+        if let Ok((200, body)) = try_http_get(admin, "/ready").await {
+            if body == "ready\n" {
                 break;
             }
         }
@@ -120,13 +120,13 @@ async fn serves_admin_then_exits_0_on_sigterm_with_its_final_counters() {
     assert_eq!(json["outbound"].as_array().map(Vec::len), Some(1), "{json}");
 
     let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let stderr = child.stderr.take().unwrap();
+    let stderr = child.0.stderr.take().unwrap();
     let lines: Vec<String> = BufReader::new(stderr).lines().map(Result::unwrap).collect();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{lines:#?}");
     let events: Vec<serde_json::Value> = lines
         .iter()

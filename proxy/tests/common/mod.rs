@@ -94,17 +94,21 @@ pub async fn read_outcome(s: &mut TcpStream, within: Duration) -> std::io::Resul
 
 /// Minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect to admin");
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// [`http_get`], with an error for a refused, reset or silent connection (for a readiness
+/// loop: a connect to a port nobody listens on yet can even succeed, connected to itself).
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
     )
-    .await
-    .unwrap();
+    .await?;
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
-        .await
-        .expect("admin answered")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await??;
     let text = String::from_utf8(raw).expect("utf-8 response");
     let status = text
         .split(' ')
@@ -115,7 +119,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|x| x.1.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
+}
+
+/// A child process killed and reaped when dropped, also when the test panics.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Polls `f` every 10 ms until it returns true or `within` passes.
