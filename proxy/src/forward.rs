@@ -21,9 +21,10 @@
 //!   each direction stops reading at the point where it holds no byte (what it read is
 //!   written first), and the forwarder returns the two sockets with the state to carry
 //!   on from ([`Paused`]); [`forward_from`] carries on from such a state.
-//! - Kernel forwarding ([`crate::kforward`], on unless `--kernel-forward off`): once a
-//!   direction has written everything it read, it arms its source socket with the peer's
-//!   cookie and the bytes read so far; from then on the kernel moves that direction's bytes
+//! - Kernel forwarding ([`crate::kforward`], `--kernel-forward on`): once a direction has
+//!   written everything it read (from the second time on: [`ARM_AFTER_DRAINS`], a connection
+//!   of one exchange stays here), it arms its source socket with the peer's cookie and the
+//!   bytes read so far, and the other direction consents if it holds nothing; from then on the kernel moves that direction's bytes
 //!   (the direction still waits on its source, and reads what the kernel passed it instead:
 //!   bytes that arrived before the pair was armed, then arms again). At EOF it waits until
 //!   the peer socket has been handed every byte the kernel redirected (`TCP_INFO`) before it
@@ -204,7 +205,9 @@ pub fn forward_from<'a>(
     if kernel.is_none() && kforward::enabled() {
         kforward::FALLBACKS.fetch_add(1, Relaxed);
     }
-    let check = kernel.is_some() || moved;
+    // A new connection's directions are copied here until armed; a moved one may have been
+    // armed by the process it comes from.
+    let check = moved;
     let mut copy = Bidirectional {
         socks: Socks::Polled { client, upstream },
         watch_at: None,
@@ -456,6 +459,16 @@ impl Future for Bidirectional<'_> {
             pause,
             to_client,
         )?;
+        if let (Some(k), false) = (this.kernel, pause) {
+            // Once one direction is armed, the other consents at once if it holds nothing
+            // (its source read dry, or its EOF passed on): the kernel redirects only between
+            // two sockets armed with each other, and the other direction may never carry a
+            // byte (the answerless side of an upload) or have ended already (a client that
+            // half-closes right after its request, before the download). An arm while bytes
+            // the kernel passed are unread moves none: the kernel passes until they are read.
+            this.c2u.consent(&this.u2c, client, k.upstream);
+            this.u2c.consent(&this.c2u, upstream, k.client);
+        }
         if this.kernel.is_some() && !this.kernel_counted {
             if this.c2u.arm_failed || this.u2c.arm_failed {
                 this.kernel_counted = true;
@@ -615,7 +628,20 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
+    /// Times the source was drained after bytes were read from it (up to
+    /// [`ARM_AFTER_DRAINS`]), and `copied` at the last of them.
+    drains: u8,
+    drained_at: u64,
 }
+
+/// A direction is handed to the kernel from its second drain on (the source read dry after
+/// bytes came, twice): a connection of one request and its answer is copied here whole, as
+/// with kernel forwarding off. For such a connection the kernel would carry one answer
+/// through its work queue (a kworker's wake-up on the answer's path) and the proxy pay an
+/// arm per socket and the kernel's counts at each EOF and at the end, for no byte saved
+/// (bench/README.md "Kernel forwarding": new connections). A keep-alive connection is
+/// carried by the kernel from its second request, a transfer from its second read.
+const ARM_AFTER_DRAINS: u8 = 2;
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
 const EOF_WAIT_FIRST: Duration = Duration::from_micros(200);
@@ -642,6 +668,9 @@ impl Direction {
             done,
             check,
             armed_since_read: check,
+            // A moved connection re-arms at once: the kernel may carry it already.
+            drains: if check { ARM_AFTER_DRAINS } else { 0 },
+            drained_at: copied,
             ..Direction::default()
         }
     }
@@ -720,6 +749,30 @@ impl Direction {
         }
     }
 
+    /// The source would block with everything read written: arms it once it has been so
+    /// after bytes [`ARM_AFTER_DRAINS`] times, re-arms it at once once armed before.
+    fn drained(&mut self, src: &TcpStream, peer_cookie: u64) {
+        if self.copied != self.drained_at {
+            self.drained_at = self.copied;
+            self.drains = self.drains.saturating_add(1);
+        }
+        if self.drains >= ARM_AFTER_DRAINS || self.armed_at.is_some() {
+            self.arm(src, peer_cookie);
+        }
+    }
+
+    /// Arms the source, held back by [`ARM_AFTER_DRAINS`] only, once `other` (the direction
+    /// the other way) is armed and this one holds nothing.
+    fn consent(&mut self, other: &Direction, src: &TcpStream, peer_cookie: u64) {
+        if other.armed_at.is_some()
+            && self.armed_at.is_none()
+            && self.buf.is_none()
+            && (self.done || !self.eof)
+        {
+            self.arm(src, peer_cookie);
+        }
+    }
+
     /// Everything read is written and the source has nothing more to read now: (re)arms the
     /// kernel with what was read (see [`crate::kforward`]). Arming only when the source is
     /// drained gives the kernel its best chance to find every byte it passed read.
@@ -745,27 +798,6 @@ impl Direction {
                 self.armed_since_read = true;
             }
         }
-    }
-
-    /// [`Direction::poll_eof`], then, once the EOF is passed on, `src` armed with its peer if
-    /// it was not: the kernel redirects the other direction's bytes only between two sockets
-    /// armed with each other, and a client that half-closes right after its request (its EOF
-    /// read before this direction was ever drained) would otherwise leave the other direction
-    /// (the download) to be copied here. Nothing more arrives on `src`, so the arm moves none
-    /// of its bytes.
-    fn poll_end(
-        &mut self,
-        cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
-        dst_side: Side,
-        peer_cookie: u64,
-    ) -> Poll<Result<(), ForwardError>> {
-        let r = ready!(self.poll_eof(cx, src, dst, dst_side));
-        if r.is_ok() {
-            self.arm(src, peer_cookie);
-        }
-        Poll::Ready(r)
     }
 
     /// EOF from `src` (seen now or earlier): passed on as `shutdown(SHUT_WR)` on `dst` once
@@ -847,7 +879,7 @@ impl Direction {
             return Poll::Ready(Ok(()));
         }
         if self.eof {
-            return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
+            return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
         }
         loop {
             // Bytes the kernel passed to the source after it had redirected others (because
@@ -888,7 +920,7 @@ impl Direction {
             match src.as_ref().poll_read_ready(cx) {
                 Poll::Pending => {
                     self.buf = None;
-                    self.arm(src.as_ref(), peer_cookie);
+                    self.drained(src.as_ref(), peer_cookie);
                     return Poll::Pending;
                 }
                 Poll::Ready(r) => r.map_err(src_err)?,
@@ -898,11 +930,11 @@ impl Direction {
             match Pin::new(&mut *src).poll_read(cx, &mut rb) {
                 Poll::Pending => {
                     self.buf = None;
-                    self.arm(src.as_ref(), peer_cookie);
+                    self.drained(src.as_ref(), peer_cookie);
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
+                    return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
                 }
                 Poll::Ready(Ok(())) => {
                     self.end = rb.filled().len() as u32;
