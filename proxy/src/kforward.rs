@@ -23,10 +23,19 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use interceptor_common::{FwdArm, FwdState, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// `--kernel-forward on`: while the kernel does not answer, asked again now and then
+/// ([`catch_up`]).
+static WANTED: AtomicBool = AtomicBool::new(false);
+/// When the kernel was last asked ([`catch_up`]), in milliseconds since [`epoch`].
+static LAST_PROBE_MS: AtomicU64 = AtomicU64::new(0);
+/// How often an accept loop asks the kernel again while kernel forwarding is wanted and off.
+const REPROBE_EVERY: Duration = Duration::from_secs(1);
 /// Connections whose two sockets were armed with each other.
 pub static ARMED: AtomicU64 = AtomicU64::new(0);
 /// Bytes the kernel redirected, counted when their connection ended here.
@@ -74,14 +83,69 @@ pub fn enabled() -> bool {
 /// Turns kernel forwarding on when `wanted` and the kernel answers the request on a throwaway
 /// socket; returns whether it is on, and why not.
 pub fn start(wanted: bool) -> Result<bool, io::Error> {
+    WANTED.store(wanted, Relaxed);
     if !wanted {
         ENABLED.store(false, Relaxed);
         return Ok(false);
     }
-    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let r = request(&probe, true);
+    LAST_PROBE_MS.store(millis_since_epoch(), Relaxed);
+    let r = probe();
     ENABLED.store(r.is_ok(), Relaxed);
     r.map(|()| true)
+}
+
+/// Asks the kernel on a throwaway socket.
+fn probe() -> io::Result<()> {
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    request(&probe, true)
+}
+
+/// Called by an accept loop for each connection it accepts. Kernel forwarding wanted but not
+/// available at start (the proxy started before the interceptor's programs were attached,
+/// as a pod's sidecar may on a node where the node agent has not attached anything yet): the
+/// kernel is asked again, at most once every [`REPROBE_EVERY`] over all loops, and once it
+/// answers kernel forwarding is on for the connections that come next. Kernel forwarding on
+/// and `listener` not asked yet (`asked`): asks for it on the listener. The connection just
+/// accepted was established before that, so it is copied here (a fall-back).
+pub fn catch_up<S: AsFd>(listener: &S, asked: &mut bool) {
+    if *asked || !WANTED.load(Relaxed) {
+        return;
+    }
+    if !enabled() {
+        let now = millis_since_epoch();
+        let last = LAST_PROBE_MS.load(Relaxed);
+        if now.saturating_sub(last) < REPROBE_EVERY.as_millis() as u64
+            || LAST_PROBE_MS
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if probe().is_err() {
+            return;
+        }
+        if !ENABLED.swap(true, Relaxed) {
+            tracing::info!(
+                "kernel forwarding on: the interceptor's programs answer now (they did not when \
+                 the proxy started); opaque TCP bytes of new connections flow in the kernel"
+            );
+        }
+    }
+    match request(listener, true) {
+        Ok(()) => *asked = true,
+        Err(e) => {
+            // Not asked: tried again at the next accept.
+            tracing::debug!(error = %e, "cannot ask for kernel forwarding on a listener yet");
+        }
+    }
+}
+
+/// Milliseconds since the first call (a monotonic clock for [`catch_up`]'s spacing; never 0
+/// after the first call, so the first probe is never throttled by the initial 0).
+fn millis_since_epoch() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| Instant::now() - REPROBE_EVERY);
+    epoch.elapsed().as_millis() as u64
 }
 
 /// `SO_ICP_KFWD`: asks for (or withdraws) kernel forwarding of `socket` (a listener: of the

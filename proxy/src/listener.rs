@@ -182,12 +182,17 @@ pub async fn accept_loop<H: Handler>(
     drain: DrainWatch,
 ) {
     let AcceptShared { limit, stats } = shared;
+    // Kernel forwarding asked for on this listener (at bind, when it was on then).
+    let mut kfwd_asked = crate::kforward::enabled();
     loop {
         let accepted = tokio::select! {
             biased;
             _ = drain.signaled() => break,
             r = listener.accept() => r,
         };
+        if accepted.is_ok() {
+            crate::kforward::catch_up(&listener, &mut kfwd_asked);
+        }
         match accepted {
             Ok((stream, peer)) => match limit.try_acquire() {
                 Some(permit) => {

@@ -150,7 +150,9 @@ pub struct Cli {
     /// Opaque TCP: forward the bytes in the kernel (sockmap programs of the interceptor)
     /// instead of copying them here. `on` uses it where the kernel and the attached programs
     /// offer it (probed at start; otherwise the proxy copies, and says so), `off` never.
-    /// Off by default until it is byte-exact under every test (see ARCHITECTURE.md).
+    /// A proxy started before the programs were attached asks again at accepts. Off by
+    /// default while the proxy's byte totals take a kernel-carried connection's bytes only
+    /// when it ends (see ARCHITECTURE.md "Kernel forwarding").
     #[arg(long = "kernel-forward", value_name = "on|off", default_value = "off")]
     pub kernel_forward: String,
 

@@ -207,7 +207,8 @@ fn kernel_forward<'a>(config: &Config, listeners: impl Iterator<Item = &'a TcpLi
         Err(e) => {
             tracing::info!(error = %e,
                 "kernel forwarding unavailable (the interceptor's programs do not answer on this \
-                 host: not attached, or a kernel without sockmap): opaque TCP is copied by the proxy");
+                 host: not attached yet, or a kernel without sockmap): opaque TCP is copied by the \
+                 proxy; asked again at accepts, at most once a second");
             false
         }
     };
