@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use interceptor_tests::{
-    interceptor_bin, probe_in, proxy_stats, run_cmd, run_cmd_ok, spawn_in, start_proxy, wait_until,
-    NetNs, PinDir, ProbeServer, Proc, TestCgroup,
+    http_get_in, interceptor_bin, probe_in, proxy_stats, run_cmd, run_cmd_ok, spawn_in,
+    start_proxy, wait_until, NetNs, PinDir, ProbeServer, Proc, TestCgroup,
 };
 use serde_json::Value;
 
@@ -51,6 +51,8 @@ const ADMIN: &str = "127.0.0.1:15000";
 const HAPROXY_PORT: u16 = 15002;
 /// Bytes each way of the byte-exact transfers.
 const BULK: &str = "1048576";
+/// Bytes each way of the `kfwd` check's transfer.
+const KFWD_BULK: &str = "8388608";
 
 #[derive(Parser)]
 #[command(about = "Data-path checks run inside a kernel-matrix guest (cargo xtask test-kernels)")]
@@ -105,6 +107,11 @@ const CHECKS: &[Check] = &[
         name: "out-v6",
         needs: &["attach"],
         run: |s| outbound(s, PEER6),
+    },
+    Check {
+        name: "kfwd",
+        needs: &["out-v4"],
+        run: kernel_forward,
     },
     Check {
         name: "haproxy",
@@ -221,6 +228,8 @@ struct Suite {
     /// When nf_conntrack was first seen loaded: after which check.
     conntrack_seen_after: Option<String>,
     conntrack_at_start: Option<String>,
+    /// What the `kfwd` check saw of kernel forwarding (`KC info kfwd ...`).
+    kfwd: Option<String>,
 }
 
 impl Suite {
@@ -269,6 +278,7 @@ fn main() {
         missing: Vec::new(),
         conntrack_seen_after: None,
         conntrack_at_start: conntrack_loaded(),
+        kfwd: None,
     };
     let mut results: BTreeMap<&str, bool> = BTreeMap::new();
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
@@ -309,6 +319,9 @@ fn main() {
         results.insert(check.name, res.is_ok());
         if check.name == "features" && !suite.missing.is_empty() {
             say(format!("KC info missing {}", suite.missing.join(", ")));
+        }
+        if let Some(k) = suite.kfwd.take() {
+            say(format!("KC info kfwd {k}"));
         }
         if check.name == "attach" {
             for (link, (prog, n)) in &suite.insns {
@@ -392,6 +405,58 @@ fn from_cgroup(w: &World, cgroup: &TestCgroup, args: &[&str]) -> Value {
 /// `icpt-probe ARGS` in the peer namespace.
 fn from_peer(w: &World, args: &[&str]) -> Value {
     probe_in(&w.peer, None, None, args)
+}
+
+/// Kernel forwarding (`interceptor-proxy --kernel-forward on`): the proxy started before the
+/// programs were attached, so its probe at start found it off; it must have turned it on at
+/// the outbound checks' accepts (`kforward::catch_up`). A transfer each way through it is
+/// byte-exact; what the kernel carried of it is reported (`KC info kfwd`), not required (the
+/// proxy hands a direction to the kernel only from its second drain, which a guest as slow
+/// as TCG may not give a transfer).
+fn kernel_forward(s: &mut Suite) -> Outcome {
+    let target = addr(PEER4, 8080);
+    let runtime = |w: &World| -> Result<Value, String> {
+        let admin: SocketAddr = ADMIN.parse().expect("address");
+        let (code, body) = http_get_in(&w.app, admin, "/runtime", Duration::from_secs(10))
+            .map_err(|e| format!("GET /runtime: {e}"))?;
+        ensure!(code == 200, "GET /runtime answered {code}: {body}");
+        serde_json::from_str(&body).map_err(|e| format!("/runtime is not JSON ({e}): {body}"))
+    };
+    let w = s.w();
+    let before = runtime(w)?;
+    ensure!(
+        before["kernel_forward"] == Value::Bool(true),
+        "kernel forwarding is off in the proxy after the outbound checks (it started before the \
+         programs and should have turned it on at an accept): {before}"
+    );
+    let v = from_cgroup(
+        w,
+        &w.cg,
+        &[
+            "bulk", &target, "--send", KFWD_BULK, "--recv", KFWD_BULK, "--seed", "11",
+        ],
+    );
+    s.expected.redirected += 1;
+    let w = s.w();
+    bulk_ok("bulk (kernel forwarding)", v)?;
+    // The proxy counts the kernel's bytes when the connection ends there.
+    let _ = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        proxy_counter(w, "connections_active").is_ok_and(|n| n == 0)
+    });
+    let after = runtime(w)?;
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    s.kfwd = Some(format!(
+        "on bytes={} connections={} fallbacks={} uncut={} of 2x{KFWD_BULK}",
+        n(&after, "kernel_forward_bytes") - n(&before, "kernel_forward_bytes"),
+        n(&after, "kernel_forward_connections") - n(&before, "kernel_forward_connections"),
+        n(&after, "kernel_forward_fallbacks"),
+        n(&after, "kernel_forward_uncut_bytes"),
+    ));
+    ensure!(
+        n(&after, "kernel_forward_uncut_bytes") == 0,
+        "the kernel handed repeated bytes on: {after}"
+    );
+    Ok(())
 }
 
 fn addr(ip: &str, port: u16) -> String {
@@ -574,6 +639,8 @@ fn attach(s: &mut Suite) -> Outcome {
             "0.0.0.0:15006",
             "--inbound",
             "[::]:15006",
+            "--kernel-forward",
+            "on",
         ],
     );
     let pid = proxy.pid().to_string();

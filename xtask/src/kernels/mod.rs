@@ -316,6 +316,11 @@ fn print_tables(
         let m = reports[label].missing.as_deref().unwrap_or("none");
         println!("  {label}: {m}");
     }
+    println!("\nkernel forwarding (the kfwd check's transfer through interceptor-proxy, byte counts from its /runtime):");
+    for (label, _, _, _) in kernels {
+        let k = reports[label].kfwd.as_deref().unwrap_or("not reported");
+        println!("  {label}: {k}");
+    }
     if !failures.is_empty() {
         println!("\nfailures:");
         for f in &failures {

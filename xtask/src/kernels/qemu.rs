@@ -33,6 +33,8 @@ pub struct GuestReport {
     pub release: Option<String>,
     /// The kernel features `interceptor check` found missing (`KC info missing ...`).
     pub missing: Option<String>,
+    /// What the `kfwd` check saw of kernel forwarding (`KC info kfwd ...`).
+    pub kfwd: Option<String>,
     pub finished: bool,
     /// Why the guest ended early, if it did.
     pub problem: Option<String>,
@@ -66,6 +68,9 @@ impl GuestReport {
                 }
                 if let Some(m) = rest.strip_prefix("missing ") {
                     self.missing = Some(m.trim().to_string());
+                }
+                if let Some(k) = rest.strip_prefix("kfwd ") {
+                    self.kfwd = Some(k.trim().to_string());
                 }
             }
             "check" => {
@@ -222,12 +227,17 @@ mod tests {
             "KC check out-v4 skip 0.00 needs attach",
             "KC insns connect4 redirect_connec 812",
             "KC insns sk_lookup steer_inbound -",
+            "KC info kfwd on bytes=16 connections=1 fallbacks=0 uncut=0 of 2x8",
             "KC end 1 1 1",
         ] {
             r.line(l);
         }
         assert_eq!(r.plan, ["boot", "attach", "out-v4"]);
         assert_eq!(r.release.as_deref(), Some("6.1.0-57-cloud-amd64"));
+        assert_eq!(
+            r.kfwd.as_deref(),
+            Some("on bytes=16 connections=1 fallbacks=0 uncut=0 of 2x8")
+        );
         assert_eq!(r.outcome("boot"), Outcome::Pass);
         assert_eq!(
             r.outcome("attach"),
