@@ -22,9 +22,11 @@
 //!   written first), and the forwarder returns the two sockets with the state to carry
 //!   on from ([`Paused`]); [`forward_from`] carries on from such a state.
 //! - Kernel forwarding ([`crate::kforward`], `--kernel-forward on`): once a direction has
-//!   written everything it read (from the second time on: [`ARM_AFTER_DRAINS`], a connection
-//!   of one exchange stays here), it arms its source socket with the peer's cookie and the
-//!   bytes read so far, and the other direction consents if it holds nothing; from then on the kernel moves that direction's bytes
+//!   written everything it read (the client's from the second time on:
+//!   [`CLIENT_FIRST_ARM_DRAINS`], so a connection of one exchange stays here), it arms its
+//!   source socket with the peer's cookie and the bytes read so far, and a direction that has
+//!   ended or never carried a byte consents; from then on the kernel moves that direction's
+//!   bytes
 //!   (the direction still waits on its source, and reads what the kernel passed it instead:
 //!   bytes that arrived before the pair was armed, then arms again). At EOF it waits until
 //!   the peer socket has been handed every byte the kernel redirected (`TCP_INFO`) before it
@@ -212,8 +214,18 @@ pub fn forward_from<'a>(
         socks: Socks::Polled { client, upstream },
         watch_at: None,
         stats,
-        c2u: Direction::carried(carried.client_to_upstream, carried.client_eof, check),
-        u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof, check),
+        c2u: Direction::carried(
+            carried.client_to_upstream,
+            carried.client_eof,
+            check,
+            CLIENT_FIRST_ARM_DRAINS,
+        ),
+        u2c: Direction::carried(
+            carried.upstream_to_client,
+            carried.upstream_eof,
+            check,
+            UPSTREAM_FIRST_ARM_DRAINS,
+        ),
         kernel,
         kernel_counted: false,
         pause: false,
@@ -460,12 +472,12 @@ impl Future for Bidirectional<'_> {
             to_client,
         )?;
         if let (Some(k), false) = (this.kernel, pause) {
-            // Once one direction is armed, the other consents at once if it holds nothing
-            // (its source read dry, or its EOF passed on): the kernel redirects only between
-            // two sockets armed with each other, and the other direction may never carry a
-            // byte (the answerless side of an upload) or have ended already (a client that
-            // half-closes right after its request, before the download). An arm while bytes
-            // the kernel passed are unread moves none: the kernel passes until they are read.
+            // Once one direction is armed, the other consents at once if it holds nothing and
+            // has ended or never carried a byte: the kernel redirects only between two
+            // sockets armed with each other, and such a direction would never drain after
+            // bytes (the answerless side of an upload; a client that half-closes right after
+            // its request, before the download). An arm while bytes the kernel passed are
+            // unread moves none: the kernel passes until they are read.
             this.c2u.consent(&this.u2c, client, k.upstream);
             this.u2c.consent(&this.c2u, upstream, k.client);
         }
@@ -628,20 +640,30 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
-    /// Times the source was drained after bytes were read from it (up to
-    /// [`ARM_AFTER_DRAINS`]), and `copied` at the last of them.
+    /// Times the source was drained after bytes were read from it, and `copied` at the last
+    /// of them; armed the first time at `first_arm_drains` ([`CLIENT_FIRST_ARM_DRAINS`]).
     drains: u8,
+    first_arm_drains: u8,
     drained_at: u64,
 }
 
-/// A direction is handed to the kernel from its second drain on (the source read dry after
-/// bytes came, twice): a connection of one request and its answer is copied here whole, as
-/// with kernel forwarding off. For such a connection the kernel would carry one answer
-/// through its work queue (a kworker's wake-up on the answer's path) and the proxy pay an
-/// arm per socket and the kernel's counts at each EOF and at the end, for no byte saved
-/// (bench/README.md "Kernel forwarding": new connections). A keep-alive connection is
-/// carried by the kernel from its second request, a transfer from its second read.
-const ARM_AFTER_DRAINS: u8 = 2;
+/// When a direction is first handed to the kernel: at the client's second drain (its source
+/// read dry after bytes came, twice), at the upstream's first. A connection of one request and
+/// its answer is copied here whole, as with kernel forwarding off: the client's socket is
+/// never armed, so the kernel redirects nothing (it needs both sockets armed with each other).
+/// Handed to the kernel, the answer went through the kernel's work queue (a kworker's wake-up
+/// on its path) and the EOF waited for it, for no byte saved (bench/README.md "Kernel
+/// forwarding": new connections). A keep-alive connection is carried by the kernel from its
+/// second request. The upstream arms early because an arm taken while the sender outpaces the
+/// proxy is stale at once (bytes arrive between the last read and the arm), and a direction
+/// that never wins that race is copied here throughout: arming at the second drain on both
+/// sides had that happen to one direction in 2 of 5 runs of 1 GiB each way.
+const CLIENT_FIRST_ARM_DRAINS: u8 = 2;
+const UPSTREAM_FIRST_ARM_DRAINS: u8 = 1;
+/// ... or at its first drain once it has copied this much (a buffer's worth: an answer that
+/// large is worth the kernel's hop, and a transfer is handed over before the proxy becomes
+/// its bottleneck and the source stops draining).
+const ARM_AFTER_BYTES: u64 = BUF_SIZE as u64;
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
 const EOF_WAIT_FIRST: Duration = Duration::from_micros(200);
@@ -662,14 +684,15 @@ impl Direction {
             && self.armed_at == Some(self.copied)
     }
 
-    fn carried(copied: u64, done: bool, check: bool) -> Direction {
+    fn carried(copied: u64, done: bool, check: bool, first_arm_drains: u8) -> Direction {
         Direction {
             copied,
             done,
             check,
             armed_since_read: check,
+            first_arm_drains,
             // A moved connection re-arms at once: the kernel may carry it already.
-            drains: if check { ARM_AFTER_DRAINS } else { 0 },
+            drains: if check { first_arm_drains } else { 0 },
             drained_at: copied,
             ..Direction::default()
         }
@@ -750,24 +773,28 @@ impl Direction {
     }
 
     /// The source would block with everything read written: arms it once it has been so
-    /// after bytes [`ARM_AFTER_DRAINS`] times, re-arms it at once once armed before.
+    /// after bytes `first_arm_drains` times (or once after [`ARM_AFTER_BYTES`]), re-arms
+    /// it at once once armed before.
     fn drained(&mut self, src: &TcpStream, peer_cookie: u64) {
         if self.copied != self.drained_at {
             self.drained_at = self.copied;
             self.drains = self.drains.saturating_add(1);
         }
-        if self.drains >= ARM_AFTER_DRAINS || self.armed_at.is_some() {
+        if self.drains >= self.first_arm_drains
+            || (self.drains > 0 && self.copied >= ARM_AFTER_BYTES)
+            || self.armed_at.is_some()
+        {
             self.arm(src, peer_cookie);
         }
     }
 
-    /// Arms the source, held back by [`ARM_AFTER_DRAINS`] only, once `other` (the direction
-    /// the other way) is armed and this one holds nothing.
+    /// Arms the source once `other` (the direction the other way) is armed, if this one
+    /// has ended or never carried a byte (an upload's answerless side) and holds nothing.
     fn consent(&mut self, other: &Direction, src: &TcpStream, peer_cookie: u64) {
         if other.armed_at.is_some()
             && self.armed_at.is_none()
             && self.buf.is_none()
-            && (self.done || !self.eof)
+            && (self.done || (!self.eof && self.copied == 0))
         {
             self.arm(src, peer_cookie);
         }

@@ -44,6 +44,21 @@ struct World {
 impl World {
     /// The world with the proxy started `--kernel-forward KERNEL_FORWARD` (on or off).
     fn new(test: &str, kernel_forward: &str) -> World {
+        World::build(test, kernel_forward, true)
+    }
+
+    /// The world with the proxy started `--kernel-forward on` before the programs are
+    /// attached (`attach` attaches them).
+    fn proxy_first(test: &str) -> World {
+        World::build(test, "on", false)
+    }
+
+    fn attach(&self) {
+        interceptor::attach(&self.layout(), self.cg.path(), &ScopeSettings::default())
+            .unwrap_or_else(|e| panic!("attach: {e}"));
+    }
+
+    fn build(test: &str, kernel_forward: &str, attach_first: bool) -> World {
         interceptor_tests::register_helper_bins!();
         let ns = NetNs::new(test);
         let cg = TestCgroup::new(test);
@@ -60,8 +75,9 @@ impl World {
             ns,
         };
         // Attach first: the proxy probes kernel forwarding at start.
-        interceptor::attach(&w.layout(), w.cg.path(), &ScopeSettings::default())
-            .unwrap_or_else(|e| panic!("attach: {e}"));
+        if attach_first {
+            w.attach();
+        }
         let args = ["--admin", DEFAULT_ADMIN, "--kernel-forward", kernel_forward];
         World {
             _proxy: Some(start_proxy(&w.ns, &args)),
@@ -322,7 +338,10 @@ fn kernel_forward_half_closed_download_does_not_wake_the_proxy() {
     assert_eq!(bulk["received"].to_string(), n, "{bulk}");
     let rt = w.runtime_when_active(0);
     println!("a half-closed 1 GiB download woke the proxy's threads {wakeups} times: {rt}");
-    assert!(u(&rt, "kernel_forward_bytes") >= 1023 << 20, "{rt}");
+    // Nearly all of it by the kernel: the proxy copies the download until its first drain
+    // after bytes (and an arm that is not stale), which a server as fast as the proxy can
+    // put off for tens of MiB (25 MiB in one run).
+    assert!(u(&rt, "kernel_forward_bytes") >= 900 << 20, "{rt}");
     assert!(u(&rt, "kernel_forward_watched") >= 1, "{rt}");
     // Polled for reading, the source wakes the proxy for about each segment the kernel
     // redirects (thousands per GiB); watched, what is left is the first 10 ms before the
@@ -400,7 +419,13 @@ fn kernel_forward_goes_on_through_the_programs_in_place_upgrade() {
     ]);
     assert_eq!(v["ok"], true, "{v}");
     let rt = w.runtime_when_active(CONNS);
-    assert!(u(&rt, "kernel_forward_bytes") - carried > n, "{rt}");
+    // Carried by the kernel. Not necessarily most of it: beside 16 busy keep-alive
+    // connections the proxy is as slow as the sender, and a direction whose bytes keep
+    // arriving between the proxy's last read and its arm is copied by the proxy throughout
+    // (ARCHITECTURE.md "Kernel forwarding", "Also measured and left"; since a direction's
+    // first arm waits for a drain after bytes, less than half was carried in 1 of 7 runs of
+    // this file). How much is the bulk tests' and the bench's measure.
+    assert!(u(&rt, "kernel_forward_bytes") > carried, "{rt}");
     ping.finish();
     let rt = w.runtime_when_active(0);
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
@@ -560,9 +585,9 @@ fn kernel_forward_random_write_sizes_and_shutdowns_byte_exact() {
 
 /// 100,000 short connections: each socket still goes into the kernel's map at its
 /// establishment (the proxy asked for kernel forwarding), and nothing is left behind. One
-/// exchange each: the proxy copies it, the pair is never armed (a direction is handed to the
-/// kernel from its second drain on: `ARM_AFTER_DRAINS` in `proxy/src/forward.rs`); the
-/// entries of armed connections are checked after the chaos test.
+/// exchange each: the proxy copies it (the client's socket is armed from its second drain
+/// on: `CLIENT_FIRST_ARM_DRAINS` in `proxy/src/forward.rs`); the entries of connections the
+/// kernel carried are checked after the chaos test.
 #[test]
 fn kernel_forward_100k_short_connections_leave_no_map_entries() {
     let w = World::new("kf-churn", "on");
@@ -571,7 +596,9 @@ fn kernel_forward_100k_short_connections_leave_no_map_entries() {
     assert_eq!(v["proxied"], 100_000, "{v}");
     let rt = w.runtime();
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
-    assert_eq!(u(&rt, "kernel_forward_connections"), 0, "{rt}");
+    // Copied by the proxy: the kernel carried none of it. (A connection whose client closed
+    // first, while the upstream's socket was armed, still gets both arms, counted in
+    // `kernel_forward_connections`: the client's ended direction consents; about one in nine.)
     assert_eq!(u(&rt, "kernel_forward_bytes"), 0, "{rt}");
     assert_no_entries_left(&w, "100,000 closed connections");
 }
@@ -590,6 +617,52 @@ fn assert_no_entries_left(w: &World, what: &str) {
         empty,
         "kernel-forwarding entries left after {what} (state, sockhash): {left:?}"
     );
+}
+
+/// Kernel forwarding comes on in a proxy started `--kernel-forward on` before the
+/// interceptor's programs were attached (a sidecar that comes up before the node agent
+/// attached anything on its node): the kernel did not answer its probe at start, so it asks
+/// again at accepts
+/// (at most once a second) and, once answered, asks on its listeners; the connection that
+/// found it out is copied by the proxy, the next ones are carried by the kernel.
+#[test]
+fn kernel_forward_comes_on_when_the_programs_come_after_the_proxy() {
+    let w = World::proxy_first("kf-late");
+    assert_eq!(w.runtime()["kernel_forward"], false, "{}", w.runtime());
+    w.attach();
+    let mut hellos = 0u64;
+    let on = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let v = w.probe(&["hello", SERVER]);
+        assert_eq!(v["proxied"], true, "{v}");
+        hellos += 1;
+        w.runtime()["kernel_forward"] == true
+    });
+    assert!(
+        on,
+        "kernel forwarding still off after {hellos} connections: {}",
+        w.runtime()
+    );
+    let n = 16u64 << 20;
+    let v = w.probe(&[
+        "bulk",
+        SERVER,
+        "--send",
+        &n.to_string(),
+        "--recv",
+        &n.to_string(),
+    ]);
+    assert_eq!(v["ok"], true, "bulk transfer: {v}");
+    assert_eq!(v["received"].as_u64(), Some(n), "{v}");
+    assert_eq!(v["server_rx"].as_u64(), Some(n), "{v}");
+    let rt = w.runtime_when_active(0);
+    println!("kernel forwarding came on after {hellos} connections: {rt}");
+    // The transfer was carried by the kernel (how much of it is the bulk tests' and the
+    // bench's measure: a direction can lose the race of its arms throughout).
+    assert!(u(&rt, "kernel_forward_connections") >= 1, "{rt}");
+    assert!(u(&rt, "kernel_forward_bytes") > 0, "{rt}");
+    // The connection that found it out (accepted before its listener asked) carried one
+    // exchange, which the proxy copies anyway: not a fall-back.
+    assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
 }
 
 #[test]
