@@ -21,12 +21,9 @@
 //!   each direction stops reading at the point where it holds no byte (what it read is
 //!   written first), and the forwarder returns the two sockets with the state to carry
 //!   on from ([`Paused`]); [`forward_from`] carries on from such a state.
-//! - Kernel forwarding ([`crate::kforward`], `--kernel-forward on`): once a direction has
-//!   written everything it read (the client's from the second time on:
-//!   [`CLIENT_FIRST_ARM_DRAINS`], so a connection of one exchange stays here), it arms its
-//!   source socket with the peer's cookie and the bytes read so far, and a direction that has
-//!   ended or never carried a byte consents; from then on the kernel moves that direction's
-//!   bytes
+//! - Kernel forwarding ([`crate::kforward`], on unless `--kernel-forward off`): once a
+//!   direction has written everything it read, it arms its source socket with the peer's
+//!   cookie and the bytes read so far; from then on the kernel moves that direction's bytes
 //!   (the direction still waits on its source, and reads what the kernel passed it instead:
 //!   bytes that arrived before the pair was armed, then arms again). At EOF it waits until
 //!   the peer socket has been handed every byte the kernel redirected (`TCP_INFO`) before it
@@ -207,25 +204,13 @@ pub fn forward_from<'a>(
     if kernel.is_none() && kforward::enabled() {
         kforward::FALLBACKS.fetch_add(1, Relaxed);
     }
-    // A new connection's directions are copied here until armed; a moved one may have been
-    // armed by the process it comes from.
-    let check = moved;
+    let check = kernel.is_some() || moved;
     let mut copy = Bidirectional {
         socks: Socks::Polled { client, upstream },
         watch_at: None,
         stats,
-        c2u: Direction::carried(
-            carried.client_to_upstream,
-            carried.client_eof,
-            check,
-            CLIENT_FIRST_ARM_DRAINS,
-        ),
-        u2c: Direction::carried(
-            carried.upstream_to_client,
-            carried.upstream_eof,
-            check,
-            UPSTREAM_FIRST_ARM_DRAINS,
-        ),
+        c2u: Direction::carried(carried.client_to_upstream, carried.client_eof, check),
+        u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof, check),
         kernel,
         kernel_counted: false,
         pause: false,
@@ -471,16 +456,6 @@ impl Future for Bidirectional<'_> {
             pause,
             to_client,
         )?;
-        if let (Some(k), false) = (this.kernel, pause) {
-            // Once one direction is armed, the other consents at once if it holds nothing and
-            // has ended or never carried a byte: the kernel redirects only between two
-            // sockets armed with each other, and such a direction would never drain after
-            // bytes (the answerless side of an upload; a client that half-closes right after
-            // its request, before the download). An arm while bytes the kernel passed are
-            // unread moves none: the kernel passes until they are read.
-            this.c2u.consent(&this.u2c, client, k.upstream);
-            this.u2c.consent(&this.c2u, upstream, k.client);
-        }
         if this.kernel.is_some() && !this.kernel_counted {
             if this.c2u.arm_failed || this.u2c.arm_failed {
                 this.kernel_counted = true;
@@ -640,30 +615,7 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
-    /// Times the source was drained after bytes were read from it, and `copied` at the last
-    /// of them; armed the first time at `first_arm_drains` ([`CLIENT_FIRST_ARM_DRAINS`]).
-    drains: u8,
-    first_arm_drains: u8,
-    drained_at: u64,
 }
-
-/// When a direction is first handed to the kernel: at the client's second drain (its source
-/// read dry after bytes came, twice), at the upstream's first. A connection of one request and
-/// its answer is copied here whole, as with kernel forwarding off: the client's socket is
-/// never armed, so the kernel redirects nothing (it needs both sockets armed with each other).
-/// Handed to the kernel, the answer went through the kernel's work queue (a kworker's wake-up
-/// on its path) and the EOF waited for it, for no byte saved (bench/README.md "Kernel
-/// forwarding": new connections). A keep-alive connection is carried by the kernel from its
-/// second request. The upstream arms early because an arm taken while the sender outpaces the
-/// proxy is stale at once (bytes arrive between the last read and the arm), and a direction
-/// that never wins that race is copied here throughout: arming at the second drain on both
-/// sides had that happen to one direction in 2 of 5 runs of 1 GiB each way.
-const CLIENT_FIRST_ARM_DRAINS: u8 = 2;
-const UPSTREAM_FIRST_ARM_DRAINS: u8 = 1;
-/// ... or at its first drain once it has copied this much (a buffer's worth: an answer that
-/// large is worth the kernel's hop, and a transfer is handed over before the proxy becomes
-/// its bottleneck and the source stops draining).
-const ARM_AFTER_BYTES: u64 = BUF_SIZE as u64;
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
 const EOF_WAIT_FIRST: Duration = Duration::from_micros(200);
@@ -684,16 +636,12 @@ impl Direction {
             && self.armed_at == Some(self.copied)
     }
 
-    fn carried(copied: u64, done: bool, check: bool, first_arm_drains: u8) -> Direction {
+    fn carried(copied: u64, done: bool, check: bool) -> Direction {
         Direction {
             copied,
             done,
             check,
             armed_since_read: check,
-            first_arm_drains,
-            // A moved connection re-arms at once: the kernel may carry it already.
-            drains: if check { first_arm_drains } else { 0 },
-            drained_at: copied,
             ..Direction::default()
         }
     }
@@ -772,34 +720,6 @@ impl Direction {
         }
     }
 
-    /// The source would block with everything read written: arms it once it has been so
-    /// after bytes `first_arm_drains` times (or once after [`ARM_AFTER_BYTES`]), re-arms
-    /// it at once once armed before.
-    fn drained(&mut self, src: &TcpStream, peer_cookie: u64) {
-        if self.copied != self.drained_at {
-            self.drained_at = self.copied;
-            self.drains = self.drains.saturating_add(1);
-        }
-        if self.drains >= self.first_arm_drains
-            || (self.drains > 0 && self.copied >= ARM_AFTER_BYTES)
-            || self.armed_at.is_some()
-        {
-            self.arm(src, peer_cookie);
-        }
-    }
-
-    /// Arms the source once `other` (the direction the other way) is armed, if this one
-    /// has ended or never carried a byte (an upload's answerless side) and holds nothing.
-    fn consent(&mut self, other: &Direction, src: &TcpStream, peer_cookie: u64) {
-        if other.armed_at.is_some()
-            && self.armed_at.is_none()
-            && self.buf.is_none()
-            && (self.done || (!self.eof && self.copied == 0))
-        {
-            self.arm(src, peer_cookie);
-        }
-    }
-
     /// Everything read is written and the source has nothing more to read now: (re)arms the
     /// kernel with what was read (see [`crate::kforward`]). Arming only when the source is
     /// drained gives the kernel its best chance to find every byte it passed read.
@@ -825,6 +745,27 @@ impl Direction {
                 self.armed_since_read = true;
             }
         }
+    }
+
+    /// [`Direction::poll_eof`], then, once the EOF is passed on, `src` armed with its peer if
+    /// it was not: the kernel redirects the other direction's bytes only between two sockets
+    /// armed with each other, and a client that half-closes right after its request (its EOF
+    /// read before this direction was ever drained) would otherwise leave the other direction
+    /// (the download) to be copied here. Nothing more arrives on `src`, so the arm moves none
+    /// of its bytes.
+    fn poll_end(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        dst_side: Side,
+        peer_cookie: u64,
+    ) -> Poll<Result<(), ForwardError>> {
+        let r = ready!(self.poll_eof(cx, src, dst, dst_side));
+        if r.is_ok() {
+            self.arm(src, peer_cookie);
+        }
+        Poll::Ready(r)
     }
 
     /// EOF from `src` (seen now or earlier): passed on as `shutdown(SHUT_WR)` on `dst` once
@@ -906,7 +847,7 @@ impl Direction {
             return Poll::Ready(Ok(()));
         }
         if self.eof {
-            return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
+            return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
         }
         loop {
             // Bytes the kernel passed to the source after it had redirected others (because
@@ -947,7 +888,7 @@ impl Direction {
             match src.as_ref().poll_read_ready(cx) {
                 Poll::Pending => {
                     self.buf = None;
-                    self.drained(src.as_ref(), peer_cookie);
+                    self.arm(src.as_ref(), peer_cookie);
                     return Poll::Pending;
                 }
                 Poll::Ready(r) => r.map_err(src_err)?,
@@ -957,11 +898,11 @@ impl Direction {
             match Pin::new(&mut *src).poll_read(cx, &mut rb) {
                 Poll::Pending => {
                     self.buf = None;
-                    self.drained(src.as_ref(), peer_cookie);
+                    self.arm(src.as_ref(), peer_cookie);
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    return self.poll_eof(cx, src.as_ref(), dst.as_ref(), dst_side);
+                    return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
                 }
                 Poll::Ready(Ok(())) => {
                     self.end = rb.filled().len() as u32;

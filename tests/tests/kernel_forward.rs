@@ -97,6 +97,12 @@ impl World {
         probe_in(&self.ns, Some(self.cg.path()), None, args)
     }
 
+    /// `n` bytes each way over one connection from the workload's cgroup (the probe's report).
+    fn transfer(&self, n: u64) -> Value {
+        let n = n.to_string();
+        self.probe(&["bulk", SERVER, "--send", &n, "--recv", &n])
+    }
+
     fn runtime(&self) -> Value {
         let addr: SocketAddr = DEFAULT_ADMIN.parse().unwrap();
         let (code, body) =
@@ -338,10 +344,7 @@ fn kernel_forward_half_closed_download_does_not_wake_the_proxy() {
     assert_eq!(bulk["received"].to_string(), n, "{bulk}");
     let rt = w.runtime_when_active(0);
     println!("a half-closed 1 GiB download woke the proxy's threads {wakeups} times: {rt}");
-    // Nearly all of it by the kernel: the proxy copies the download until its first drain
-    // after bytes (and an arm that is not stale), which a server as fast as the proxy can
-    // put off for tens of MiB (25 MiB in one run).
-    assert!(u(&rt, "kernel_forward_bytes") >= 900 << 20, "{rt}");
+    assert!(u(&rt, "kernel_forward_bytes") >= 1023 << 20, "{rt}");
     assert!(u(&rt, "kernel_forward_watched") >= 1, "{rt}");
     // Polled for reading, the source wakes the proxy for about each segment the kernel
     // redirects (thousands per GiB); watched, what is left is the first 10 ms before the
@@ -409,23 +412,10 @@ fn kernel_forward_goes_on_through_the_programs_in_place_upgrade() {
     // A new connection is carried by the new programs.
     let carried = u(&w.runtime(), "kernel_forward_bytes");
     let n = 64u64 << 20;
-    let v = w.probe(&[
-        "bulk",
-        SERVER,
-        "--send",
-        &n.to_string(),
-        "--recv",
-        &n.to_string(),
-    ]);
+    let v = w.transfer(n);
     assert_eq!(v["ok"], true, "{v}");
     let rt = w.runtime_when_active(CONNS);
-    // Carried by the kernel. Not necessarily most of it: beside 16 busy keep-alive
-    // connections the proxy is as slow as the sender, and a direction whose bytes keep
-    // arriving between the proxy's last read and its arm is copied by the proxy throughout
-    // (ARCHITECTURE.md "Kernel forwarding", "Also measured and left"; since a direction's
-    // first arm waits for a drain after bytes, less than half was carried in 1 of 7 runs of
-    // this file). How much is the bulk tests' and the bench's measure.
-    assert!(u(&rt, "kernel_forward_bytes") > carried, "{rt}");
+    assert!(u(&rt, "kernel_forward_bytes") - carried > n, "{rt}");
     ping.finish();
     let rt = w.runtime_when_active(0);
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
@@ -583,11 +573,9 @@ fn kernel_forward_random_write_sizes_and_shutdowns_byte_exact() {
     assert_no_entries_left(&w, "the chaos connections");
 }
 
-/// 100,000 short connections: each socket still goes into the kernel's map at its
-/// establishment (the proxy asked for kernel forwarding), and nothing is left behind. One
-/// exchange each: the proxy copies it (the client's socket is armed from its second drain
-/// on: `CLIENT_FIRST_ARM_DRAINS` in `proxy/src/forward.rs`); the entries of connections the
-/// kernel carried are checked after the chaos test.
+/// 100,000 short connections: each socket goes into the kernel's map at its establishment
+/// and most pairs are armed, and nothing is left behind (the chaos test checks the same
+/// after its connections' EOFs and resets in every order).
 #[test]
 fn kernel_forward_100k_short_connections_leave_no_map_entries() {
     let w = World::new("kf-churn", "on");
@@ -596,10 +584,9 @@ fn kernel_forward_100k_short_connections_leave_no_map_entries() {
     assert_eq!(v["proxied"], 100_000, "{v}");
     let rt = w.runtime();
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
-    // Copied by the proxy: the kernel carried none of it. (A connection whose client closed
-    // first, while the upstream's socket was armed, still gets both arms, counted in
-    // `kernel_forward_connections`: the client's ended direction consents; about one in nine.)
-    assert_eq!(u(&rt, "kernel_forward_bytes"), 0, "{rt}");
+    // Both directions armed before the exchange ended: most, not all (a HELLO exchange can
+    // end before the second arm).
+    assert!(u(&rt, "kernel_forward_connections") > 50_000, "{rt}");
     assert_no_entries_left(&w, "100,000 closed connections");
 }
 
@@ -643,14 +630,7 @@ fn kernel_forward_comes_on_when_the_programs_come_after_the_proxy() {
         w.runtime()
     );
     let n = 16u64 << 20;
-    let v = w.probe(&[
-        "bulk",
-        SERVER,
-        "--send",
-        &n.to_string(),
-        "--recv",
-        &n.to_string(),
-    ]);
+    let v = w.transfer(n);
     assert_eq!(v["ok"], true, "bulk transfer: {v}");
     assert_eq!(v["received"].as_u64(), Some(n), "{v}");
     assert_eq!(v["server_rx"].as_u64(), Some(n), "{v}");
@@ -660,9 +640,10 @@ fn kernel_forward_comes_on_when_the_programs_come_after_the_proxy() {
     // bench's measure: a direction can lose the race of its arms throughout).
     assert!(u(&rt, "kernel_forward_connections") >= 1, "{rt}");
     assert!(u(&rt, "kernel_forward_bytes") > 0, "{rt}");
-    // The connection that found it out (accepted before its listener asked) carried one
-    // exchange, which the proxy copies anyway: not a fall-back.
-    assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
+    // At most one fall-back: the connection that found it out, accepted before its listener
+    // asked, so its client socket is not in the kernel's map and its arm fails (whether its
+    // exchange ended before that arm is a race); every later one is accepted after.
+    assert!(u(&rt, "kernel_forward_fallbacks") <= 1, "{rt}");
 }
 
 #[test]
