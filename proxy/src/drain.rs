@@ -98,6 +98,13 @@ pub struct MovedState {
     pub client_eof: bool,
     /// The upstream sent its FIN (passed on to the client).
     pub upstream_eof: bool,
+    /// Of the bytes the kernel redirected each way (its counts are the connection's, over
+    /// every process it went through), those already added to a process's byte totals.
+    /// Absent (0) from a process before kernel forwarding's totals were kept live.
+    #[serde(default)]
+    pub kernel_folded_client_to_upstream: u64,
+    #[serde(default)]
+    pub kernel_folded_upstream_to_client: u64,
 }
 
 impl MovedState {

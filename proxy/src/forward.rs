@@ -29,8 +29,9 @@
 //!   the peer socket has been handed every byte the kernel redirected (`TCP_INFO`) before it
 //!   passes the EOF on, so the FIN never overtakes them. Errors and resets end the
 //!   connection as before. A socket that cannot be armed (not in the kernel's map) is copied
-//!   here (`kforward::FALLBACKS`). The byte counts take the kernel's redirected bytes when
-//!   the connection ends. Once the kernel has carried both directions for `WATCH_AFTER`
+//!   here (`kforward::FALLBACKS`). The byte totals take the kernel's redirected bytes every
+//!   `FOLD_EVERY` while the connection lives, the rest when it ends (the per-destination
+//!   counts and the connection's report when it ends). Once the kernel has carried both directions for `WATCH_AFTER`
 //!   with both arms in force, the connection is watched by [`crate::kwatch`] instead of
 //!   polled (a poll for reading would be woken by each byte the kernel redirects), until an
 //!   EOF, an error or a move brings it back.
@@ -170,6 +171,9 @@ pub struct Carried {
     pub upstream_eof: bool,
     /// Never pause to move (an offer failed here while moving goes on: it stays).
     pub stay: bool,
+    /// Of the bytes the kernel redirected (client to upstream, upstream to client), those
+    /// already in a process's byte totals ([`FOLD_EVERY`]).
+    pub kernel_folded: (u64, u64),
 }
 
 /// Forwards between `client` and `upstream` until both directions are done (or one
@@ -216,6 +220,8 @@ pub fn forward_from<'a>(
         pause: false,
         stay: carried.stay,
         paused: false,
+        folded: carried.kernel_folded,
+        fold: None,
         // Boxed: the timer is larger than the rest of the copy state.
         idle: idle.map(|after| IdleTimer {
             after,
@@ -272,6 +278,7 @@ impl Bidirectional<'_> {
             paused,
             idle_timed_out,
             stats,
+            folded,
             ..
         } = self;
         let (mut client_to_upstream, mut upstream_to_client) = (c2u.copied, u2c.copied);
@@ -287,16 +294,21 @@ impl Bidirectional<'_> {
         let paused = paused && result.is_ok() && !cut && matches!(socks, Some(Ends::Polled(..)));
         if let (false, Some((client, upstream))) = (paused, socks.as_ref().map(Ends::fds)) {
             // What the kernel moved, over the connection's life (also in earlier processes):
-            // counted here, once, when the connection ends.
+            // counted here, once, when the connection ends; the totals already hold what
+            // was folded into them on the way.
             if c2u.check {
                 let r = kforward::count_ended(&client);
                 client_to_upstream += r;
-                stats.bytes_client_to_upstream.fetch_add(r, Relaxed);
+                stats
+                    .bytes_client_to_upstream
+                    .fetch_add(r.saturating_sub(folded.0), Relaxed);
             }
             if u2c.check {
                 let r = kforward::count_ended(&upstream);
                 upstream_to_client += r;
-                stats.bytes_upstream_to_client.fetch_add(r, Relaxed);
+                stats
+                    .bytes_upstream_to_client
+                    .fetch_add(r.saturating_sub(folded.1), Relaxed);
             }
         }
         let paused = match socks {
@@ -311,6 +323,7 @@ impl Bidirectional<'_> {
                     client_eof: c2u.done,
                     upstream_eof: u2c.done,
                     stay: false,
+                    kernel_folded: folded,
                 },
             }),
             socks => {
@@ -375,6 +388,13 @@ impl Ends {
     }
 }
 
+/// How often the byte totals take what the kernel redirected for a connection since the
+/// last time: a kernel-carried connection's bytes pass by no counter of this process, and
+/// totals that stood still for the life of a long transfer (until its end) are not what an
+/// operator's dashboards expect. Each time costs two `getsockopt` per connection the kernel
+/// carries (none for a connection of a moment: the timer starts at its first arm).
+const FOLD_EVERY: Duration = Duration::from_secs(1);
+
 /// How long the kernel carries both directions of a connection before it is watched
 /// instead of polled ([`kwatch`]): a connection of one request and its answer is over by
 /// then, and not worth the move's system calls; a keep-alive one has only begun.
@@ -416,6 +436,11 @@ struct Bidirectional<'a> {
     stay: bool,
     /// Ended because of `pause` (not every direction is done).
     paused: bool,
+    /// Of the kernel's `redirected` counts (client socket, upstream socket), what is in the
+    /// byte totals already ([`FOLD_EVERY`]).
+    folded: (u64, u64),
+    /// The next fold, from the connection's first arm here on.
+    fold: Option<Pin<Box<Sleep>>>,
 }
 
 impl Future for Bidirectional<'_> {
@@ -425,6 +450,7 @@ impl Future for Bidirectional<'_> {
         let this = self.get_mut();
         if let Socks::Watched(w) = &this.socks {
             if !this.pause && !w.fired(cx) {
+                this.poll_fold(cx);
                 return this.poll_idle(cx, false).map(Ok);
             }
             this.unwatch()?;
@@ -476,11 +502,57 @@ impl Future for Bidirectional<'_> {
         if this.kernel.is_some() && !pause {
             this.poll_watch(cx);
         }
+        this.poll_fold(cx);
         Poll::Pending
     }
 }
 
 impl Bidirectional<'_> {
+    /// Every [`FOLD_EVERY`] from the connection's first arm here on, adds to
+    /// the byte totals what the kernel redirected since the last time.
+    fn poll_fold(&mut self, cx: &mut Context<'_>) {
+        if !(self.c2u.check || self.u2c.check) {
+            return;
+        }
+        if self.fold.is_none() {
+            if self.c2u.armed_at.is_none() && self.u2c.armed_at.is_none() {
+                return;
+            }
+            self.fold = Some(Box::pin(tokio::time::sleep(FOLD_EVERY)));
+        }
+        let Some(fold) = self.fold.as_mut() else {
+            return;
+        };
+        while fold.as_mut().poll(cx).is_ready() {
+            fold.as_mut()
+                .reset(tokio::time::Instant::now() + FOLD_EVERY);
+            let Some((client, upstream)) = self.socks.fds() else {
+                return;
+            };
+            for (check, sock, folded, total) in [
+                (
+                    self.c2u.check,
+                    client,
+                    &mut self.folded.0,
+                    &self.stats.bytes_client_to_upstream,
+                ),
+                (
+                    self.u2c.check,
+                    upstream,
+                    &mut self.folded.1,
+                    &self.stats.bytes_upstream_to_client,
+                ),
+            ] {
+                if let (true, Ok(st)) = (check, kforward::state(&sock)) {
+                    if st.redirected > *folded {
+                        total.fetch_add(st.redirected - *folded, Relaxed);
+                        *folded = st.redirected;
+                    }
+                }
+            }
+        }
+    }
+
     /// The idle timeout: Ready when it closes the connection. `moved`: bytes moved here
     /// since the last poll.
     fn poll_idle(&mut self, cx: &mut Context<'_>, moved: bool) -> Poll<()> {

@@ -199,6 +199,10 @@ pub async fn resume(
         client_eof: state.client_eof,
         upstream_eof: state.upstream_eof,
         stay: false,
+        kernel_folded: (
+            state.kernel_folded_client_to_upstream,
+            state.kernel_folded_upstream_to_client,
+        ),
     };
     carry_on(client, upstream, conn, carried, idle, all).await;
 }
@@ -283,6 +287,8 @@ async fn offer(
         bytes_upstream_to_client: c.upstream_to_client,
         client_eof: c.client_eof,
         upstream_eof: c.upstream_eof,
+        kernel_folded_client_to_upstream: c.kernel_folded.0,
+        kernel_folded_upstream_to_client: c.kernel_folded.1,
     };
     let lost = |e: io::Error| {
         warn!(client = %conn.peer, orig_dst = %conn.dst, error = %e,

@@ -438,6 +438,10 @@ pub struct BulkReport {
     pub trailer_ok: bool,
     pub ok: bool,
     pub elapsed_ms: u64,
+    /// Bytes on the connection each way: the request line and the payload sent, the payload
+    /// and the trailer received (what a proxy between counts).
+    pub wire_sent: u64,
+    pub wire_received: u64,
 }
 
 /// Sends `send` bytes and receives `recv` bytes over one connection, concurrently,
@@ -456,7 +460,8 @@ pub fn bulk(
         s.local_addr()
             .map_err(|e| ProbeError::io("getsockname", e))?,
     );
-    s.write_all(format!("BULK {recv} {seed}\n").as_bytes())
+    let request = format!("BULK {recv} {seed}\n");
+    s.write_all(request.as_bytes())
         .map_err(|e| ProbeError::io("send BULK", e))?;
     let mut w = s.try_clone().map_err(|e| ProbeError::io("dup socket", e))?;
     let cseed = client_seed(seed);
@@ -542,6 +547,8 @@ pub fn bulk(
         trailer_ok,
         ok: payload_ok && trailer_ok,
         elapsed_ms: start.elapsed().as_millis() as u64,
+        wire_sent: request.len() as u64 + send,
+        wire_received: received + trailer.len() as u64,
     })
 }
 

@@ -208,6 +208,14 @@ fn assert_chaos_clean(v: &Value, r: &ChaosReport, server_errors: &[String], coun
     assert!(server_errors.is_empty(), "server side: {server_errors:?}");
 }
 
+/// The bytes `icpt-probe ping` sends (and gets back) on `conns` connections in `rounds`
+/// rounds: `ping {i} {round}\n` each.
+fn ping_bytes(conns: u64, rounds: u64) -> u64 {
+    (0..rounds)
+        .flat_map(|r| (0..conns).map(move |i| format!("ping {i} {r}\n").len() as u64))
+        .sum()
+}
+
 fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
@@ -310,6 +318,24 @@ fn kernel_forward_keep_alive_requests_do_not_wake_the_proxy() {
     assert!(
         wakeups * 20 < requests,
         "{requests} requests woke the proxy's threads {wakeups} times"
+    );
+    // The byte totals take what the kernel carries while the connections live (every
+    // second: `FOLD_EVERY` in proxy/src/forward.rs), not only when they end: within 3 s they
+    // hold at least every byte of the rounds done by now, each way.
+    let sent = ping_bytes(CONNS, ping.rounds());
+    let mut totals = (0, 0);
+    let live = wait_until(Duration::from_secs(3), Duration::from_millis(50), || {
+        totals = (
+            w.stat("bytes_client_to_upstream"),
+            w.stat("bytes_upstream_to_client"),
+        );
+        totals.0 >= sent && totals.1 >= sent
+    });
+    assert!(
+        live,
+        "byte totals (to upstream, to client) {totals:?} with {sent} bytes sent each way \
+         on connections still open: {}",
+        w.runtime()
     );
     // The end: each client closes; its EOF reaches the echo server through the proxy,
     // whose close comes back. Every connection then ends in the proxy, counting the

@@ -234,6 +234,44 @@ impl World {
         }
     }
 
+    /// The byte totals: outbound to upstream, to client, inbound to upstream, to client.
+    fn byte_totals(&self) -> [u64; 4] {
+        let s = proxy_stats(&self.ns, ADMIN);
+        [
+            "bytes_client_to_upstream",
+            "bytes_upstream_to_client",
+            "inbound_bytes_client_to_upstream",
+            "inbound_bytes_upstream_to_client",
+        ]
+        .map(|k| {
+            s[k].as_u64()
+                .unwrap_or_else(|| panic!("no {k} in /stats: {s}"))
+        })
+    }
+
+    /// [`World::byte_totals`] once no connection is open in the proxy, outbound or inbound
+    /// (it counts a connection's last bytes when the connection ends there, after its client
+    /// saw the end).
+    fn byte_totals_when_idle(&self) -> [u64; 4] {
+        let open = || {
+            let s = proxy_stats(&self.ns, ADMIN);
+            ["connections_active", "inbound_connections_active"].map(|k| {
+                s[k].as_u64()
+                    .unwrap_or_else(|| panic!("no {k} in /stats: {s}"))
+            })
+        };
+        assert!(
+            interceptor_tests::wait_until(
+                Duration::from_secs(10),
+                Duration::from_millis(20),
+                || open() == [0, 0]
+            ),
+            "connections still open in the proxy (outbound, inbound): {:?}",
+            open()
+        );
+        self.byte_totals()
+    }
+
     fn proxy_stat(&self, name: &str) -> u64 {
         proxy_stats(&self.ns, ADMIN)[name]
             .as_u64()
@@ -768,6 +806,7 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
     let _echo = Echo::start_in(&w.ns, format!("0.0.0.0:{ECHO_PORT}").parse().unwrap());
     // Sized from a first transfer alone (3 s of it): the transfers outlast the upgrades.
     let size = w.transfer_size(3_000);
+    let totals_before = w.byte_totals_when_idle();
     let pinger = Pinger::start(w.inbound_echo_conns(PINGS));
     let ping_stop = w.scratch.join("ping-stop");
     let mut out_pinger = w.spawn_outbound_pinger(PINGS, 1, &ping_stop);
@@ -775,7 +814,18 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
     probe_rounds_after(&mut out_pinger, 20, Duration::from_secs(30));
     let mut out = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
     let mut inb = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
-    std::thread::sleep(Duration::from_millis(300));
+    // The byte totals grow while the kernel carries the transfers (folded in every second),
+    // not only when they end.
+    let live =
+        interceptor_tests::wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
+            let t = w.byte_totals();
+            t[1] - totals_before[1] > size / 8 && t[3] - totals_before[3] > size / 8
+        });
+    assert!(
+        live && out.is_running() && inb.is_running(),
+        "byte totals {:?} (from {totals_before:?}) while {size} bytes each way are carried",
+        w.byte_totals()
+    );
     for g in 0..3 {
         let (moved, kept, drained_ms) = w.upgrade_moving(g);
         let log = w.proxies[g].stderr();
@@ -794,10 +844,12 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
         pinger.rounds_after(1, Duration::from_secs(30));
         probe_rounds_after(&mut out_pinger, 5, Duration::from_secs(30));
     }
+    let mut wire = Vec::new();
     for (name, p) in [("outbound", &mut out), ("inbound", &mut inb)] {
         let r = bulk_result(p, Duration::from_secs(600));
         assert_eq!(r["ok"], true, "{name} transfer through three upgrades: {r}");
         println!("{name}: byte-exact through three upgrades: {r}");
+        wire.push(["wire_sent", "wire_received"].map(|k| r[k].as_u64().expect(k)));
     }
     // In the last generation the kernel still carries the pings: both arms in force again
     // (watched), and the requests do not wake the proxy's threads.
@@ -829,9 +881,30 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
         "outbound pings: {}",
         tail(&out_pinger.stdout())
     );
-    let (rounds, errors, _) = pinger.finish();
+    let out_bytes: Value =
+        serde_json::from_str(out_pinger.stdout().lines().last().unwrap_or("{}")).unwrap();
+    let out_bytes = out_bytes["bytes"].as_u64().expect("the pinger's bytes");
+    let (rounds, errors, in_bytes) = pinger.finish();
     assert!(errors.is_empty(), "inbound pings: {errors:?}");
     println!("inbound: {rounds} full ping rounds through three upgrades");
+    // Every byte counted once over the four processes: what each copied, what it folded in
+    // of the kernel's counts, and the rest at the end, never again in the next process.
+    let totals = w.byte_totals_when_idle();
+    let counted: Vec<u64> = totals
+        .iter()
+        .zip(&totals_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert_eq!(
+        counted,
+        [
+            out_bytes + wire[0][0],
+            out_bytes + wire[0][1],
+            in_bytes + wire[1][0],
+            in_bytes + wire[1][1],
+        ],
+        "byte totals through three upgrades (outbound up, down, inbound up, down)"
+    );
     w.assert_both_directions_proxied();
 }
 
