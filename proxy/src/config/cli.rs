@@ -148,12 +148,12 @@ pub struct Cli {
     pub tcp_idle_timeout: String,
 
     /// Opaque TCP: forward the bytes in the kernel (sockmap programs of the interceptor)
-    /// instead of copying them here. `on` uses it where the kernel and the attached programs
-    /// offer it (probed at start; otherwise the proxy copies, and says so), `off` never.
-    /// A proxy started before the programs were attached asks again at accepts. Off by
-    /// default while the proxy's byte totals take a kernel-carried connection's bytes only
-    /// when it ends (see ARCHITECTURE.md "Kernel forwarding").
-    #[arg(long = "kernel-forward", value_name = "on|off", default_value = "off")]
+    /// instead of copying them here. `on` (the default) uses it where the kernel and the
+    /// attached programs offer it (probed at start; otherwise the proxy copies, and says so;
+    /// a proxy started before the programs were attached asks again at accepts), `off`
+    /// never: the proxy copies every byte itself, and the CPU of forwarding stays in its
+    /// cgroup (see ARCHITECTURE.md "Kernel forwarding").
+    #[arg(long = "kernel-forward", value_name = "on|off", default_value = "on")]
     pub kernel_forward: String,
 
     /// Routed HTTP: how long a client may take to send a request's headers; a slower one
