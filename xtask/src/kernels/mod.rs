@@ -204,7 +204,28 @@ pub fn run(opts: &Options) -> Result<Summary> {
                             below_minimum: *below_minimum,
                         };
                         println!("kernels: [{label}] booting {} in QEMU (TCG)", k.release);
-                        let rep = qemu::run(&g);
+                        let mut rep = qemu::run(&g);
+                        // A guest that stopped before announcing its plan never got to the
+                        // suite (the kernel's boot under TCG, not the project's code): its
+                        // console is shown, and it is booted once more.
+                        if let Ok(r) = &rep {
+                            if r.plan.is_empty() {
+                                println!(
+                                    "kernels: [{label}] stopped before its plan ({}); console tail:\n{}\nkernels: [{label}] booting it once more",
+                                    r.problem.as_deref().unwrap_or("no reason given"),
+                                    console_tail(&console, 20)
+                                );
+                                rep = qemu::run(&g);
+                            }
+                        }
+                        if let Ok(r) = &rep {
+                            if !r.finished {
+                                println!(
+                                    "kernels: [{label}] console tail:\n{}",
+                                    console_tail(&console, 20)
+                                );
+                            }
+                        }
                         // Rebuilt on every run from base.cpio and the kernel's modules.
                         let _ = std::fs::remove_file(initrd);
                         (label.clone(), rep)
@@ -232,6 +253,22 @@ pub fn run(opts: &Options) -> Result<Summary> {
         summary.failed
     );
     Ok(summary)
+}
+
+/// The last `n` lines of a guest's console log (what its kernel printed before it stopped).
+fn console_tail(path: &std::path::Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let text = String::from_utf8_lossy(&b);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..]
+                .iter()
+                .map(|l| format!("  | {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Err(e) => format!("  (cannot read {}: {e})", path.display()),
+    }
 }
 
 /// The kernel keeps 15 characters of a program's name: mark the cut ones.
