@@ -31,8 +31,8 @@
 //!   connection as before. A socket that cannot be armed (not in the kernel's map) is copied
 //!   here (`kforward::FALLBACKS`). The byte totals take the kernel's redirected bytes every
 //!   `FOLD_EVERY` while the connection lives, the rest when it ends (the per-destination
-//!   counts and the connection's report when it ends). Once the kernel has carried both directions for `WATCH_AFTER`
-//!   with both arms in force, the connection is watched by [`crate::kwatch`] instead of
+//!   counts and the connection's report take them all when it ends). Once the kernel has
+//!   carried both directions for `WATCH_AFTER` with both arms in force, the connection is watched by [`crate::kwatch`] instead of
 //!   polled (a poll for reading would be woken by each byte the kernel redirects), until an
 //!   EOF, an error or a move brings it back.
 //! - Idle timeout (`--tcp-idle-timeout`, default 1 h as in Envoy): a connection with no
@@ -296,19 +296,16 @@ impl Bidirectional<'_> {
             // What the kernel moved, over the connection's life (also in earlier processes):
             // counted here, once, when the connection ends; the totals already hold what
             // was folded into them on the way.
+            let mut folded = folded;
             if c2u.check {
                 let r = kforward::count_ended(&client);
                 client_to_upstream += r;
-                stats
-                    .bytes_client_to_upstream
-                    .fetch_add(r.saturating_sub(folded.0), Relaxed);
+                fold_into(&stats.bytes_client_to_upstream, &mut folded.0, r);
             }
             if u2c.check {
                 let r = kforward::count_ended(&upstream);
                 upstream_to_client += r;
-                stats
-                    .bytes_upstream_to_client
-                    .fetch_add(r.saturating_sub(folded.1), Relaxed);
+                fold_into(&stats.bytes_upstream_to_client, &mut folded.1, r);
             }
         }
         let paused = match socks {
@@ -392,8 +389,19 @@ impl Ends {
 /// last time: a kernel-carried connection's bytes pass by no counter of this process, and
 /// totals that stood still for the life of a long transfer (until its end) are not what an
 /// operator's dashboards expect. Each time costs two `getsockopt` per connection the kernel
-/// carries (none for a connection of a moment: the timer starts at its first arm).
+/// carries. The timer is made at the connection's first arm, which comes at its first drain:
+/// a connection of one exchange makes it too, and ends before it fires (quick bench with it:
+/// new connections EK÷E 0.84, as before it).
 const FOLD_EVERY: Duration = Duration::from_secs(1);
+
+/// Adds to `total` what the kernel's `redirected` count holds beyond `folded` (what is in
+/// the totals already), and takes note that it is in now.
+fn fold_into(total: &AtomicU64, folded: &mut u64, redirected: u64) {
+    if redirected > *folded {
+        total.fetch_add(redirected - *folded, Relaxed);
+        *folded = redirected;
+    }
+}
 
 /// How long the kernel carries both directions of a connection before it is watched
 /// instead of polled ([`kwatch`]): a connection of one request and its answer is over by
@@ -544,10 +552,7 @@ impl Bidirectional<'_> {
                 ),
             ] {
                 if let (true, Ok(st)) = (check, kforward::state(&sock)) {
-                    if st.redirected > *folded {
-                        total.fetch_add(st.redirected - *folded, Relaxed);
-                        *folded = st.redirected;
-                    }
+                    fold_into(total, folded, st.redirected);
                 }
             }
         }
