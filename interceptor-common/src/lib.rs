@@ -41,10 +41,13 @@ pub mod maps {
     pub const FWD: &str = "ICP_FWD";
     /// Socket cookie -> `FwdState`: each socket of `FWD`, its peer and its counts.
     pub const FWD_STATE: &str = "ICP_FWD_STATE";
+    /// Socket cookie -> `FwdFlow`: where each socket of `FWD` stands in its two byte streams
+    /// (what its receiver acknowledged, where its received stream starts).
+    pub const FWD_FLOW: &str = "ICP_FWD_FLOW";
     /// All pinned maps, for listing and removal.
     pub const ALL: &[&str] = &[
         LAYOUT, CONFIG, META, PORTS, UIDS, EXCL4, EXCL6, INCL4, INCL6, CONN, ACCEPTED, HANDOFF,
-        COUNTERS, IN_CONFIG, IN_PORTS, IN_SOCKS, KFWD, FWD, FWD_STATE,
+        COUNTERS, IN_CONFIG, IN_PORTS, IN_SOCKS, KFWD, FWD, FWD_STATE, FWD_FLOW,
     ];
 }
 
@@ -411,6 +414,41 @@ pub const SO_ICP_KFWD: i32 = 0x4944;
 /// socket `peer` (0: disarm) once its user has read `read` bytes of it. `ENOENT`: the socket
 /// is not in `ICP_FWD` (the proxy copies itself).
 pub const SO_ICP_KFWD_ARM: i32 = 0x4945;
+
+/// Most bytes of one direction that the verdict lets be outstanding (handed to the peer
+/// socket or queued for it, not yet acknowledged by the peer's receiver) and still redirects
+/// more. Beyond it the verdict passes the source's bytes to the proxy, which writes them once
+/// the peer has room, and the source's own receive buffer holds its sender back: sockmap
+/// queues redirected bytes for a socket without any limit of its own and the source's TCP
+/// counts them as read, so a sender faster than the peer's sending (a slow receiver, or the
+/// kernel worker that sends the queue falling behind) made the kernel hold gigabytes for one
+/// connection. 16 MiB: the peer's send buffer (4 MiB at most by default, `tcp_wmem`) and as
+/// much again three times over queued for it; with 4 MiB a download to a client that only
+/// counted its bytes went over it all the time and the proxy copied 40 % of it, with 16 MiB
+/// 20 %.
+pub const KFWD_MAX_UNACKED: u64 = 16 << 20;
+
+/// Value of `ICP_FWD_FLOW`, keyed by socket cookie: written by `track_sockops` when the socket
+/// goes into `ICP_FWD` and at each of its RTT samples, read by the verdict of its peer (`acked`)
+/// and by its own (`seq_base`).
+///
+/// A connection's two sockets carry the same byte stream each way (the proxy forwards every
+/// byte and adds none), so a segment's offset in the stream its source receives
+/// (`seq - seq_base`) is also its offset in the stream its peer sends, and
+/// `offset - (acked - acked_base)` is how many bytes before it the peer's receiver has not
+/// acknowledged yet: wherever they are (read by the proxy or not, written or not, queued by
+/// the kernel, in flight).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdFlow {
+    /// `bytes_acked` at the socket's last RTT sample.
+    pub acked: u64,
+    /// `bytes_acked` when it went into the map (its handshake).
+    pub acked_base: u64,
+    /// `rcv_nxt` when it went into the map: the sequence number of the first byte it receives.
+    pub seq_base: u32,
+    pub _pad: u32,
+}
 
 /// The value of `SO_ICP_KFWD_ARM`.
 #[repr(C)]

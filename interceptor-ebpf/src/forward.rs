@@ -24,12 +24,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockoptContext},
 };
 use interceptor_common::{
-    FwdArm, FwdState, KFWD_CLOSED, KFWD_IN_MAP, SKB_CB_OFFSET, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM,
+    FwdArm, FwdState, KFWD_CLOSED, KFWD_IN_MAP, KFWD_MAX_UNACKED, SKB_CB_OFFSET, SOL_IP,
+    SO_ICP_KFWD, SO_ICP_KFWD_ARM,
 };
 
 use crate::{
     ctx::SOCK_STREAM,
-    maps::{ICP_FWD, ICP_FWD_STATE, ICP_KFWD},
+    maps::{ICP_FWD, ICP_FWD_FLOW, ICP_FWD_STATE, ICP_KFWD},
 };
 
 /// A `cgroup/setsockopt` verdict: carry on (with `optlen` -1: the kernel's own handler is
@@ -60,15 +61,14 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the value pointer is valid for this program run; only this socket's programs
     // write it, serialised by the socket's lock.
     let st = unsafe { &mut *st };
-    let len = cut_repeated(&ctx, st, len);
-    if len == 0 {
-        return sk_action::SK_DROP;
-    }
     // SAFETY: as above.
     let armed = unsafe { core::ptr::read_volatile(&st.armed) };
-    if armed != 0 && armed - 1 == st.passed {
-        // SAFETY: as above.
-        let mut peer = unsafe { core::ptr::read_volatile(&st.peer) };
+    // SAFETY: as above.
+    let mut peer = unsafe { core::ptr::read_volatile(&st.peer) };
+    // Decided before the cut below, whose loop leaves the verifier one state per pass: what
+    // follows it stays short. The first new byte of the segment is the one after the last
+    // byte the verdict saw (`next_seq`, before the cut updates it).
+    let redirect = armed != 0 && {
         let agreed = match ICP_FWD_STATE.get_ptr(peer) {
             Some(p) => {
                 // SAFETY: as above (read only).
@@ -77,13 +77,65 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
             }
             None => false,
         };
-        if agreed && ICP_FWD.redirect_skb(&ctx, &mut peer, 0) == sk_action::SK_PASS as i64 {
-            st.redirected += len;
-            return sk_action::SK_PASS;
+        let seq = (st.seq_known != 0).then_some(st.next_seq);
+        agreed && {
+            let (behind, caught_up) = standing(st, cookie, peer, seq);
+            !behind && (armed - 1 == st.passed || caught_up)
         }
+    };
+    let len = cut_repeated(&ctx, st, len);
+    if len == 0 {
+        return sk_action::SK_DROP;
+    }
+    if redirect && ICP_FWD.redirect_skb(&ctx, &mut peer, 0) == sk_action::SK_PASS as i64 {
+        st.redirected += len;
+        return sk_action::SK_PASS;
     }
     st.passed += len;
     sk_action::SK_PASS
+}
+
+/// Where the peer stands in sending this direction's bytes, from its receiver's
+/// acknowledgements (`ICP_FWD_FLOW`): (behind, caught up).
+///
+/// * Behind: more than `KFWD_MAX_UNACKED` bytes before this segment are not acknowledged.
+///   The segment is then passed to the proxy instead of being queued for the peer: sockmap
+///   queues a redirected segment whatever the peer's backlog (and the source's TCP counts it
+///   as read), while the proxy writes it only when the peer has room, and the source's
+///   receive buffer holds its sender back meanwhile, as with the proxy's own copy.
+/// * Caught up: every byte before this segment is acknowledged, so none is left in the proxy
+///   or on its way: the segment may be redirected although the arm is stale (bytes were passed
+///   after the proxy's last arm; a sender that keeps outpacing the proxy's arms, or the proxy
+///   catching up after the peer was behind, would otherwise leave the direction to the
+///   proxy's copy for good).
+///
+/// The segment's offset comes from the sequence number of its first new byte (`seq`, once
+/// the verdict has read one from a segment); without it, from the counts (bytes read by the proxy past the verdict are not in them,
+/// so it is never caught up then). A peer without an entry (put into the map by programs from
+/// before `ICP_FWD_FLOW`) is neither.
+#[inline(always)]
+fn standing(st: &FwdState, cookie: u64, peer: u64, seq: Option<u32>) -> (bool, bool) {
+    let Some(p) = ICP_FWD_FLOW.get_ptr(peer) else {
+        return (false, false);
+    };
+    // SAFETY: the value pointer is valid for this program run; `acked` is written by the
+    // peer's own sock_ops program, so it is read once.
+    let acked = unsafe { core::ptr::read_volatile(&(*p).acked).wrapping_sub((*p).acked_base) };
+    let me = ICP_FWD_FLOW.get_ptr(cookie);
+    match (seq, me) {
+        (Some(seq), Some(me)) => {
+            // SAFETY: as above; `seq_base` is written once, at the insert.
+            let offset = seq.wrapping_sub(unsafe { (*me).seq_base });
+            // Within 2 GiB either way (what TCP and this limit keep in flight), so the
+            // difference of the two 32-bit positions is the signed distance.
+            let outstanding = offset.wrapping_sub(acked as u32) as i32;
+            (outstanding > KFWD_MAX_UNACKED as i32, outstanding <= 0)
+        }
+        _ => (
+            (st.passed + st.redirected).saturating_sub(acked) > KFWD_MAX_UNACKED,
+            false,
+        ),
+    }
 }
 
 /// Most bytes one `bpf_skb_adjust_room` call cuts from a segment's front.

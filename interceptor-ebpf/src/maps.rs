@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuHashMap, SockHash},
 };
 use interceptor_common::{
-    capacity, CounterKey, FwdState, InboundConfig, KfwdSock, OrigDst, ScopeConfig, ScopeMeta,
-    ScopedV4, ScopedV6, ScopedValue, SockKey, TupleKey,
+    capacity, CounterKey, FwdFlow, FwdState, InboundConfig, KfwdSock, OrigDst, ScopeConfig,
+    ScopeMeta, ScopedV4, ScopedV6, ScopedValue, SockKey, TupleKey,
 };
 
 /// Which scope this instance serves (the attached cgroup's id, or the network namespace's
@@ -96,6 +96,10 @@ pub(crate) static ICP_FWD: SockHash<u64> = SockHash::pinned(capacity::FWD, 0);
 /// (`track_sockops`, `TCP_CLOSE`).
 #[map(name = "ICP_FWD_STATE")]
 pub(crate) static ICP_FWD_STATE: HashMap<u64, FwdState> = HashMap::pinned(capacity::FWD, 0);
+/// Socket cookie -> `FwdFlow` (`track_sockops`): how far behind each socket of `ICP_FWD` is in
+/// sending, for the verdicts; with the `ICP_FWD_STATE` entry.
+#[map(name = "ICP_FWD_FLOW")]
+pub(crate) static ICP_FWD_FLOW: HashMap<u64, FwdFlow> = HashMap::pinned(capacity::FWD, 0);
 
 /// A `BPF_MAP_TYPE_SK_STORAGE` map, declared with BTF (the kernel requires BTF for its key and
 /// value) and pinned by name like the others. The fields are never read: the loader takes the

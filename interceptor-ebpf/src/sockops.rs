@@ -12,30 +12,33 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use interceptor_common::{
-    mapped_v4, Counter, FwdState, TupleKey, AF_INET, KFWD_CLOSED, KFWD_IN_MAP,
+    mapped_v4, Counter, FwdFlow, FwdState, TupleKey, AF_INET, KFWD_CLOSED, KFWD_IN_MAP,
 };
 
 use crate::{
     counters::count,
     ctx::rd,
-    maps::{ICP_ACCEPTED, ICP_CONN, ICP_FWD, ICP_FWD_STATE, ICP_HANDOFF, ICP_KFWD},
+    maps::{ICP_ACCEPTED, ICP_CONN, ICP_FWD, ICP_FWD_FLOW, ICP_FWD_STATE, ICP_HANDOFF, ICP_KFWD},
 };
 
 /// `BPF_NOEXIST`.
 const NOEXIST: u64 = 1;
 
 /// An established socket that asked for kernel forwarding goes into `ICP_FWD` under its
-/// cookie, with a fresh `ICP_FWD_STATE` entry (nothing passed yet: no byte has arrived), and
-/// asks for state callbacks so that its close removes the entry. When either map is full it
-/// stays out (the proxy's arm then fails and it copies that connection itself).
+/// cookie, with a fresh `ICP_FWD_STATE` entry (nothing passed yet: no byte has arrived) and an
+/// `ICP_FWD_FLOW` entry, and asks for state callbacks so that its close removes the entries,
+/// and for RTT callbacks (one per acknowledgement that gives an RTT sample) that keep its
+/// `ICP_FWD_FLOW` entry's `acked` current. When any of the maps is full it stays out (the proxy's arm
+/// then fails and it copies that connection itself).
 #[inline(always)]
 fn kfwd_insert(ctx: &SockOpsContext, sk: *mut bpf_sock) {
     // SAFETY: `sk` is this context's full socket, checked non-null by the caller.
@@ -50,21 +53,35 @@ fn kfwd_insert(ctx: &SockOpsContext, sk: *mut bpf_sock) {
     }
     // SAFETY: the helper takes the sock_ops context.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: a field of the kernel-provided context.
+    let acked = unsafe { core::ptr::read_volatile(&(*ctx.ops).bytes_acked) };
+    let flow = FwdFlow {
+        acked,
+        acked_base: acked,
+        // SAFETY: as above.
+        seq_base: unsafe { rd(&(*ctx.ops).rcv_nxt) },
+        _pad: 0,
+    };
+    if ICP_FWD_FLOW.insert(cookie, flow, NOEXIST).is_err() {
+        return;
+    }
     if ICP_FWD_STATE
         .insert(cookie, FwdState::default(), NOEXIST)
         .is_err()
     {
+        let _ = ICP_FWD_FLOW.remove(cookie);
         return;
     }
     // SAFETY: the context pointer is valid for this program run.
     let ops = unsafe { &mut *ctx.ops };
     if ICP_FWD.update(&mut cookie, ops, NOEXIST).is_err() {
         let _ = ICP_FWD_STATE.remove(cookie);
+        let _ = ICP_FWD_FLOW.remove(cookie);
         return;
     }
     k.cookie = cookie;
     k.inserted = KFWD_IN_MAP;
-    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
@@ -92,6 +109,7 @@ fn kfwd_remove(sk: *mut bpf_sock) {
             }
         }
         let _ = ICP_FWD_STATE.remove(k.cookie);
+        let _ = ICP_FWD_FLOW.remove(k.cookie);
         k.inserted = KFWD_CLOSED;
     }
 }
@@ -157,9 +175,30 @@ fn full_sock(ops: *mut bpf_sock_ops) -> *mut bpf_sock {
     unsafe { core::ptr::read_volatile(&(*ops).__bindgen_anon_2.sk) }
 }
 
+/// An RTT sample of a socket under kernel forwarding (it asked for these callbacks when it
+/// went into `ICP_FWD`): its `bytes_acked` into its `ICP_FWD_FLOW` entry. Nothing else is looked up, so
+/// that a callback per acknowledgement costs a cookie and one hash lookup.
+#[inline(always)]
+fn kfwd_acked(ctx: &SockOpsContext) {
+    // SAFETY: the helper takes the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if let Some(v) = ICP_FWD_FLOW.get_ptr_mut(cookie) {
+        // SAFETY: a field of the kernel-provided context; the value pointer is valid for this
+        // program run (written under the socket's lock, read by the peer's verdict).
+        unsafe {
+            let acked = core::ptr::read_volatile(&(*ctx.ops).bytes_acked);
+            core::ptr::write_volatile(&mut (*v).acked, acked);
+        }
+    }
+}
+
 #[sock_ops]
 pub fn track_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
+    if op == BPF_SOCK_OPS_RTT_CB {
+        kfwd_acked(&ctx);
+        return 1;
+    }
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB
         && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB

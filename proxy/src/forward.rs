@@ -212,6 +212,7 @@ pub fn forward_from<'a>(
     let mut copy = Bidirectional {
         socks: Socks::Polled { client, upstream },
         watch_at: None,
+        watch_not_before: None,
         stats,
         c2u: Direction::carried(carried.client_to_upstream, carried.client_eof, check),
         u2c: Direction::carried(carried.upstream_to_client, carried.upstream_eof, check),
@@ -408,6 +409,12 @@ fn fold_into(total: &AtomicU64, folded: &mut u64, redirected: u64) {
 /// then, and not worth the move's system calls; a keep-alive one has only begun.
 const WATCH_AFTER: Duration = Duration::from_millis(10);
 
+/// How long a connection is not watched after the kernel passed bytes to this process while
+/// both directions were armed: a peer behind by `KFWD_MAX_UNACKED` (a slow receiver), whose
+/// passed bytes a watched connection would find only at its next fold ([`FOLD_EVERY`]), or a
+/// sender that keeps outpacing the arms. Polled, such bytes are read as they come.
+const WATCH_HOLD: Duration = Duration::from_secs(5);
+
 /// The idle timeout of one connection: `sleep` fires at `last + after` at the earliest.
 struct IdleTimer {
     after: Duration,
@@ -429,6 +436,9 @@ struct Bidirectional<'a> {
     /// Since the kernel carried both directions: when to watch the connection instead of
     /// polling it ([`WATCH_AFTER`]).
     watch_at: Option<Pin<Box<Sleep>>>,
+    /// No watching before this: the kernel passed bytes to this process while both
+    /// directions were armed ([`WATCH_HOLD`]).
+    watch_not_before: Option<Instant>,
     stats: &'a DirectionStats,
     c2u: Direction,
     u2c: Direction,
@@ -458,8 +468,14 @@ impl Future for Bidirectional<'_> {
         let this = self.get_mut();
         if let Socks::Watched(w) = &this.socks {
             if !this.pause && !w.fired(cx) {
-                this.poll_fold(cx);
-                return this.poll_idle(cx, false).map(Ok);
+                if !this.poll_fold(cx) {
+                    return this.poll_idle(cx, false).map(Ok);
+                }
+                // The kernel passed bytes to this process while it watched (the verdict
+                // stops redirecting to a socket too far behind, `KFWD_MAX_UNACKED`): nothing
+                // the watcher waits for announces them, the fold found them. Back to
+                // polling, to read and write them, and not watched again for a while.
+                this.watch_not_before = Some(Instant::now() + WATCH_HOLD);
             }
             this.unwatch()?;
         }
@@ -507,6 +523,11 @@ impl Future for Bidirectional<'_> {
         if this.poll_idle(cx, moved).is_ready() {
             return Poll::Ready(Ok(()));
         }
+        if this.c2u.passed_while_armed || this.u2c.passed_while_armed {
+            this.c2u.passed_while_armed = false;
+            this.u2c.passed_while_armed = false;
+            this.watch_not_before = Some(Instant::now() + WATCH_HOLD);
+        }
         if this.kernel.is_some() && !pause {
             this.poll_watch(cx);
         }
@@ -517,45 +538,49 @@ impl Future for Bidirectional<'_> {
 
 impl Bidirectional<'_> {
     /// Every [`FOLD_EVERY`] from the connection's first arm here on, adds to
-    /// the byte totals what the kernel redirected since the last time.
-    fn poll_fold(&mut self, cx: &mut Context<'_>) {
+    /// the byte totals what the kernel redirected since the last time. True when it found
+    /// bytes the kernel passed to this process that it has not read.
+    fn poll_fold(&mut self, cx: &mut Context<'_>) -> bool {
         if !(self.c2u.check || self.u2c.check) {
-            return;
+            return false;
         }
         if self.fold.is_none() {
             if self.c2u.armed_at.is_none() && self.u2c.armed_at.is_none() {
-                return;
+                return false;
             }
             self.fold = Some(Box::pin(tokio::time::sleep(FOLD_EVERY)));
         }
         let Some(fold) = self.fold.as_mut() else {
-            return;
+            return false;
         };
+        let mut unread = false;
         while fold.as_mut().poll(cx).is_ready() {
             fold.as_mut()
                 .reset(tokio::time::Instant::now() + FOLD_EVERY);
             let Some((client, upstream)) = self.socks.fds() else {
-                return;
+                return unread;
             };
-            for (check, sock, folded, total) in [
+            for (d, sock, folded, total) in [
                 (
-                    self.c2u.check,
+                    &self.c2u,
                     client,
                     &mut self.folded.0,
                     &self.stats.bytes_client_to_upstream,
                 ),
                 (
-                    self.u2c.check,
+                    &self.u2c,
                     upstream,
                     &mut self.folded.1,
                     &self.stats.bytes_upstream_to_client,
                 ),
             ] {
-                if let (true, Ok(st)) = (check, kforward::state(&sock)) {
+                if let (true, Ok(st)) = (d.check, kforward::state(&sock)) {
                     fold_into(total, folded, st.redirected);
+                    unread |= !d.done && st.passed > d.copied;
                 }
             }
         }
+        unread
     }
 
     /// The idle timeout: Ready when it closes the connection. `moved`: bytes moved here
@@ -600,7 +625,10 @@ impl Bidirectional<'_> {
         // Each direction carried by the kernel, or done (a half-closed connection: its EOF
         // passed on, nothing more to read from that source).
         let watchable = |d: &Direction| d.done || d.kernel_carries();
-        if !(watchable(&self.c2u) && watchable(&self.u2c)) || (self.c2u.done && self.u2c.done) {
+        if !(watchable(&self.c2u) && watchable(&self.u2c))
+            || (self.c2u.done && self.u2c.done)
+            || self.watch_not_before.is_some_and(|t| Instant::now() < t)
+        {
             self.watch_at = None;
             return;
         }
@@ -692,6 +720,9 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
+    /// Bytes were read while this direction was armed with everything read before them: the
+    /// kernel passed them instead of redirecting (taken by the connection: [`WATCH_HOLD`]).
+    passed_while_armed: bool,
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
@@ -932,7 +963,12 @@ impl Direction {
             // the peer only once the peer holds the redirected ones: the kernel sends those
             // from a queue of its own, which a write from here would overtake.
             if !self.ordered && self.buf.is_some() && self.start < self.end {
-                if self.armed_since_read {
+                // After an arm the kernel may redirect the next bytes; and once every byte
+                // before a segment is acknowledged it may redirect that segment although the
+                // arm is older than what was read here since (`standing` in the verdict): so
+                // every write of a kernel-forwarded direction looks first (one `getsockopt`
+                // when the kernel redirected nothing new).
+                if self.armed_since_read || self.check {
                     ready!(self.poll_kernel_drained(cx, src.as_ref(), dst.as_ref()));
                     self.armed_since_read = false;
                 }
@@ -982,6 +1018,7 @@ impl Direction {
                     return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
                 }
                 Poll::Ready(Ok(())) => {
+                    self.passed_while_armed |= self.armed_at == Some(self.copied);
                     self.end = rb.filled().len() as u32;
                     self.start = 0;
                     self.ordered = false;

@@ -185,6 +185,12 @@ pub struct ClientOpts {
     pub bind: Option<SocketAddr>,
     /// Connect timeout, and idle timeout of each read/write.
     pub timeout: Duration,
+    /// `bulk`: how long to wait after sending the request before reading anything (a reader
+    /// that lags behind its server).
+    pub read_after: Duration,
+    /// `bulk`: count the payload received without checking it against the stream (a reader
+    /// that keeps up with a server; the sums in the report are then those of nothing).
+    pub unchecked: bool,
 }
 
 impl Default for ClientOpts {
@@ -193,6 +199,8 @@ impl Default for ClientOpts {
             mark: None,
             bind: None,
             timeout: Duration::from_secs(5),
+            read_after: Duration::ZERO,
+            unchecked: false,
         }
     }
 }
@@ -478,6 +486,7 @@ pub fn bulk(
     let mut trailer = Vec::new();
     let mut buf = vec![0u8; CHUNK];
     let mut expect = vec![0u8; CHUNK];
+    std::thread::sleep(opts.read_after);
     let read_result: Result<(), ProbeError> = loop {
         let n = match s.read(&mut buf) {
             Ok(0) => break Ok(()),
@@ -492,7 +501,9 @@ pub fn bulk(
         };
         let data = &buf[..n];
         let payload_len = (recv - received).min(n as u64) as usize;
-        if payload_len > 0 {
+        if payload_len > 0 && opts.unchecked {
+            received += payload_len as u64;
+        } else if payload_len > 0 {
             let p = &data[..payload_len];
             stream::fill(seed, received, &mut expect[..payload_len]);
             if first_mismatch.is_none() && p != &expect[..payload_len] {
@@ -521,7 +532,7 @@ pub fn bulk(
     read_result?;
     let sent_sum = write_result.map_err(|e| ProbeError::io("send payload", e))?;
     // Finish the expected hash if the payload came up short.
-    let mut off = received;
+    let mut off = if opts.unchecked { recv } else { received };
     while off < recv {
         let len = (recv - off).min(CHUNK as u64) as usize;
         stream::fill(seed, off, &mut expect[..len]);
@@ -948,6 +959,30 @@ fn accept_loop(
     }
 }
 
+/// Bytes of `BULK` streams that the servers of this process have handed to their sockets.
+static SERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of `BULK` streams that every [`ProbeServer`] of this process has handed to its
+/// sockets so far (all connections): how far a server got while its client did not read.
+pub fn bulk_bytes_served() -> u64 {
+    SERVED.load(Ordering::Relaxed)
+}
+
+/// A server connection's writer, counting into [`SERVED`].
+struct Counted(TcpStream);
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(buf)?;
+        SERVED.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 fn handle_conn(s: TcpStream) -> io::Result<()> {
     s.set_nonblocking(false)?;
     let _ = s.set_nodelay(true);
@@ -968,7 +1003,7 @@ fn handle_conn(s: TcpStream) -> io::Result<()> {
         Some("BULK") => {
             let n: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
             let seed: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-            let mut w = s.try_clone()?;
+            let mut w = Counted(s.try_clone()?);
             let writer = std::thread::spawn(move || write_stream(&mut w, seed, n));
             let mut h = Xxh3Default::new();
             let mut count = 0u64;

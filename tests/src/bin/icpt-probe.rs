@@ -31,6 +31,12 @@ struct Conn {
     /// Connect timeout and per-read/write idle timeout, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// `bulk`: milliseconds to wait after the request before reading anything.
+    #[arg(long, default_value_t = 0)]
+    read_after_ms: u64,
+    /// `bulk`: count the payload received without checking it (a reader that keeps up).
+    #[arg(long)]
+    unchecked: bool,
 }
 
 impl Conn {
@@ -39,6 +45,8 @@ impl Conn {
             mark: self.mark,
             bind: self.bind,
             timeout: Duration::from_millis(self.timeout_ms.unwrap_or(default_ms)),
+            read_after: Duration::from_millis(self.read_after_ms),
+            unchecked: self.unchecked,
         }
     }
 }
