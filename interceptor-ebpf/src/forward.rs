@@ -77,11 +77,7 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
             }
             None => false,
         };
-        let seq = (st.seq_known != 0).then_some(st.next_seq);
-        agreed && {
-            let (behind, caught_up) = standing(st, cookie, peer, seq);
-            !behind && (armed - 1 == st.passed || caught_up)
-        }
+        agreed && armed - 1 == st.passed && !behind(st, cookie, peer)
     };
     let len = cut_repeated(&ctx, st, len);
     if len == 0 {
@@ -95,47 +91,36 @@ pub fn forward_verdict(ctx: SkBuffContext) -> u32 {
     sk_action::SK_PASS
 }
 
-/// Where the peer stands in sending this direction's bytes, from its receiver's
-/// acknowledgements (`ICP_FWD_FLOW`): (behind, caught up).
+/// Whether the peer is behind in sending this direction's bytes: more than
+/// `KFWD_MAX_UNACKED` bytes before this segment are not acknowledged by its receiver
+/// (`ICP_FWD_FLOW`). The segment is then passed to the proxy instead of being queued for the
+/// peer: sockmap queues a redirected segment whatever the peer's backlog (and the source's
+/// TCP counts it as read), while the proxy writes it only when the peer has room, and the
+/// source's receive buffer holds its sender back meanwhile, as with the proxy's own copy.
 ///
-/// * Behind: more than `KFWD_MAX_UNACKED` bytes before this segment are not acknowledged.
-///   The segment is then passed to the proxy instead of being queued for the peer: sockmap
-///   queues a redirected segment whatever the peer's backlog (and the source's TCP counts it
-///   as read), while the proxy writes it only when the peer has room, and the source's
-///   receive buffer holds its sender back meanwhile, as with the proxy's own copy.
-/// * Caught up: every byte before this segment is acknowledged, so none is left in the proxy
-///   or on its way: the segment may be redirected although the arm is stale (bytes were passed
-///   after the proxy's last arm; a sender that keeps outpacing the proxy's arms, or the proxy
-///   catching up after the peer was behind, would otherwise leave the direction to the
-///   proxy's copy for good).
-///
-/// The segment's offset comes from the sequence number of its first new byte (`seq`, once
-/// the verdict has read one from a segment); without it, from the counts (bytes read by the proxy past the verdict are not in them,
-/// so it is never caught up then). A peer without an entry (put into the map by programs from
-/// before `ICP_FWD_FLOW`) is neither.
+/// The segment's offset comes from the sequence number of its first new byte (`next_seq`,
+/// once the verdict has read one from a segment); without it, from the counts (which miss bytes the
+/// proxy read past the verdict). A peer without an entry (put into the map by programs from
+/// before `ICP_FWD_FLOW`) is never behind.
 #[inline(always)]
-fn standing(st: &FwdState, cookie: u64, peer: u64, seq: Option<u32>) -> (bool, bool) {
+fn behind(st: &FwdState, cookie: u64, peer: u64) -> bool {
     let Some(p) = ICP_FWD_FLOW.get_ptr(peer) else {
-        return (false, false);
+        return false;
     };
     // SAFETY: the value pointer is valid for this program run; `acked` is written by the
     // peer's own sock_ops program, so it is read once.
     let acked = unsafe { core::ptr::read_volatile(&(*p).acked).wrapping_sub((*p).acked_base) };
-    let me = ICP_FWD_FLOW.get_ptr(cookie);
-    match (seq, me) {
-        (Some(seq), Some(me)) => {
+    if st.seq_known != 0 {
+        if let Some(me) = ICP_FWD_FLOW.get_ptr(cookie) {
             // SAFETY: as above; `seq_base` is written once, at the insert.
-            let offset = seq.wrapping_sub(unsafe { (*me).seq_base });
+            let offset = st.next_seq.wrapping_sub(unsafe { (*me).seq_base });
             // Within 2 GiB either way (what TCP and this limit keep in flight), so the
             // difference of the two 32-bit positions is the signed distance.
             let outstanding = offset.wrapping_sub(acked as u32) as i32;
-            (outstanding > KFWD_MAX_UNACKED as i32, outstanding <= 0)
+            return outstanding > KFWD_MAX_UNACKED as i32;
         }
-        _ => (
-            (st.passed + st.redirected).saturating_sub(acked) > KFWD_MAX_UNACKED,
-            false,
-        ),
     }
+    (st.passed + st.redirected).saturating_sub(acked) > KFWD_MAX_UNACKED
 }
 
 /// Most bytes one `bpf_skb_adjust_room` call cuts from a segment's front.

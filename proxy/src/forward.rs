@@ -25,7 +25,9 @@
 //!   direction has written everything it read, it arms its source socket with the peer's
 //!   cookie and the bytes read so far; from then on the kernel moves that direction's bytes
 //!   (the direction still waits on its source, and reads what the kernel passed it instead:
-//!   bytes that arrived before the pair was armed, then arms again). At EOF it waits until
+//!   bytes that arrived before the pair was armed, or beyond the peer's backlog limit
+//!   (`KFWD_MAX_UNACKED`), then arms again; it writes them once the peer holds every byte the
+//!   kernel redirected before them). At EOF it waits until
 //!   the peer socket has been handed every byte the kernel redirected (`TCP_INFO`) before it
 //!   passes the EOF on, so the FIN never overtakes them. Errors and resets end the
 //!   connection as before. A socket that cannot be armed (not in the kernel's map) is copied
@@ -34,7 +36,7 @@
 //!   counts and the connection's report take them all when it ends). Once the kernel has
 //!   carried both directions for `WATCH_AFTER` with both arms in force, the connection is watched by [`crate::kwatch`] instead of
 //!   polled (a poll for reading would be woken by each byte the kernel redirects), until an
-//!   EOF, an error or a move brings it back.
+//!   EOF, an error, a move, or bytes passed to it (found at its fold) bring it back.
 //! - Idle timeout (`--tcp-idle-timeout`, default 1 h as in Envoy): a connection with no
 //!   byte in either direction for that long is closed (FIN both ways). The timer is armed
 //!   once and only moved when it fires early, so traffic costs a clock read per wake-up.
@@ -395,13 +397,26 @@ impl Ends {
 /// new connections EK÷E 0.84, as before it).
 const FOLD_EVERY: Duration = Duration::from_secs(1);
 
+/// The next fold comes after [`FOLD_BUSY`] instead when the kernel moved at least this many
+/// bytes of the connection since the last one: a transfer, whose peer may fall
+/// `KFWD_MAX_UNACKED` behind, and whose bytes the kernel then passes to this process, which
+/// a watched connection finds only at its fold.
+const BUSY_BYTES: u64 = 1 << 20;
+/// See [`BUSY_BYTES`]: how long such a transfer may stall, watched, before its passed bytes
+/// are found (ten folds a second: four `getsockopt` each, for a connection moving at least
+/// 10 MB/s).
+const FOLD_BUSY: Duration = Duration::from_millis(100);
+
 /// Adds to `total` what the kernel's `redirected` count holds beyond `folded` (what is in
-/// the totals already), and takes note that it is in now.
-fn fold_into(total: &AtomicU64, folded: &mut u64, redirected: u64) {
+/// the totals already), and takes note that it is in now. Returns what it added.
+fn fold_into(total: &AtomicU64, folded: &mut u64, redirected: u64) -> u64 {
     if redirected > *folded {
-        total.fetch_add(redirected - *folded, Relaxed);
+        let added = redirected - *folded;
+        total.fetch_add(added, Relaxed);
         *folded = redirected;
+        return added;
     }
+    0
 }
 
 /// How long the kernel carries both directions of a connection before it is watched
@@ -409,10 +424,9 @@ fn fold_into(total: &AtomicU64, folded: &mut u64, redirected: u64) {
 /// then, and not worth the move's system calls; a keep-alive one has only begun.
 const WATCH_AFTER: Duration = Duration::from_millis(10);
 
-/// How long a connection is not watched after the kernel passed bytes to this process while
-/// both directions were armed: a peer behind by `KFWD_MAX_UNACKED` (a slow receiver), whose
-/// passed bytes a watched connection would find only at its next fold ([`FOLD_EVERY`]), or a
-/// sender that keeps outpacing the arms. Polled, such bytes are read as they come.
+/// How long a connection is not watched after its fold found bytes the kernel passed to this
+/// process while it was watched (its peer fell `KFWD_MAX_UNACKED` behind: a slow receiver, a
+/// transfer that will fall behind again). Polled, such bytes are read as they come.
 const WATCH_HOLD: Duration = Duration::from_secs(5);
 
 /// The idle timeout of one connection: `sleep` fires at `last + after` at the earliest.
@@ -436,8 +450,8 @@ struct Bidirectional<'a> {
     /// Since the kernel carried both directions: when to watch the connection instead of
     /// polling it ([`WATCH_AFTER`]).
     watch_at: Option<Pin<Box<Sleep>>>,
-    /// No watching before this: the kernel passed bytes to this process while both
-    /// directions were armed ([`WATCH_HOLD`]).
+    /// No watching before this: the kernel passed bytes to this process while it was watched
+    /// ([`WATCH_HOLD`]).
     watch_not_before: Option<Instant>,
     stats: &'a DirectionStats,
     c2u: Direction,
@@ -523,11 +537,6 @@ impl Future for Bidirectional<'_> {
         if this.poll_idle(cx, moved).is_ready() {
             return Poll::Ready(Ok(()));
         }
-        if this.c2u.passed_while_armed || this.u2c.passed_while_armed {
-            this.c2u.passed_while_armed = false;
-            this.u2c.passed_while_armed = false;
-            this.watch_not_before = Some(Instant::now() + WATCH_HOLD);
-        }
         if this.kernel.is_some() && !pause {
             this.poll_watch(cx);
         }
@@ -555,11 +564,10 @@ impl Bidirectional<'_> {
         };
         let mut unread = false;
         while fold.as_mut().poll(cx).is_ready() {
-            fold.as_mut()
-                .reset(tokio::time::Instant::now() + FOLD_EVERY);
             let Some((client, upstream)) = self.socks.fds() else {
                 return unread;
             };
+            let mut moved = 0;
             for (d, sock, folded, total) in [
                 (
                     &self.c2u,
@@ -575,10 +583,16 @@ impl Bidirectional<'_> {
                 ),
             ] {
                 if let (true, Ok(st)) = (d.check, kforward::state(&sock)) {
-                    fold_into(total, folded, st.redirected);
+                    moved += fold_into(total, folded, st.redirected);
                     unread |= !d.done && st.passed > d.copied;
                 }
             }
+            let next = if moved >= BUSY_BYTES {
+                FOLD_BUSY
+            } else {
+                FOLD_EVERY
+            };
+            fold.as_mut().reset(tokio::time::Instant::now() + next);
         }
         unread
     }
@@ -720,9 +734,6 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
-    /// Bytes were read while this direction was armed with everything read before them: the
-    /// kernel passed them instead of redirecting (taken by the connection: [`WATCH_HOLD`]).
-    passed_while_armed: bool,
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
@@ -963,12 +974,7 @@ impl Direction {
             // the peer only once the peer holds the redirected ones: the kernel sends those
             // from a queue of its own, which a write from here would overtake.
             if !self.ordered && self.buf.is_some() && self.start < self.end {
-                // After an arm the kernel may redirect the next bytes; and once every byte
-                // before a segment is acknowledged it may redirect that segment although the
-                // arm is older than what was read here since (`standing` in the verdict): so
-                // every write of a kernel-forwarded direction looks first (one `getsockopt`
-                // when the kernel redirected nothing new).
-                if self.armed_since_read || self.check {
+                if self.armed_since_read {
                     ready!(self.poll_kernel_drained(cx, src.as_ref(), dst.as_ref()));
                     self.armed_since_read = false;
                 }
@@ -1018,7 +1024,6 @@ impl Direction {
                     return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
                 }
                 Poll::Ready(Ok(())) => {
-                    self.passed_while_armed |= self.armed_at == Some(self.copied);
                     self.end = rb.filled().len() as u32;
                     self.start = 0;
                     self.ordered = false;

@@ -804,8 +804,10 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
     const PINGS: usize = 16;
     let mut w = World::new_with("upg-kfwd", LONG_DRAIN, &["--kernel-forward", "on"]);
     let _echo = Echo::start_in(&w.ns, format!("0.0.0.0:{ECHO_PORT}").parse().unwrap());
-    // Sized from a first transfer alone (3 s of it): the transfers outlast the upgrades.
-    let size = w.transfer_size(3_000);
+    // Sized from a first transfer alone (6 s of it): the transfers outlast the upgrades
+    // (with 3 s, one ended before the third upgrade in 1 run of 5: a transfer's pace varies
+    // with how often the kernel's backlog limit sends its bytes through the proxy).
+    let size = w.transfer_size(6_000);
     let totals_before = w.byte_totals_when_idle();
     let pinger = Pinger::start(w.inbound_echo_conns(PINGS));
     let ping_stop = w.scratch.join("ping-stop");
@@ -815,11 +817,15 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
     let mut out = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
     let mut inb = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
     // The byte totals grow while the kernel carries the transfers (folded in every second),
-    // not only when they end.
+    // not only when they end (before the fold: 18 bytes while 2 GB each way ran). A sixteenth
+    // of the transfer in 3 s: the downloads, whose clients check every byte, fall behind
+    // their servers and share the proxy's copy with the uploads (an eighth, the threshold
+    // while the kernel queued whatever the servers sent and counted it as carried, was
+    // missed in 2 of 3 runs with the backlog limit: 125 MB of 2.6 GB).
     let live =
         interceptor_tests::wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
             let t = w.byte_totals();
-            t[1] - totals_before[1] > size / 8 && t[3] - totals_before[3] > size / 8
+            t[1] - totals_before[1] > size / 16 && t[3] - totals_before[3] > size / 16
         });
     assert!(
         live && out.is_running() && inb.is_running(),
