@@ -148,12 +148,13 @@ pub struct Cli {
     pub tcp_idle_timeout: String,
 
     /// Opaque TCP: forward the bytes in the kernel (sockmap programs of the interceptor)
-    /// instead of copying them here. `on` (the default) uses it where the kernel and the
-    /// attached programs offer it (probed at start; otherwise the proxy copies, and says so;
-    /// a proxy started before the programs were attached asks again at accepts), `off`
-    /// never: the proxy copies every byte itself, and the CPU of forwarding stays in its
-    /// cgroup (see ARCHITECTURE.md "Kernel forwarding").
-    #[arg(long = "kernel-forward", value_name = "on|off", default_value = "on")]
+    /// instead of copying them here. `on` uses it where the kernel and the attached programs
+    /// offer it (probed at start; otherwise the proxy copies, and says so; a proxy started
+    /// before the programs were attached asks again at accepts), `off` (the default) never:
+    /// the proxy copies every byte itself, and the CPU of forwarding stays in its cgroup.
+    /// Off by default since the kernel's backlog for a peer is bounded: bulk transfers then
+    /// ran at about half the proxy's own copy (see ARCHITECTURE.md "Kernel forwarding").
+    #[arg(long = "kernel-forward", value_name = "on|off", default_value = "off")]
     pub kernel_forward: String,
 
     /// Routed HTTP: how long a client may take to send a request's headers; a slower one

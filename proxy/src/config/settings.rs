@@ -134,7 +134,7 @@ impl Default for Config {
             dubbo_max_body: DEFAULT_DUBBO_MAX_BODY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tcp_idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
-            kernel_forward: true,
+            kernel_forward: false,
             http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
             http_idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
