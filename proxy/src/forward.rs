@@ -564,6 +564,8 @@ impl Bidirectional<'_> {
         };
         let mut unread = false;
         while fold.as_mut().poll(cx).is_ready() {
+            fold.as_mut()
+                .reset(tokio::time::Instant::now() + FOLD_EVERY);
             let Some((client, upstream)) = self.socks.fds() else {
                 return unread;
             };
@@ -587,12 +589,9 @@ impl Bidirectional<'_> {
                     unread |= !d.done && st.passed > d.copied;
                 }
             }
-            let next = if moved >= BUSY_BYTES {
-                FOLD_BUSY
-            } else {
-                FOLD_EVERY
-            };
-            fold.as_mut().reset(tokio::time::Instant::now() + next);
+            if moved >= BUSY_BYTES {
+                fold.as_mut().reset(tokio::time::Instant::now() + FOLD_BUSY);
+            }
         }
         unread
     }
@@ -641,7 +640,7 @@ impl Bidirectional<'_> {
         let watchable = |d: &Direction| d.done || d.kernel_carries();
         if !(watchable(&self.c2u) && watchable(&self.u2c))
             || (self.c2u.done && self.u2c.done)
-            || self.watch_not_before.is_some_and(|t| Instant::now() < t)
+            || self.watch_held()
         {
             self.watch_at = None;
             return;
@@ -683,6 +682,19 @@ impl Bidirectional<'_> {
                 Socks::Gone
             }
         };
+    }
+
+    /// Whether [`WATCH_HOLD`] still keeps the connection polled (a clock read only while a
+    /// hold is set; it is cleared once over).
+    fn watch_held(&mut self) -> bool {
+        match self.watch_not_before {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                self.watch_not_before = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Back from the watcher to tokio's poller (watched again only [`WATCH_AFTER`] after

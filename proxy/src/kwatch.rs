@@ -16,6 +16,9 @@
 //! event watched here: the peer leaves the kernel's map when it closes (`EPOLLHUP`, or
 //! `EPOLLERR` after a reset), and the sockets' EOFs are `EPOLLRDHUP`. Then the connection goes
 //! back to tokio (also when asked to move to a new process, or when its deadline passes).
+//! One thing ends it that no event here announces: the verdict passes bytes to this process
+//! when the peer falls `KFWD_MAX_UNACKED` behind. The connection's fold finds them
+//! (`forward.rs`, `FOLD_BUSY` while it moves bytes) and takes it back.
 //!
 //! One epoll instance and one thread for the process: the thread sleeps in `epoll_wait` and
 //! only wakes for those events, once per watched connection's end.
