@@ -47,6 +47,15 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
         println!("nothing attached");
         return Ok(());
     }
+    println!(
+        "kernel forwarding: {}",
+        if st.kernel_forwarding {
+            "ready (its verdict is attached; proxies started with --kernel-forward on use it)"
+        } else {
+            "unavailable (the kernel refused its verdict when attached: see attach's log; \
+             proxies copy every connection themselves)"
+        }
+    );
     for l in &st.root_links {
         print_link("root link", l);
     }

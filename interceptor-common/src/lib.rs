@@ -44,10 +44,15 @@ pub mod maps {
     /// Socket cookie -> `FwdFlow`: where each socket of `FWD` stands in its two byte streams
     /// (what its receiver acknowledged, where its received stream starts).
     pub const FWD_FLOW: &str = "ICP_FWD_FLOW";
+    /// One `u32`, 1 once the loader has attached kernel forwarding's verdict to `FWD`: until
+    /// then the programs refuse the proxy's `SO_ICP_KFWD` (a socket in `FWD` without a verdict
+    /// would only cost a psock, its bytes copied by a proxy that believes the kernel carries
+    /// them). A verdict attached to the map stays with it, so it is never set back to 0.
+    pub const FWD_READY: &str = "ICP_FWD_READY";
     /// All pinned maps, for listing and removal.
     pub const ALL: &[&str] = &[
         LAYOUT, CONFIG, META, PORTS, UIDS, EXCL4, EXCL6, INCL4, INCL6, CONN, ACCEPTED, HANDOFF,
-        COUNTERS, IN_CONFIG, IN_PORTS, IN_SOCKS, KFWD, FWD, FWD_STATE, FWD_FLOW,
+        COUNTERS, IN_CONFIG, IN_PORTS, IN_SOCKS, KFWD, FWD, FWD_STATE, FWD_FLOW, FWD_READY,
     ];
 }
 

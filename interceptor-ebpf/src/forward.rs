@@ -30,7 +30,7 @@ use interceptor_common::{
 
 use crate::{
     ctx::SOCK_STREAM,
-    maps::{ICP_FWD, ICP_FWD_FLOW, ICP_FWD_STATE, ICP_KFWD},
+    maps::{ICP_FWD, ICP_FWD_FLOW, ICP_FWD_READY, ICP_FWD_STATE, ICP_KFWD},
 };
 
 /// A `cgroup/setsockopt` verdict: carry on (with `optlen` -1: the kernel's own handler is
@@ -215,6 +215,12 @@ pub fn answer_setsockopt(ctx: SockoptContext) -> i32 {
                 return REFUSE;
             }
             let want = u32::from_ne_bytes([*start, *start.add(1), *start.add(2), *start.add(3)]);
+            // No verdict on `ICP_FWD` (the kernel refused it): nothing would carry the
+            // socket's bytes, so the request is refused and the proxy copies them. A
+            // withdrawal is always taken.
+            if want != 0 && ICP_FWD_READY.get(0).copied() != Some(1) {
+                return REFUSE;
+            }
             let k = ICP_KFWD.get(sk, true);
             if k.is_null() {
                 return REFUSE;

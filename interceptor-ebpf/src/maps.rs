@@ -100,6 +100,10 @@ pub(crate) static ICP_FWD_STATE: HashMap<u64, FwdState> = HashMap::pinned(capaci
 /// sending, for the verdicts; with the `ICP_FWD_STATE` entry.
 #[map(name = "ICP_FWD_FLOW")]
 pub(crate) static ICP_FWD_FLOW: HashMap<u64, FwdFlow> = HashMap::pinned(capacity::FWD, 0);
+/// 1 once the loader has attached `forward_verdict` to `ICP_FWD` (see
+/// `interceptor_common::maps::FWD_READY`); `answer_setsockopt` refuses requests until then.
+#[map(name = "ICP_FWD_READY")]
+pub(crate) static ICP_FWD_READY: Array<u32> = Array::pinned(1, 0);
 
 /// A `BPF_MAP_TYPE_SK_STORAGE` map, declared with BTF (the kernel requires BTF for its key and
 /// value) and pinned by name like the others. The fields are never read: the loader takes the

@@ -285,6 +285,13 @@ fn attach_steps(
     let mut new_links = Vec::new();
     let mut updated_links = Vec::new();
 
+    // Kernel forwarding's verdict, on its map (optional: without it the programs refuse the
+    // proxy's requests and it copies). Before the root links, whose setsockopt program takes
+    // those requests only once the verdict is there.
+    if let Err(e) = programs::attach_verdict(&mut ebpf, layout) {
+        tracing::warn!(error = %e, "kernel forwarding unavailable: the proxy copies the bytes itself");
+    }
+
     // The programs that serve the proxy's side sit at the cgroup2 root, once per pin dir (the
     // proxy may run in any cgroup). They go first: they act only on connections that have a
     // record, and no connection has one before the scope's connect programs are attached.
@@ -305,10 +312,6 @@ fn attach_steps(
         let link = link_program(&mut ebpf, prog, kind, &root_dir, &root)?;
         pin_link(link, &pin, undo)?;
         new_links.push(pin);
-    }
-    // Kernel forwarding's verdict, on its map (optional: without it the proxy copies).
-    if let Err(e) = programs::attach_verdict(&mut ebpf, layout) {
-        tracing::warn!(error = %e, "kernel forwarding unavailable: the proxy copies the bytes itself");
     }
 
     make_dir(&layout.scopes_dir(), undo)?;

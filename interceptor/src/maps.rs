@@ -70,6 +70,22 @@ pub fn stamp_layout(layout: &PinLayout) -> Result<()> {
         .map_err(map_err("writing ICP_LAYOUT"))
 }
 
+/// Whether kernel forwarding's verdict was attached to `ICP_FWD` (`ICP_FWD_READY` set).
+pub fn forwarding_ready(layout: &PinLayout) -> Result<bool> {
+    if !layout.map(names::FWD_READY).exists() {
+        return Ok(false);
+    }
+    let arr: Array<MapData, u32> = typed(layout, names::FWD_READY, Map::Array)?;
+    Ok(arr.get(&0, 0).map_err(map_err("reading ICP_FWD_READY"))? == 1)
+}
+
+/// Records that kernel forwarding's verdict is attached to `ICP_FWD` (`ICP_FWD_READY`): the
+/// programs answer the proxy's `SO_ICP_KFWD` from now on.
+pub fn mark_forwarding_ready(layout: &PinLayout) -> Result<()> {
+    let mut arr: Array<MapData, u32> = typed(layout, names::FWD_READY, Map::Array)?;
+    arr.set(0, 1, 0).map_err(map_err("writing ICP_FWD_READY"))
+}
+
 fn v4_key(scope: u64, net: &Ipv4Net) -> Key<ScopedV4> {
     Key::new(
         LPM_SCOPE_BITS + net.prefix_len() as u32,

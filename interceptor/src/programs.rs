@@ -60,11 +60,16 @@ pub(crate) fn program_fd<'a>(
 }
 
 /// Attaches this load's `forward_verdict` to the pinned `ICP_FWD` map (replacing the program
-/// it had: sockets put in from now on run this one). Kernel forwarding is optional: a kernel
-/// that refuses it leaves the proxy copying every connection itself, so the caller logs the
-/// error and goes on.
+/// it had: sockets put in from now on run this one), then marks the map ready
+/// (`ICP_FWD_READY`: the programs take the proxy's requests from then on). Kernel forwarding
+/// is optional: a kernel that refuses it leaves the proxy copying every connection itself
+/// (its requests refused), so the caller logs the error and goes on. A verdict attached
+/// before stays attached and the map ready.
 pub(crate) fn attach_verdict(ebpf: &mut Ebpf, layout: &PinLayout) -> Result<()> {
     use interceptor_common::{maps, programs as p};
+    if let Some(e) = crate::test_hook::refuse_verdict() {
+        return Err(e);
+    }
     let map_path = layout.maps_dir().join(maps::FWD);
     let fd = program_fd(ebpf, p::VERDICT, &map_path)?;
     let map = crate::sys::obj_get(&map_path)
@@ -75,7 +80,8 @@ pub(crate) fn attach_verdict(ebpf: &mut Ebpf, layout: &PinLayout) -> Result<()> 
                 format!("attaching {} to {}", p::VERDICT, map_path.display()),
                 e,
             )
-        })
+        })?;
+    crate::maps::mark_forwarding_ready(layout)
 }
 
 /// The kernel program each pinned link runs.

@@ -54,6 +54,10 @@ pub struct InboundStatus {
 pub struct Status {
     pub pin_dir: PathBuf,
     pub layout_version: Option<u32>,
+    /// Kernel forwarding's verdict is attached to its map (`ICP_FWD_READY`): the programs
+    /// take the proxy's requests. False: not attached yet, or the kernel refused it
+    /// (`attach` logged why), and the proxy copies every connection itself.
+    pub kernel_forwarding: bool,
     pub root_links: Vec<LinkStatus>,
     /// Outbound scopes (cgroups).
     pub scopes: Vec<ScopeStatus>,
@@ -82,6 +86,7 @@ pub fn status(layout: &PinLayout) -> Result<Status> {
     let mut out = Status {
         pin_dir: layout.root().into(),
         layout_version: None,
+        kernel_forwarding: false,
         root_links: Vec::new(),
         scopes: Vec::new(),
         inbound: Vec::new(),
@@ -94,6 +99,7 @@ pub fn status(layout: &PinLayout) -> Result<Status> {
         return Ok(out);
     }
     out.layout_version = maps::stored_layout(layout)?;
+    out.kernel_forwarding = maps::forwarding_ready(layout)?;
     out.root_links = ROOT_LINKS
         .iter()
         .filter(|n| layout.root_link(n).exists())

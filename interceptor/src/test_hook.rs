@@ -16,3 +16,18 @@ pub(crate) fn test_pause() {
         std::thread::sleep(*d);
     }
 }
+
+/// Test-only hook: with `INTERCEPTOR_TEST_REFUSE_VERDICT=1` in the environment, attaching
+/// kernel forwarding's verdict fails as a kernel that refuses it would (a verifier that
+/// rejects it, a kernel without sockmap's stream verdicts), so the end-to-end tests can show
+/// what the proxy then gets (tests/tests/kernel_forward.rs). Unset, it does nothing.
+pub(crate) fn refuse_verdict() -> Option<crate::error::Error> {
+    (std::env::var_os("INTERCEPTOR_TEST_REFUSE_VERDICT").as_deref()
+        == Some(std::ffi::OsStr::new("1")))
+    .then(|| {
+        crate::error::Error::io(
+            "attaching the kernel-forwarding verdict",
+            std::io::Error::other("refused by INTERCEPTOR_TEST_REFUSE_VERDICT=1"),
+        )
+    })
+}

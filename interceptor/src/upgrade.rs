@@ -112,6 +112,16 @@ pub fn upgrade(layout: &PinLayout) -> Result<Upgraded> {
             &l.pin,
         )?;
     }
+    // Kernel forwarding's verdict on its map, before the links: sockets put in from now on
+    // run the new one (those in the map keep theirs, which shares the maps of this same
+    // layout), and the map is marked ready before the new setsockopt program, which asks for
+    // it, takes the proxy's requests (maps pinned by a loader older than `ICP_FWD_READY` get
+    // it now, unset).
+    if let Some((_, ebpf)) = loads.first_mut() {
+        if let Err(e) = programs::attach_verdict(ebpf, layout) {
+            tracing::warn!(error = %e, "kernel forwarding's verdict not upgraded");
+        }
+    }
     // The root links come first in `links`; they use the first load, whatever its scope.
     for l in &links {
         let idx = loads.iter().position(|(s, _)| *s == l.scope).unwrap_or(0);
@@ -135,13 +145,6 @@ pub fn upgrade(layout: &PinLayout) -> Result<Upgraded> {
         }
         out.links.push(r);
         test_hook::test_pause();
-    }
-    // Kernel forwarding's verdict on its map: sockets put in from now on run the new one
-    // (those in the map keep theirs, which shares the maps of this same layout).
-    if let Some((_, ebpf)) = loads.first_mut() {
-        if let Err(e) = programs::attach_verdict(ebpf, layout) {
-            tracing::warn!(error = %e, "kernel forwarding's verdict not upgraded");
-        }
     }
     Ok(out)
 }

@@ -15,10 +15,11 @@
 //! - `getsockopt(SO_ICP_KFWD_ARM)`: the socket's counts (`FwdState`: passed, redirected,
 //!   trimmed).
 //!
-//! Probed once at start: without the programs (not attached, or a kernel without sockmap)
-//! the kernel answers `ENOPROTOOPT` and the proxy copies as before. A pair that cannot be
-//! armed (a socket not in the map: map full, or accepted before the request) is copied by
-//! the proxy, counted in `kernel_forward_fallbacks`.
+//! Probed once at start: without the programs (not attached) the kernel answers
+//! `ENOPROTOOPT`, and when the kernel refused their verdict (a kernel without sockmap's stream
+//! verdicts, a verifier that rejects it) they answer `EPERM`: either way the proxy copies as
+//! before. A pair that cannot be armed (a socket not in the map: map full, or accepted
+//! before the request) is copied by the proxy, counted in `kernel_forward_fallbacks`.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd as _};
@@ -97,7 +98,19 @@ pub fn start(wanted: bool) -> Result<bool, io::Error> {
 /// Asks the kernel on a throwaway socket.
 fn probe() -> io::Result<()> {
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    request(&probe, true)
+    request(&probe, true).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => io::Error::new(
+            e.kind(),
+            "the interceptor's programs refuse it: the kernel did not take kernel forwarding's \
+             verdict program when they were attached (`interceptor attach` logged why)",
+        ),
+        Some(libc::ENOPROTOOPT) => io::Error::new(
+            e.kind(),
+            "the interceptor's programs are not attached on this host (or this kernel has no \
+             cgroup sockopt programs)",
+        ),
+        _ => e,
+    })
 }
 
 /// Called by an accept loop for each connection it accepts. Kernel forwarding wanted but not

@@ -44,13 +44,20 @@ struct World {
 impl World {
     /// The world with the proxy started `--kernel-forward KERNEL_FORWARD` (on or off).
     fn new(test: &str, kernel_forward: &str) -> World {
-        World::build(test, kernel_forward, true)
+        World::build(test, kernel_forward, Attach::First)
     }
 
     /// The world with the proxy started `--kernel-forward on` before the programs are
     /// attached (`attach` attaches them).
     fn proxy_first(test: &str) -> World {
-        World::build(test, "on", false)
+        World::build(test, "on", Attach::AfterProxy)
+    }
+
+    /// The world with the programs attached by the `interceptor` CLI on a kernel that refuses
+    /// kernel forwarding's verdict (`INTERCEPTOR_TEST_REFUSE_VERDICT=1` makes its attach fail
+    /// as a verifier's rejection would), then the proxy started `--kernel-forward on`.
+    fn verdict_refused(test: &str) -> World {
+        World::build(test, "on", Attach::FirstVerdictRefused)
     }
 
     fn attach(&self) {
@@ -58,7 +65,7 @@ impl World {
             .unwrap_or_else(|e| panic!("attach: {e}"));
     }
 
-    fn build(test: &str, kernel_forward: &str, attach_first: bool) -> World {
+    fn build(test: &str, kernel_forward: &str, attach: Attach) -> World {
         interceptor_tests::register_helper_bins!();
         let ns = NetNs::new(test);
         let cg = TestCgroup::new(test);
@@ -75,8 +82,26 @@ impl World {
             ns,
         };
         // Attach first: the proxy probes kernel forwarding at start.
-        if attach_first {
-            w.attach();
+        match attach {
+            Attach::First => w.attach(),
+            Attach::AfterProxy => {}
+            Attach::FirstVerdictRefused => {
+                let out = std::process::Command::new(interceptor_tests::interceptor_bin())
+                    .env("INTERCEPTOR_TEST_REFUSE_VERDICT", "1")
+                    .arg("--pin-dir")
+                    .arg(w.pin.path())
+                    .arg("attach")
+                    .arg("--cgroup")
+                    .arg(w.cg.path())
+                    .output()
+                    .expect("running interceptor attach");
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "attach: {stderr}");
+                assert!(
+                    stderr.contains("kernel forwarding unavailable"),
+                    "attach should say kernel forwarding is unavailable: {stderr}"
+                );
+            }
         }
         let args = ["--admin", DEFAULT_ADMIN, "--kernel-forward", kernel_forward];
         World {
@@ -135,6 +160,13 @@ impl World {
         let s = ChaosServer::start_in(&self.ns, CHAOS.parse().unwrap());
         self.chaos.insert(s)
     }
+}
+
+/// When the programs are attached relative to the proxy's start.
+enum Attach {
+    First,
+    AfterProxy,
+    FirstVerdictRefused,
 }
 
 /// Keep-alive pings from the workload to an echo server in its namespace (intercepted
@@ -610,6 +642,11 @@ fn kernel_forward_stays_byte_exact_when_a_second_loader_comes_and_goes() {
 #[test]
 fn kernel_forward_100mb_each_way_byte_exact_with_half_close() {
     let w = World::new("kf-bulk", "on");
+    let st = interceptor::status(&w.layout()).expect("status");
+    assert!(
+        st.kernel_forwarding,
+        "status says kernel forwarding is unavailable"
+    );
     bulk_each_way(&w, 100 << 20);
 }
 
@@ -762,4 +799,43 @@ fn kernel_forward_off_copies_in_the_proxy() {
     assert_eq!(u(&rt, "kernel_forward_bytes"), 0, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_connections"), 0, "{rt}");
     assert_eq!(w.stats().kernel_forward_sockets, 0);
+}
+
+/// A kernel that refuses kernel forwarding's verdict (a verifier that rejects it): `attach`
+/// goes on without it and says so, and the programs must then refuse the proxy's request
+/// (`SO_ICP_KFWD`), so that a proxy started `--kernel-forward on` copies every connection
+/// itself. Answered, it would put its sockets into `ICP_FWD` with no verdict to carry their
+/// bytes and believe the kernel carries them.
+#[test]
+fn kernel_forward_stays_off_when_the_kernel_refuses_the_verdict() {
+    let w = World::verdict_refused("kf-noverdict");
+    let st = interceptor::status(&w.layout()).expect("status");
+    assert!(
+        !st.kernel_forwarding,
+        "status says kernel forwarding is ready"
+    );
+    let rt = w.runtime();
+    assert_eq!(rt["kernel_forward"], false, "{rt}");
+    let mut pings = Pings::start(&w, "kf-noverdict", 4, 0);
+    pings.await_rounds(50);
+    let n = 16u64 << 20;
+    let s = n.to_string();
+    let v = w.probe(&["bulk", SERVER, "--send", &s, "--recv", &s, "--seed", "5"]);
+    assert_eq!(v["ok"], true, "bulk transfer: {v}");
+    assert_eq!(v["received"].as_u64(), Some(n), "{v}");
+    assert_eq!(v["server_rx"].as_u64(), Some(n), "{v}");
+    // While the pings' connections are open: none of their sockets went into the map.
+    let s = w.stats();
+    assert_eq!(
+        (s.kernel_forward_sockets, s.kernel_forward_sockhash),
+        (0, 0),
+        "sockets put into ICP_FWD without a verdict"
+    );
+    let sent = pings.finish();
+    assert!(sent > 0);
+    let rt = w.runtime_when_active(0);
+    println!("verdict refused: {rt}");
+    assert_eq!(rt["kernel_forward"], false, "{rt}");
+    assert_eq!(u(&rt, "kernel_forward_connections"), 0, "{rt}");
+    assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
 }

@@ -206,9 +206,8 @@ fn kernel_forward<'a>(config: &Config, listeners: impl Iterator<Item = &'a TcpLi
         Ok(on) => on,
         Err(e) => {
             tracing::info!(error = %e,
-                "kernel forwarding unavailable (the interceptor's programs do not answer on this \
-                 host: not attached yet, or a kernel without sockmap): opaque TCP is copied by the \
-                 proxy; asked again at accepts, at most once a second");
+                "kernel forwarding unavailable: opaque TCP is copied by the proxy; asked again \
+                 at accepts, at most once a second");
             false
         }
     };
