@@ -266,14 +266,18 @@ fn bulk_each_way(w: &World, n: u64) {
     assert_eq!(rt["kernel_forward"], true, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_connections"), 1, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
-    // The kernel carried at least half of it. Not all: the proxy copies what arrived before
-    // the pair was armed, and a direction in which a sender as fast as the proxy keeps bytes
-    // arriving between the proxy's last read and its arm is never armed with the count the
-    // kernel wants (`armed - 1 == passed`), so the proxy copies that direction throughout
-    // (seen in about 1 run of 10 here, one direction of the two; ARCHITECTURE.md).
+    // The kernel carried at least an eighth of the two directions. Not all: the proxy copies
+    // what arrived before the pair was armed, and the bytes a direction's verdict passes once
+    // its peer is `KFWD_MAX_UNACKED` behind (the client checks every byte it reads and falls
+    // behind its server; so does the kernel's worker behind a fast sender); from then on the
+    // proxy copies that direction until a moment when it has read everything passed and
+    // nothing more arrived before its arm, which a sender that keeps the source busy may not
+    // give it until its end (ARCHITECTURE.md). Measured here: 1 GiB each way, 21 % to
+    // 88 % over 23 runs (a quarter, the bound until then, missed in 1 run of 17); 100 MB
+    // each way, 33 % to 96 % over 9 runs.
     let kernel = u(&rt, "kernel_forward_bytes");
     assert!(
-        kernel >= n / 2,
+        kernel >= n / 4,
         "the kernel carried only {kernel} of {} bytes: {rt}",
         2 * n
     );
@@ -392,8 +396,8 @@ fn kernel_forward_keep_alive_requests_do_not_wake_the_proxy() {
 /// Until `KFWD_MAX_UNACKED` this test also required the proxy to be woken fewer than 600
 /// times for the GiB: the kernel then queued for the client's socket whatever the server
 /// sent, faster than the kernel's worker sends it on. Now the bytes beyond the limit go
-/// through the proxy, which is polled for them (about 7,400 wake-ups here, 80 % carried by
-/// the kernel), so the wake-ups are printed, not bounded.
+/// through the proxy, which is polled for them (4,900 to 9,300 wake-ups here), so the
+/// wake-ups are printed, not bounded.
 #[test]
 fn kernel_forward_half_closed_download_is_carried_by_the_kernel() {
     let w = World::new("kf-halfdl", "on");
@@ -423,7 +427,10 @@ fn kernel_forward_half_closed_download_is_carried_by_the_kernel() {
          were woken {wakeups} times: {rt}"
     );
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
-    assert!(kernel >= n / 2, "{rt}");
+    // A quarter: the kernel's worker falls behind the server now and then, and the proxy
+    // copies from then on, possibly to the end (as in `bulk_each_way`). Measured: 42 % to
+    // 93 % over 7 runs (half, the bound until then, missed in 1).
+    assert!(kernel >= n / 4, "{rt}");
 }
 
 /// A client that reads slower than its server sends (here: not at all for 3 s after its
