@@ -52,7 +52,8 @@ pub fn run(layout: &PinLayout, a: StatusArgs) -> Result<()> {
         if st.kernel_forwarding {
             "ready (its verdict is attached; proxies started with --kernel-forward on use it)"
         } else {
-            "unavailable (the kernel refused its verdict when attached: see attach's log; \
+            "unavailable (its verdict is not attached: the kernel refused it, as attach's log \
+             says, or the maps are older than this check and `interceptor upgrade` sets it; \
              proxies copy every connection themselves)"
         }
     );
