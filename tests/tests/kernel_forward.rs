@@ -128,6 +128,15 @@ impl World {
         self.probe(&["bulk", SERVER, "--send", &n, "--recv", &n])
     }
 
+    /// A download of `n` bytes (the client sends nothing and shuts its side) with `extra`
+    /// probe arguments (`--unchecked`, `--read-after-ms`).
+    fn download(&self, n: u64, seed: &str, extra: &[&str]) -> Value {
+        let n = n.to_string();
+        let mut args = vec!["bulk", SERVER, "--send", "0", "--recv", &n, "--seed", seed];
+        args.extend_from_slice(extra);
+        self.probe(&args)
+    }
+
     fn runtime(&self) -> Value {
         let addr: SocketAddr = DEFAULT_ADMIN.parse().unwrap();
         let (code, body) =
@@ -406,17 +415,7 @@ fn kernel_forward_half_closed_download_is_carried_by_the_kernel() {
     let before = context_switches(proxy);
     // A client that only counts what it reads keeps up with the server (one that checks
     // every byte falls further behind).
-    let bulk = w.probe(&[
-        "bulk",
-        SERVER,
-        "--send",
-        "0",
-        "--recv",
-        &n.to_string(),
-        "--seed",
-        "3",
-        "--unchecked",
-    ]);
+    let bulk = w.download(n, "3", &["--unchecked"]);
     let wakeups = context_switches(proxy) - before;
     assert_eq!(bulk["ok"], true, "download: {bulk}");
     assert_eq!(bulk["received"].as_u64(), Some(n), "{bulk}");
@@ -447,31 +446,17 @@ fn kernel_forward_holds_a_fast_server_back_for_a_slow_client() {
     const N: u64 = 512 << 20;
     const PAUSE_MS: u64 = 3000;
     let w = World::new("kf-slow", "on");
-    let n = N.to_string();
     let pause = PAUSE_MS.to_string();
     let before = probe::bulk_bytes_served();
     let (bulk, served) = std::thread::scope(|s| {
-        let t = s.spawn(|| {
-            w.probe(&[
-                "bulk",
-                SERVER,
-                "--send",
-                "0",
-                "--recv",
-                &n,
-                "--seed",
-                "5",
-                "--read-after-ms",
-                &pause,
-            ])
-        });
+        let t = s.spawn(|| w.download(N, "5", &["--read-after-ms", &pause]));
         // Well into the client's pause (the server starts within milliseconds).
         std::thread::sleep(Duration::from_millis(PAUSE_MS - 500));
         let served = probe::bulk_bytes_served() - before;
         (t.join().expect("bulk thread"), served)
     });
     assert_eq!(bulk["ok"], true, "download to a slow client: {bulk}");
-    assert_eq!(bulk["received"].to_string(), n, "{bulk}");
+    assert_eq!(bulk["received"].as_u64(), Some(N), "{bulk}");
     let rt = w.runtime_when_active(0);
     println!(
         "the server had sent {} MiB of {} MiB while its client read nothing; {rt}",
@@ -501,19 +486,7 @@ fn kernel_forward_holds_a_fast_server_back_for_a_slow_client() {
 fn kernel_forward_takes_a_direction_back_once_its_peer_caught_up() {
     let w = World::new("kf-back", "on");
     let n = 1u64 << 30;
-    let bulk = w.probe(&[
-        "bulk",
-        SERVER,
-        "--send",
-        "0",
-        "--recv",
-        &n.to_string(),
-        "--seed",
-        "9",
-        "--read-after-ms",
-        "1000",
-        "--unchecked",
-    ]);
+    let bulk = w.download(n, "9", &["--read-after-ms", "1000", "--unchecked"]);
     assert_eq!(bulk["ok"], true, "download: {bulk}");
     assert_eq!(bulk["received"].as_u64(), Some(n), "{bulk}");
     let rt = w.runtime_when_active(0);

@@ -152,8 +152,9 @@ pub struct Cli {
     /// offer it (probed at start; otherwise the proxy copies, and says so; a proxy started
     /// before the programs were attached asks again at accepts), `off` (the default) never:
     /// the proxy copies every byte itself, and the CPU of forwarding stays in its cgroup.
-    /// Off by default since the kernel's backlog for a peer is bounded: bulk transfers then
-    /// ran at about half the proxy's own copy (see ARCHITECTURE.md "Kernel forwarding").
+    /// Off by default since the kernel's backlog for a peer is bounded: the kernel then
+    /// carries only part of a bulk stream, and the full benchmark puts bulk and new
+    /// connections below the proxy's own copy (see ARCHITECTURE.md "Kernel forwarding").
     #[arg(long = "kernel-forward", value_name = "on|off", default_value = "off")]
     pub kernel_forward: String,
 
