@@ -215,10 +215,15 @@ pub fn answer_setsockopt(ctx: SockoptContext) -> i32 {
                 return REFUSE;
             }
             let want = u32::from_ne_bytes([*start, *start.add(1), *start.add(2), *start.add(3)]);
-            // No verdict on `ICP_FWD` (the kernel refused it): nothing would carry the
-            // socket's bytes, so the request is refused and the proxy copies them. A
+            // Only from a socket carrying a mark: setting `SO_MARK` takes `CAP_NET_ADMIN` or
+            // `CAP_NET_RAW`, which the proxy has (it marks its upstream sockets, and a
+            // listener while it asks), and a workload that has them needs no trick (a marked
+            // socket is not intercepted). Taken from anyone, a workload's sockets would fill
+            // `ICP_FWD`, which the whole node shares, and every proxy's connections would be
+            // copied. No verdict on `ICP_FWD` (the kernel refused it): nothing would carry
+            // the socket's bytes, so the request is refused and the proxy copies them. A
             // withdrawal is always taken.
-            if want != 0 && ICP_FWD_READY.get(0).copied() != Some(1) {
+            if want != 0 && ((*sk).mark == 0 || ICP_FWD_READY.get(0).copied() != Some(1)) {
                 return REFUSE;
             }
             let k = ICP_KFWD.get(sk, true);

@@ -5,7 +5,8 @@
 //! needs no bpf privilege for it. It only calls `setsockopt`/`getsockopt` on its own sockets,
 //! answered by the root `cgroup/setsockopt` and `cgroup/getsockopt` programs:
 //! - `SO_ICP_KFWD` 1 on the listeners (accepted sockets inherit it) and on each opaque
-//!   upstream socket before `connect()`: the socket goes into the kernel's `ICP_FWD` map when
+//!   upstream socket before `connect()`, each carrying the bypass mark while it asks (taken
+//!   only from a marked socket): the socket goes into the kernel's `ICP_FWD` map when
 //!   it is established, where a verdict program sees every byte it receives (passing it to
 //!   this process until the pair is armed);
 //! - `SO_ICP_KFWD_ARM` {peer cookie, bytes read}: once everything read from a socket has been
@@ -23,13 +24,15 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd as _};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use interceptor_common::{FwdArm, FwdState, SOL_IP, SO_ICP_KFWD, SO_ICP_KFWD_ARM};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The bypass mark (`--bypass-mark`), set on a socket without a mark while it asks.
+static MARK: AtomicU32 = AtomicU32::new(0);
 /// `--kernel-forward on`: while the kernel does not answer, asked again now and then
 /// ([`catch_up`]).
 static WANTED: AtomicBool = AtomicBool::new(false);
@@ -82,8 +85,10 @@ pub fn enabled() -> bool {
 }
 
 /// Turns kernel forwarding on when `wanted` and the kernel answers the request on a throwaway
-/// socket; returns whether it is on, and why not.
-pub fn start(wanted: bool) -> Result<bool, io::Error> {
+/// socket; returns whether it is on, and why not. `mark`: the bypass mark, which a socket
+/// carries while it asks (the programs take the request only from a marked socket).
+pub fn start(wanted: bool, mark: u32) -> Result<bool, io::Error> {
+    MARK.store(mark, Relaxed);
     WANTED.store(wanted, Relaxed);
     if !wanted {
         ENABLED.store(false, Relaxed);
@@ -162,9 +167,33 @@ fn millis_since_epoch() -> u64 {
 }
 
 /// `SO_ICP_KFWD`: asks for (or withdraws) kernel forwarding of `socket` (a listener: of the
-/// sockets it accepts from now on).
+/// sockets it accepts from now on). The programs take a request only from a socket carrying
+/// a mark (a workload's sockets cannot fill their map): one without (an inbound listener,
+/// the probe's socket) carries the bypass mark while it asks, and no mark after, so that the
+/// sockets it accepts carry none either. Without a bypass mark (`--bypass-mark 0`) nothing
+/// can be asked.
 pub fn request<S: AsFd>(socket: &S, on: bool) -> io::Result<()> {
-    setsockopt(socket, SO_ICP_KFWD, &u32::from(on).to_ne_bytes())
+    let value = u32::from(on).to_ne_bytes();
+    let sock = socket2::SockRef::from(socket);
+    if !on || sock.mark()? != 0 {
+        return setsockopt(socket, SO_ICP_KFWD, &value);
+    }
+    let mark = MARK.load(Relaxed);
+    if mark == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "kernel forwarding needs the bypass mark (--bypass-mark 0 sets none): the \
+             interceptor's programs take the request only from a socket carrying a mark",
+        ));
+    }
+    sock.set_mark(mark)?;
+    let asked = setsockopt(socket, SO_ICP_KFWD, &value);
+    if let Err(e) = sock.set_mark(0) {
+        tracing::warn!(error = %e, mark,
+            "cannot take the bypass mark off a socket that asked for kernel forwarding: the \
+             sockets it accepts carry the mark");
+    }
+    asked
 }
 
 /// The socket's cookie (`SO_COOKIE`), by which the kernel's map knows it.

@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -35,6 +36,13 @@ pub enum EscapeKind {
     Reuseaddr,
     /// `SOCK_STREAM` sockets of protocol SCTP (non-blocking connect, then close).
     Sctp,
+    /// TCP sockets that ask the interceptor's programs for kernel forwarding
+    /// (`setsockopt(SOL_IP, SO_ICP_KFWD, 1)`, the proxy's request) before connecting to ADDR;
+    /// the outcomes are the request's. The connections are held until each was asked
+    /// whether the kernel put it into its forwarding map (`in_kernel_map`): a workload's
+    /// socket there takes a place the proxy's connections need, and its bytes run the
+    /// kernel's verdict.
+    KernelForward,
 }
 
 /// What `escape` did.
@@ -49,6 +57,10 @@ pub struct EscapeReport {
     pub held: u64,
     /// The socket type is not supported by this kernel (SCTP without its module): nothing ran.
     pub unsupported: Option<String>,
+    /// `kernel-forward`: held connections the kernel put into its forwarding map (its
+    /// `getsockopt(SOL_IP, SO_ICP_KFWD_ARM)` answers with their counts).
+    #[serde(default)]
+    pub in_kernel_map: u64,
     pub elapsed_ms: u64,
 }
 
@@ -65,6 +77,47 @@ fn outcome(r: io::Result<()>) -> String {
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => "in_progress".to_string(),
         Err(e) => errno_name(&e),
     }
+}
+
+/// `setsockopt(SOL_IP, SO_ICP_KFWD, 1)`: the request the proxy makes on its sockets.
+fn ask_kernel_forward(s: &Socket) -> io::Result<()> {
+    let on: u32 = 1;
+    // SAFETY: `on` is valid for reads of its size for the call; the fd is the socket's own.
+    // The option is the interceptor's (no crate knows it), so the raw call it is.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            interceptor_common::SOL_IP,
+            interceptor_common::SO_ICP_KFWD,
+            (&on as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the kernel holds `s` in its forwarding map: the programs then answer
+/// `getsockopt(SOL_IP, SO_ICP_KFWD_ARM)` with the socket's counts; otherwise the kernel
+/// does (`ENOPROTOOPT`).
+fn in_kernel_map(s: &Socket) -> bool {
+    let mut buf = [0u8; 64];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is valid for writes of `len` bytes and `len` for a write of its own.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            interceptor_common::SOL_IP,
+            interceptor_common::SO_ICP_KFWD_ARM,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && len > 0
 }
 
 fn v4(addr: SocketAddr) -> io::Result<SocketAddrV4> {
@@ -154,6 +207,21 @@ pub fn escape(kind: EscapeKind, addr: SocketAddr, count: u64) -> io::Result<Esca
                     }
                 }
             }
+        }
+        EscapeKind::KernelForward => {
+            for _ in 0..count {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+                let asked = ask_kernel_forward(&s);
+                tally(
+                    &mut r,
+                    asked.map_or_else(|e| errno_name(&e), |()| "asked".into()),
+                );
+                s.connect_timeout(&SockAddr::from(dst), Duration::from_secs(5))?;
+                held.push(s);
+            }
+            // Established sockets are put into the map by the sock_ops program at once;
+            // asked after every connect, each had time.
+            r.in_kernel_map = held.iter().filter(|s| in_kernel_map(s)).count() as u64;
         }
     }
     r.held = held.len() as u64;

@@ -873,3 +873,29 @@ fn kernel_forward_stays_off_when_the_kernel_refuses_the_verdict() {
     assert_eq!(u(&rt, "kernel_forward_connections"), 0, "{rt}");
     assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
 }
+
+/// A workload cannot put its own sockets into the kernel's forwarding map: the programs take
+/// `SO_ICP_KFWD` only on a socket carrying a mark (`SO_MARK` needs `CAP_NET_ADMIN` or
+/// `CAP_NET_RAW`, which the proxy has and a workload that could use them would need no
+/// trick: a marked socket is not intercepted at all). Taken from anyone, a workload's
+/// sockets would fill `ICP_FWD` (131,072 sockets for the whole node) and leave every proxy's
+/// connections to be copied, and each of its segments would run the verdict. The proxy's own
+/// requests are still taken: its connections are carried after the workload's attempts.
+#[test]
+fn kernel_forward_is_refused_to_a_workload_socket() {
+    const COUNT: u64 = 64;
+    let w = World::new("kf-workload", "on");
+    let count = COUNT.to_string();
+    let v = w.probe(&["escape", "kernel-forward", SERVER, "--count", &count]);
+    assert!(v.get("error").is_none(), "escape kernel-forward: {v}");
+    assert_eq!(v["held"], COUNT, "{v}");
+    assert_eq!(v["outcomes"]["EPERM"], COUNT, "every request refused: {v}");
+    assert_eq!(v["in_kernel_map"], 0, "workload sockets in ICP_FWD: {v}");
+    let n = 64u64 << 20;
+    let t = w.transfer(n);
+    assert_eq!(t["ok"], true, "{t}");
+    let rt = w.runtime_when_active(0);
+    assert_eq!(rt["kernel_forward"], true, "{rt}");
+    assert_eq!(u(&rt, "kernel_forward_fallbacks"), 0, "{rt}");
+    assert_kernel_carried(&rt, 2 * n, "after the workload's requests");
+}

@@ -155,6 +155,7 @@ pub struct Cli {
     /// Off by default since the kernel's backlog for a peer is bounded: the kernel then
     /// carries only part of a bulk stream, and the full benchmark puts bulk and new
     /// connections below the proxy's own copy (see ARCHITECTURE.md "Kernel forwarding").
+    /// Needs the bypass mark (the programs take the request only from a marked socket).
     #[arg(long = "kernel-forward", value_name = "on|off", default_value = "off")]
     pub kernel_forward: String,
 

@@ -202,7 +202,7 @@ fn is_ipv6_unavailable(e: &io::Error) -> bool {
 /// for it on the listeners (their accepted sockets inherit it) or withdraws the request (a
 /// listener inherited from a process that had it on).
 fn kernel_forward<'a>(config: &Config, listeners: impl Iterator<Item = &'a TcpListener>) {
-    let on = match crate::kforward::start(config.kernel_forward) {
+    let on = match crate::kforward::start(config.kernel_forward, config.bypass_mark) {
         Ok(on) => on,
         Err(e) => {
             tracing::info!(error = %e,
