@@ -112,6 +112,15 @@ enum Cmd {
     /// Only the deployment checks of `test` (kubernetes-validate, systemd-analyze verify,
     /// the example configs), with the binaries already in target/release.
     CheckDeploy,
+    /// Cargo's runner for the suite's test binaries (`cargo xtask test` sets it): runs those of
+    /// the packages in `ISOLATED_PACKAGES` in a network namespace of their own (loopback
+    /// only, gone with them), the others as they are.
+    #[command(hide = true)]
+    TestRunner {
+        /// The test binary and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Build the container image offline: static binaries with this machine's toolchain, then
     /// `podman --storage-driver vfs build --target image-prebuilt -f deploy/Containerfile`.
     Image {
@@ -127,6 +136,7 @@ fn main() {
         Cmd::Setup => setup::setup(),
         Cmd::Build => setup::setup().and_then(|_| build()),
         Cmd::Test { no_build, extra } => test(no_build, &extra).map(|code| exit(code)),
+        Cmd::TestRunner { cmd } => test_runner(&cmd),
         Cmd::Bench { no_build, args } => {
             // `--no-build` is ours wherever it appears; everything else is the bench's.
             let no_build = no_build || args.iter().any(|a| a == "--no-build");
@@ -209,6 +219,39 @@ fn check_deploy() -> Result<i32> {
     Ok(i32::from(failed > 0))
 }
 
+/// The packages whose test binaries open sockets in the network namespace they start in (the
+/// proxy's own tests: listeners, upstreams and clients on 127.0.0.1 and `::1`) instead of
+/// namespaces they create: [`test_runner`] runs them in a namespace of their own, so that
+/// nothing they open is in the host's.
+const ISOLATED_PACKAGES: [&str; 1] = ["interceptor-proxy"];
+
+/// `cargo xtask test-runner BIN ARGS...`, cargo's runner for the suite (it sets
+/// `CARGO_PKG_NAME` for each test binary): a binary of [`ISOLATED_PACKAGES`] gets a new
+/// network namespace with loopback up (`unshare(CLONE_NEWNET)`; it goes when the binary and
+/// its children exit), then is executed in place of this process; any other is executed as
+/// it is.
+fn test_runner(cmd: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let pkg = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
+    if ISOLATED_PACKAGES.contains(&pkg.as_str()) {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| {
+            format!("a network namespace for the tests of {pkg} (unshare; run as root)")
+        })?;
+        util::run_ok("ip", &["link", "set", "lo", "up"])?;
+    }
+    let err = Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    Err(err).with_context(|| format!("running test binary {}", cmd[0]))
+}
+
+/// Cargo's environment variable for the runner of this host's target (`x86_64` and the like,
+/// Linux with glibc: where the suite runs).
+fn runner_env() -> String {
+    format!(
+        "CARGO_TARGET_{}_UNKNOWN_LINUX_GNU_RUNNER",
+        std::env::consts::ARCH.to_uppercase()
+    )
+}
+
 /// The packages whose tests `cargo xtask test` runs (every workspace member but the eBPF
 /// crate, which builds only for its own target, and the bench, whose smoke runs apart).
 const TEST_PACKAGES: [&str; 8] = [
@@ -250,6 +293,19 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
         .args(extra)
         .env("INTERCEPTOR_BIN", &interceptor)
         .env("INTERCEPTOR_PROXY_BIN", &proxy);
+    // The proxy's own tests run in a network namespace of their own (`test_runner`). Cargo
+    // splits the runner at whitespace: a path with a space runs them as they are, and says so.
+    let me = std::env::current_exe().context("the path of this xtask binary")?;
+    match me.to_str() {
+        Some(path) if !path.contains(char::is_whitespace) => {
+            cmd.env(runner_env(), format!("{path} test-runner"));
+        }
+        _ => println!(
+            "test: {} has a space in its path: the tests of {} run in this network namespace",
+            me.display(),
+            ISOLATED_PACKAGES.join(", ")
+        ),
+    }
     println!(
         "test: INTERCEPTOR_BIN={} INTERCEPTOR_PROXY_BIN={} cargo test --release --no-fail-fast {} -- --test-threads=1 {}",
         interceptor.display(),
