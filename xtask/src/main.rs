@@ -319,9 +319,11 @@ fn test(no_build: bool, extra: &[String]) -> Result<i32> {
     let mut child = cmd.spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");
     let (mut passed, mut failed, mut ignored, mut filtered) = (0u64, 0u64, 0u64, 0u64);
+    let mut panics = PanicDigest::default();
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line?;
         println!("{line}");
+        panics.feed(&line);
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
                 if let Some(n) = part.trim().strip_suffix(" filtered out") {
@@ -426,6 +428,120 @@ test: a filtered run ({}): left out the bench smoke, the deployment checks, the 
             code = 1;
         }
     }
+    panics.print();
     println!("\nsuite: {passed} passed, {failed} failed, {ignored} skipped");
     Ok(code)
+}
+
+/// The first lines of each test's panic, gathered from cargo's output and printed again just
+/// before the suite's last line: a failing test's message is otherwise somewhere in
+/// thousands of lines (its processes' output tails follow it), far from the end that a CI
+/// log's reader (or a truncated copy of it) sees first.
+#[derive(Default)]
+struct PanicDigest {
+    done: Vec<Vec<String>>,
+    open: Option<Vec<String>>,
+}
+
+impl PanicDigest {
+    /// Lines kept of one panic (its "thread ... panicked at" line and the message's first).
+    const LINES: usize = 6;
+    /// Characters kept of one line.
+    const WIDTH: usize = 400;
+    /// Panics listed.
+    const MAX: usize = 20;
+
+    fn feed(&mut self, line: &str) {
+        if line.starts_with("thread '") && line.contains("panicked at") {
+            self.close();
+            self.open = Some(vec![Self::clip(line)]);
+            return;
+        }
+        let Some(lines) = self.open.as_mut() else {
+            return;
+        };
+        let ends = line.trim().is_empty()
+            || line.starts_with("stack backtrace:")
+            || line.starts_with("note: ")
+            || line.starts_with("---- ");
+        if ends {
+            self.close();
+        } else {
+            lines.push(Self::clip(line));
+            if lines.len() >= Self::LINES {
+                self.close();
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(lines) = self.open.take() {
+            if self.done.len() < Self::MAX {
+                self.done.push(lines);
+            }
+        }
+    }
+
+    fn clip(line: &str) -> String {
+        match line.char_indices().nth(Self::WIDTH) {
+            Some((i, _)) => format!("{} [...]", &line[..i]),
+            None => line.to_string(),
+        }
+    }
+
+    fn print(mut self) {
+        self.close();
+        if self.done.is_empty() {
+            return;
+        }
+        println!("\ntest: the panics above, their first lines:");
+        for lines in &self.done {
+            for (i, l) in lines.iter().enumerate() {
+                println!("{}{l}", if i == 0 { "  " } else { "    " });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PanicDigest;
+
+    #[test]
+    fn the_digest_keeps_each_panics_first_lines_and_nothing_else() {
+        let mut d = PanicDigest::default();
+        for l in [
+            "running 2 tests",
+            "---- a stdout ----",
+            "thread 'a' (7) panicked at tests/x.rs:1:5:",
+            "assertion `left == right` failed: counted",
+            "  left: 1",
+            " right: 2",
+            "stack backtrace:",
+            "   0: frame",
+            "---- b stdout ----",
+            "some output",
+            "thread 'b' (8) panicked at tests/y.rs:2:5:",
+            "byte totals",
+            "",
+            "{\"round\":1}",
+        ] {
+            d.feed(l);
+        }
+        d.close();
+        assert_eq!(
+            d.done,
+            [
+                vec![
+                    "thread 'a' (7) panicked at tests/x.rs:1:5:",
+                    "assertion `left == right` failed: counted",
+                    "  left: 1",
+                    " right: 2",
+                ],
+                vec!["thread 'b' (8) panicked at tests/y.rs:2:5:", "byte totals"],
+            ]
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(PanicDigest::clip(&long).len(), PanicDigest::WIDTH + 6);
+    }
 }
