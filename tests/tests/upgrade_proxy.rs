@@ -306,24 +306,32 @@ impl World {
         format!("{APP4}:{APP_PORT}")
     }
 
-    /// The size of a transfer each way that takes about `ms` alone here, from a first
-    /// transfer of 128 MiB each way (so that transfers outlast what a test does meanwhile).
+    /// The size of a transfer each way that takes about `ms` alone here, from the faster of
+    /// two transfers of 128 MiB each way (so that transfers outlast what a test does
+    /// meanwhile). The faster: one transfer's pace can be several times another's (kernel
+    /// forwarding's share of it varies), and a size taken from a slow one ended a transfer
+    /// before the upgrades it had to outlast.
     fn transfer_size(&self, ms: u64) -> u64 {
-        let probe = self.app_probe(&[
-            "bulk",
-            &self.app_outbound(),
-            "--send",
-            "134217728",
-            "--recv",
-            "134217728",
-            "--seed",
-            "3",
-        ]);
-        assert_eq!(probe["ok"], true, "{probe}");
-        let took = probe["elapsed_ms"].as_u64().unwrap().max(1);
+        let took = (0..2)
+            .map(|_| {
+                let probe = self.app_probe(&[
+                    "bulk",
+                    &self.app_outbound(),
+                    "--send",
+                    "134217728",
+                    "--recv",
+                    "134217728",
+                    "--seed",
+                    "3",
+                ]);
+                assert_eq!(probe["ok"], true, "{probe}");
+                probe["elapsed_ms"].as_u64().unwrap().max(1)
+            })
+            .min()
+            .expect("two transfers");
         let size = ((128u64 << 20) * ms / took).clamp(128 << 20, 64 << 30);
         println!(
-            "128 MiB each way took {took} ms: transferring {} MiB",
+            "128 MiB each way took {took} ms (the faster of two): transferring {} MiB",
             size >> 20
         );
         size
@@ -817,15 +825,17 @@ fn kernel_forwarded_connections_move_through_three_upgrades_and_stay_in_the_kern
     let mut out = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
     let mut inb = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
     // The byte totals grow while the kernel carries the transfers (folded in every second),
-    // not only when they end (before the fold: 18 bytes while 2 GB each way ran). A sixteenth
-    // of the transfer in 3 s: the downloads, whose clients check every byte, fall behind
-    // their servers and share the proxy's copy with the uploads (an eighth, the threshold
-    // while the kernel queued whatever the servers sent and counted it as carried, was
-    // missed in 2 of 3 runs with the backlog limit: 125 MB of 2.6 GB).
+    // not only when they end (before the fold: 18 bytes while 2 GB each way ran). What is
+    // required is an amount, not a pace: 32 MiB more in each download direction (several
+    // times what socket buffers hold), with both transfers still running. A pace (a
+    // sixteenth of the transfer in 3 s) failed in CI: the first transfer, which sizes them,
+    // ran at 680 MB/s and the inbound download, whose client checks every byte while sharing
+    // two cores with three other ends, moved 148 MB in those 3 s.
+    const LIVE: u64 = 32 << 20;
     let live =
-        interceptor_tests::wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        interceptor_tests::wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
             let t = w.byte_totals();
-            t[1] - totals_before[1] > size / 16 && t[3] - totals_before[3] > size / 16
+            t[1] - totals_before[1] > LIVE && t[3] - totals_before[3] > LIVE
         });
     assert!(
         live && out.is_running() && inb.is_running(),
