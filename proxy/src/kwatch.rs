@@ -18,7 +18,7 @@
 //! back to tokio (also when asked to move to a new process, or when its deadline passes).
 //! One thing ends it that no event here announces: the verdict passes bytes to this process
 //! when the peer falls `KFWD_MAX_UNACKED` behind. The connection's fold finds them
-//! (`forward.rs`, `FOLD_BUSY` while it moves bytes) and takes it back.
+//! (`forward.rs`, paced by `FOLD_ROOM` while it moves bytes) and takes it back.
 //!
 //! One epoll instance and one thread for the process: the thread sleeps in `epoll_wait` and
 //! only wakes for those events, once per watched connection's end.
