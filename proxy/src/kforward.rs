@@ -97,6 +97,11 @@ pub fn start(wanted: bool, mark: u32) -> Result<bool, io::Error> {
     LAST_PROBE_MS.store(millis_since_epoch(), Relaxed);
     let r = probe();
     ENABLED.store(r.is_ok(), Relaxed);
+    if mark == 0 {
+        // No socket of this process can carry a mark to ask with: never on, so `catch_up`
+        // does not ask again (the probe's error says why).
+        WANTED.store(false, Relaxed);
+    }
     r.map(|()| true)
 }
 

@@ -84,9 +84,9 @@ async fn connect_upstream_with(
     }
     sock.set_tcp_nodelay(true).map_err(other)?;
     crate::listener::set_keepalive(&sock).map_err(other)?;
-    // Kernel forwarding is on only with a bypass mark (the programs take the request only
-    // from a marked socket), which this socket carries by now.
-    if kernel && mark != 0 {
+    // Kernel forwarding is on only with a bypass mark (`kforward::start`: the programs take
+    // the request only from a marked socket), which this socket carries by now.
+    if kernel {
         let _ = crate::kforward::request_marked(&sock);
     }
     let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));

@@ -204,6 +204,11 @@ fn is_ipv6_unavailable(e: &io::Error) -> bool {
 fn kernel_forward<'a>(config: &Config, listeners: impl Iterator<Item = &'a TcpListener>) {
     let on = match crate::kforward::start(config.kernel_forward, config.bypass_mark) {
         Ok(on) => on,
+        Err(e) if config.bypass_mark == 0 => {
+            tracing::info!(error = %e,
+                "kernel forwarding unavailable: opaque TCP is copied by the proxy");
+            false
+        }
         Err(e) => {
             tracing::info!(error = %e,
                 "kernel forwarding unavailable: opaque TCP is copied by the proxy; asked again \
