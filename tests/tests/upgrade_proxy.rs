@@ -1346,8 +1346,8 @@ fn opaque_connections_move_through_ten_upgrades_with_a_two_second_drain() {
             cut_at_deadline(&log),
             0,
             "generation {g} cut connections:\n{}\n{}",
-            tail(&log),
-            cut_lines(&log)
+            cut_lines(&log),
+            tail(&log)
         );
         assert_eq!(kept, 0, "generation {g}");
         assert!(
