@@ -182,9 +182,10 @@ impl Deadline {
     /// Whether the deadline of the connection the calling task serves has passed and,
     /// unless `stay`, whether it is asked to move ([`Deadline::current_move_requested`]),
     /// in one look-up of the task's deadline (see [`Deadline::scope`]); both false outside
-    /// one. It registers no waker: the connection's task is woken at the deadline by
-    /// [`crate::listener::connection_task`], which polls its handler first, so the opaque
-    /// forwarder, which checks this on every poll, sees it then.
+    /// one. It registers no waker: the connection's task is woken at the deadline (and at
+    /// the request) by [`crate::listener::connection_task`], which polls its handler first
+    /// and polls it once more after it saw either itself, so the opaque forwarder, which
+    /// checks this on every poll, sees it then.
     pub fn current_passed_or_move(stay: bool) -> (bool, bool) {
         CONNECTION_DEADLINE
             .try_with(|d| {

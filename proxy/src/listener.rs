@@ -269,14 +269,106 @@ macro_rules! run_connection {
         // after. The move request only wakes the task (the forwarder sees it then).
         // One future for both wake-ups: the deadline also sets the move request (see
         // `Drain::wait`), so that the request is always the first to come.
+        //
+        // Each wake-up is followed by a yield, so that the connection is polled once more
+        // after this future saw it: the request (or the deadline) may come while the task
+        // is being polled, after the connection looked and before this future did; this
+        // future then sees it without being woken for it (the notifier had not reached
+        // this task yet, and never does: a completed wait leaves the waiters' list), and
+        // without the yield nothing would poll the connection again for it.
         tokio::select! {
             biased;
             _ = deadline.clone().scope($connection) => {}
             _ = async {
                 deadline.move_requested().await;
-                deadline.passed().await
+                tokio::task::yield_now().await;
+                deadline.passed().await;
+                tokio::task::yield_now().await
             } => {}
         }
     }};
 }
 pub(crate) use run_connection;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Poll;
+
+    use super::*;
+    use crate::drain;
+
+    /// Busy for `d`, as a forwarder is while it reads and writes a ping.
+    fn busy(d: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < d {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// A request to move that comes while a connection's task is being polled (a ping
+    /// arrived) reaches the connection all the same: the connection looks at the request
+    /// when it is polled ([`Deadline::current_move_requested`]), and the task's wake-up for
+    /// it ([`run_connection`]) must not be spent without the connection being polled again.
+    /// Thousands of connections are woken by one ping each, and connections are asked to
+    /// move while the runtime's two threads poll them.
+    #[test]
+    fn a_move_request_that_comes_during_a_poll_reaches_the_connection() {
+        const CONNECTIONS: usize = 2000;
+        const ROUNDS: u64 = 30;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut missed = Vec::new();
+        for round in 0..ROUNDS {
+            let missed_now = rt.block_on(async {
+                let (drain, watch) = drain::new();
+                let ping = Arc::new(Notify::new());
+                let seen = Arc::new(AtomicUsize::new(0));
+                for _ in 0..CONNECTIONS {
+                    let (deadline, ping, seen) = (watch.deadline(), ping.clone(), seen.clone());
+                    watch.track(async move {
+                        run_connection!(deadline, async {
+                            let mut pinged = Box::pin(ping.notified());
+                            // Like the opaque forwarder, it looks at the request on every
+                            // poll (see `forward::forward_from`).
+                            std::future::poll_fn(|cx| {
+                                if Deadline::current_move_requested() {
+                                    return Poll::Ready(());
+                                }
+                                busy(Duration::from_micros(20));
+                                while pinged.as_mut().poll(cx).is_ready() {
+                                    pinged.set(ping.notified());
+                                }
+                                Poll::Pending
+                            })
+                            .await;
+                            seen.fetch_add(1, Relaxed);
+                        })
+                    });
+                }
+                // Every connection waits for its ping.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drain.start();
+                assert_eq!(drain.close(), CONNECTIONS);
+                ping.notify_waiters();
+                busy(Duration::from_micros(round * 10));
+                let _offers = drain.start_moving();
+                let asked = Instant::now();
+                while seen.load(Relaxed) < CONNECTIONS && asked.elapsed() < Duration::from_secs(2) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let missed = CONNECTIONS - seen.load(Relaxed);
+                drain.wait(Duration::ZERO).await;
+                missed
+            });
+            missed.push(missed_now);
+        }
+        assert!(
+            missed.iter().all(|&m| m == 0),
+            "connections that never saw the request to move, per round: {missed:?}"
+        );
+    }
+}
