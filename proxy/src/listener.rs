@@ -306,69 +306,108 @@ mod tests {
         }
     }
 
-    /// A request to move that comes while a connection's task is being polled (a ping
-    /// arrived) reaches the connection all the same: the connection looks at the request
-    /// when it is polled ([`Deadline::current_move_requested`]), and the task's wake-up for
-    /// it ([`run_connection`]) must not be spent without the connection being polled again.
-    /// Thousands of connections are woken by one ping each, and connections are asked to
-    /// move while the runtime's two threads poll them.
-    #[test]
-    fn a_move_request_that_comes_during_a_poll_reaches_the_connection() {
+    /// What the connections of [`missed`] wait for.
+    #[derive(Clone, Copy)]
+    enum Event {
+        /// The request to move.
+        Move,
+        /// The drain's deadline.
+        Cut,
+    }
+
+    /// One round: `CONNECTIONS` connections run as the proxy runs them
+    /// ([`run_connection`]), each polled when a ping comes, then one ping for all and, while
+    /// the runtime's two threads poll them for it, `event`. Returns how many connections
+    /// never saw it (each looks on every poll, as the opaque forwarder does: see
+    /// `forward::forward_from`).
+    fn missed(rt: &tokio::runtime::Runtime, round: u64, event: Event) -> usize {
         const CONNECTIONS: usize = 2000;
-        const ROUNDS: u64 = 30;
+        rt.block_on(async {
+            let (drain, watch) = drain::new();
+            let ping = Arc::new(Notify::new());
+            let seen = Arc::new(AtomicUsize::new(0));
+            for _ in 0..CONNECTIONS {
+                let (deadline, ping, seen) = (watch.deadline(), ping.clone(), seen.clone());
+                watch.track(async move {
+                    run_connection!(deadline, async {
+                        let mut pinged = Box::pin(ping.notified());
+                        std::future::poll_fn(|cx| {
+                            let (passed, move_requested) = Deadline::current_passed_or_move(false);
+                            let saw = match event {
+                                Event::Move => move_requested,
+                                Event::Cut => passed,
+                            };
+                            if saw {
+                                return Poll::Ready(());
+                            }
+                            busy(Duration::from_micros(20));
+                            while pinged.as_mut().poll(cx).is_ready() {
+                                pinged.set(ping.notified());
+                            }
+                            Poll::Pending
+                        })
+                        .await;
+                        seen.fetch_add(1, Relaxed);
+                    })
+                });
+            }
+            // Every connection waits for its ping.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drain.start();
+            assert_eq!(drain.close(), CONNECTIONS);
+            ping.notify_waiters();
+            busy(Duration::from_micros(round * 10));
+            match event {
+                Event::Move => {
+                    let _offers = drain.start_moving();
+                    let asked = Instant::now();
+                    while seen.load(Relaxed) < CONNECTIONS
+                        && asked.elapsed() < Duration::from_secs(2)
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let missed = CONNECTIONS - seen.load(Relaxed);
+                    drain.wait(Duration::ZERO).await;
+                    missed
+                }
+                Event::Cut => {
+                    // Every connection has ended when it returns: seen, or dropped unseen.
+                    assert_eq!(drain.wait(Duration::ZERO).await, CONNECTIONS);
+                    CONNECTIONS - seen.load(Relaxed)
+                }
+            }
+        })
+    }
+
+    fn rounds(event: Event) -> Vec<usize> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let mut missed = Vec::new();
-        for round in 0..ROUNDS {
-            let missed_now = rt.block_on(async {
-                let (drain, watch) = drain::new();
-                let ping = Arc::new(Notify::new());
-                let seen = Arc::new(AtomicUsize::new(0));
-                for _ in 0..CONNECTIONS {
-                    let (deadline, ping, seen) = (watch.deadline(), ping.clone(), seen.clone());
-                    watch.track(async move {
-                        run_connection!(deadline, async {
-                            let mut pinged = Box::pin(ping.notified());
-                            // Like the opaque forwarder, it looks at the request on every
-                            // poll (see `forward::forward_from`).
-                            std::future::poll_fn(|cx| {
-                                if Deadline::current_move_requested() {
-                                    return Poll::Ready(());
-                                }
-                                busy(Duration::from_micros(20));
-                                while pinged.as_mut().poll(cx).is_ready() {
-                                    pinged.set(ping.notified());
-                                }
-                                Poll::Pending
-                            })
-                            .await;
-                            seen.fetch_add(1, Relaxed);
-                        })
-                    });
-                }
-                // Every connection waits for its ping.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                drain.start();
-                assert_eq!(drain.close(), CONNECTIONS);
-                ping.notify_waiters();
-                busy(Duration::from_micros(round * 10));
-                let _offers = drain.start_moving();
-                let asked = Instant::now();
-                while seen.load(Relaxed) < CONNECTIONS && asked.elapsed() < Duration::from_secs(2) {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                let missed = CONNECTIONS - seen.load(Relaxed);
-                drain.wait(Duration::ZERO).await;
-                missed
-            });
-            missed.push(missed_now);
-        }
+        (0..100).map(|round| missed(&rt, round % 30, event)).collect()
+    }
+
+    /// A request to move that comes while a connection's task is being polled (a ping
+    /// arrived) reaches the connection all the same: the task's wake-up for it
+    /// ([`run_connection`]) must not be spent without the connection being polled again.
+    #[test]
+    fn a_move_request_that_comes_during_a_poll_reaches_the_connection() {
+        let missed = rounds(Event::Move);
         assert!(
             missed.iter().all(|&m| m == 0),
             "connections that never saw the request to move, per round: {missed:?}"
+        );
+    }
+
+    /// Likewise the drain's deadline: the connection sees it (the opaque forwarder ends
+    /// then with its connection counted and logged as cut) before it is dropped.
+    #[test]
+    fn a_deadline_that_passes_during_a_poll_reaches_the_connection() {
+        let missed = rounds(Event::Cut);
+        assert!(
+            missed.iter().all(|&m| m == 0),
+            "connections dropped at the deadline without seeing it, per round: {missed:?}"
         );
     }
 }
