@@ -385,7 +385,9 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        (0..100).map(|round| missed(&rt, round % 30, event)).collect()
+        (0..100)
+            .map(|round| missed(&rt, round % 30, event))
+            .collect()
     }
 
     /// A request to move that comes while a connection's task is being polled (a ping
