@@ -798,6 +798,11 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
+    /// Asked to move (this poll): what this direction holds or waits for goes to the
+    /// peer's send queue, made room for ([`make_room`]), rather than wait for its receiver.
+    pausing: bool,
+    /// Room was made in the peer's send queue (once a pause).
+    roomed: bool,
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
@@ -866,6 +871,13 @@ impl Direction {
             let target = self.copied + st.redirected;
             match kforward::queued(dst) {
                 Ok((queued, open)) if open && queued < target => {
+                    if self.pausing && !self.roomed {
+                        // The peer's receiver does not read: the kernel's bytes and what
+                        // this direction holds go to its send queue, so that it can pause.
+                        self.roomed = true;
+                        let held = u64::from(self.end.saturating_sub(self.start));
+                        make_room(dst, target - queued + held);
+                    }
                     // Timer rounds of 2 ms.
                     if self.waited_long(WAIT_LOGGED_AFTER) {
                         tracing::warn!(
@@ -1029,6 +1041,7 @@ impl Direction {
         if self.done {
             return Poll::Ready(Ok(()));
         }
+        self.pausing = pause;
         if self.eof {
             return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
         }
@@ -1047,8 +1060,26 @@ impl Direction {
             // Flush what was read. Waiting for the peer to take it keeps the buffer.
             if let Some(buf) = &self.buf {
                 while self.start < self.end {
-                    let written = ready!(Pin::new(&mut *dst)
-                        .poll_write(cx, &buf.bytes()[self.start as usize..self.end as usize]));
+                    let unwritten = &buf.bytes()[self.start as usize..self.end as usize];
+                    let written = match Pin::new(&mut *dst).poll_write(cx, unwritten) {
+                        Poll::Ready(r) => r,
+                        // Asked to move, and the peer's receiver does not read: without
+                        // the room, the connection could not pause before it reads again
+                        // and would be cut at the drain's deadline.
+                        Poll::Pending if pause => {
+                            if !self.roomed {
+                                self.roomed = true;
+                                make_room(dst.as_ref(), unwritten.len() as u64);
+                            }
+                            // Tried past tokio's readiness, which a write that would have
+                            // blocked before the room was made has cleared.
+                            match SockRef::from(dst.as_ref()).send(unwritten) {
+                                Err(e) if is_retry(&e) => return Poll::Pending,
+                                r => r,
+                            }
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    };
                     match written {
                         Ok(0) => return Poll::Ready(Err(dst_err(io::ErrorKind::WriteZero.into()))),
                         Ok(n) => {
@@ -1097,6 +1128,35 @@ impl Direction {
             }
         }
     }
+}
+
+/// The most a peer's send buffer is made to hold by [`make_room`].
+const ROOM_MAX: u64 = 64 << 20;
+
+/// Makes room in `dst`'s send queue for `bytes` more, when its receiver stopped reading and
+/// the connection is asked to move: its send buffer grows by twice that (`SO_SNDBUFFORCE`,
+/// the proxy's `CAP_NET_ADMIN`; `SO_SNDBUF` stops at `net.core.wmem_max`, below what the
+/// kernel's own tuning reaches), which also wakes the kernel's sender of redirected bytes.
+/// The kernel then keeps what this process read (and what the kernel redirected) for the
+/// receiver, as it keeps the bytes queued before, and the connection holds none of its
+/// bytes: it pauses and moves instead of being cut at the drain's deadline. The bytes were
+/// in memory already (this process's buffer, the kernel's queue). The socket's send buffer
+/// stays at that size (no more automatic tuning); at most [`ROOM_MAX`]. Nothing changes when
+/// it cannot be set: the bytes wait for the receiver.
+fn make_room(dst: &TcpStream, bytes: u64) {
+    let Ok(now) = SockRef::from(dst).send_buffer_size() else {
+        return;
+    };
+    let want = (now as u64).saturating_add(bytes.saturating_mul(2));
+    if want > ROOM_MAX {
+        return;
+    }
+    // The kernel doubles what it is given (its own accounting), as `now` was read.
+    let _ = nix::sys::socket::setsockopt(
+        dst,
+        nix::sys::socket::sockopt::SndBufForce,
+        &((want / 2) as usize),
+    );
 }
 
 fn is_retry(e: &io::Error) -> bool {

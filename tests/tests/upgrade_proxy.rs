@@ -1249,6 +1249,65 @@ fn moved_line(log: &str) -> Option<(u64, u64, u64)> {
     ))
 }
 
+/// A client that stopped reading while its server sends (a consumer held back, a paused
+/// stream) leaves the forwarder holding bytes the client's socket has no room for. Asked to
+/// move, it hands them to that socket's send queue (made larger for them) instead of
+/// waiting for the client to read, so it moves: with the 2 s drain and clients that read
+/// nothing for 6 s, outbound and inbound, the old generation moves both and cuts none, and
+/// each client then reads its 64 MiB byte-exact from the new one; with kernel forwarding
+/// off and on (the kernel passes the bytes to the proxy once the client is behind).
+#[test]
+fn a_connection_whose_client_stopped_reading_moves_at_an_upgrade() {
+    let _log = LogFilter::set("info,interceptor_proxy::upstream=debug");
+    for (name, extra) in [
+        ("upg-stall", &[][..]),
+        ("upg-stallk", &["--kernel-forward", "on"][..]),
+    ] {
+        stalled_readers_move(name, extra);
+    }
+}
+
+fn stalled_readers_move(name: &str, extra: &[&str]) {
+    let mut w = World::new_with(name, DRAIN, extra);
+    let size = (64u64 << 20).to_string();
+    let stalled = |ns: &NetNs, cg: Option<&TestCgroup>, addr: &str, seed: &str| {
+        let args = probe_args(&[
+            "bulk",
+            addr,
+            "--send",
+            "0",
+            "--recv",
+            &size,
+            "--seed",
+            seed,
+            "--read-after-ms",
+            "6000",
+        ]);
+        Proc::spawn("bulk", exec_command_strs(ns, cg, &args))
+    };
+    let mut out = stalled(&w.ns, Some(&w.cg), &w.app_outbound(), "5");
+    let mut inb = stalled(&w.peer, None, &w.app_inbound(), "6");
+    // The servers fill the clients' receive buffers and the sockets' send queues, and the
+    // forwarders' buffers.
+    std::thread::sleep(Duration::from_secs(1));
+    w.upgrade_and_await_exit(0);
+    let log = w.proxies[0].stderr();
+    assert_eq!(
+        cut_at_deadline(&log),
+        0,
+        "{extra:?}: the old generation cut connections:\n{}\n{}",
+        cut_lines(&log),
+        tail(&log)
+    );
+    let (moved, kept, _) =
+        moved_line(&log).unwrap_or_else(|| panic!("{extra:?}: nothing moved:\n{}", tail(&log)));
+    assert_eq!((moved, kept), (2, 0), "{extra:?}: {}", tail(&log));
+    for (way, p) in [("outbound", &mut out), ("inbound", &mut inb)] {
+        let r = bulk_result(p, Duration::from_secs(60));
+        assert_eq!(r["ok"], true, "{extra:?} {way}: {r}");
+    }
+}
+
 /// Ten upgrades in a row, each generation with the 2 s drain, under a long byte stream
 /// each way (outbound from the workload, inbound from the peer), 1,000 idle inbound and
 /// 1,000 idle outbound connections pinging every 500 ms, and both ways (outbound from the
