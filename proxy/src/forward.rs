@@ -565,6 +565,8 @@ impl Future for Bidirectional<'_> {
         }
         if let (Poll::Ready(()), Poll::Ready(())) = (c2u, u2c) {
             this.paused = !(this.c2u.done && this.u2c.done);
+            this.c2u.give_back_room(upstream);
+            this.u2c.give_back_room(client);
             return Poll::Ready(Ok(()));
         }
         let moved = this.c2u.copied + this.u2c.copied != moved_before;
@@ -803,6 +805,9 @@ struct Direction {
     pausing: bool,
     /// Room was made in the peer's send queue (once a pause).
     roomed: bool,
+    /// The peer's send buffer before the room was made (0: none made), which it gets back
+    /// once paused ([`Direction::give_back_room`]).
+    room_from: u32,
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
@@ -813,6 +818,16 @@ const EOF_WAIT_NEXT: Duration = Duration::from_millis(2);
 const WAIT_LOGGED_AFTER: u32 = 500;
 
 impl Direction {
+    /// Once paused: the peer's send buffer gets back the size it had before room was made
+    /// for this direction's bytes ([`make_room`]), so that a connection moved at an upgrade
+    /// can queue no more for a receiver that does not read than before.
+    fn give_back_room(&mut self, dst: &TcpStream) {
+        if self.room_from != 0 {
+            let _ = set_send_buffer(dst, u64::from(self.room_from));
+            self.room_from = 0;
+        }
+    }
+
     /// Whether the kernel carries this direction: armed with everything read, nothing held
     /// or awaited here.
     fn kernel_carries(&self) -> bool {
@@ -876,7 +891,7 @@ impl Direction {
                         // this direction holds go to its send queue, so that it can pause.
                         self.roomed = true;
                         let held = u64::from(self.end.saturating_sub(self.start));
-                        make_room(dst, target - queued + held);
+                        self.room_from = make_room(dst, target - queued + held);
                     }
                     // Timer rounds of 2 ms.
                     if self.waited_long(WAIT_LOGGED_AFTER) {
@@ -1069,7 +1084,7 @@ impl Direction {
                         Poll::Pending if pause => {
                             if !self.roomed {
                                 self.roomed = true;
-                                make_room(dst.as_ref(), unwritten.len() as u64);
+                                self.room_from = make_room(dst.as_ref(), unwritten.len() as u64);
                             }
                             // Tried past tokio's readiness, which a write that would have
                             // blocked before the room was made has cleared.
@@ -1140,23 +1155,33 @@ const ROOM_MAX: u64 = 64 << 20;
 /// The kernel then keeps what this process read (and what the kernel redirected) for the
 /// receiver, as it keeps the bytes queued before, and the connection holds none of its
 /// bytes: it pauses and moves instead of being cut at the drain's deadline. The bytes were
-/// in memory already (this process's buffer, the kernel's queue). The socket's send buffer
-/// stays at that size (no more automatic tuning); at most [`ROOM_MAX`]. Nothing changes when
-/// it cannot be set: the bytes wait for the receiver.
-fn make_room(dst: &TcpStream, bytes: u64) {
+/// in memory already (this process's buffer, the kernel's queue). Once the connection has
+/// paused, the send buffer gets its size back ([`Direction::give_back_room`]: what is queued
+/// stays, more is queued only once the receiver has read below it), without the kernel's
+/// automatic tuning from then on; at most [`ROOM_MAX`]. Returns the size before (0 when
+/// nothing changed: the bytes wait for the receiver).
+fn make_room(dst: &TcpStream, bytes: u64) -> u32 {
     let Ok(now) = SockRef::from(dst).send_buffer_size() else {
-        return;
+        return 0;
     };
     let want = (now as u64).saturating_add(bytes.saturating_mul(2));
     if want > ROOM_MAX {
-        return;
+        return 0;
     }
-    // The kernel doubles what it is given (its own accounting), as `now` was read.
-    let _ = nix::sys::socket::setsockopt(
+    match set_send_buffer(dst, want) {
+        Ok(()) => u32::try_from(now).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Sets `dst`'s send buffer to `bytes` as the kernel accounts it (`SO_SNDBUFFORCE`).
+fn set_send_buffer(dst: &TcpStream, bytes: u64) -> nix::Result<()> {
+    // The kernel doubles what it is given (its own accounting), as `SO_SNDBUF` reads it.
+    nix::sys::socket::setsockopt(
         dst,
         nix::sys::socket::sockopt::SndBufForce,
-        &((want / 2) as usize),
-    );
+        &((bytes / 2) as usize),
+    )
 }
 
 fn is_retry(e: &io::Error) -> bool {

@@ -1255,7 +1255,8 @@ fn moved_line(log: &str) -> Option<(u64, u64, u64)> {
 /// waiting for the client to read, so it moves: with the 2 s drain and clients that read
 /// nothing for 6 s, outbound and inbound, the old generation moves both and cuts none, and
 /// each client then reads its 64 MiB byte-exact from the new one; with kernel forwarding
-/// off and on (the kernel passes the bytes to the proxy once the client is behind).
+/// off and on (the kernel passes the bytes to the proxy once the client is behind). The
+/// room made in the sockets' send buffers for the bytes is given back once they paused.
 #[test]
 fn a_connection_whose_client_stopped_reading_moves_at_an_upgrade() {
     let _log = LogFilter::set("info,interceptor_proxy::upstream=debug");
@@ -1302,6 +1303,46 @@ fn stalled_readers_move(name: &str, extra: &[&str]) {
     let (moved, kept, _) =
         moved_line(&log).unwrap_or_else(|| panic!("{extra:?}: nothing moved:\n{}", tail(&log)));
     assert_eq!((moved, kept), (2, 0), "{extra:?}: {}", tail(&log));
+    // The room was given back once they had paused: the proxy's client sockets (still
+    // full, the clients not reading yet) can queue no more than the kernel's own tuning
+    // lets a socket queue (`tb`, the send buffer, at most `tcp_wmem`'s maximum).
+    let wmem_max: u64 =
+        w.ns.run_ok(&["cat", "/proc/sys/net/ipv4/tcp_wmem"])
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .expect("tcp_wmem");
+    // The proxy's sockets with bytes queued: those to the clients (its upstream sockets
+    // have nothing to send; the clients sent nothing and shut their side: close-wait).
+    let ss = w.ns.run_ok(&["ss", "-tmnpH"]);
+    let mut send_buffers = Vec::new();
+    let mut lines = ss.lines().peekable();
+    while let Some(line) = lines.next() {
+        let skmem = match lines.peek() {
+            Some(next) if next.starts_with(char::is_whitespace) => lines.next().unwrap_or(""),
+            _ => "",
+        };
+        let send_q: u64 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if line.contains("\"interceptor-pro") && send_q > 0 {
+            send_buffers.extend(
+                skmem
+                    .split(['(', ',', ')'])
+                    .filter_map(|f| f.strip_prefix("tb")?.parse::<u64>().ok()),
+            );
+        }
+    }
+    assert_eq!(send_buffers.len(), 2, "{extra:?}: {ss}");
+    assert!(
+        send_buffers.iter().all(|&tb| tb <= wmem_max),
+        "{extra:?}: send buffers {send_buffers:?} over {wmem_max}: {ss}"
+    );
+    println!(
+        "{extra:?}: the proxy's client sockets' send buffers after the move: {send_buffers:?}"
+    );
     for (way, p) in [("outbound", &mut out), ("inbound", &mut inb)] {
         let r = bulk_result(p, Duration::from_secs(60));
         assert_eq!(r["ok"], true, "{extra:?} {way}: {r}");
