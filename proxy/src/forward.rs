@@ -800,10 +800,8 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
-    /// Asked to move (this poll): what this direction holds or waits for goes to the
-    /// peer's send queue, made room for ([`make_room`]), rather than wait for its receiver.
-    pausing: bool,
-    /// Room was made in the peer's send queue (once a pause).
+    /// Asked to move, room was looked for in the peer's send queue ([`make_room`]): once a
+    /// pause.
     roomed: bool,
     /// The peer's send buffer before the room was made (0: none made), which it gets back
     /// once paused ([`Direction::give_back_room`]).
@@ -867,11 +865,14 @@ impl Direction {
     /// `src` (the counts of the connection's whole life). Ready when so (or when there is
     /// nothing to wait for: no redirect since the last time it was so), Pending while
     /// waiting (a timer wakes the task).
+    /// With `pause` (asked to move), what the peer's receiver has not taken waits in the
+    /// peer's send queue, made room for ([`make_room`]), rather than for the receiver.
     fn poll_kernel_drained(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
+        pause: bool,
     ) -> Poll<()> {
         loop {
             let Ok(st) = kforward::state(src) else {
@@ -886,7 +887,7 @@ impl Direction {
             let target = self.copied + st.redirected;
             match kforward::queued(dst) {
                 Ok((queued, open)) if open && queued < target => {
-                    if self.pausing && !self.roomed {
+                    if pause && !self.roomed {
                         // The peer's receiver does not read: the kernel's bytes and what
                         // this direction holds go to its send queue, so that it can pause.
                         self.roomed = true;
@@ -970,8 +971,9 @@ impl Direction {
         dst: &TcpStream,
         dst_side: Side,
         peer_cookie: u64,
+        pause: bool,
     ) -> Poll<Result<(), ForwardError>> {
-        let r = ready!(self.poll_eof(cx, src, dst, dst_side));
+        let r = ready!(self.poll_eof(cx, src, dst, dst_side, pause));
         if r.is_ok() {
             self.arm(src, peer_cookie);
         }
@@ -986,6 +988,7 @@ impl Direction {
         src: &TcpStream,
         dst: &TcpStream,
         dst_side: Side,
+        pause: bool,
     ) -> Poll<Result<(), ForwardError>> {
         self.buf = None;
         if self.check && !self.eof {
@@ -1019,7 +1022,7 @@ impl Direction {
             self.waits = 0;
         }
         if self.check {
-            ready!(self.poll_kernel_drained(cx, src, dst));
+            ready!(self.poll_kernel_drained(cx, src, dst, pause));
         }
         self.done = true;
         Poll::Ready(match SockRef::from(dst).shutdown(Shutdown::Write) {
@@ -1056,9 +1059,8 @@ impl Direction {
         if self.done {
             return Poll::Ready(Ok(()));
         }
-        self.pausing = pause;
         if self.eof {
-            return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
+            return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie, pause);
         }
         loop {
             // Bytes the kernel passed to the source after it had redirected others (because
@@ -1067,7 +1069,7 @@ impl Direction {
             // from a queue of its own, which a write from here would overtake.
             if !self.ordered && self.buf.is_some() && self.start < self.end {
                 if self.armed_since_read {
-                    ready!(self.poll_kernel_drained(cx, src.as_ref(), dst.as_ref()));
+                    ready!(self.poll_kernel_drained(cx, src.as_ref(), dst.as_ref(), pause));
                     self.armed_since_read = false;
                 }
                 self.ordered = true;
@@ -1085,6 +1087,10 @@ impl Direction {
                             if !self.roomed {
                                 self.roomed = true;
                                 self.room_from = make_room(dst.as_ref(), unwritten.len() as u64);
+                            }
+                            if self.room_from == 0 {
+                                // No room: the bytes wait for the receiver.
+                                return Poll::Pending;
                             }
                             // Tried past tokio's readiness, which a write that would have
                             // blocked before the room was made has cleared.
@@ -1131,7 +1137,14 @@ impl Direction {
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    return self.poll_end(cx, src.as_ref(), dst.as_ref(), dst_side, peer_cookie);
+                    return self.poll_end(
+                        cx,
+                        src.as_ref(),
+                        dst.as_ref(),
+                        dst_side,
+                        peer_cookie,
+                        pause,
+                    );
                 }
                 Poll::Ready(Ok(())) => {
                     self.end = rb.filled().len() as u32;

@@ -105,6 +105,12 @@ pub fn start(wanted: bool, mark: u32) -> Result<bool, io::Error> {
     r.map(|()| true)
 }
 
+/// Whether kernel forwarding, wanted but not on, is asked for again at accepts
+/// ([`catch_up`]); not with `--bypass-mark 0` (see [`start`]).
+pub fn asks_again() -> bool {
+    WANTED.load(Relaxed) && !enabled()
+}
+
 /// Asks the kernel on a throwaway socket.
 fn probe() -> io::Result<()> {
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;

@@ -379,15 +379,20 @@ mod tests {
         })
     }
 
-    fn rounds(event: Event) -> Vec<usize> {
+    /// 100 rounds of [`missed`]: in none may a connection miss `event` (`what` it missed).
+    fn assert_none_missed(event: Event, what: &str) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        (0..100)
+        let missed: Vec<usize> = (0..100)
             .map(|round| missed(&rt, round % 30, event))
-            .collect()
+            .collect();
+        assert!(
+            missed.iter().all(|&m| m == 0),
+            "connections that {what}, per round: {missed:?}"
+        );
     }
 
     /// A request to move that comes while a connection's task is being polled (a ping
@@ -395,21 +400,13 @@ mod tests {
     /// ([`run_connection`]) must not be spent without the connection being polled again.
     #[test]
     fn a_move_request_that_comes_during_a_poll_reaches_the_connection() {
-        let missed = rounds(Event::Move);
-        assert!(
-            missed.iter().all(|&m| m == 0),
-            "connections that never saw the request to move, per round: {missed:?}"
-        );
+        assert_none_missed(Event::Move, "never saw the request to move");
     }
 
     /// Likewise the drain's deadline: the connection sees it (the opaque forwarder ends
     /// then with its connection counted and logged as cut) before it is dropped.
     #[test]
     fn a_deadline_that_passes_during_a_poll_reaches_the_connection() {
-        let missed = rounds(Event::Cut);
-        assert!(
-            missed.iter().all(|&m| m == 0),
-            "connections dropped at the deadline without seeing it, per round: {missed:?}"
-        );
+        assert_none_missed(Event::Cut, "were dropped at the deadline without seeing it");
     }
 }

@@ -204,7 +204,7 @@ fn is_ipv6_unavailable(e: &io::Error) -> bool {
 fn kernel_forward<'a>(config: &Config, listeners: impl Iterator<Item = &'a TcpListener>) {
     let on = match crate::kforward::start(config.kernel_forward, config.bypass_mark) {
         Ok(on) => on,
-        Err(e) if config.bypass_mark == 0 => {
+        Err(e) if !crate::kforward::asks_again() => {
             tracing::info!(error = %e,
                 "kernel forwarding unavailable: opaque TCP is copied by the proxy");
             false
