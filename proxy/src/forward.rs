@@ -565,8 +565,8 @@ impl Future for Bidirectional<'_> {
         }
         if let (Poll::Ready(()), Poll::Ready(())) = (c2u, u2c) {
             this.paused = !(this.c2u.done && this.u2c.done);
-            this.c2u.give_back_room(upstream);
-            this.u2c.give_back_room(client);
+            this.c2u.room.give_back(upstream);
+            this.u2c.room.give_back(client);
             return Poll::Ready(Ok(()));
         }
         let moved = this.c2u.copied + this.u2c.copied != moved_before;
@@ -800,12 +800,45 @@ struct Direction {
     /// Looks at the kernel's counts since the wait for them began (EOF or ordered write):
     /// a wait that lasts is logged once ([`WAIT_LOGGED_AFTER`]).
     waits: u32,
-    /// Asked to move, room was looked for in the peer's send queue ([`make_room`]): once a
-    /// pause.
-    roomed: bool,
-    /// The peer's send buffer before the room was made (0: none made), which it gets back
-    /// once paused ([`Direction::give_back_room`]).
-    room_from: u32,
+    /// Room made in the peer's send queue for this direction's bytes, asked to move.
+    room: Room,
+}
+
+/// Room in a peer's send queue for the bytes of a direction asked to move, whose receiver
+/// does not read ([`make_room`]).
+/// One `u32`, not a flag and a size: it is in every connection's future (two directions).
+#[derive(Default)]
+struct Room {
+    /// 0 until room is looked for (once a pause); then the peer's send buffer before the
+    /// room was made, which it gets back once paused ([`Room::give_back`]), or [`Room::NONE`].
+    from: u32,
+}
+
+impl Room {
+    /// Looked for, and none made (or given back): no send buffer is that large.
+    const NONE: u32 = u32::MAX;
+
+    /// Makes room for `bytes` more in `dst`'s send queue, the first time it is asked; whether
+    /// there is room.
+    fn make(&mut self, dst: &TcpStream, bytes: u64) -> bool {
+        if self.from == 0 {
+            self.from = match make_room(dst, bytes) {
+                0 => Room::NONE,
+                before => before,
+            };
+        }
+        self.from != Room::NONE
+    }
+
+    /// Once paused: the peer's send buffer gets back the size it had before room was made
+    /// for this direction's bytes, so that a connection moved at an upgrade can queue no
+    /// more for a receiver that does not read than before.
+    fn give_back(&mut self, dst: &TcpStream) {
+        if self.from != 0 && self.from != Room::NONE {
+            let _ = set_send_buffer(dst, u64::from(self.from));
+            self.from = Room::NONE;
+        }
+    }
 }
 
 /// How long an EOF waits before it looks at the peer's send queue again: first, then after.
@@ -816,16 +849,6 @@ const EOF_WAIT_NEXT: Duration = Duration::from_millis(2);
 const WAIT_LOGGED_AFTER: u32 = 500;
 
 impl Direction {
-    /// Once paused: the peer's send buffer gets back the size it had before room was made
-    /// for this direction's bytes ([`make_room`]), so that a connection moved at an upgrade
-    /// can queue no more for a receiver that does not read than before.
-    fn give_back_room(&mut self, dst: &TcpStream) {
-        if self.room_from != 0 {
-            let _ = set_send_buffer(dst, u64::from(self.room_from));
-            self.room_from = 0;
-        }
-    }
-
     /// Whether the kernel carries this direction: armed with everything read, nothing held
     /// or awaited here.
     fn kernel_carries(&self) -> bool {
@@ -887,12 +910,11 @@ impl Direction {
             let target = self.copied + st.redirected;
             match kforward::queued(dst) {
                 Ok((queued, open)) if open && queued < target => {
-                    if pause && !self.roomed {
+                    if pause {
                         // The peer's receiver does not read: the kernel's bytes and what
                         // this direction holds go to its send queue, so that it can pause.
-                        self.roomed = true;
                         let held = u64::from(self.end.saturating_sub(self.start));
-                        self.room_from = make_room(dst, target - queued + held);
+                        self.room.make(dst, target - queued + held);
                     }
                     // Timer rounds of 2 ms.
                     if self.waited_long(WAIT_LOGGED_AFTER) {
@@ -1084,11 +1106,7 @@ impl Direction {
                         // the room, the connection could not pause before it reads again
                         // and would be cut at the drain's deadline.
                         Poll::Pending if pause => {
-                            if !self.roomed {
-                                self.roomed = true;
-                                self.room_from = make_room(dst.as_ref(), unwritten.len() as u64);
-                            }
-                            if self.room_from == 0 {
+                            if !self.room.make(dst.as_ref(), unwritten.len() as u64) {
                                 // No room: the bytes wait for the receiver.
                                 return Poll::Pending;
                             }
@@ -1169,7 +1187,7 @@ const ROOM_MAX: u64 = 64 << 20;
 /// receiver, as it keeps the bytes queued before, and the connection holds none of its
 /// bytes: it pauses and moves instead of being cut at the drain's deadline. The bytes were
 /// in memory already (this process's buffer, the kernel's queue). Once the connection has
-/// paused, the send buffer gets its size back ([`Direction::give_back_room`]: what is queued
+/// paused, the send buffer gets its size back ([`Room::give_back`]: what is queued
 /// stays, more is queued only once the receiver has read below it), without the kernel's
 /// automatic tuning from then on; at most [`ROOM_MAX`]. Returns the size before (0 when
 /// nothing changed: the bytes wait for the receiver).
