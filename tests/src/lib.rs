@@ -56,7 +56,7 @@ pub use load::{
     listen_drops, netstat_section, nginx_named_servers, Churn, Nginx, Wrk, WrkReport, NGINX_BODY,
 };
 pub use names::{resource_name, PREFIX, RUN_LOCK};
-pub use netns::{enter_netns_current_thread, NetNs};
+pub use netns::{enter_netns_current_thread, ConntrackEvents, NetNs};
 pub use probe::{
     BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError,
     ProbeServer,

@@ -420,112 +420,97 @@ fn records_do_not_accumulate() {
     );
 }
 
-/// The conntrack entries of the data path: connections whose original destination port is
-/// the server's or the proxy's (not the harness's own calls to the proxy's admin port).
-fn data_path(entries: &[String]) -> usize {
-    entries
-        .iter()
-        .filter(|l| {
-            let dport = l.split_whitespace().find_map(|f| f.strip_prefix("dport="));
-            matches!(dport, Some("8080") | Some("15001"))
-        })
-        .count()
+/// What conntrack began to track in one phase (`NetNs::conntrack_events`): connections whose
+/// original destination port is the server's or the proxy's, and how many of all were NATed
+/// (their reply tuple does not come from their original destination).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tracked {
+    to_server: usize,
+    to_proxy: usize,
+    natted: usize,
 }
 
-/// The namespace's conntrack entries (`dst_nat`: only NATed ones) once two listings in a row
-/// hold the same connections. A listing is a netlink dump, in several parts, of the kernel's
-/// table that every namespace shares; entries that come and go meanwhile (another
-/// namespace's) may make one dump miss or repeat some, while a table that really lacks
-/// entries lists the same every time. Once a CI run listed 189 entries for 200 direct
-/// connections (not reproduced here in 7 runs, with and without CPU load; its cause is not
-/// known): the message of a failure now says what the kernel's own count was.
-fn stable_entries(ns: &NetNs, dst_nat: bool) -> Vec<String> {
-    // A connection's original tuple (the first src=, dst=, sport=, dport=); the line's
-    // timeout and state change from one listing to the next.
-    fn tuples(entries: &[String]) -> Vec<String> {
-        let mut t: Vec<String> = entries
-            .iter()
-            .map(|l| {
-                l.split_whitespace()
-                    .filter(|f| f.contains('='))
-                    .take(4)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect();
-        t.sort();
-        t
-    }
-    let mut last = ns.conntrack_entries(dst_nat);
-    for _ in 0..4 {
-        let next = ns.conntrack_entries(dst_nat);
-        if tuples(&next) == tuples(&last) {
-            break;
+fn tracked(events: &[String]) -> Tracked {
+    let mut t = Tracked::default();
+    for l in events {
+        let field = |key: &str, nth: usize| {
+            l.split_whitespace()
+                .filter_map(|f| f.strip_prefix(key))
+                .nth(nth)
+                .map(str::to_string)
+        };
+        match field("dport=", 0).as_deref() {
+            Some("8080") => t.to_server += 1,
+            Some("15001") => t.to_proxy += 1,
+            _ => {}
         }
-        println!(
-            "conntrack listings differ ({} then {} entries): listing again",
-            last.len(),
-            next.len()
-        );
-        last = next;
+        // Original tuple first, reply tuple second: unchanged, the reply comes from the
+        // original destination's address and port.
+        if field("src=", 1) != field("dst=", 0) || field("sport=", 1) != field("dport=", 0) {
+            t.natted += 1;
+        }
     }
-    last
+    t
 }
 
-/// For a failure's message: the namespace's entry count and its data-path entries' states.
+/// For a message: the namespace's table (fewer entries than connections where the kernel
+/// gave a new loopback connection the 4-tuple of one in TIME_WAIT).
 fn conntrack_summary(ns: &NetNs) -> String {
-    let entries = ns.conntrack_entries(false);
-    let mut states = std::collections::BTreeMap::<String, usize>::new();
-    for l in entries
-        .iter()
-        .filter(|l| data_path(std::slice::from_ref(l)) == 1)
-    {
-        let state = l.split_whitespace().nth(3).unwrap_or("?").to_string();
-        *states.entry(state).or_default() += 1;
-    }
     format!(
-        "nf_conntrack_count {}, {} listed, data-path states {states:?}",
+        "nf_conntrack_count {}, {} TCP entries listed",
         ns.conntrack_count(),
-        entries.len()
+        ns.conntrack_entries(false).len()
     )
 }
 
 /// Conntrack is not needed (the kernel matrix boots kernels where nf_conntrack is never
 /// loaded), but where a host firewall makes it active the interception adds only what any
 /// proxy adds, the proxy's own connection, and no NAT: measured against iptables REDIRECT
-/// under the same stateful rule.
+/// under the same stateful rule. Counted from conntrack's events (each connection it begins
+/// to track), not from its table, where a loopback 4-tuple used again replaces an entry.
 #[test]
 fn with_conntrack_active_interception_adds_the_proxy_hop_and_no_nat() {
     const N: usize = 200;
     let w = World::new("ct_active", &[SERVER]).with_proxy();
     w.ns.enable_stateful_filter();
-    // Direct first (the scope is not attached yet): one entry per connection.
+    // Direct first (the scope is not attached yet): one tracked connection per connection.
+    let events = w.ns.conntrack_events();
     let v = w.probe(&["churn", SERVER, "--count", &N.to_string()]);
     assert_eq!(v["ok"], N, "{v}");
-    let direct = data_path(&stable_entries(&w.ns, false));
+    let direct = tracked(&events.finish());
     assert_eq!(
         direct,
-        N,
-        "one entry per direct connection: {}",
+        Tracked {
+            to_server: N,
+            ..Tracked::default()
+        },
+        "one tracked connection per direct connection ({})",
         conntrack_summary(&w.ns)
     );
 
     w.attach(&ScopeSettings::default());
+    let events = w.ns.conntrack_events();
     let v = w.probe(&["churn", SERVER, "--count", &N.to_string()]);
     assert_eq!(v["ok"], N, "{v}");
     assert_eq!(v["proxied"], N, "{v}");
-    let intercepted = data_path(&stable_entries(&w.ns, false)) - direct;
-    let natted = stable_entries(&w.ns, true);
-    println!("conntrack active: direct {direct} entries for {N} connections, eBPF interception {intercepted}, NAT entries {}", natted.len());
-    assert_eq!(
-        intercepted,
-        2 * N,
-        "the workload's connection to the proxy and the proxy's upstream connection: {}",
+    let intercepted = tracked(&events.finish());
+    let natted = w.ns.conntrack_entries(true);
+    println!(
+        "conntrack active: {N} connections tracked as {direct:?} direct, {intercepted:?} with eBPF interception ({})",
         conntrack_summary(&w.ns)
     );
-    assert!(natted.is_empty(), "no connection is NATed: {natted:?}");
+    assert_eq!(
+        intercepted,
+        Tracked {
+            to_server: N,
+            to_proxy: N,
+            natted: 0
+        },
+        "the workload's connection to the proxy and the proxy's upstream connection, none NATed"
+    );
+    assert!(natted.is_empty(), "no entry is NATed: {natted:?}");
 
-    // Control: iptables REDIRECT under the same rule adds as many entries, each client
+    // Control: iptables REDIRECT under the same rule tracks as many connections, each client
     // connection with its destination rewritten.
     let control = NetNs::new("ct_active-ctl");
     control.enable_stateful_filter();
@@ -554,6 +539,7 @@ fn with_conntrack_active_interception_adds_the_proxy_hop_and_no_nat() {
         "15001",
     ]);
     let bin = probe_bin();
+    let events = control.conntrack_events();
     let out = control.run(&[
         bin.to_str().unwrap(),
         "churn",
@@ -566,11 +552,18 @@ fn with_conntrack_active_interception_adds_the_proxy_hop_and_no_nat() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let redirect_all = data_path(&stable_entries(&control, false));
-    let redirect_nat = stable_entries(&control, true).len();
-    println!("iptables REDIRECT: {redirect_all} entries for {N} connections, {redirect_nat} NATed");
-    assert_eq!(redirect_all, 2 * N, "{}", conntrack_summary(&control));
-    assert_eq!(redirect_nat, N, "each client connection is NATed");
+    let redirect = tracked(&events.finish());
+    println!("iptables REDIRECT: {N} connections tracked as {redirect:?}");
+    assert_eq!(
+        redirect,
+        Tracked {
+            to_server: 2 * N,
+            to_proxy: 0,
+            natted: N
+        },
+        "each client connection NATed to the proxy, and the proxy's own ({})",
+        conntrack_summary(&control)
+    );
 }
 
 #[test]
