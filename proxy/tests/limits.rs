@@ -55,7 +55,7 @@ fn config() -> Config {
 }
 
 fn to(addr: SocketAddr) -> OriginalDstLookup {
-    Arc::new(move |_: &TcpStream| Ok::<_, OriginalDstError>(addr))
+    Arc::new(move |_: &TcpStream, _| Ok::<_, OriginalDstError>(addr))
 }
 
 async fn start(config: Config, lookup: OriginalDstLookup) -> Running {

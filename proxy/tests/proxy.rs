@@ -75,7 +75,7 @@ fn config() -> Config {
 }
 
 fn to(addr: SocketAddr) -> OriginalDstLookup {
-    Arc::new(move |_: &TcpStream| Ok::<_, OriginalDstError>(addr))
+    Arc::new(move |_: &TcpStream, _| Ok::<_, OriginalDstError>(addr))
 }
 
 async fn start(config: Config, lookup: Option<OriginalDstLookup>) -> Running {
@@ -309,7 +309,7 @@ async fn destination_that_is_the_listener_itself_is_rejected() {
     let which = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let lookup: OriginalDstLookup = {
         let (listener_addr, which) = (listener_addr.clone(), which.clone());
-        Arc::new(move |_: &TcpStream| {
+        Arc::new(move |_: &TcpStream, _| {
             let l = *listener_addr.get().unwrap();
             // The listener exactly, then another loopback address on its port.
             Ok(

@@ -93,7 +93,7 @@ fn config_drain(socket: &Path, upgrade: bool, routes: Option<&Path>, drain: Dura
 }
 
 fn to(addr: SocketAddr) -> OriginalDstLookup {
-    Arc::new(move |_: &TcpStream| Ok::<_, OriginalDstError>(addr))
+    Arc::new(move |_: &TcpStream, _| Ok::<_, OriginalDstError>(addr))
 }
 
 /// Binds a generation (taking over from the running one when `upgrade`) and serves it;
