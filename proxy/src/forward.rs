@@ -224,6 +224,7 @@ pub fn forward_from<'a>(
         pause: false,
         stay: carried.stay,
         paused: false,
+        moved,
         folded: carried.kernel_folded,
         fold: None,
         fold_span: 0,
@@ -499,6 +500,9 @@ struct Bidirectional<'a> {
     stay: bool,
     /// Ended because of `pause` (not every direction is done).
     paused: bool,
+    /// Moved here from another process, which may still hold the sockets' descriptors for
+    /// a moment after handing them over: a close here alone would not send a FIN then.
+    moved: bool,
     /// Of the kernel's `redirected` counts (client socket, upstream socket), what is in the
     /// byte totals already ([`FOLD_EVERY`]).
     folded: (u64, u64),
@@ -539,7 +543,7 @@ impl Future for Bidirectional<'_> {
         let (mut client_rd, mut client_wr) = client.split();
         let (mut upstream_rd, mut upstream_wr) = upstream.split();
         let (to_upstream, to_client) = this.kernel.map_or((0, 0), |k| (k.upstream, k.client));
-        this.c2u.other_done = this.u2c.done;
+        this.c2u.other_done = this.u2c.done && !this.moved;
         let c2u = this.c2u.poll_copy(
             cx,
             (&mut client_rd, Side::Client),
@@ -548,7 +552,7 @@ impl Future for Bidirectional<'_> {
             pause,
             to_upstream,
         )?;
-        this.u2c.other_done = this.c2u.done;
+        this.u2c.other_done = this.c2u.done && !this.moved;
         let u2c = this.u2c.poll_copy(
             cx,
             (&mut upstream_rd, Side::Upstream),
@@ -805,8 +809,9 @@ struct Direction {
     waits: u32,
     /// Room made in the peer's send queue for this direction's bytes, asked to move.
     room: Room,
-    /// The other direction is done: this one's EOF needs no `shutdown`, the close of both
-    /// sockets that follows at once sends the FIN (one system call fewer per connection).
+    /// The other direction is done (on a connection not moved here): this one's EOF needs no
+    /// `shutdown`, the close of both sockets that follows at once sends the FIN (one system
+    /// call fewer per connection).
     other_done: bool,
 }
 
