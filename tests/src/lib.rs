@@ -56,14 +56,14 @@ pub use load::{
     listen_drops, netstat_section, nginx_named_servers, Churn, Nginx, Wrk, WrkReport, NGINX_BODY,
 };
 pub use names::{resource_name, PREFIX, RUN_LOCK};
-pub use netns::{enter_netns_current_thread, ConntrackEvents, NetNs};
+pub use netns::{enter_netns_current_thread, NetNs};
 pub use probe::{
     BulkReport, ChurnReport, ClientOpts, ErrorKind as ProbeErrorKind, HelloReply, ProbeError,
     ProbeServer,
 };
 pub use process::{
     context_switches, exec_command, ping_rounds, probe_in, run_in, run_in_timeout, spawn_in,
-    spawn_pinger, thread_context_switches, Proc,
+    spawn_pinger, thread_context_switches, ConntrackEvents, Proc,
 };
 pub use proxy::{http_get_in, proxy_stats, start_proxy, wait_proxy_ready, DEFAULT_ADMIN};
 pub use scratch::ScratchDir;

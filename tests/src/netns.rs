@@ -1,18 +1,13 @@
 //! Network namespaces for tests.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use nix::sched::{setns, CloneFlags};
 
 use crate::names::{bounded_name, NETNS_NAME_MAX};
-use crate::util::{leaked, run_cmd, run_cmd_ok, wait_until, CMD_TIMEOUT};
+use crate::util::{leaked, run_cmd, run_cmd_ok, CMD_TIMEOUT};
 
 const CONNTRACK_COUNT: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
 
@@ -209,12 +204,6 @@ impl NetNs {
             .collect()
     }
 
-    /// Starts recording the TCP connections conntrack begins to track in this namespace
-    /// (see [`ConntrackEvents`]); conntrack must be active here (a stateful rule).
-    pub fn conntrack_events(&self) -> ConntrackEvents<'_> {
-        ConntrackEvents::start(self)
-    }
-
     /// Pids of processes in this namespace (`ip netns pids`).
     pub fn pids(&self) -> Vec<i32> {
         netns_pids(&self.name)
@@ -255,139 +244,4 @@ impl Drop for NetNs {
 
 fn netns_pids(name: &str) -> Vec<i32> {
     hostops::netns::pids(name).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The TCP connections conntrack began to track in a namespace between [`NetNs::conntrack_events`]
-/// and [`ConntrackEvents::finish`]: one `[NEW]` line of `conntrack -E` each.
-///
-/// Counting these, not the table's entries, counts connections: on loopback the kernel may
-/// give a new connection the 4-tuple of one in `TIME_WAIT` (`net.ipv4.tcp_tw_reuse` is 2 by
-/// default), and conntrack then replaces that entry by the new one, so a table listed after
-/// 200 connections may hold 195 entries. Each end is marked by a refused connection from the
-/// harness to 127.0.0.1 port 1 (start) or 2 (end), waited for in the event stream, so no
-/// event of the phase is missed at the start or taken after its end.
-pub struct ConntrackEvents<'a> {
-    ns: &'a NetNs,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: Option<JoinHandle<String>>,
-    from: usize,
-}
-
-impl<'a> ConntrackEvents<'a> {
-    const START_PORT: u16 = 1;
-    const END_PORT: u16 = 2;
-
-    fn start(ns: &'a NetNs) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .args(["conntrack", "-E", "-e", "NEW", "-p", "tcp", "-b", "8388608"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run conntrack -E in netns {}: {e}", ns.name));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().expect("piped stdout");
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut err = child.stderr.take().expect("piped stderr");
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let mut ev = ConntrackEvents {
-            ns,
-            child,
-            lines,
-            stderr: Some(stderr),
-            from: 0,
-        };
-        ev.from = ev.mark(Self::START_PORT) + 1;
-        ev
-    }
-
-    /// Connects to 127.0.0.1:`port` from the harness until conntrack reports it; returns
-    /// the index of that event.
-    fn mark(&mut self, port: u16) -> usize {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let needle = format!(" dport={port} ");
-        let found = |lines: &Arc<Mutex<Vec<String>>>| {
-            lines
-                .lock()
-                .unwrap()
-                .iter()
-                .rposition(|l| l.contains(&needle))
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "conntrack -E in netns {} exited ({status}): {}",
-                    self.ns.name,
-                    self.stderr
-                        .take()
-                        .map(|h| h.join().unwrap_or_default())
-                        .unwrap_or_default()
-                );
-            }
-            // Nothing listens there: the connection is refused once its SYN is tracked.
-            let _ = self
-                .ns
-                .in_ns(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)));
-            let lines = &self.lines;
-            if wait_until(
-                Duration::from_millis(500),
-                Duration::from_millis(10),
-                || found(lines).is_some(),
-            ) {
-                return found(lines).expect("seen");
-            }
-        }
-        panic!(
-            "conntrack -E in netns {} reported no connection to {addr} within 10 s: \
-             conntrack must be active there (a stateful rule) and net.netfilter.nf_conntrack_events not 0",
-            self.ns.name
-        );
-    }
-
-    /// Ends the recording; returns the `[NEW]` lines between its start and now.
-    pub fn finish(mut self) -> Vec<String> {
-        let end = self.mark(Self::END_PORT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let stderr = self
-            .stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        assert!(
-            !stderr.contains("ENOBUFS"),
-            "conntrack -E in netns {} lost events: {stderr}",
-            self.ns.name
-        );
-        let lines = self.lines.lock().unwrap();
-        lines[self.from..end]
-            .iter()
-            .filter(|l| {
-                l.contains("[NEW]")
-                    && ![Self::START_PORT, Self::END_PORT]
-                        .iter()
-                        .any(|p| l.contains(&format!(" dport={p} ")))
-            })
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for ConntrackEvents<'_> {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -1,6 +1,7 @@
 //! Spawned child processes with captured output.
 
 use std::fs::{self, File};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -13,7 +14,7 @@ use nix::unistd::Pid;
 use crate::bins::exec_bin;
 use crate::cgroup::TestCgroup;
 use crate::netns::NetNs;
-use crate::util::run_cmd;
+use crate::util::{run_cmd, wait_until};
 
 /// Default bound for [`run_in`].
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -298,6 +299,99 @@ impl NetNs {
     /// process module back.)
     pub fn spawn(&self, cmd: &[&str]) -> Proc {
         spawn_in(self, None, cmd)
+    }
+
+    /// Starts recording the TCP connections conntrack begins to track in this namespace
+    /// (see [`ConntrackEvents`]); conntrack must be active here (a stateful rule).
+    pub fn conntrack_events(&self) -> ConntrackEvents<'_> {
+        ConntrackEvents::start(self)
+    }
+}
+
+/// The TCP connections conntrack began to track in a namespace between [`NetNs::conntrack_events`]
+/// and [`ConntrackEvents::finish`]: one `[NEW]` line of `conntrack -E` each.
+///
+/// Counting these, not the table's entries, counts connections: on loopback the kernel may
+/// give a new connection the 4-tuple of one in `TIME_WAIT` (`net.ipv4.tcp_tw_reuse` is 2 by
+/// default), and conntrack then replaces that entry by the new one, so a table listed after
+/// 200 connections may hold 195 entries. Each end is marked by a refused connection from the
+/// harness to 127.0.0.1 port 1 (start) or 2 (end), waited for in the event stream, so no
+/// event of the phase is missed at the start or taken after its end.
+pub struct ConntrackEvents<'a> {
+    ns: &'a NetNs,
+    conntrack: Proc,
+    /// The line of the first event after the start mark.
+    from: usize,
+}
+
+impl<'a> ConntrackEvents<'a> {
+    const START_PORT: u16 = 1;
+    const END_PORT: u16 = 2;
+
+    fn start(ns: &'a NetNs) -> Self {
+        let conntrack = ns.spawn(&["conntrack", "-E", "-e", "NEW", "-p", "tcp", "-b", "8388608"]);
+        let mut ev = ConntrackEvents {
+            ns,
+            conntrack,
+            from: 0,
+        };
+        ev.from = ev.mark(Self::START_PORT) + 1;
+        ev
+    }
+
+    /// The index of the last event line for a connection to `port`.
+    fn line_of(&self, port: u16) -> Option<usize> {
+        let needle = format!(" dport={port} ");
+        let out = self.conntrack.stdout();
+        let lines: Vec<&str> = out.lines().collect();
+        lines.iter().rposition(|l| l.contains(&needle))
+    }
+
+    /// Connects to 127.0.0.1:`port` from the harness until conntrack reports it; returns
+    /// the line of that event.
+    fn mark(&mut self, port: u16) -> usize {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            self.conntrack.assert_running();
+            // Nothing listens there: the connection is refused once its SYN is tracked.
+            let _ = self
+                .ns
+                .in_ns(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)));
+            if wait_until(
+                Duration::from_millis(500),
+                Duration::from_millis(10),
+                || self.line_of(port).is_some(),
+            ) {
+                return self.line_of(port).expect("seen");
+            }
+        }
+        panic!(
+            "conntrack -E in netns {} reported no connection to {addr} within 10 s: \
+             conntrack must be active there (a stateful rule) and net.netfilter.nf_conntrack_events not 0",
+            self.ns.name()
+        );
+    }
+
+    /// Ends the recording; returns the `[NEW]` lines between its start and now.
+    pub fn finish(mut self) -> Vec<String> {
+        let end = self.mark(Self::END_PORT);
+        self.conntrack.kill();
+        let stderr = self.conntrack.stderr();
+        assert!(
+            !stderr.contains("ENOBUFS"),
+            "conntrack -E in netns {} lost events: {stderr}",
+            self.ns.name()
+        );
+        let marks = [Self::START_PORT, Self::END_PORT].map(|p| format!(" dport={p} "));
+        self.conntrack
+            .stdout()
+            .lines()
+            .take(end)
+            .skip(self.from)
+            .filter(|l| l.contains("[NEW]") && !marks.iter().any(|m| l.contains(m)))
+            .map(str::to_string)
+            .collect()
     }
 }
 
