@@ -19,7 +19,6 @@ use std::os::fd::AsFd;
 use interceptor_common::{
     AF_INET, AF_INET6, META_PATH_LEN, SOL_IP, SOL_IPV6, SO_ICP_WORKLOAD, SO_ORIGINAL_DST,
 };
-use socket2::SockRef;
 
 /// Why there is no original destination.
 #[derive(Debug, thiserror::Error)]
@@ -30,38 +29,18 @@ pub enum OriginalDstError {
     /// getsockopt succeeded but returned something that is not an IP socket address.
     #[error("getsockopt(SO_ORIGINAL_DST) returned a non-IP address (family {0})")]
     NotInet(libc::sa_family_t),
-    /// The accepted socket's own address could not be read.
-    #[error("getsockname on the accepted socket failed: {0}")]
-    LocalAddr(#[source] io::Error),
 }
 
-/// Returns the original destination of an accepted (redirected) connection.
+/// Returns the original destination of an accepted (redirected) connection; `peer` is the
+/// address `accept` returned with it, which has the socket's family (an IPv6 socket's IPv4
+/// peer is IPv4-mapped), so no `getsockname` is needed.
 ///
 /// On an IPv4 socket: `SOL_IP/SO_ORIGINAL_DST`. On an IPv6 socket:
 /// `SOL_IPV6/IP6T_SO_ORIGINAL_DST`, falling back to `SOL_IP/SO_ORIGINAL_DST` and accepting
 /// either address family in the answer. IPv4-mapped IPv6 answers are returned as IPv4.
-/// Learns the socket's family with `getsockname`; [`original_dst_of`] takes it from the
-/// peer address `accept` gave.
-pub fn original_dst<S: AsFd>(socket: &S) -> Result<SocketAddr, OriginalDstError> {
-    let local = SockRef::from(socket)
-        .local_addr()
-        .map_err(OriginalDstError::LocalAddr)?;
-    original_dst_on(socket, local.is_ipv6())
-}
-
-/// [`original_dst`] of a socket `accept` returned with `peer`: the peer address has the
-/// socket's family (an IPv6 socket's IPv4 peer is IPv4-mapped), so no `getsockname` is
-/// needed, one system call fewer per connection.
-pub fn original_dst_of<S: AsFd>(
-    socket: &S,
-    peer: SocketAddr,
-) -> Result<SocketAddr, OriginalDstError> {
-    original_dst_on(socket, peer.is_ipv6())
-}
-
-fn original_dst_on<S: AsFd>(socket: &S, ipv6: bool) -> Result<SocketAddr, OriginalDstError> {
+pub fn original_dst<S: AsFd>(socket: &S, peer: SocketAddr) -> Result<SocketAddr, OriginalDstError> {
     let mut buf = [0u8; SOCKADDR_STORAGE_LEN];
-    let answer = if ipv6 {
+    let answer = if peer.is_ipv6() {
         match getsockopt(socket, SOL_IPV6, SO_ORIGINAL_DST, &mut buf) {
             Ok(n) => Ok(n),
             Err(v6_err) => {
@@ -202,9 +181,9 @@ mod tests {
             }
             let l = std::net::TcpListener::bind(bind).unwrap();
             let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (a, _) = l.accept().unwrap();
+            let (a, peer) = l.accept().unwrap();
             assert!(
-                matches!(original_dst(&a), Err(OriginalDstError::Getsockopt(_))),
+                matches!(original_dst(&a, peer), Err(OriginalDstError::Getsockopt(_))),
                 "{bind}"
             );
             drop(c);

@@ -11,20 +11,20 @@ use tracing::warn;
 
 use crate::forward::reset_on_close;
 use crate::listener::Handler;
-use crate::original_dst::{original_dst_of, OriginalDstError};
+use crate::original_dst::{original_dst, OriginalDstError};
 use crate::stats::Direction;
 use crate::stats::{ActiveGuard, Stats};
 use crate::upstream::{connect_and_forward, UpstreamOptions};
 
 /// How the original destination of an accepted connection is found, from the socket and
-/// the peer address `accept` gave. The default is [`original_dst_of`] (getsockopt); tests
+/// the peer address `accept` gave. The default is [`original_dst`] (getsockopt); tests
 /// and embedders may substitute their own.
 pub type OriginalDstLookup =
     Arc<dyn Fn(&TcpStream, SocketAddr) -> Result<SocketAddr, OriginalDstError> + Send + Sync>;
 
 /// The default lookup: getsockopt(SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST).
 pub fn getsockopt_lookup() -> OriginalDstLookup {
-    Arc::new(|s: &TcpStream, peer| original_dst_of(s, peer))
+    Arc::new(|s: &TcpStream, peer| original_dst(s, peer))
 }
 
 /// What every outbound connection needs; shared by all listeners of one proxy.
