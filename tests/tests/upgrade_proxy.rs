@@ -756,6 +756,8 @@ fn transfers_in_flight_move_byte_exact_through_three_upgrades() {
     let mut w = World::new("upg-bulk", LONG_DRAIN);
     // Sized from a first transfer alone (5 s of it); the three at once take longer.
     let size = w.transfer_size(5_000);
+    // The sizing's own transfers are in the counts already (a little over 256 MiB each way).
+    let out_before = w.proxy_stat("bytes_upstream_to_client");
     let mut out = spawn_bulk(&w.ns, Some(&w.cg), &w.app_outbound(), size, 7);
     let mut inb = spawn_bulk(&w.peer, None, &w.app_inbound(), size, 8);
     let args = probe_args(&[
@@ -770,12 +772,16 @@ fn transfers_in_flight_move_byte_exact_through_three_upgrades() {
     ]);
     let mut half = Proc::spawn("bulk", exec_command_strs(&w.ns, Some(&w.cg), &args));
     let before = w.proxy_stat("inbound_bytes_upstream_to_client");
-    assert!(interceptor_tests::wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        || w.proxy_stat("inbound_bytes_upstream_to_client") > before
-            && w.proxy_stat("bytes_upstream_to_client") > 2 * (128 << 20)
-    ));
+    // All three in flight before the first upgrade: both outbound connections accepted and
+    // bytes flowing both ways through the proxy.
+    assert!(
+        interceptor_tests::wait_until(Duration::from_secs(10), Duration::from_millis(10), || w
+            .proxy_stat("inbound_bytes_upstream_to_client")
+            > before
+            && w.proxy_stat("connections_active") == 2
+            && w.proxy_stat("bytes_upstream_to_client") > out_before),
+        "the three transfers did not start within 10 s"
+    );
     for g in 0..3 {
         let (moved, kept, drained_ms) = w.upgrade_moving(g);
         println!("generation {g}: moved {moved} transfers, drained in {drained_ms} ms");
